@@ -1,0 +1,174 @@
+//! Run-time kernel selection.
+//!
+//! The CPU is probed once; the best instruction set's function pointers fill a [`Kernels`]
+//! table kept in a `OnceLock`. `CAPY_ISA=scalar|avx2|avx512|neon` forces a choice (for bug
+//! reports and tests); asking for one the CPU lacks falls back to the best available, with a
+//! warning on stderr.
+
+use std::sync::OnceLock;
+
+use half::{bf16, f16};
+
+use crate::blocks::*;
+use crate::quant::{dot, quantize};
+
+/// An instruction-set level with its own kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Scalar,
+    Avx2,
+    Avx512,
+    Neon,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+            Isa::Neon => "neon",
+        }
+    }
+
+    pub fn parse(s: &str) -> crate::Result<Isa> {
+        Ok(match s.trim().to_ascii_lowercase().as_str() {
+            "scalar" => Isa::Scalar,
+            "avx2" => Isa::Avx2,
+            "avx512" => Isa::Avx512,
+            "neon" => Isa::Neon,
+            _ => return Err(crate::Error::BadIsa(s.to_string())),
+        })
+    }
+
+    /// Whether this CPU can run the level's kernels.
+    pub fn available(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                Isa::Avx2.available()
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+            }
+            _ => false,
+        }
+    }
+
+    /// Every level this CPU can run, best last.
+    pub fn all_available() -> Vec<Isa> {
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon]
+            .into_iter()
+            .filter(|i| i.available())
+            .collect()
+    }
+
+    /// The best level this CPU can run.
+    pub fn best() -> Isa {
+        *Isa::all_available().last().unwrap_or(&Isa::Scalar)
+    }
+}
+
+pub type DotFn<W, A> = fn(&[W], &[A]) -> f32;
+pub type QuantizeFn<B> = fn(&[f32], &mut [B]);
+
+/// The kernels of one instruction-set level.
+#[derive(Clone, Copy)]
+pub struct Kernels {
+    pub isa: Isa,
+    pub dot_q4_0: DotFn<BlockQ4_0, BlockQ8_0>,
+    pub dot_q4_1: DotFn<BlockQ4_1, BlockQ8_1>,
+    pub dot_q5_0: DotFn<BlockQ5_0, BlockQ8_0>,
+    pub dot_q5_1: DotFn<BlockQ5_1, BlockQ8_1>,
+    pub dot_q8_0: DotFn<BlockQ8_0, BlockQ8_0>,
+    pub dot_q2k: DotFn<BlockQ2K, BlockQ8K>,
+    pub dot_q3k: DotFn<BlockQ3K, BlockQ8K>,
+    pub dot_q4k: DotFn<BlockQ4K, BlockQ8K>,
+    pub dot_q5k: DotFn<BlockQ5K, BlockQ8K>,
+    pub dot_q6k: DotFn<BlockQ6K, BlockQ8K>,
+    pub dot_f32: DotFn<f32, f32>,
+    pub dot_f16: DotFn<f16, f32>,
+    pub dot_bf16: DotFn<bf16, f32>,
+    pub quantize_q8_0: QuantizeFn<BlockQ8_0>,
+    pub quantize_q8_1: QuantizeFn<BlockQ8_1>,
+    pub quantize_q8k: QuantizeFn<BlockQ8K>,
+}
+
+impl std::fmt::Debug for Kernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Kernels({})", self.isa.name())
+    }
+}
+
+impl Kernels {
+    /// The scalar reference kernels.
+    pub const SCALAR: Kernels = Kernels {
+        isa: Isa::Scalar,
+        dot_q4_0: dot::vec_dot_q4_0_q8_0,
+        dot_q4_1: dot::vec_dot_q4_1_q8_1,
+        dot_q5_0: dot::vec_dot_q5_0_q8_0,
+        dot_q5_1: dot::vec_dot_q5_1_q8_1,
+        dot_q8_0: dot::vec_dot_q8_0_q8_0,
+        dot_q2k: dot::vec_dot_q2k_q8k,
+        dot_q3k: dot::vec_dot_q3k_q8k,
+        dot_q4k: dot::vec_dot_q4k_q8k,
+        dot_q5k: dot::vec_dot_q5k_q8k,
+        dot_q6k: dot::vec_dot_q6k_q8k,
+        dot_f32: dot::vec_dot_f32,
+        dot_f16: dot::vec_dot_f16_f32,
+        dot_bf16: dot::vec_dot_bf16_f32,
+        quantize_q8_0: quantize::quantize_q8_0,
+        quantize_q8_1: quantize::quantize_q8_1,
+        quantize_q8k: quantize::quantize_q8k,
+    };
+
+    /// The kernels of `isa`, or `None` if this CPU cannot run them.
+    pub fn for_isa(isa: Isa) -> Option<Kernels> {
+        if !isa.available() {
+            return None;
+        }
+        match isa {
+            Isa::Scalar => Some(Kernels::SCALAR),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => Some(crate::x86::avx2_kernels()),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => Some(crate::x86::avx512_kernels()),
+            _ => None,
+        }
+    }
+}
+
+static KERNELS: OnceLock<Kernels> = OnceLock::new();
+
+/// The process-wide kernel table: `CAPY_ISA` if set and available, else the best level.
+pub fn kernels() -> &'static Kernels {
+    KERNELS.get_or_init(|| {
+        let best = Isa::best();
+        let isa = match std::env::var("CAPY_ISA") {
+            Ok(v) if !v.is_empty() => match Isa::parse(&v) {
+                Ok(isa) if isa.available() => isa,
+                Ok(isa) => {
+                    eprintln!(
+                        "capy: CAPY_ISA={} is not supported by this CPU; using {}",
+                        isa.name(),
+                        best.name()
+                    );
+                    best
+                }
+                Err(e) => {
+                    eprintln!("capy: {e}; using {}", best.name());
+                    best
+                }
+            },
+            _ => best,
+        };
+        Kernels::for_isa(isa).unwrap_or(Kernels::SCALAR)
+    })
+}

@@ -1,0 +1,264 @@
+//! Quantized weight matrix x activation rows, and row dequantization.
+//!
+//! `matmul` quantizes the activations once into the weight type's dot-product partner
+//! (Q8_0, Q8_1 or Q8_K; F32 for float weights), then splits the weight rows among the pool's
+//! threads; each thread walks its rows in small groups and, for each group, all tokens, so a
+//! group of weight rows stays in cache while every token uses it.
+
+use half::{bf16, f16};
+
+use crate::blocks::*;
+use crate::dispatch::{DotFn, Kernels};
+use crate::pool::{split_range, SharedMut, ThreadPool};
+use crate::quant::dequant;
+use crate::{Error, GgmlType, Result};
+
+/// A weight matrix in ggml layout: `n_rows` rows of `n_cols` elements each.
+#[derive(Clone, Copy, Debug)]
+pub struct WeightRef<'a> {
+    pub ty: GgmlType,
+    pub data: &'a [u8],
+    pub n_rows: usize,
+    pub n_cols: usize,
+}
+
+impl WeightRef<'_> {
+    pub fn row_bytes(&self) -> usize {
+        self.n_cols / self.ty.block_size() * self.ty.type_size()
+    }
+
+    pub fn row(&self, r: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.data[r * rb..(r + 1) * rb]
+    }
+}
+
+/// The activation format a weight type's dot product consumes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActType {
+    Q8_0,
+    Q8_1,
+    Q8K,
+    F32,
+}
+
+impl ActType {
+    pub fn for_weight(ty: GgmlType) -> Option<ActType> {
+        Some(match ty {
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => ActType::Q8_0,
+            GgmlType::Q4_1 | GgmlType::Q5_1 => ActType::Q8_1,
+            GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
+                ActType::Q8K
+            }
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => ActType::F32,
+            GgmlType::Q8_1 | GgmlType::Q8_K => return None,
+        })
+    }
+
+    /// Bytes of one quantized activation row of `n` elements.
+    pub fn row_bytes(self, n: usize) -> usize {
+        match self {
+            ActType::Q8_0 => n / 32 * 34,
+            ActType::Q8_1 => n / 32 * 36,
+            ActType::Q8K => n / 256 * 292,
+            ActType::F32 => n * 4,
+        }
+    }
+
+    pub fn block_size(self) -> usize {
+        match self {
+            ActType::Q8_0 | ActType::Q8_1 => 32,
+            ActType::Q8K => 256,
+            ActType::F32 => 1,
+        }
+    }
+}
+
+fn shape_err(op: &'static str, expected: impl ToString, got: impl ToString) -> Error {
+    Error::Shape {
+        op,
+        expected: expected.to_string(),
+        got: got.to_string(),
+    }
+}
+
+/// Quantizes `x` (`[n_tok, n]`) row by row into `out` in the `act` format.
+pub fn quantize_acts(k: &Kernels, act: ActType, x: &[f32], n: usize, out: &mut [u8]) -> Result<()> {
+    let rb = act.row_bytes(n);
+    let n_tok = x.len() / n.max(1);
+    if n % act.block_size() != 0 || out.len() < rb * n_tok {
+        return Err(shape_err("quantize_acts", format!("{n} a multiple of {}", act.block_size()), n));
+    }
+    let mis = || Error::Misaligned {
+        op: "quantize_acts",
+        ty: GgmlType::Q8_K,
+    };
+    for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(rb)) {
+        match act {
+            ActType::Q8_0 => (k.quantize_q8_0)(xr, cast_blocks_mut(or).ok_or_else(mis)?),
+            ActType::Q8_1 => (k.quantize_q8_1)(xr, cast_blocks_mut(or).ok_or_else(mis)?),
+            ActType::Q8K => (k.quantize_q8k)(xr, cast_blocks_mut(or).ok_or_else(mis)?),
+            ActType::F32 => or.copy_from_slice(as_bytes(xr)),
+        }
+    }
+    Ok(())
+}
+
+/// Weight rows processed together per token sweep.
+const ROW_GROUP: usize = 16;
+
+/// `out[t][r] = dot(w.row(r), x[t])` for `x`: `[n_tok, n_cols]`, `out`: `[n_tok, n_rows]`.
+/// `scratch` holds the quantized activations (grown as needed, reused across calls).
+pub fn matmul(
+    k: &Kernels,
+    pool: &ThreadPool,
+    w: WeightRef<'_>,
+    x: &[f32],
+    out: &mut [f32],
+    scratch: &mut AlignedBuf,
+) -> Result<()> {
+    let n_cols = w.n_cols;
+    if n_cols == 0 || x.len() % n_cols != 0 {
+        return Err(shape_err("matmul", format!("x a multiple of {n_cols}"), x.len()));
+    }
+    let n_tok = x.len() / n_cols;
+    if out.len() != n_tok * w.n_rows {
+        return Err(shape_err("matmul", n_tok * w.n_rows, out.len()));
+    }
+    if n_cols % w.ty.block_size() != 0 || w.data.len() != w.row_bytes() * w.n_rows {
+        return Err(shape_err(
+            "matmul",
+            format!("{} bytes for {}x{} {}", w.row_bytes() * w.n_rows, w.n_rows, n_cols, w.ty),
+            w.data.len(),
+        ));
+    }
+    let act = ActType::for_weight(w.ty).ok_or(Error::Unsupported {
+        op: "matmul",
+        ty: w.ty,
+    })?;
+    let arb = act.row_bytes(n_cols);
+    scratch.resize(arb * n_tok);
+    {
+        let q = SharedMut::new(scratch.as_mut_slice());
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        pool.run(&|ith, nth| {
+            let toks = split_range(n_tok, ith, nth);
+            // SAFETY: each thread quantizes a disjoint range of token rows.
+            let dst = unsafe { q.slice(toks.start * arb..toks.end * arb) };
+            let src = &x[toks.start * n_cols..toks.end * n_cols];
+            if quantize_acts(k, act, src, n_cols, dst).is_err() {
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        if failed.into_inner() {
+            return Err(Error::Misaligned {
+                op: "matmul",
+                ty: w.ty,
+            });
+        }
+    }
+    let a = scratch.as_slice();
+    let out = SharedMut::new(out);
+    let mis = Error::Misaligned { op: "matmul", ty: w.ty };
+    macro_rules! go {
+        ($dot:expr) => {
+            run_typed(
+                pool,
+                $dot,
+                cast_blocks(w.data).ok_or(mis)?,
+                cast_blocks(a).ok_or(Error::Misaligned { op: "matmul", ty: w.ty })?,
+                w.n_rows,
+                n_tok,
+                &out,
+            )
+        };
+    }
+    match w.ty {
+        GgmlType::Q4_0 => go!(k.dot_q4_0),
+        GgmlType::Q4_1 => go!(k.dot_q4_1),
+        GgmlType::Q5_0 => go!(k.dot_q5_0),
+        GgmlType::Q5_1 => go!(k.dot_q5_1),
+        GgmlType::Q8_0 => go!(k.dot_q8_0),
+        GgmlType::Q2_K => go!(k.dot_q2k),
+        GgmlType::Q3_K => go!(k.dot_q3k),
+        GgmlType::Q4_K => go!(k.dot_q4k),
+        GgmlType::Q5_K => go!(k.dot_q5k),
+        GgmlType::Q6_K => go!(k.dot_q6k),
+        GgmlType::F32 => go!(k.dot_f32),
+        GgmlType::F16 => go!(k.dot_f16),
+        GgmlType::BF16 => go!(k.dot_bf16),
+        GgmlType::Q8_1 | GgmlType::Q8_K => {
+            return Err(Error::Unsupported {
+                op: "matmul",
+                ty: w.ty,
+            })
+        }
+    }
+    Ok(())
+}
+
+fn run_typed<W: Pod + Sync, A: Pod + Sync>(
+    pool: &ThreadPool,
+    dot: DotFn<W, A>,
+    w: &[W],
+    a: &[A],
+    n_rows: usize,
+    n_tok: usize,
+    out: &SharedMut<f32>,
+) {
+    let wpr = w.len() / n_rows.max(1); // blocks per weight row
+    let apr = a.len() / n_tok.max(1); // blocks per activation row
+    pool.run(&|ith, nth| {
+        let rows = split_range(n_rows, ith, nth);
+        let mut r0 = rows.start;
+        while r0 < rows.end {
+            let r1 = (r0 + ROW_GROUP).min(rows.end);
+            for t in 0..n_tok {
+                let ar = &a[t * apr..(t + 1) * apr];
+                // SAFETY: this thread alone owns rows `rows` of every token's output row.
+                let o = unsafe { out.slice(t * n_rows + r0..t * n_rows + r1) };
+                for (r, o) in (r0..r1).zip(o.iter_mut()) {
+                    *o = dot(&w[r * wpr..(r + 1) * wpr], ar);
+                }
+            }
+            r0 = r1;
+        }
+    });
+}
+
+/// Dequantizes row `r` of a weight matrix into `out` (`n_cols` long).
+pub fn dequantize_row(w: WeightRef<'_>, r: usize, out: &mut [f32]) -> Result<()> {
+    if r >= w.n_rows || out.len() != w.n_cols || w.data.len() < w.row_bytes() * w.n_rows {
+        return Err(shape_err("dequantize_row", format!("row < {} of {} cols", w.n_rows, w.n_cols), format!("row {r}, {} cols", out.len())));
+    }
+    dequantize(w.ty, w.row(r), out)
+}
+
+/// Dequantizes `bytes` of type `ty` into `out` (`out.len()` elements).
+pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
+    let mis = Error::Misaligned {
+        op: "dequantize",
+        ty,
+    };
+    if ty.bytes_for(out.len() as u64) != Some(bytes.len() as u64) {
+        return Err(shape_err("dequantize", bytes.len(), out.len()));
+    }
+    match ty {
+        GgmlType::F32 => out.copy_from_slice(cast_blocks::<f32>(bytes).ok_or(mis)?),
+        GgmlType::F16 => dequant::dequantize_f16(cast_blocks::<f16>(bytes).ok_or(mis)?, out),
+        GgmlType::BF16 => dequant::dequantize_bf16(cast_blocks::<bf16>(bytes).ok_or(mis)?, out),
+        GgmlType::Q4_0 => dequant::dequantize_q4_0(cast_blocks(bytes).ok_or(mis)?, out),
+        GgmlType::Q4_1 => dequant::dequantize_q4_1(cast_blocks(bytes).ok_or(mis)?, out),
+        GgmlType::Q5_0 => dequant::dequantize_q5_0(cast_blocks(bytes).ok_or(mis)?, out),
+        GgmlType::Q5_1 => dequant::dequantize_q5_1(cast_blocks(bytes).ok_or(mis)?, out),
+        GgmlType::Q8_0 => dequant::dequantize_q8_0(cast_blocks(bytes).ok_or(mis)?, out),
+        GgmlType::Q8_1 => dequant::dequantize_q8_1(cast_blocks(bytes).ok_or(mis)?, out),
+        GgmlType::Q2_K => dequant::dequantize_q2k(cast_blocks(bytes).ok_or(mis)?, out),
+        GgmlType::Q3_K => dequant::dequantize_q3k(cast_blocks(bytes).ok_or(mis)?, out),
+        GgmlType::Q4_K => dequant::dequantize_q4k(cast_blocks(bytes).ok_or(mis)?, out),
+        GgmlType::Q5_K => dequant::dequantize_q5k(cast_blocks(bytes).ok_or(mis)?, out),
+        GgmlType::Q6_K => dequant::dequantize_q6k(cast_blocks(bytes).ok_or(mis)?, out),
+        GgmlType::Q8_K => dequant::dequantize_q8k(cast_blocks(bytes).ok_or(mis)?, out),
+    }
+    Ok(())
+}

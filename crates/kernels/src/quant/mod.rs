@@ -1,0 +1,8 @@
+//! Scalar reference kernels for every block format.
+
+pub mod dequant;
+pub mod dot;
+pub mod quantize;
+
+#[cfg(test)]
+mod tests;

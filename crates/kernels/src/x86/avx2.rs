@@ -1,0 +1,396 @@
+//! AVX2 + FMA + F16C kernels.
+//!
+//! Integer products use `maddubs` (unsigned x signed bytes -> i16 pairs) and `madd` (-> i32);
+//! a signed x signed product moves the sign of x onto y first. Each block's i32 sum is
+//! converted to f32 and scaled once, as in the scalar reference.
+
+use std::arch::x86_64::*;
+
+use half::f16;
+
+use crate::blocks::*;
+
+/// Horizontal sum of 8 f32 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn hsum_ps(v: __m256) -> f32 {
+    let lo = _mm256_castps256_ps128(v);
+    let hi = _mm256_extractf128_ps::<1>(v);
+    let s = _mm_add_ps(lo, hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// Unsigned bytes x signed bytes, summed in pairs then quads: 8 x i32.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn mul_sum_us8(ux: __m256i, sy: __m256i) -> __m256i {
+    let dot = _mm256_maddubs_epi16(ux, sy);
+    _mm256_madd_epi16(dot, _mm256_set1_epi16(1))
+}
+
+/// Signed bytes x signed bytes: 8 x i32.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn mul_sum_i8(x: __m256i, y: __m256i) -> __m256i {
+    let ax = _mm256_sign_epi8(x, x);
+    let sy = _mm256_sign_epi8(y, x);
+    mul_sum_us8(ax, sy)
+}
+
+/// Loads 16 bytes of packed nibbles as 32 bytes: low nibbles then high nibbles.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn nibbles_32(qs: &[u8; 16]) -> __m256i {
+    // SAFETY: reading exactly 16 bytes from a 16-byte array (unaligned load).
+    let tmp = unsafe { _mm_loadu_si128(qs.as_ptr() as *const __m128i) };
+    let both = _mm256_set_m128i(_mm_srli_epi16::<4>(tmp), tmp);
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+}
+
+/// Spreads 32 bits into 32 bytes: byte i = 0xFF if bit i is set, else 0.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn bits_to_bytes(bits: u32) -> __m256i {
+    let shuf = _mm256_setr_epi64x(
+        0x0000_0000_0000_0000,
+        0x0101_0101_0101_0101,
+        0x0202_0202_0202_0202,
+        0x0303_0303_0303_0303,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), shuf);
+    let mask = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe_u64 as i64);
+    let bytes = _mm256_or_si256(bytes, mask);
+    _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn load32(p: &[i8]) -> __m256i {
+    debug_assert!(p.len() >= 32);
+    // SAFETY: callers pass slices of at least 32 bytes (fixed-size block arrays).
+    unsafe { _mm256_loadu_si256(p.as_ptr() as *const __m256i) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn load32u(p: &[u8]) -> __m256i {
+    debug_assert!(p.len() >= 32);
+    // SAFETY: callers pass slices of at least 32 bytes (fixed-size block arrays).
+    unsafe { _mm256_loadu_si256(p.as_ptr() as *const __m256i) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q8_0_impl(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    for (a, b) in x.iter().zip(y) {
+        let d = _mm256_set1_ps(a.d.to_f32() * b.d.to_f32());
+        let p = _mm256_cvtepi32_ps(mul_sum_i8(load32(&a.qs), load32(&b.qs)));
+        acc = _mm256_fmadd_ps(d, p, acc);
+    }
+    hsum_ps(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q4_0_impl(x: &[BlockQ4_0], y: &[BlockQ8_0]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let eight = _mm256_set1_epi8(8);
+    for (a, b) in x.iter().zip(y) {
+        let d = _mm256_set1_ps(a.d.to_f32() * b.d.to_f32());
+        let qx = _mm256_sub_epi8(nibbles_32(&a.qs), eight);
+        let p = _mm256_cvtepi32_ps(mul_sum_i8(qx, load32(&b.qs)));
+        acc = _mm256_fmadd_ps(d, p, acc);
+    }
+    hsum_ps(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q4_1_impl(x: &[BlockQ4_1], y: &[BlockQ8_1]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = 0.0f32;
+    for (a, b) in x.iter().zip(y) {
+        let d = _mm256_set1_ps(a.d.to_f32() * b.d.to_f32());
+        summs += a.m.to_f32() * b.s.to_f32();
+        let p = _mm256_cvtepi32_ps(mul_sum_us8(nibbles_32(&a.qs), load32(&b.qs)));
+        acc = _mm256_fmadd_ps(d, p, acc);
+    }
+    hsum_ps(acc) + summs
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q5_0_impl(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let hi_clear = _mm256_set1_epi8(0xF0u8 as i8);
+    for (a, b) in x.iter().zip(y) {
+        let d = _mm256_set1_ps(a.d.to_f32() * b.d.to_f32());
+        let set = bits_to_bytes(u32::from_le_bytes(a.qh));
+        // value - 16: a nibble without its fifth bit becomes nibble | 0xF0 (= nibble - 16)
+        let qx = _mm256_or_si256(nibbles_32(&a.qs), _mm256_andnot_si256(set, hi_clear));
+        let p = _mm256_cvtepi32_ps(mul_sum_i8(qx, load32(&b.qs)));
+        acc = _mm256_fmadd_ps(d, p, acc);
+    }
+    hsum_ps(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q5_1_impl(x: &[BlockQ5_1], y: &[BlockQ8_1]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = 0.0f32;
+    let bit4 = _mm256_set1_epi8(0x10);
+    for (a, b) in x.iter().zip(y) {
+        let d = _mm256_set1_ps(a.d.to_f32() * b.d.to_f32());
+        summs += a.m.to_f32() * b.s.to_f32();
+        let set = bits_to_bytes(u32::from_le_bytes(a.qh));
+        let qx = _mm256_or_si256(nibbles_32(&a.qs), _mm256_and_si256(set, bit4));
+        let p = _mm256_cvtepi32_ps(mul_sum_us8(qx, load32(&b.qs)));
+        acc = _mm256_fmadd_ps(d, p, acc);
+    }
+    hsum_ps(acc) + summs
+}
+
+/// Sum over sub-blocks of `m[s] * (bsums[2s] + bsums[2s+1])`.
+#[inline]
+fn mins_dot(m: &[u8; 8], bsums: &[i16; 16]) -> i32 {
+    (0..8)
+        .map(|s| m[s] as i32 * (bsums[2 * s] as i32 + bsums[2 * s + 1] as i32))
+        .sum()
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q4k_impl(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_m = 0.0f32;
+    let low4 = _mm256_set1_epi8(0x0F);
+    for (a, b) in x.iter().zip(y) {
+        let (sc, m) = crate::quant::dequant::unpack_scales_k4(&a.scales);
+        acc_m += b.d * a.dmin.to_f32() * mins_dot(&m, &b.bsums) as f32;
+        let mut sumi = _mm256_setzero_si256();
+        for j in 0..4 {
+            let q4 = load32u(&a.qs[32 * j..]);
+            let lo = _mm256_and_si256(q4, low4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q4), low4);
+            let plo = _mm256_maddubs_epi16(lo, load32(&b.qs[64 * j..]));
+            let phi = _mm256_maddubs_epi16(hi, load32(&b.qs[64 * j + 32..]));
+            let plo = _mm256_madd_epi16(plo, _mm256_set1_epi16(sc[2 * j] as i16));
+            let phi = _mm256_madd_epi16(phi, _mm256_set1_epi16(sc[2 * j + 1] as i16));
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(plo, phi));
+        }
+        let d = _mm256_set1_ps(b.d * a.d.to_f32());
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum_ps(acc) - acc_m
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q5k_impl(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_m = 0.0f32;
+    let low4 = _mm256_set1_epi8(0x0F);
+    let bit4 = _mm256_set1_epi8(0x10);
+    for (a, b) in x.iter().zip(y) {
+        let (sc, m) = crate::quant::dequant::unpack_scales_k4(&a.scales);
+        acc_m += b.d * a.dmin.to_f32() * mins_dot(&m, &b.bsums) as f32;
+        let qh = load32u(&a.qh);
+        let mut sumi = _mm256_setzero_si256();
+        for j in 0..4 {
+            let q4 = load32u(&a.qs[32 * j..]);
+            // bit 2j of qh is the fifth bit of the low nibbles, bit 2j+1 of the high ones
+            let h0 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j as i32)), _mm256_set1_epi8(1));
+            let h1 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j as i32 + 1)), _mm256_set1_epi8(1));
+            let lo = _mm256_or_si256(_mm256_and_si256(q4, low4), _mm256_and_si256(_mm256_slli_epi16::<4>(h0), bit4));
+            let hi = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(q4), low4),
+                _mm256_and_si256(_mm256_slli_epi16::<4>(h1), bit4),
+            );
+            let plo = _mm256_maddubs_epi16(lo, load32(&b.qs[64 * j..]));
+            let phi = _mm256_maddubs_epi16(hi, load32(&b.qs[64 * j + 32..]));
+            let plo = _mm256_madd_epi16(plo, _mm256_set1_epi16(sc[2 * j] as i16));
+            let phi = _mm256_madd_epi16(phi, _mm256_set1_epi16(sc[2 * j + 1] as i16));
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(plo, phi));
+        }
+        let d = _mm256_set1_ps(b.d * a.d.to_f32());
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum_ps(acc) - acc_m
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q6k_impl(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let low4 = _mm256_set1_epi8(0x0F);
+    let two = _mm256_set1_epi8(3);
+    let off = _mm256_set1_epi8(32);
+    for (a, b) in x.iter().zip(y) {
+        let mut sumi = _mm256_setzero_si256();
+        for h in 0..2 {
+            let ql0 = load32u(&a.ql[64 * h..]);
+            let ql1 = load32u(&a.ql[64 * h + 32..]);
+            let qh = load32u(&a.qh[32 * h..]);
+            let hb = |s: i32| -> __m256i {
+                let v = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(s));
+                _mm256_slli_epi16::<4>(_mm256_and_si256(v, two))
+            };
+            let q = [
+                _mm256_or_si256(_mm256_and_si256(ql0, low4), hb(0)),
+                _mm256_or_si256(_mm256_and_si256(ql1, low4), hb(2)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low4), hb(4)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low4), hb(6)),
+            ];
+            for (c, qc) in q.iter().enumerate() {
+                let base = 128 * h + 32 * c;
+                let y8 = load32(&b.qs[base..]);
+                let p = _mm256_sub_epi16(_mm256_maddubs_epi16(*qc, y8), _mm256_maddubs_epi16(off, y8));
+                let g = base / 16;
+                let scales = _mm256_set_m128i(
+                    _mm_set1_epi16(a.scales[g + 1] as i16),
+                    _mm_set1_epi16(a.scales[g] as i16),
+                );
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scales));
+            }
+        }
+        let d = _mm256_set1_ps(b.d * a.d.to_f32());
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum_ps(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q3k_impl(x: &[BlockQ3K], y: &[BlockQ8K]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let three = _mm256_set1_epi8(3);
+    let four = _mm256_set1_epi8(4);
+    for (a, b) in x.iter().zip(y) {
+        let sc = q3k_scales(&a.scales);
+        let hm = load32u(&a.hmask);
+        let mut sumi = _mm256_setzero_si256();
+        for h in 0..2 {
+            let qs = load32u(&a.qs[32 * h..]);
+            for j in 0..4 {
+                let low = _mm256_and_si256(_mm256_srl_epi16(qs, _mm_cvtsi32_si128(2 * j as i32)), three);
+                let bit = _mm256_set1_epi8((1u8 << (4 * h + j)) as i8);
+                let has = _mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), bit);
+                // q = low - (bit set ? 0 : 4) = (low + 4*set?) - 4 ; use unsigned low' = low + (set?4:0)
+                let up = _mm256_or_si256(low, _mm256_and_si256(has, four));
+                let base = 128 * h + 32 * j;
+                let y8 = load32(&b.qs[base..]);
+                let p = _mm256_sub_epi16(_mm256_maddubs_epi16(up, y8), _mm256_maddubs_epi16(four, y8));
+                let g = base / 16;
+                let scales = _mm256_set_m128i(_mm_set1_epi16(sc[g + 1] as i16), _mm_set1_epi16(sc[g] as i16));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scales));
+            }
+        }
+        let d = _mm256_set1_ps(b.d * a.d.to_f32());
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum_ps(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q2k_impl(x: &[BlockQ2K], y: &[BlockQ8K]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_m = 0.0f32;
+    let three = _mm256_set1_epi8(3);
+    for (a, b) in x.iter().zip(y) {
+        let summs: i32 = (0..16).map(|g| (a.scales[g] >> 4) as i32 * b.bsums[g] as i32).sum();
+        acc_m += b.d * a.dmin.to_f32() * summs as f32;
+        let mut sumi = _mm256_setzero_si256();
+        for h in 0..2 {
+            let qs = load32u(&a.qs[32 * h..]);
+            for j in 0..4 {
+                let q = _mm256_and_si256(_mm256_srl_epi16(qs, _mm_cvtsi32_si128(2 * j as i32)), three);
+                let base = 128 * h + 32 * j;
+                let p = _mm256_maddubs_epi16(q, load32(&b.qs[base..]));
+                let g = base / 16;
+                let scales = _mm256_set_m128i(
+                    _mm_set1_epi16((a.scales[g + 1] & 0xF) as i16),
+                    _mm_set1_epi16((a.scales[g] & 0xF) as i16),
+                );
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scales));
+            }
+        }
+        let d = _mm256_set1_ps(b.d * a.d.to_f32());
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum_ps(acc) - acc_m
+}
+
+#[target_feature(enable = "avx2,fma")]
+fn dot_f32_impl(x: &[f32], y: &[f32]) -> f32 {
+    let n = x.len().min(y.len());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (k, a) in acc.iter_mut().enumerate() {
+            // SAFETY: i + 8k + 8 <= i + 32 <= n, within both slices.
+            let (vx, vy) = unsafe {
+                (
+                    _mm256_loadu_ps(x.as_ptr().add(i + 8 * k)),
+                    _mm256_loadu_ps(y.as_ptr().add(i + 8 * k)),
+                )
+            };
+            *a = _mm256_fmadd_ps(vx, vy, *a);
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        // SAFETY: i + 8 <= n.
+        let (vx, vy) = unsafe { (_mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(y.as_ptr().add(i))) };
+        acc[0] = _mm256_fmadd_ps(vx, vy, acc[0]);
+        i += 8;
+    }
+    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut sum = hsum_ps(s);
+    for j in i..n {
+        sum += x[j] * y[j];
+    }
+    sum
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_f16_impl(x: &[f16], y: &[f32]) -> f32 {
+    let n = x.len().min(y.len());
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut i = 0;
+    while i + 16 <= n {
+        for (k, a) in acc.iter_mut().enumerate() {
+            // SAFETY: i + 8k + 8 <= n for both slices; f16 is 2 bytes so 8 of them are 128 bits.
+            let (vx, vy) = unsafe {
+                (
+                    _mm256_cvtph_ps(_mm_loadu_si128(x.as_ptr().add(i + 8 * k) as *const __m128i)),
+                    _mm256_loadu_ps(y.as_ptr().add(i + 8 * k)),
+                )
+            };
+            *a = _mm256_fmadd_ps(vx, vy, *a);
+        }
+        i += 16;
+    }
+    let mut sum = hsum_ps(_mm256_add_ps(acc[0], acc[1]));
+    for j in i..n {
+        sum += x[j].to_f32() * y[j];
+    }
+    sum
+}
+
+macro_rules! safe_wrapper {
+    ($name:ident, $impl:ident, $w:ty, $a:ty) => {
+        pub(super) fn $name(x: &[$w], y: &[$a]) -> f32 {
+            // SAFETY: these wrappers are only put in a kernel table after
+            // `Isa::Avx2.available()` confirmed AVX2, FMA and F16C.
+            unsafe { $impl(x, y) }
+        }
+    };
+}
+
+safe_wrapper!(dot_q8_0, dot_q8_0_impl, BlockQ8_0, BlockQ8_0);
+safe_wrapper!(dot_q4_0, dot_q4_0_impl, BlockQ4_0, BlockQ8_0);
+safe_wrapper!(dot_q4_1, dot_q4_1_impl, BlockQ4_1, BlockQ8_1);
+safe_wrapper!(dot_q5_0, dot_q5_0_impl, BlockQ5_0, BlockQ8_0);
+safe_wrapper!(dot_q5_1, dot_q5_1_impl, BlockQ5_1, BlockQ8_1);
+safe_wrapper!(dot_q2k, dot_q2k_impl, BlockQ2K, BlockQ8K);
+safe_wrapper!(dot_q3k, dot_q3k_impl, BlockQ3K, BlockQ8K);
+safe_wrapper!(dot_q4k, dot_q4k_impl, BlockQ4K, BlockQ8K);
+safe_wrapper!(dot_q5k, dot_q5k_impl, BlockQ5K, BlockQ8K);
+safe_wrapper!(dot_q6k, dot_q6k_impl, BlockQ6K, BlockQ8K);
+safe_wrapper!(dot_f32, dot_f32_impl, f32, f32);
+safe_wrapper!(dot_f16, dot_f16_impl, f16, f32);

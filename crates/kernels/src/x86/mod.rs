@@ -1,0 +1,36 @@
+//! x86-64 SIMD kernels: AVX2 (+FMA, F16C) and AVX-512 (F, BW, VL).
+
+mod avx2;
+mod avx512;
+
+use crate::dispatch::{Isa, Kernels};
+
+/// The AVX2 table: the scalar table with every kernel that has an AVX2 version replaced.
+pub(crate) fn avx2_kernels() -> Kernels {
+    Kernels {
+        isa: Isa::Avx2,
+        dot_q4_0: avx2::dot_q4_0,
+        dot_q4_1: avx2::dot_q4_1,
+        dot_q5_0: avx2::dot_q5_0,
+        dot_q5_1: avx2::dot_q5_1,
+        dot_q8_0: avx2::dot_q8_0,
+        dot_q2k: avx2::dot_q2k,
+        dot_q3k: avx2::dot_q3k,
+        dot_q4k: avx2::dot_q4k,
+        dot_q5k: avx2::dot_q5k,
+        dot_q6k: avx2::dot_q6k,
+        dot_f32: avx2::dot_f32,
+        dot_f16: avx2::dot_f16,
+        ..Kernels::SCALAR
+    }
+}
+
+/// The AVX-512 table: the AVX2 table with the AVX-512 kernels on top.
+pub(crate) fn avx512_kernels() -> Kernels {
+    Kernels {
+        isa: Isa::Avx512,
+        dot_q8_0: avx512::dot_q8_0,
+        dot_f32: avx512::dot_f32,
+        ..avx2_kernels()
+    }
+}
