@@ -351,6 +351,11 @@ impl Gguf {
         self.data_offset
     }
 
+    /// The whole file image.
+    pub fn image(&self) -> &[u8] {
+        self.storage.bytes()
+    }
+
     /// Total size of the file image.
     pub fn file_size(&self) -> u64 {
         self.storage.bytes().len() as u64

@@ -1,0 +1,469 @@
+//! The batched forward pass.
+//!
+//! A [`Batch`] holds tokens with their positions and sequence ids; every token of the batch
+//! goes through each weight matrix in one matrix-matrix call, so prefill and the decode
+//! steps of several sequences share one read of the weights. Attention reads each token's
+//! own sequence from the KV cache. Buffers are sized for `n_batch` tokens and `n_outputs`
+//! logit rows when the context is made and reused by every call.
+
+use std::sync::Arc;
+
+use capy_kernels::blocks::AlignedBuf;
+use capy_kernels::ops;
+use capy_kernels::pool::{split_range, SharedMut};
+use capy_kernels::{kernels, matmul, Kernels, ThreadPool};
+
+use crate::hparams::Activation;
+use crate::kv::KvCache;
+use crate::weights::{Model, Tensor};
+use crate::{Error, Result};
+
+/// Tokens to run, with their position, sequence and whether their logits are wanted.
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    pub tokens: Vec<u32>,
+    pub pos: Vec<usize>,
+    pub seq: Vec<usize>,
+    pub logits: Vec<bool>,
+}
+
+impl Batch {
+    pub fn new() -> Batch {
+        Batch::default()
+    }
+
+    pub fn clear(&mut self) {
+        self.tokens.clear();
+        self.pos.clear();
+        self.seq.clear();
+        self.logits.clear();
+    }
+
+    pub fn push(&mut self, token: u32, pos: usize, seq: usize, logits: bool) {
+        self.tokens.push(token);
+        self.pos.push(pos);
+        self.seq.push(seq);
+        self.logits.push(logits);
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    pub fn n_outputs(&self) -> usize {
+        self.logits.iter().filter(|&&l| l).count()
+    }
+}
+
+/// Sizes of a context.
+#[derive(Clone, Debug)]
+pub struct ContextParams {
+    /// Positions per sequence.
+    pub n_ctx: usize,
+    /// Sequences held at once.
+    pub n_seq: usize,
+    /// Most tokens in one batch.
+    pub n_batch: usize,
+    /// Most logit rows one batch may ask for.
+    pub n_outputs: usize,
+    pub n_threads: usize,
+}
+
+impl Default for ContextParams {
+    fn default() -> Self {
+        ContextParams {
+            n_ctx: 4096,
+            n_seq: 1,
+            n_batch: 512,
+            n_outputs: 8,
+            n_threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        }
+    }
+}
+
+/// Per-context scratch, one allocation each, sized for `n_batch` tokens.
+struct Scratch {
+    /// `[n_batch, n_embd]` residual stream
+    x: Vec<f32>,
+    /// `[n_batch, n_embd]` normalized input / projection output
+    xn: Vec<f32>,
+    /// `[n_batch, n_embd_q]`
+    q: Vec<f32>,
+    /// `[n_batch, n_embd_k]`
+    k: Vec<f32>,
+    /// `[n_batch, n_embd_v]`
+    v: Vec<f32>,
+    /// `[n_batch, n_head * head_dim_v]`
+    attn: Vec<f32>,
+    /// `[n_batch, n_ff]`
+    gate: Vec<f32>,
+    /// `[n_batch, n_ff]`
+    up: Vec<f32>,
+    /// `[n_batch, rope_dim/2]` for the global and the sliding-window RoPE bases
+    cos: [Vec<f32>; 2],
+    sin: [Vec<f32>; 2],
+    /// `[n_threads, n_ctx]` attention scores
+    scores: Vec<f32>,
+    /// `[n_outputs, n_embd]`
+    out_rows: Vec<f32>,
+    /// `[n_outputs, n_vocab]`
+    logits: Vec<f32>,
+    /// quantized activations
+    qbuf: AlignedBuf,
+}
+
+/// A model with its KV cache, thread pool and scratch buffers.
+pub struct Context {
+    pub model: Arc<Model>,
+    pub params: ContextParams,
+    pub kv: KvCache,
+    pool: ThreadPool,
+    kern: &'static Kernels,
+    s: Scratch,
+}
+
+impl Context {
+    pub fn new(model: Arc<Model>, params: ContextParams) -> Context {
+        let hp = &model.hp;
+        let nb = params.n_batch.max(1);
+        let n_threads = params.n_threads.max(1);
+        let kv = KvCache::new(hp.n_layer, params.n_seq.max(1), params.n_ctx.max(1), hp.n_embd_k(), hp.n_embd_v());
+        let s = Scratch {
+            x: vec![0.0; nb * hp.n_embd],
+            xn: vec![0.0; nb * hp.n_embd],
+            q: vec![0.0; nb * hp.n_embd_q()],
+            k: vec![0.0; nb * hp.n_embd_k()],
+            v: vec![0.0; nb * hp.n_embd_v()],
+            attn: vec![0.0; nb * hp.n_head * hp.head_dim_v],
+            gate: vec![0.0; nb * hp.n_ff],
+            up: vec![0.0; nb * hp.n_ff],
+            cos: [vec![0.0; nb * hp.rope_dim / 2], vec![0.0; nb * hp.rope_dim / 2]],
+            sin: [vec![0.0; nb * hp.rope_dim / 2], vec![0.0; nb * hp.rope_dim / 2]],
+            scores: vec![0.0; n_threads * params.n_ctx.max(1)],
+            out_rows: vec![0.0; params.n_outputs.max(1) * hp.n_embd],
+            logits: vec![0.0; params.n_outputs.max(1) * hp.n_vocab],
+            qbuf: AlignedBuf::new(),
+        };
+        Context {
+            pool: ThreadPool::new(n_threads),
+            kern: kernels(),
+            kv,
+            s,
+            params,
+            model,
+        }
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        self.model.hp.n_vocab
+    }
+
+    /// Checks a batch against the context and the cache before any work is done.
+    fn validate(&self, batch: &Batch) -> Result<()> {
+        let n = batch.len();
+        if batch.pos.len() != n || batch.seq.len() != n || batch.logits.len() != n {
+            return Err(Error::BadBatch("tokens, pos, seq and logits differ in length".into()));
+        }
+        if n > self.params.n_batch {
+            return Err(Error::BatchTooLarge { got: n, max: self.params.n_batch });
+        }
+        let n_out = batch.n_outputs();
+        if n_out > self.params.n_outputs {
+            return Err(Error::TooManyOutputs { got: n_out, max: self.params.n_outputs });
+        }
+        let n_vocab = self.model.hp.n_vocab;
+        // per sequence, positions must continue the cache without gaps
+        let mut next: Vec<Option<usize>> = vec![None; self.kv.n_seq];
+        for i in 0..n {
+            let (tok, pos, seq) = (batch.tokens[i], batch.pos[i], batch.seq[i]);
+            if tok as usize >= n_vocab {
+                return Err(Error::BadToken { token: tok, n_vocab });
+            }
+            if seq >= self.kv.n_seq {
+                return Err(Error::BadSequence { seq, n_seq: self.kv.n_seq });
+            }
+            if pos >= self.kv.n_ctx {
+                return Err(Error::ContextFull { seq, pos, n_ctx: self.kv.n_ctx });
+            }
+            let expect = next[seq];
+            let ok = match expect {
+                None => pos <= self.kv.seq_len(seq),
+                Some(e) => pos == e,
+            };
+            if !ok {
+                return Err(Error::BadBatch(format!(
+                    "sequence {seq}: position {pos} does not follow the cache (length {}) or the previous token",
+                    self.kv.seq_len(seq)
+                )));
+            }
+            next[seq] = Some(pos + 1);
+        }
+        Ok(())
+    }
+
+    /// Runs the batch and returns the logits of the rows marked for output, in batch
+    /// order: `[n_outputs, n_vocab]`.
+    pub fn decode(&mut self, batch: &Batch) -> Result<&[f32]> {
+        self.validate(batch)?;
+        let n_tok = batch.len();
+        let model = Arc::clone(&self.model);
+        let hp = &model.hp;
+        let (n_embd, k) = (hp.n_embd, self.kern);
+        if n_tok == 0 {
+            return Ok(&[]);
+        }
+
+        // token embeddings [n_tok, n_embd]
+        let emb = model.weight(&model.tok_embd);
+        for (t, &tok) in batch.tokens.iter().enumerate() {
+            let row = &mut self.s.x[t * n_embd..(t + 1) * n_embd];
+            capy_kernels::dequantize_row(emb, tok as usize, row)?;
+            if hp.embd_scale != 1.0 {
+                ops::scale_inplace(row, hp.embd_scale);
+            }
+        }
+
+        // RoPE tables for this batch's positions
+        let half = hp.rope_dim / 2;
+        for (which, base) in [hp.rope_base, hp.rope_base_swa].into_iter().enumerate() {
+            for (t, &pos) in batch.pos.iter().enumerate() {
+                let r = t * half..(t + 1) * half;
+                ops::rope_cache(
+                    pos as f32,
+                    base,
+                    if which == 0 { hp.rope_freq_scale } else { 1.0 },
+                    hp.rope_dim,
+                    &mut self.s.cos[which][r.clone()],
+                    &mut self.s.sin[which][r],
+                );
+            }
+        }
+
+        for (il, layer) in model.layers.iter().enumerate() {
+            let s = &mut self.s;
+            let x = &mut s.x[..n_tok * n_embd];
+            let xn = &mut s.xn[..n_tok * n_embd];
+            rms_norm_rows(x, xn, &layer.attn_norm, hp.rms_eps, n_embd);
+
+            // projections
+            let q = &mut s.q[..n_tok * hp.n_embd_q()];
+            let kk = &mut s.k[..n_tok * hp.n_embd_k()];
+            let v = &mut s.v[..n_tok * hp.n_embd_v()];
+            mm(k, &self.pool, &model, &layer.wq, xn, q, &mut s.qbuf)?;
+            mm(k, &self.pool, &model, &layer.wk, xn, kk, &mut s.qbuf)?;
+            mm(k, &self.pool, &model, &layer.wv, xn, v, &mut s.qbuf)?;
+            if let (Some(bq), Some(bk), Some(bv)) = (&layer.bq, &layer.bk, &layer.bv) {
+                add_rows(q, bq);
+                add_rows(kk, bk);
+                add_rows(v, bv);
+            }
+            if let Some(w) = &layer.q_norm {
+                rms_norm_heads(q, w, hp.rms_eps, hp.head_dim);
+            }
+            if let Some(w) = &layer.k_norm {
+                rms_norm_heads(kk, w, hp.rms_eps, hp.head_dim);
+            }
+            let which = usize::from(hp.swa_layers[il]);
+            for t in 0..n_tok {
+                let (c, sn) = (&s.cos[which][t * half..(t + 1) * half], &s.sin[which][t * half..(t + 1) * half]);
+                for h in q[t * hp.n_embd_q()..(t + 1) * hp.n_embd_q()].chunks_exact_mut(hp.head_dim) {
+                    ops::rope(h, c, sn, hp.rope_dim, hp.rope_neox);
+                }
+                for h in kk[t * hp.n_embd_k()..(t + 1) * hp.n_embd_k()].chunks_exact_mut(hp.head_dim) {
+                    ops::rope(h, c, sn, hp.rope_dim, hp.rope_neox);
+                }
+            }
+
+            // store K and V
+            for t in 0..n_tok {
+                let (seq, pos) = (batch.seq[t], batch.pos[t]);
+                self.kv
+                    .k_row_mut(il, seq, pos)
+                    .copy_from_slice(&kk[t * hp.n_embd_k()..(t + 1) * hp.n_embd_k()]);
+                self.kv
+                    .v_row_mut(il, seq, pos)
+                    .copy_from_slice(&v[t * hp.n_embd_v()..(t + 1) * hp.n_embd_v()]);
+            }
+
+            // attention
+            let window = if hp.swa_layers[il] { hp.sliding_window } else { 0 };
+            attention(
+                k,
+                &self.pool,
+                &self.kv,
+                il,
+                batch,
+                q,
+                &mut s.attn[..n_tok * hp.n_head * hp.head_dim_v],
+                &mut s.scores,
+                self.params.n_ctx,
+                AttnShape {
+                    n_head: hp.n_head,
+                    n_head_kv: hp.n_head_kv,
+                    head_dim: hp.head_dim,
+                    head_dim_v: hp.head_dim_v,
+                    scale: hp.attn_scale,
+                    softcap: hp.attn_logit_softcap,
+                    window,
+                },
+            );
+            let attn = &s.attn[..n_tok * hp.n_head * hp.head_dim_v];
+            mm(k, &self.pool, &model, &layer.wo, attn, xn, &mut s.qbuf)?;
+            if let Some(w) = &layer.post_attn_norm {
+                rms_norm_rows_inplace(xn, w, hp.rms_eps, n_embd);
+            }
+            ops::add_inplace(x, xn);
+
+            // feed-forward
+            rms_norm_rows(x, xn, &layer.ffn_norm, hp.rms_eps, n_embd);
+            let gate = &mut s.gate[..n_tok * hp.n_ff];
+            let up = &mut s.up[..n_tok * hp.n_ff];
+            mm(k, &self.pool, &model, &layer.ffn_gate, xn, gate, &mut s.qbuf)?;
+            mm(k, &self.pool, &model, &layer.ffn_up, xn, up, &mut s.qbuf)?;
+            match hp.activation {
+                Activation::Silu => ops::silu_mul(gate, up),
+                Activation::Gelu => ops::gelu_mul(gate, up),
+            }
+            mm(k, &self.pool, &model, &layer.ffn_down, gate, xn, &mut s.qbuf)?;
+            if let Some(w) = &layer.post_ffn_norm {
+                rms_norm_rows_inplace(xn, w, hp.rms_eps, n_embd);
+            }
+            ops::add_inplace(x, xn);
+        }
+
+        // sequences now extend through the last position written
+        for t in 0..n_tok {
+            let (seq, pos) = (batch.seq[t], batch.pos[t]);
+            self.kv.set_seq_len(seq, pos + 1);
+        }
+
+        // output rows
+        let n_out = batch.n_outputs();
+        let s = &mut self.s;
+        let mut o = 0;
+        for t in 0..n_tok {
+            if batch.logits[t] {
+                let dst = &mut s.out_rows[o * n_embd..(o + 1) * n_embd];
+                ops::rms_norm(&s.x[t * n_embd..(t + 1) * n_embd], &model.output_norm, hp.rms_eps, dst);
+                o += 1;
+            }
+        }
+        let logits = &mut s.logits[..n_out * hp.n_vocab];
+        if n_out > 0 {
+            mm(k, &self.pool, &model, &model.output, &s.out_rows[..n_out * n_embd], logits, &mut s.qbuf)?;
+            if hp.final_logit_softcap > 0.0 {
+                let c = hp.final_logit_softcap;
+                for l in logits.iter_mut() {
+                    *l = c * (*l / c).tanh();
+                }
+            }
+        }
+        Ok(&self.s.logits[..n_out * hp.n_vocab])
+    }
+}
+
+fn mm(
+    k: &Kernels,
+    pool: &ThreadPool,
+    model: &Model,
+    w: &Tensor,
+    x: &[f32],
+    out: &mut [f32],
+    qbuf: &mut AlignedBuf,
+) -> Result<()> {
+    matmul(k, pool, model.weight(w), x, out, qbuf)?;
+    Ok(())
+}
+
+fn rms_norm_rows(x: &[f32], out: &mut [f32], w: &[f32], eps: f32, n: usize) {
+    for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        ops::rms_norm(xr, w, eps, or);
+    }
+}
+
+fn rms_norm_rows_inplace(x: &mut [f32], w: &[f32], eps: f32, n: usize) {
+    for xr in x.chunks_exact_mut(n) {
+        ops::rms_norm_inplace(xr, w, eps);
+    }
+}
+
+fn rms_norm_heads(x: &mut [f32], w: &[f32], eps: f32, head_dim: usize) {
+    rms_norm_rows_inplace(x, w, eps, head_dim)
+}
+
+fn add_rows(x: &mut [f32], b: &[f32]) {
+    for r in x.chunks_exact_mut(b.len()) {
+        ops::add_inplace(r, b);
+    }
+}
+
+#[derive(Clone, Copy)]
+struct AttnShape {
+    n_head: usize,
+    n_head_kv: usize,
+    head_dim: usize,
+    head_dim_v: usize,
+    scale: f32,
+    softcap: f32,
+    /// sliding window (0 = attend to the whole sequence)
+    window: usize,
+}
+
+/// Causal attention of every (token, head) pair against its own sequence in the cache.
+/// `q`: `[n_tok, n_head*head_dim]`, `out`: `[n_tok, n_head*head_dim_v]`.
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    k: &Kernels,
+    pool: &ThreadPool,
+    kv: &KvCache,
+    layer: usize,
+    batch: &Batch,
+    q: &[f32],
+    out: &mut [f32],
+    scores: &mut [f32],
+    n_ctx: usize,
+    sh: AttnShape,
+) {
+    let n_tok = batch.len();
+    let items = n_tok * sh.n_head;
+    let group = sh.n_head / sh.n_head_kv;
+    let out = SharedMut::new(out);
+    let scores = SharedMut::new(scores);
+    pool.run(&|ith, nth| {
+        // SAFETY: thread `ith` alone uses scores row `ith`.
+        let sc_all = unsafe { scores.slice(ith * n_ctx..(ith + 1) * n_ctx) };
+        for item in split_range(items, ith, nth) {
+            let (t, h) = (item / sh.n_head, item % sh.n_head);
+            let (seq, pos) = (batch.seq[t], batch.pos[t]);
+            let kvh = h / group;
+            let len = pos + 1;
+            let start = if sh.window > 0 { len.saturating_sub(sh.window) } else { 0 };
+            let keys = kv.k_seq(layer, seq, len);
+            let vals = kv.v_seq(layer, seq, len);
+            let qh = &q[t * sh.n_head * sh.head_dim + h * sh.head_dim..][..sh.head_dim];
+            let sc = &mut sc_all[start..len];
+            for (p, s) in (start..len).zip(sc.iter_mut()) {
+                let kr = &keys[p * kv.n_embd_k + kvh * sh.head_dim..][..sh.head_dim];
+                let mut v = (k.dot_f32)(qh, kr) * sh.scale;
+                if sh.softcap > 0.0 {
+                    v = sh.softcap * (v / sh.softcap).tanh();
+                }
+                *s = v;
+            }
+            ops::softmax(sc);
+            // SAFETY: each (t, h) item is handled by exactly one thread.
+            let o = unsafe { out.slice(item * sh.head_dim_v..(item + 1) * sh.head_dim_v) };
+            o.fill(0.0);
+            for (p, &w) in (start..len).zip(sc.iter()) {
+                let vr = &vals[p * kv.n_embd_v + kvh * sh.head_dim_v..][..sh.head_dim_v];
+                for (a, &b) in o.iter_mut().zip(vr) {
+                    *a += w * b;
+                }
+            }
+        }
+    });
+}
