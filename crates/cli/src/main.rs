@@ -1,1 +1,61 @@
-fn main() {}
+//! The `capy` command: pull, list, show, rm, run, generate, perplexity.
+//!
+//! The only crate that uses `anyhow`: library errors get context here and become an exit
+//! code and a one-line message.
+
+mod common;
+mod generate;
+mod perplexity;
+mod progress;
+mod run;
+mod store_cmds;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "capy",
+    version,
+    about = "A fast local LLM engine for CPUs",
+    propagate_version = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Download a model into the local store (built-in name, hf.co/ORG/REPO/FILE or URL).
+    Pull(store_cmds::PullArgs),
+    /// List the models in the store.
+    #[command(alias = "ls")]
+    List,
+    /// Show a model's metadata.
+    Show(store_cmds::ShowArgs),
+    /// Remove a model from the store.
+    Rm(store_cmds::RmArgs),
+    /// Chat with a model: one answer with a prompt, an interactive chat without.
+    Run(run::RunArgs),
+    /// Raw completion for scripts and tests (no chat template), optionally as JSON.
+    Generate(generate::GenerateArgs),
+    /// Perplexity of a text file, llama-perplexity's method.
+    Perplexity(perplexity::PerplexityArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Pull(a) => store_cmds::pull(a),
+        Cmd::List => store_cmds::list(),
+        Cmd::Show(a) => store_cmds::show(a),
+        Cmd::Rm(a) => store_cmds::rm(a),
+        Cmd::Run(a) => run::run(a),
+        Cmd::Generate(a) => generate::generate(a),
+        Cmd::Perplexity(a) => perplexity::perplexity(a),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

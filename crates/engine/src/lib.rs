@@ -1,1 +1,95 @@
-//! placeholder
+//! capy's engine: tokenizer, chat templates, samplers and generation over the model.
+//!
+//! No HTTP here and no terminal handling: the CLI and (later) the server drive
+//! [`Session::generate`] and receive tokens through a callback as they are made.
+
+pub mod chat;
+pub mod generate;
+pub mod sampler;
+pub mod tokenizer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use capy_model::{Batch, Context, ContextParams, Model};
+pub use chat::{ChatTemplate, Message};
+pub use generate::{GenerateParams, GenerateResult, Session, StopReason, TokenOut};
+pub use sampler::{Sampler, SamplerParams};
+pub use tokenizer::Tokenizer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Model(#[from] capy_model::Error),
+    #[error(transparent)]
+    Gguf(#[from] capy_gguf::Error),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("prompt of {n_prompt} tokens does not fit the context of {n_ctx}")]
+    PromptTooLong { n_prompt: usize, n_ctx: usize },
+    #[error("empty prompt")]
+    EmptyPrompt,
+    #[error("token id {token} out of range (vocabulary of {n_vocab})")]
+    BadToken { token: u32, n_vocab: usize },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A loaded model with its tokenizer and chat template.
+pub struct Engine {
+    pub path: PathBuf,
+    pub model: Arc<Model>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub template: ChatTemplate,
+}
+
+impl Engine {
+    pub fn load(path: impl AsRef<Path>) -> Result<Engine> {
+        let path = path.as_ref();
+        let model = Arc::new(Model::load(path)?);
+        let tokenizer = Tokenizer::from_gguf(&model.gguf)?;
+        if tokenizer.n_vocab() != model.hp.n_vocab {
+            return Err(Error::Tokenizer(format!(
+                "vocabulary of {} tokens for a model with {} rows of embeddings",
+                tokenizer.n_vocab(),
+                model.hp.n_vocab
+            )));
+        }
+        let piece = |id: Option<u32>| {
+            id.and_then(|i| tokenizer.piece(i))
+                .unwrap_or("")
+                .to_string()
+        };
+        let template = ChatTemplate::new(
+            model.gguf.get_str("tokenizer.chat_template")?,
+            model.hp.arch.name(),
+            &piece(tokenizer.bos),
+            &piece(tokenizer.eos),
+        );
+        Ok(Engine {
+            path: path.to_path_buf(),
+            model,
+            tokenizer: Arc::new(tokenizer),
+            template,
+        })
+    }
+
+    /// A single-sequence session with its own context.
+    pub fn session(&self, params: ContextParams) -> Session {
+        Session::new(
+            Context::new(Arc::clone(&self.model), params),
+            Arc::clone(&self.tokenizer),
+        )
+    }
+
+    /// Renders a conversation and tokenizes it (special tokens parsed, BOS added only if
+    /// the template did not already put it there).
+    pub fn chat_tokens(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        let text = self.template.render(messages, true)?;
+        let starts_with_bos =
+            !self.template.bos_token.is_empty() && text.starts_with(&self.template.bos_token);
+        self.tokenizer.encode(&text, !starts_with_bos, true)
+    }
+}

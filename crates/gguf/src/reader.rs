@@ -517,10 +517,15 @@ mod tests {
         );
         w.add_metadata(
             "nested",
-            Value::Array(Array::Array(vec![Array::I32(vec![1, 2]), Array::I32(vec![])])),
+            Value::Array(Array::Array(vec![
+                Array::I32(vec![1, 2]),
+                Array::I32(vec![]),
+            ])),
         );
-        w.add_tensor("t0", GgmlType::F32, &[4, 2], vec![0u8; 32]).unwrap();
-        w.add_tensor("t1", GgmlType::Q8_0, &[64], vec![7u8; 68]).unwrap();
+        w.add_tensor("t0", GgmlType::F32, &[4, 2], vec![0u8; 32])
+            .unwrap();
+        w.add_tensor("t1", GgmlType::Q8_0, &[64], vec![7u8; 68])
+            .unwrap();
         let mut out = Vec::new();
         w.write_to(&mut out).unwrap();
         out
@@ -587,11 +592,10 @@ mod tests {
     fn huge_array_length_is_rejected() {
         let bytes = sample();
         // find the "tok" array: key len 3 + "tok" + type 9 + elem type 8 + count 2
-        let pat = [3u8, 0, 0, 0, 0, 0, 0, 0, b't', b'o', b'k', 9, 0, 0, 0, 8, 0, 0, 0];
-        let at = bytes
-            .windows(pat.len())
-            .position(|w| w == pat)
-            .unwrap();
+        let pat = [
+            3u8, 0, 0, 0, 0, 0, 0, 0, b't', b'o', b'k', 9, 0, 0, 0, 8, 0, 0, 0,
+        ];
+        let at = bytes.windows(pat.len()).position(|w| w == pat).unwrap();
         let mut b = bytes.clone();
         let c = at + pat.len();
         b[c..c + 8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());

@@ -38,7 +38,10 @@ impl GgufWriter {
     /// Adds (or replaces) a metadata entry. `general.alignment` also sets the alignment.
     pub fn add_metadata(&mut self, key: &str, value: Value) {
         if key == "general.alignment" {
-            if let Some(a) = value.as_i64().filter(|a| *a > 0 && (*a as u64).is_power_of_two()) {
+            if let Some(a) = value
+                .as_i64()
+                .filter(|a| *a > 0 && (*a as u64).is_power_of_two())
+            {
                 self.alignment = a as u64;
             }
         }
@@ -69,7 +72,10 @@ impl GgufWriter {
             .bytes_for(n)
             .ok_or_else(|| bad(format!("{n} elements is not whole {ty} blocks")))?;
         if dims[0] % ty.block_size() as u64 != 0 {
-            return Err(bad(format!("row length {} not a multiple of the block", dims[0])));
+            return Err(bad(format!(
+                "row length {} not a multiple of the block",
+                dims[0]
+            )));
         }
         if expected != data.len() as u64 {
             return Err(bad(format!(

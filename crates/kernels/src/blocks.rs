@@ -146,8 +146,23 @@ const _: () = {
 };
 
 pod!(
-    BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1, BlockQ2K, BlockQ3K,
-    BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K, f16, half::bf16, f32, u8, i8
+    BlockQ4_0,
+    BlockQ4_1,
+    BlockQ5_0,
+    BlockQ5_1,
+    BlockQ8_0,
+    BlockQ8_1,
+    BlockQ2K,
+    BlockQ3K,
+    BlockQ4K,
+    BlockQ5K,
+    BlockQ6K,
+    BlockQ8K,
+    f16,
+    half::bf16,
+    f32,
+    u8,
+    i8
 );
 
 /// Views bytes as blocks. `None` if the length is not a whole number of blocks or the

@@ -87,7 +87,11 @@ pub fn quantize_acts(k: &Kernels, act: ActType, x: &[f32], n: usize, out: &mut [
     let rb = act.row_bytes(n);
     let n_tok = x.len() / n.max(1);
     if n % act.block_size() != 0 || out.len() < rb * n_tok {
-        return Err(shape_err("quantize_acts", format!("{n} a multiple of {}", act.block_size()), n));
+        return Err(shape_err(
+            "quantize_acts",
+            format!("{n} a multiple of {}", act.block_size()),
+            n,
+        ));
     }
     let mis = || Error::Misaligned {
         op: "quantize_acts",
@@ -119,7 +123,11 @@ pub fn matmul(
 ) -> Result<()> {
     let n_cols = w.n_cols;
     if n_cols == 0 || x.len() % n_cols != 0 {
-        return Err(shape_err("matmul", format!("x a multiple of {n_cols}"), x.len()));
+        return Err(shape_err(
+            "matmul",
+            format!("x a multiple of {n_cols}"),
+            x.len(),
+        ));
     }
     let n_tok = x.len() / n_cols;
     if out.len() != n_tok * w.n_rows {
@@ -128,7 +136,13 @@ pub fn matmul(
     if n_cols % w.ty.block_size() != 0 || w.data.len() != w.row_bytes() * w.n_rows {
         return Err(shape_err(
             "matmul",
-            format!("{} bytes for {}x{} {}", w.row_bytes() * w.n_rows, w.n_rows, n_cols, w.ty),
+            format!(
+                "{} bytes for {}x{} {}",
+                w.row_bytes() * w.n_rows,
+                w.n_rows,
+                n_cols,
+                w.ty
+            ),
             w.data.len(),
         ));
     }
@@ -159,14 +173,20 @@ pub fn matmul(
     }
     let a = scratch.as_slice();
     let out = SharedMut::new(out);
-    let mis = Error::Misaligned { op: "matmul", ty: w.ty };
+    let mis = Error::Misaligned {
+        op: "matmul",
+        ty: w.ty,
+    };
     macro_rules! go {
         ($dot:expr) => {
             run_typed(
                 pool,
                 $dot,
                 cast_blocks(w.data).ok_or(mis)?,
-                cast_blocks(a).ok_or(Error::Misaligned { op: "matmul", ty: w.ty })?,
+                cast_blocks(a).ok_or(Error::Misaligned {
+                    op: "matmul",
+                    ty: w.ty,
+                })?,
                 w.n_rows,
                 n_tok,
                 &out,
@@ -229,7 +249,11 @@ fn run_typed<W: Pod + Sync, A: Pod + Sync>(
 /// Dequantizes row `r` of a weight matrix into `out` (`n_cols` long).
 pub fn dequantize_row(w: WeightRef<'_>, r: usize, out: &mut [f32]) -> Result<()> {
     if r >= w.n_rows || out.len() != w.n_cols || w.data.len() < w.row_bytes() * w.n_rows {
-        return Err(shape_err("dequantize_row", format!("row < {} of {} cols", w.n_rows, w.n_cols), format!("row {r}, {} cols", out.len())));
+        return Err(shape_err(
+            "dequantize_row",
+            format!("row < {} of {} cols", w.n_rows, w.n_cols),
+            format!("row {r}, {} cols", out.len()),
+        ));
     }
     dequantize(w.ty, w.row(r), out)
 }

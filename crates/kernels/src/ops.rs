@@ -43,7 +43,14 @@ pub fn softmax(x: &mut [f32]) {
 
 /// Fills `cos`/`sin` (each `n_dims/2` long) with the rotation of position `pos`:
 /// angle_i = pos * freq_scale * base^(-2i/n_dims).
-pub fn rope_cache(pos: f32, base: f32, freq_scale: f32, n_dims: usize, cos: &mut [f32], sin: &mut [f32]) {
+pub fn rope_cache(
+    pos: f32,
+    base: f32,
+    freq_scale: f32,
+    n_dims: usize,
+    cos: &mut [f32],
+    sin: &mut [f32],
+) {
     for i in 0..n_dims / 2 {
         let inv_freq = (base as f64).powf(-(2.0 * i as f64) / n_dims as f64);
         let theta = pos as f64 * freq_scale as f64 * inv_freq;
@@ -57,7 +64,11 @@ pub fn rope_cache(pos: f32, base: f32, freq_scale: f32, n_dims: usize, cos: &mut
 pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], n_dims: usize, neox: bool) {
     let half = n_dims / 2;
     for i in 0..half {
-        let (a, b) = if neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
+        let (a, b) = if neox {
+            (i, i + half)
+        } else {
+            (2 * i, 2 * i + 1)
+        };
         let (x0, x1) = (x[a], x[b]);
         x[a] = x0 * cos[i] - x1 * sin[i];
         x[b] = x0 * sin[i] + x1 * cos[i];

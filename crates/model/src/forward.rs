@@ -80,7 +80,9 @@ impl Default for ContextParams {
             n_seq: 1,
             n_batch: 512,
             n_outputs: 8,
-            n_threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            n_threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
         }
     }
 }
@@ -131,7 +133,13 @@ impl Context {
         let hp = &model.hp;
         let nb = params.n_batch.max(1);
         let n_threads = params.n_threads.max(1);
-        let kv = KvCache::new(hp.n_layer, params.n_seq.max(1), params.n_ctx.max(1), hp.n_embd_k(), hp.n_embd_v());
+        let kv = KvCache::new(
+            hp.n_layer,
+            params.n_seq.max(1),
+            params.n_ctx.max(1),
+            hp.n_embd_k(),
+            hp.n_embd_v(),
+        );
         let s = Scratch {
             x: vec![0.0; nb * hp.n_embd],
             xn: vec![0.0; nb * hp.n_embd],
@@ -141,8 +149,14 @@ impl Context {
             attn: vec![0.0; nb * hp.n_head * hp.head_dim_v],
             gate: vec![0.0; nb * hp.n_ff],
             up: vec![0.0; nb * hp.n_ff],
-            cos: [vec![0.0; nb * hp.rope_dim / 2], vec![0.0; nb * hp.rope_dim / 2]],
-            sin: [vec![0.0; nb * hp.rope_dim / 2], vec![0.0; nb * hp.rope_dim / 2]],
+            cos: [
+                vec![0.0; nb * hp.rope_dim / 2],
+                vec![0.0; nb * hp.rope_dim / 2],
+            ],
+            sin: [
+                vec![0.0; nb * hp.rope_dim / 2],
+                vec![0.0; nb * hp.rope_dim / 2],
+            ],
             scores: vec![0.0; n_threads * params.n_ctx.max(1)],
             out_rows: vec![0.0; params.n_outputs.max(1) * hp.n_embd],
             logits: vec![0.0; params.n_outputs.max(1) * hp.n_vocab],
@@ -166,14 +180,22 @@ impl Context {
     fn validate(&self, batch: &Batch) -> Result<()> {
         let n = batch.len();
         if batch.pos.len() != n || batch.seq.len() != n || batch.logits.len() != n {
-            return Err(Error::BadBatch("tokens, pos, seq and logits differ in length".into()));
+            return Err(Error::BadBatch(
+                "tokens, pos, seq and logits differ in length".into(),
+            ));
         }
         if n > self.params.n_batch {
-            return Err(Error::BatchTooLarge { got: n, max: self.params.n_batch });
+            return Err(Error::BatchTooLarge {
+                got: n,
+                max: self.params.n_batch,
+            });
         }
         let n_out = batch.n_outputs();
         if n_out > self.params.n_outputs {
-            return Err(Error::TooManyOutputs { got: n_out, max: self.params.n_outputs });
+            return Err(Error::TooManyOutputs {
+                got: n_out,
+                max: self.params.n_outputs,
+            });
         }
         let n_vocab = self.model.hp.n_vocab;
         // per sequence, positions must continue the cache without gaps
@@ -181,13 +203,23 @@ impl Context {
         for i in 0..n {
             let (tok, pos, seq) = (batch.tokens[i], batch.pos[i], batch.seq[i]);
             if tok as usize >= n_vocab {
-                return Err(Error::BadToken { token: tok, n_vocab });
+                return Err(Error::BadToken {
+                    token: tok,
+                    n_vocab,
+                });
             }
             if seq >= self.kv.n_seq {
-                return Err(Error::BadSequence { seq, n_seq: self.kv.n_seq });
+                return Err(Error::BadSequence {
+                    seq,
+                    n_seq: self.kv.n_seq,
+                });
             }
             if pos >= self.kv.n_ctx {
-                return Err(Error::ContextFull { seq, pos, n_ctx: self.kv.n_ctx });
+                return Err(Error::ContextFull {
+                    seq,
+                    pos,
+                    n_ctx: self.kv.n_ctx,
+                });
             }
             let expect = next[seq];
             let ok = match expect {
@@ -269,11 +301,17 @@ impl Context {
             }
             let which = usize::from(hp.swa_layers[il]);
             for t in 0..n_tok {
-                let (c, sn) = (&s.cos[which][t * half..(t + 1) * half], &s.sin[which][t * half..(t + 1) * half]);
-                for h in q[t * hp.n_embd_q()..(t + 1) * hp.n_embd_q()].chunks_exact_mut(hp.head_dim) {
+                let (c, sn) = (
+                    &s.cos[which][t * half..(t + 1) * half],
+                    &s.sin[which][t * half..(t + 1) * half],
+                );
+                for h in q[t * hp.n_embd_q()..(t + 1) * hp.n_embd_q()].chunks_exact_mut(hp.head_dim)
+                {
                     ops::rope(h, c, sn, hp.rope_dim, hp.rope_neox);
                 }
-                for h in kk[t * hp.n_embd_k()..(t + 1) * hp.n_embd_k()].chunks_exact_mut(hp.head_dim) {
+                for h in
+                    kk[t * hp.n_embd_k()..(t + 1) * hp.n_embd_k()].chunks_exact_mut(hp.head_dim)
+                {
                     ops::rope(h, c, sn, hp.rope_dim, hp.rope_neox);
                 }
             }
@@ -290,7 +328,11 @@ impl Context {
             }
 
             // attention
-            let window = if hp.swa_layers[il] { hp.sliding_window } else { 0 };
+            let window = if hp.swa_layers[il] {
+                hp.sliding_window
+            } else {
+                0
+            };
             attention(
                 k,
                 &self.pool,
@@ -322,13 +364,29 @@ impl Context {
             rms_norm_rows(x, xn, &layer.ffn_norm, hp.rms_eps, n_embd);
             let gate = &mut s.gate[..n_tok * hp.n_ff];
             let up = &mut s.up[..n_tok * hp.n_ff];
-            mm(k, &self.pool, &model, &layer.ffn_gate, xn, gate, &mut s.qbuf)?;
+            mm(
+                k,
+                &self.pool,
+                &model,
+                &layer.ffn_gate,
+                xn,
+                gate,
+                &mut s.qbuf,
+            )?;
             mm(k, &self.pool, &model, &layer.ffn_up, xn, up, &mut s.qbuf)?;
             match hp.activation {
                 Activation::Silu => ops::silu_mul(gate, up),
                 Activation::Gelu => ops::gelu_mul(gate, up),
             }
-            mm(k, &self.pool, &model, &layer.ffn_down, gate, xn, &mut s.qbuf)?;
+            mm(
+                k,
+                &self.pool,
+                &model,
+                &layer.ffn_down,
+                gate,
+                xn,
+                &mut s.qbuf,
+            )?;
             if let Some(w) = &layer.post_ffn_norm {
                 rms_norm_rows_inplace(xn, w, hp.rms_eps, n_embd);
             }
@@ -348,13 +406,26 @@ impl Context {
         for t in 0..n_tok {
             if batch.logits[t] {
                 let dst = &mut s.out_rows[o * n_embd..(o + 1) * n_embd];
-                ops::rms_norm(&s.x[t * n_embd..(t + 1) * n_embd], &model.output_norm, hp.rms_eps, dst);
+                ops::rms_norm(
+                    &s.x[t * n_embd..(t + 1) * n_embd],
+                    &model.output_norm,
+                    hp.rms_eps,
+                    dst,
+                );
                 o += 1;
             }
         }
         let logits = &mut s.logits[..n_out * hp.n_vocab];
         if n_out > 0 {
-            mm(k, &self.pool, &model, &model.output, &s.out_rows[..n_out * n_embd], logits, &mut s.qbuf)?;
+            mm(
+                k,
+                &self.pool,
+                &model,
+                &model.output,
+                &s.out_rows[..n_out * n_embd],
+                logits,
+                &mut s.qbuf,
+            )?;
             if hp.final_logit_softcap > 0.0 {
                 let c = hp.final_logit_softcap;
                 for l in logits.iter_mut() {
@@ -441,7 +512,11 @@ fn attention(
             let (seq, pos) = (batch.seq[t], batch.pos[t]);
             let kvh = h / group;
             let len = pos + 1;
-            let start = if sh.window > 0 { len.saturating_sub(sh.window) } else { 0 };
+            let start = if sh.window > 0 {
+                len.saturating_sub(sh.window)
+            } else {
+                0
+            };
             let keys = kv.k_seq(layer, seq, len);
             let vals = kv.v_seq(layer, seq, len);
             let qh = &q[t * sh.n_head * sh.head_dim + h * sh.head_dim..][..sh.head_dim];

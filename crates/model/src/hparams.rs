@@ -96,12 +96,15 @@ impl Hparams {
         let arch = Arch::parse(arch_name)?;
         let key = |k: &str| format!("{arch_name}.{k}");
         let req = |k: &str| -> Result<usize> {
-            g.get_usize(&key(k))?.ok_or_else(|| Error::MissingKey(key(k)))
+            g.get_usize(&key(k))?
+                .ok_or_else(|| Error::MissingKey(key(k)))
         };
         let n_embd = req("embedding_length")?;
         let n_layer = req("block_count")?;
         let n_head = req("attention.head_count")?;
-        let n_head_kv = g.get_usize(&key("attention.head_count_kv"))?.unwrap_or(n_head);
+        let n_head_kv = g
+            .get_usize(&key("attention.head_count_kv"))?
+            .unwrap_or(n_head);
         let n_ff = req("feed_forward_length")?;
         if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 || n_layer == 0 || n_embd == 0 {
             return Err(Error::BadHparams(format!(
@@ -118,7 +121,9 @@ impl Hparams {
             .get_f64(&key("attention.layer_norm_rms_epsilon"))?
             .unwrap_or(1e-5) as f32;
         let rope_base = g.get_f64(&key("rope.freq_base"))?.unwrap_or(10000.0) as f32;
-        let rope_dim = g.get_usize(&key("rope.dimension_count"))?.unwrap_or(head_dim);
+        let rope_dim = g
+            .get_usize(&key("rope.dimension_count"))?
+            .unwrap_or(head_dim);
         let rope_freq_scale = match g.get_str(&key("rope.scaling.type"))? {
             Some("linear") => {
                 let f = g.get_f64(&key("rope.scaling.factor"))?.unwrap_or(1.0);

@@ -17,14 +17,24 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(n_layer: usize, n_seq: usize, n_ctx: usize, n_embd_k: usize, n_embd_v: usize) -> KvCache {
+    pub fn new(
+        n_layer: usize,
+        n_seq: usize,
+        n_ctx: usize,
+        n_embd_k: usize,
+        n_embd_v: usize,
+    ) -> KvCache {
         KvCache {
             n_seq,
             n_ctx,
             n_embd_k,
             n_embd_v,
-            k: (0..n_layer).map(|_| vec![0.0; n_seq * n_ctx * n_embd_k]).collect(),
-            v: (0..n_layer).map(|_| vec![0.0; n_seq * n_ctx * n_embd_v]).collect(),
+            k: (0..n_layer)
+                .map(|_| vec![0.0; n_seq * n_ctx * n_embd_k])
+                .collect(),
+            v: (0..n_layer)
+                .map(|_| vec![0.0; n_seq * n_ctx * n_embd_v])
+                .collect(),
             seq_len: vec![0; n_seq],
         }
     }

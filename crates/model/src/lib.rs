@@ -22,7 +22,9 @@ pub enum Error {
     Gguf(#[from] capy_gguf::Error),
     #[error(transparent)]
     Kernel(#[from] capy_kernels::Error),
-    #[error("unsupported model architecture {0:?} (supported: llama, mistral, qwen2, qwen3, gemma3)")]
+    #[error(
+        "unsupported model architecture {0:?} (supported: llama, mistral, qwen2, qwen3, gemma3)"
+    )]
     UnknownArch(String),
     #[error("model metadata lacks {0}")]
     MissingKey(String),
@@ -41,7 +43,11 @@ pub enum Error {
     #[error("batch asks for {got} output rows, the context holds {max}")]
     TooManyOutputs { got: usize, max: usize },
     #[error("position {pos} of sequence {seq} is outside the context of {n_ctx} tokens")]
-    ContextFull { seq: usize, pos: usize, n_ctx: usize },
+    ContextFull {
+        seq: usize,
+        pos: usize,
+        n_ctx: usize,
+    },
     #[error("sequence id {seq} out of range (the context has {n_seq} sequences)")]
     BadSequence { seq: usize, n_seq: usize },
     #[error("token id {token} out of range (vocabulary of {n_vocab})")]

@@ -89,7 +89,11 @@ impl Model {
             });
         }
         let output = match gguf.tensor_info("output.weight") {
-            Some(_) => tensor(&gguf, "output.weight", &[hp.n_embd as u64, hp.n_vocab as u64])?,
+            Some(_) => tensor(
+                &gguf,
+                "output.weight",
+                &[hp.n_embd as u64, hp.n_vocab as u64],
+            )?,
             None => tok_embd.clone(),
         };
         let output_norm = vector(&gguf, "output_norm.weight", hp.n_embd)?;
@@ -153,7 +157,10 @@ impl Model {
     }
 
     fn gguf_bytes(&self, t: &Tensor) -> &[u8] {
-        self.gguf.image().get(t.start..t.start + t.len).unwrap_or(&[])
+        self.gguf
+            .image()
+            .get(t.start..t.start + t.len)
+            .unwrap_or(&[])
     }
 
     /// Bytes of all weights.

@@ -111,7 +111,14 @@ pub fn vec_dot_q3k_q8k(x: &[BlockQ3K], y: &[BlockQ8K]) -> f32 {
 }
 
 /// Shared tail of Q4_K/Q5_K: unsigned values with 8 sub-block scales and mins.
-fn kquant_with_mins(q: &[u8; QK_K], sc: &[u8; 8], m: &[u8; 8], d: f16, dmin: f16, b: &BlockQ8K) -> f32 {
+fn kquant_with_mins(
+    q: &[u8; QK_K],
+    sc: &[u8; 8],
+    m: &[u8; 8],
+    d: f16,
+    dmin: f16,
+    b: &BlockQ8K,
+) -> f32 {
     let mut isum = 0i32;
     let mut summ = 0i32;
     for s in 0..8 {
@@ -150,8 +157,8 @@ pub fn vec_dot_q6k_q8k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
         let q = unpack_q6k(a);
         let mut isum = 0i32;
         for g in 0..16 {
-            isum += a.scales[g] as i32
-                * dot_i8(&q[16 * g..16 * g + 16], &b.qs[16 * g..16 * g + 16]);
+            isum +=
+                a.scales[g] as i32 * dot_i8(&q[16 * g..16 * g + 16], &b.qs[16 * g..16 * g + 16]);
         }
         sum += b.d * a.d.to_f32() * isum as f32;
     }

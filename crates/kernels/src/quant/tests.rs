@@ -64,7 +64,11 @@ fn check<W: Pod, A: Pod>(
     dequant_w(w, &mut fw);
     dequant_a(a, &mut fa);
     let exact: f64 = fw.iter().zip(&fa).map(|(x, y)| *x as f64 * *y as f64).sum();
-    let mag: f64 = fw.iter().zip(&fa).map(|(x, y)| (*x as f64 * *y as f64).abs()).sum();
+    let mag: f64 = fw
+        .iter()
+        .zip(&fa)
+        .map(|(x, y)| (*x as f64 * *y as f64).abs())
+        .sum();
     assert!(
         (reference as f64 - exact).abs() <= 1e-4 * mag + 1e-5,
         "{name}: scalar {reference} vs dequantized {exact} (n={n})"
@@ -99,26 +103,131 @@ macro_rules! parity_test {
     };
 }
 
-parity_test!(q4_0_q8_0, BlockQ4_0, BlockQ8_0, 32, dot_q4_0, quantize::quantize_q8_0,
-    dequant::dequantize_q4_0, dequant::dequantize_q8_0, |b: &mut BlockQ4_0, r: &mut Rng| b.d = r.small_f16());
-parity_test!(q4_1_q8_1, BlockQ4_1, BlockQ8_1, 32, dot_q4_1, quantize::quantize_q8_1,
-    dequant::dequantize_q4_1, dequant::dequantize_q8_1, |b: &mut BlockQ4_1, r: &mut Rng| { b.d = r.small_f16(); b.m = r.small_f16(); });
-parity_test!(q5_0_q8_0, BlockQ5_0, BlockQ8_0, 32, dot_q5_0, quantize::quantize_q8_0,
-    dequant::dequantize_q5_0, dequant::dequantize_q8_0, |b: &mut BlockQ5_0, r: &mut Rng| b.d = r.small_f16());
-parity_test!(q5_1_q8_1, BlockQ5_1, BlockQ8_1, 32, dot_q5_1, quantize::quantize_q8_1,
-    dequant::dequantize_q5_1, dequant::dequantize_q8_1, |b: &mut BlockQ5_1, r: &mut Rng| { b.d = r.small_f16(); b.m = r.small_f16(); });
-parity_test!(q8_0_q8_0, BlockQ8_0, BlockQ8_0, 32, dot_q8_0, quantize::quantize_q8_0,
-    dequant::dequantize_q8_0, dequant::dequantize_q8_0, |b: &mut BlockQ8_0, r: &mut Rng| b.d = r.small_f16());
-parity_test!(q2k_q8k, BlockQ2K, BlockQ8K, 256, dot_q2k, quantize::quantize_q8k,
-    dequant::dequantize_q2k, dequant::dequantize_q8k, |b: &mut BlockQ2K, r: &mut Rng| { b.d = r.small_f16(); b.dmin = r.small_f16(); });
-parity_test!(q3k_q8k, BlockQ3K, BlockQ8K, 256, dot_q3k, quantize::quantize_q8k,
-    dequant::dequantize_q3k, dequant::dequantize_q8k, |b: &mut BlockQ3K, r: &mut Rng| b.d = r.small_f16());
-parity_test!(q4k_q8k, BlockQ4K, BlockQ8K, 256, dot_q4k, quantize::quantize_q8k,
-    dequant::dequantize_q4k, dequant::dequantize_q8k, |b: &mut BlockQ4K, r: &mut Rng| { b.d = r.small_f16(); b.dmin = r.small_f16(); });
-parity_test!(q5k_q8k, BlockQ5K, BlockQ8K, 256, dot_q5k, quantize::quantize_q8k,
-    dequant::dequantize_q5k, dequant::dequantize_q8k, |b: &mut BlockQ5K, r: &mut Rng| { b.d = r.small_f16(); b.dmin = r.small_f16(); });
-parity_test!(q6k_q8k, BlockQ6K, BlockQ8K, 256, dot_q6k, quantize::quantize_q8k,
-    dequant::dequantize_q6k, dequant::dequantize_q8k, |b: &mut BlockQ6K, r: &mut Rng| b.d = r.small_f16());
+parity_test!(
+    q4_0_q8_0,
+    BlockQ4_0,
+    BlockQ8_0,
+    32,
+    dot_q4_0,
+    quantize::quantize_q8_0,
+    dequant::dequantize_q4_0,
+    dequant::dequantize_q8_0,
+    |b: &mut BlockQ4_0, r: &mut Rng| b.d = r.small_f16()
+);
+parity_test!(
+    q4_1_q8_1,
+    BlockQ4_1,
+    BlockQ8_1,
+    32,
+    dot_q4_1,
+    quantize::quantize_q8_1,
+    dequant::dequantize_q4_1,
+    dequant::dequantize_q8_1,
+    |b: &mut BlockQ4_1, r: &mut Rng| {
+        b.d = r.small_f16();
+        b.m = r.small_f16();
+    }
+);
+parity_test!(
+    q5_0_q8_0,
+    BlockQ5_0,
+    BlockQ8_0,
+    32,
+    dot_q5_0,
+    quantize::quantize_q8_0,
+    dequant::dequantize_q5_0,
+    dequant::dequantize_q8_0,
+    |b: &mut BlockQ5_0, r: &mut Rng| b.d = r.small_f16()
+);
+parity_test!(
+    q5_1_q8_1,
+    BlockQ5_1,
+    BlockQ8_1,
+    32,
+    dot_q5_1,
+    quantize::quantize_q8_1,
+    dequant::dequantize_q5_1,
+    dequant::dequantize_q8_1,
+    |b: &mut BlockQ5_1, r: &mut Rng| {
+        b.d = r.small_f16();
+        b.m = r.small_f16();
+    }
+);
+parity_test!(
+    q8_0_q8_0,
+    BlockQ8_0,
+    BlockQ8_0,
+    32,
+    dot_q8_0,
+    quantize::quantize_q8_0,
+    dequant::dequantize_q8_0,
+    dequant::dequantize_q8_0,
+    |b: &mut BlockQ8_0, r: &mut Rng| b.d = r.small_f16()
+);
+parity_test!(
+    q2k_q8k,
+    BlockQ2K,
+    BlockQ8K,
+    256,
+    dot_q2k,
+    quantize::quantize_q8k,
+    dequant::dequantize_q2k,
+    dequant::dequantize_q8k,
+    |b: &mut BlockQ2K, r: &mut Rng| {
+        b.d = r.small_f16();
+        b.dmin = r.small_f16();
+    }
+);
+parity_test!(
+    q3k_q8k,
+    BlockQ3K,
+    BlockQ8K,
+    256,
+    dot_q3k,
+    quantize::quantize_q8k,
+    dequant::dequantize_q3k,
+    dequant::dequantize_q8k,
+    |b: &mut BlockQ3K, r: &mut Rng| b.d = r.small_f16()
+);
+parity_test!(
+    q4k_q8k,
+    BlockQ4K,
+    BlockQ8K,
+    256,
+    dot_q4k,
+    quantize::quantize_q8k,
+    dequant::dequantize_q4k,
+    dequant::dequantize_q8k,
+    |b: &mut BlockQ4K, r: &mut Rng| {
+        b.d = r.small_f16();
+        b.dmin = r.small_f16();
+    }
+);
+parity_test!(
+    q5k_q8k,
+    BlockQ5K,
+    BlockQ8K,
+    256,
+    dot_q5k,
+    quantize::quantize_q8k,
+    dequant::dequantize_q5k,
+    dequant::dequantize_q8k,
+    |b: &mut BlockQ5K, r: &mut Rng| {
+        b.d = r.small_f16();
+        b.dmin = r.small_f16();
+    }
+);
+parity_test!(
+    q6k_q8k,
+    BlockQ6K,
+    BlockQ8K,
+    256,
+    dot_q6k,
+    quantize::quantize_q8k,
+    dequant::dequantize_q6k,
+    dequant::dequantize_q8k,
+    |b: &mut BlockQ6K, r: &mut Rng| b.d = r.small_f16()
+);
 
 #[test]
 fn float_dots_every_tail_length() {
@@ -131,8 +240,16 @@ fn float_dots_every_tail_length() {
         let r16 = dot::vec_dot_f16_f32(&xh, &y);
         for isa in Isa::all_available() {
             let k = Kernels::for_isa(isa).unwrap();
-            assert!(((k.dot_f32)(&x, &y) - r32).abs() < 1e-4, "f32 {} n={n}", isa.name());
-            assert!(((k.dot_f16)(&xh, &y) - r16).abs() < 1e-4, "f16 {} n={n}", isa.name());
+            assert!(
+                ((k.dot_f32)(&x, &y) - r32).abs() < 1e-4,
+                "f32 {} n={n}",
+                isa.name()
+            );
+            assert!(
+                ((k.dot_f16)(&xh, &y) - r16).abs() < 1e-4,
+                "f16 {} n={n}",
+                isa.name()
+            );
         }
     }
 }
@@ -147,24 +264,53 @@ fn round_trip_mse<B: Pod>(bs: usize, q: fn(&[f32], &mut [B]), d: fn(&[B], &mut [
     q(&x, &mut blocks);
     let mut y = vec![0.0; n];
     d(&blocks, &mut y);
-    x.iter().zip(&y).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt() / n as f32
+    x.iter()
+        .zip(&y)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum::<f32>()
+        .sqrt()
+        / n as f32
 }
 
 #[test]
 fn quantization_error_under_llama_cpp_thresholds() {
     const MAX_ERR: f32 = 0.002;
     let cases = [
-        ("q4_0", round_trip_mse(32, quantize::quantize_q4_0, dequant::dequantize_q4_0)),
-        ("q4_1", round_trip_mse(32, quantize::quantize_q4_1, dequant::dequantize_q4_1)),
-        ("q5_0", round_trip_mse(32, quantize::quantize_q5_0, dequant::dequantize_q5_0)),
-        ("q5_1", round_trip_mse(32, quantize::quantize_q5_1, dequant::dequantize_q5_1)),
-        ("q8_0", round_trip_mse(32, quantize::quantize_q8_0, dequant::dequantize_q8_0)),
-        ("q8_1", round_trip_mse(32, quantize::quantize_q8_1, dequant::dequantize_q8_1)),
-        ("q8_k", round_trip_mse(256, quantize::quantize_q8k, dequant::dequantize_q8k)),
+        (
+            "q4_0",
+            round_trip_mse(32, quantize::quantize_q4_0, dequant::dequantize_q4_0),
+        ),
+        (
+            "q4_1",
+            round_trip_mse(32, quantize::quantize_q4_1, dequant::dequantize_q4_1),
+        ),
+        (
+            "q5_0",
+            round_trip_mse(32, quantize::quantize_q5_0, dequant::dequantize_q5_0),
+        ),
+        (
+            "q5_1",
+            round_trip_mse(32, quantize::quantize_q5_1, dequant::dequantize_q5_1),
+        ),
+        (
+            "q8_0",
+            round_trip_mse(32, quantize::quantize_q8_0, dequant::dequantize_q8_0),
+        ),
+        (
+            "q8_1",
+            round_trip_mse(32, quantize::quantize_q8_1, dequant::dequantize_q8_1),
+        ),
+        (
+            "q8_k",
+            round_trip_mse(256, quantize::quantize_q8k, dequant::dequantize_q8k),
+        ),
     ];
     for (name, err) in cases {
         assert!(err < MAX_ERR, "{name}: error {err}");
-        assert!(err > 0.0, "{name}: a lossy format with zero error means the test is broken");
+        assert!(
+            err > 0.0,
+            "{name}: a lossy format with zero error means the test is broken"
+        );
     }
 }
 

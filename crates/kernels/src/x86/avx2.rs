@@ -196,9 +196,18 @@ fn dot_q5k_impl(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
         for j in 0..4 {
             let q4 = load32u(&a.qs[32 * j..]);
             // bit 2j of qh is the fifth bit of the low nibbles, bit 2j+1 of the high ones
-            let h0 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j as i32)), _mm256_set1_epi8(1));
-            let h1 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j as i32 + 1)), _mm256_set1_epi8(1));
-            let lo = _mm256_or_si256(_mm256_and_si256(q4, low4), _mm256_and_si256(_mm256_slli_epi16::<4>(h0), bit4));
+            let h0 = _mm256_and_si256(
+                _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j as i32)),
+                _mm256_set1_epi8(1),
+            );
+            let h1 = _mm256_and_si256(
+                _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j as i32 + 1)),
+                _mm256_set1_epi8(1),
+            );
+            let lo = _mm256_or_si256(
+                _mm256_and_si256(q4, low4),
+                _mm256_and_si256(_mm256_slli_epi16::<4>(h0), bit4),
+            );
             let hi = _mm256_or_si256(
                 _mm256_and_si256(_mm256_srli_epi16::<4>(q4), low4),
                 _mm256_and_si256(_mm256_slli_epi16::<4>(h1), bit4),
@@ -240,7 +249,8 @@ fn dot_q6k_impl(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
             for (c, qc) in q.iter().enumerate() {
                 let base = 128 * h + 32 * c;
                 let y8 = load32(&b.qs[base..]);
-                let p = _mm256_sub_epi16(_mm256_maddubs_epi16(*qc, y8), _mm256_maddubs_epi16(off, y8));
+                let p =
+                    _mm256_sub_epi16(_mm256_maddubs_epi16(*qc, y8), _mm256_maddubs_epi16(off, y8));
                 let g = base / 16;
                 let scales = _mm256_set_m128i(
                     _mm_set1_epi16(a.scales[g + 1] as i16),
@@ -267,16 +277,21 @@ fn dot_q3k_impl(x: &[BlockQ3K], y: &[BlockQ8K]) -> f32 {
         for h in 0..2 {
             let qs = load32u(&a.qs[32 * h..]);
             for j in 0..4 {
-                let low = _mm256_and_si256(_mm256_srl_epi16(qs, _mm_cvtsi32_si128(2 * j as i32)), three);
+                let low =
+                    _mm256_and_si256(_mm256_srl_epi16(qs, _mm_cvtsi32_si128(2 * j as i32)), three);
                 let bit = _mm256_set1_epi8((1u8 << (4 * h + j)) as i8);
                 let has = _mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), bit);
                 // q = low - (bit set ? 0 : 4) = (low + 4*set?) - 4 ; use unsigned low' = low + (set?4:0)
                 let up = _mm256_or_si256(low, _mm256_and_si256(has, four));
                 let base = 128 * h + 32 * j;
                 let y8 = load32(&b.qs[base..]);
-                let p = _mm256_sub_epi16(_mm256_maddubs_epi16(up, y8), _mm256_maddubs_epi16(four, y8));
+                let p =
+                    _mm256_sub_epi16(_mm256_maddubs_epi16(up, y8), _mm256_maddubs_epi16(four, y8));
                 let g = base / 16;
-                let scales = _mm256_set_m128i(_mm_set1_epi16(sc[g + 1] as i16), _mm_set1_epi16(sc[g] as i16));
+                let scales = _mm256_set_m128i(
+                    _mm_set1_epi16(sc[g + 1] as i16),
+                    _mm_set1_epi16(sc[g] as i16),
+                );
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scales));
             }
         }
@@ -292,13 +307,16 @@ fn dot_q2k_impl(x: &[BlockQ2K], y: &[BlockQ8K]) -> f32 {
     let mut acc_m = 0.0f32;
     let three = _mm256_set1_epi8(3);
     for (a, b) in x.iter().zip(y) {
-        let summs: i32 = (0..16).map(|g| (a.scales[g] >> 4) as i32 * b.bsums[g] as i32).sum();
+        let summs: i32 = (0..16)
+            .map(|g| (a.scales[g] >> 4) as i32 * b.bsums[g] as i32)
+            .sum();
         acc_m += b.d * a.dmin.to_f32() * summs as f32;
         let mut sumi = _mm256_setzero_si256();
         for h in 0..2 {
             let qs = load32u(&a.qs[32 * h..]);
             for j in 0..4 {
-                let q = _mm256_and_si256(_mm256_srl_epi16(qs, _mm_cvtsi32_si128(2 * j as i32)), three);
+                let q =
+                    _mm256_and_si256(_mm256_srl_epi16(qs, _mm_cvtsi32_si128(2 * j as i32)), three);
                 let base = 128 * h + 32 * j;
                 let p = _mm256_maddubs_epi16(q, load32(&b.qs[base..]));
                 let g = base / 16;
@@ -335,7 +353,12 @@ fn dot_f32_impl(x: &[f32], y: &[f32]) -> f32 {
     }
     while i + 8 <= n {
         // SAFETY: i + 8 <= n.
-        let (vx, vy) = unsafe { (_mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(y.as_ptr().add(i))) };
+        let (vx, vy) = unsafe {
+            (
+                _mm256_loadu_ps(x.as_ptr().add(i)),
+                _mm256_loadu_ps(y.as_ptr().add(i)),
+            )
+        };
         acc[0] = _mm256_fmadd_ps(vx, vy, acc[0]);
         i += 8;
     }

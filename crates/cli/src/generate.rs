@@ -1,0 +1,117 @@
+//! `capy generate`: raw completion, with JSON output for scripts and tests.
+
+use anyhow::{bail, Context, Result};
+use capy_engine::{ContextParams, Engine, GenerateParams};
+use serde_json::{json, Value};
+
+use crate::common::{default_threads, model_path, SamplingArgs};
+
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    /// Model: stored name or .gguf path.
+    #[arg(short = 'm', long)]
+    pub model: String,
+    /// Prompt text (tokenized with BOS as the model wants and special tokens parsed).
+    #[arg(long, conflicts_with = "prompt_tokens")]
+    pub prompt: Option<String>,
+    /// Prompt as comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_tokens: Option<Vec<u32>>,
+    /// Tokens to generate.
+    #[arg(short = 'n', long, default_value_t = 32)]
+    pub n_predict: usize,
+    /// Alternatives reported per position.
+    #[arg(long, default_value_t = 0)]
+    pub top_logprobs: usize,
+    /// Also report the prompt's logprobs (`prompt_logprobs`).
+    #[arg(long)]
+    pub echo: bool,
+    /// Stop strings (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-generation tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    #[arg(short = 'c', long, default_value_t = 4096)]
+    pub ctx_size: usize,
+    #[arg(short = 't', long, default_value_t = default_threads())]
+    pub threads: usize,
+    /// Print one JSON object instead of the text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+fn top_json(top: &[(u32, f32)]) -> Value {
+    Value::Array(
+        top.iter()
+            .map(|&(id, lp)| json!({"id": id, "logprob": lp}))
+            .collect(),
+    )
+}
+
+pub fn generate(a: GenerateArgs) -> Result<()> {
+    let path = model_path(&a.model, false)?;
+    let engine = Engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let prompt = match (&a.prompt, &a.prompt_tokens) {
+        (Some(p), None) => engine.tokenizer.encode(p, true, true)?,
+        (None, Some(t)) => t.clone(),
+        _ => bail!("give exactly one of --prompt or --prompt-tokens"),
+    };
+    let n_ctx = a.ctx_size.max(prompt.len() + a.n_predict + 1);
+    let mut session = engine.session(ContextParams {
+        n_ctx,
+        n_threads: a.threads,
+        n_outputs: if a.echo { 64 } else { 1 },
+        ..Default::default()
+    });
+    let params = GenerateParams {
+        max_tokens: a.n_predict,
+        sampler: a.sampling.params(),
+        stop: a.stop.clone(),
+        top_logprobs: a.top_logprobs,
+        echo: a.echo,
+        ignore_eos: a.ignore_eos,
+    };
+    let stream = !a.json;
+    let r = session.generate(&prompt, &params, |_, text| {
+        if stream {
+            print!("{text}");
+        }
+        true
+    })?;
+    if !a.json {
+        println!();
+        return Ok(());
+    }
+    let tokens: Vec<Value> = r
+        .tokens
+        .iter()
+        .map(|t| json!({"id": t.id, "text": t.text, "logprob": t.logprob, "top": top_json(&t.top)}))
+        .collect();
+    let mut out = json!({
+        "prompt_token_ids": r.prompt_tokens,
+        "tokens": tokens,
+        "text": r.text,
+        "stop_reason": format!("{:?}", r.stop_reason).to_lowercase(),
+        "timings": {
+            "prompt_n": r.prompt_n,
+            "prompt_ms": r.prompt_ms,
+            "gen_n": r.tokens.len(),
+            "gen_ms": r.gen_ms,
+        },
+    });
+    if let Some(plp) = &r.prompt_logprobs {
+        out["prompt_logprobs"] = Value::Array(
+            plp.iter()
+                .map(|e| match e {
+                    None => Value::Null,
+                    Some(p) => json!({"id": p.id, "logprob": p.logprob, "top": top_json(&p.top)}),
+                })
+                .collect(),
+        );
+    }
+    println!("{out}");
+    Ok(())
+}

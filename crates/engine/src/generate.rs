@@ -1,0 +1,303 @@
+//! Generation for one sequence: prompt prefill (reusing the cached prefix), token-by-token
+//! decoding with sampling, logprobs, stop tokens and stop strings, streamed by callback.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use capy_model::{Batch, Context};
+
+use crate::sampler::{logprobs, Sampler, SamplerParams};
+use crate::tokenizer::{Tokenizer, Utf8Stream};
+use crate::{Error, Result};
+
+#[derive(Clone, Debug)]
+pub struct GenerateParams {
+    pub max_tokens: usize,
+    pub sampler: SamplerParams,
+    pub stop: Vec<String>,
+    /// How many alternatives to report per token (0 = none).
+    pub top_logprobs: usize,
+    /// Also report the prompt's logprobs.
+    pub echo: bool,
+    /// Keep going past end-of-generation tokens.
+    pub ignore_eos: bool,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        GenerateParams {
+            max_tokens: 128,
+            sampler: SamplerParams::default(),
+            stop: Vec::new(),
+            top_logprobs: 0,
+            echo: false,
+            ignore_eos: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenOut {
+    pub id: u32,
+    /// This token's own text (lossy if it is part of a multi-byte character).
+    pub text: String,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Prompt position `i`: what the model predicted there from the tokens before it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// An end-of-generation token.
+    Eos,
+    /// A stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+    /// The context is full.
+    Context,
+    /// The callback asked to stop.
+    Cancelled,
+}
+
+#[derive(Clone, Debug)]
+pub struct GenerateResult {
+    pub prompt_tokens: Vec<u32>,
+    /// Present with `echo`: entry 0 is `None`.
+    pub prompt_logprobs: Option<Vec<Option<PromptLogprob>>>,
+    pub tokens: Vec<TokenOut>,
+    pub text: String,
+    pub stop_reason: StopReason,
+    /// Prompt tokens actually computed (the rest came from the cache).
+    pub prompt_n: usize,
+    pub prompt_ms: f64,
+    pub gen_ms: f64,
+}
+
+/// One sequence in its own context; remembers what the KV cache holds so a follow-up
+/// prompt that extends the previous one (a chat) only computes the new tokens.
+pub struct Session {
+    pub ctx: Context,
+    pub tokenizer: Arc<Tokenizer>,
+    /// Tokens whose K/V are in the cache, in order.
+    cached: Vec<u32>,
+    batch: Batch,
+}
+
+impl Session {
+    pub fn new(ctx: Context, tokenizer: Arc<Tokenizer>) -> Session {
+        Session {
+            ctx,
+            tokenizer,
+            cached: Vec::new(),
+            batch: Batch::new(),
+        }
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.ctx.params.n_ctx
+    }
+
+    /// Forgets the cache.
+    pub fn reset(&mut self) {
+        self.cached.clear();
+        let _ = self.ctx.kv.clear(0);
+    }
+
+    /// Runs `prompt` then generates, calling `on_token(token, new_text)` for each token;
+    /// returning `false` from it stops generation.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        mut on_token: impl FnMut(&TokenOut, &str) -> bool,
+    ) -> Result<GenerateResult> {
+        if prompt.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        let n_vocab = self.ctx.n_vocab();
+        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(Error::BadToken {
+                token: bad,
+                n_vocab,
+            });
+        }
+        let n_ctx = self.n_ctx();
+        if prompt.len() >= n_ctx {
+            return Err(Error::PromptTooLong {
+                n_prompt: prompt.len(),
+                n_ctx,
+            });
+        }
+        let t0 = Instant::now();
+        // reuse the cached prefix, but always recompute at least the last prompt token
+        // (its logits are needed) and everything when logprobs of the prompt are wanted
+        let mut keep = self
+            .cached
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
+        keep = keep.min(prompt.len() - 1);
+        if params.echo {
+            keep = 0;
+        }
+        self.cached.truncate(keep);
+        self.ctx.kv.truncate(0, keep)?;
+
+        let mut prompt_lp: Option<Vec<Option<PromptLogprob>>> = params.echo.then(|| vec![None]);
+        let chunk = if params.echo {
+            self.ctx.params.n_outputs.min(self.ctx.params.n_batch)
+        } else {
+            self.ctx.params.n_batch
+        };
+        let mut last_logits: Vec<f32> = Vec::new();
+        let mut i = keep;
+        while i < prompt.len() {
+            let end = (i + chunk.max(1)).min(prompt.len());
+            self.batch.clear();
+            for (p, &t) in prompt.iter().enumerate().take(end).skip(i) {
+                self.batch
+                    .push(t, p, 0, params.echo || p + 1 == prompt.len());
+            }
+            let logits = self.ctx.decode(&self.batch)?;
+            if let Some(lp) = prompt_lp.as_mut() {
+                for (row, p) in logits.chunks_exact(n_vocab).zip(i..end) {
+                    if p + 1 < prompt.len() {
+                        let next = prompt[p + 1];
+                        let (l, top) = logprobs(row, Some(next), params.top_logprobs);
+                        lp.push(Some(PromptLogprob {
+                            id: next,
+                            logprob: l.unwrap_or(f32::NEG_INFINITY),
+                            top,
+                        }));
+                    }
+                }
+            }
+            if end == prompt.len() {
+                let start = logits.len() - n_vocab;
+                last_logits.clear();
+                last_logits.extend_from_slice(&logits[start..]);
+            }
+            self.cached.extend_from_slice(&prompt[i..end]);
+            i = end;
+        }
+        let prompt_n = prompt.len() - keep;
+        let prompt_ms = t0.elapsed().as_secs_f64() * 1e3;
+
+        let t1 = Instant::now();
+        let mut sampler = Sampler::new(params.sampler.clone());
+        for &t in prompt {
+            sampler.accept(t);
+        }
+        let mut tokens = Vec::new();
+        let mut text = String::new();
+        let mut emitted = 0usize; // bytes of `text` already passed to the callback
+        let mut utf8 = Utf8Stream::default();
+        let max_stop = params.stop.iter().map(|s| s.len()).max().unwrap_or(0);
+        let mut stop_reason = StopReason::Length;
+        while tokens.len() < params.max_tokens {
+            let id = sampler.sample(&last_logits);
+            sampler.accept(id);
+            let (lp, top) = logprobs(&last_logits, Some(id), params.top_logprobs);
+            let eog = self.tokenizer.is_eog(id) && !params.ignore_eos;
+            let bytes = self.tokenizer.token_bytes(id, false);
+            let tok = TokenOut {
+                id,
+                text: String::from_utf8_lossy(bytes).into_owned(),
+                logprob: lp.unwrap_or(f32::NEG_INFINITY),
+                top,
+            };
+            if !eog {
+                text.push_str(&utf8.push(bytes));
+            }
+            // stop strings: cut the text at the first match
+            let mut hit_stop = false;
+            if max_stop > 0 {
+                let from = emitted.saturating_sub(max_stop);
+                let found = params
+                    .stop
+                    .iter()
+                    .filter(|s| !s.is_empty())
+                    .filter_map(|s| text[from..].find(s.as_str()).map(|at| from + at))
+                    .min();
+                if let Some(at) = found {
+                    text.truncate(at);
+                    hit_stop = true;
+                }
+            }
+            // hold back a tail that might be the start of a stop string
+            let safe = if hit_stop || eog {
+                text.len()
+            } else {
+                let mut safe = text.len();
+                for s in &params.stop {
+                    for k in (1..s.len().min(text.len() + 1)).rev() {
+                        if text.is_char_boundary(text.len() - k)
+                            && s.is_char_boundary(k)
+                            && text.ends_with(&s[..k])
+                        {
+                            safe = safe.min(text.len() - k);
+                            break;
+                        }
+                    }
+                }
+                safe
+            };
+            let new_text = if safe > emitted {
+                text[emitted..safe].to_string()
+            } else {
+                String::new()
+            };
+            emitted = emitted.max(safe);
+            tokens.push(tok);
+            let go_on = on_token(tokens.last().expect("just pushed"), &new_text);
+            if eog {
+                stop_reason = StopReason::Eos;
+                break;
+            }
+            if hit_stop {
+                stop_reason = StopReason::Stop;
+                break;
+            }
+            if !go_on {
+                stop_reason = StopReason::Cancelled;
+                break;
+            }
+            if tokens.len() >= params.max_tokens {
+                break;
+            }
+            let pos = self.cached.len();
+            if pos >= n_ctx {
+                stop_reason = StopReason::Context;
+                break;
+            }
+            self.batch.clear();
+            self.batch.push(id, pos, 0, true);
+            let logits = self.ctx.decode(&self.batch)?;
+            last_logits.clear();
+            last_logits.extend_from_slice(logits);
+            self.cached.push(id);
+        }
+        if stop_reason != StopReason::Stop {
+            text.push_str(&utf8.finish());
+        }
+        Ok(GenerateResult {
+            prompt_tokens: prompt.to_vec(),
+            prompt_logprobs: prompt_lp,
+            tokens,
+            text,
+            stop_reason,
+            prompt_n,
+            prompt_ms,
+            gen_ms: t1.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+}

