@@ -1,0 +1,184 @@
+//! End-to-end checks of the `capy` binary on the real models.
+
+mod common;
+
+use common::{golden, model_path, run};
+use serde_json::Value;
+
+fn ids(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn generate_json_has_the_documented_shape_and_golden_tokens() {
+    let g = golden("SmolLM2-135M-Instruct.Q4_1.json");
+    let c = &g["completions"][0];
+    let path = model_path("smollm2-135m");
+    let (ok, out, err) = run(
+        &[
+            "generate",
+            "-m",
+            path.to_str().unwrap(),
+            "--prompt",
+            c["prompt"].as_str().unwrap(),
+            "-n",
+            "4",
+            "--temp",
+            "0",
+            "--top-logprobs",
+            "3",
+            "--echo",
+            "--json",
+            "-t",
+            "2",
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).expect("one JSON object on stdout");
+    assert_eq!(ids(&v["prompt_token_ids"]), ids(&c["prompt_token_ids"]));
+    let toks = v["tokens"].as_array().unwrap();
+    assert_eq!(toks.len(), 4);
+    // greedy path of llama.cpp (no near-ties in these first tokens)
+    let want = &ids(&c["generated_token_ids"])[..4];
+    let got: Vec<u64> = toks.iter().map(|t| t["id"].as_u64().unwrap()).collect();
+    assert_eq!(got, want);
+    for t in toks {
+        assert_eq!(t["top"].as_array().unwrap().len(), 3);
+        assert!(t["logprob"].as_f64().unwrap() <= 0.0);
+        assert!(t["text"].is_string());
+    }
+    assert_eq!(
+        v["text"].as_str().unwrap(),
+        toks.iter()
+            .map(|t| t["text"].as_str().unwrap())
+            .collect::<String>()
+    );
+    let plp = v["prompt_logprobs"].as_array().unwrap();
+    assert_eq!(plp.len(), v["prompt_token_ids"].as_array().unwrap().len());
+    assert!(plp[0].is_null());
+    assert_eq!(plp[1]["top"].as_array().unwrap().len(), 3);
+    for k in ["prompt_n", "prompt_ms", "gen_n", "gen_ms"] {
+        assert!(v["timings"][k].is_number(), "timings.{k}");
+    }
+}
+
+#[test]
+fn generate_with_prompt_tokens_and_stop_string() {
+    let path = model_path("smollm2-135m");
+    let (ok, out, err) = run(
+        &[
+            "generate",
+            "-m",
+            path.to_str().unwrap(),
+            "--prompt-tokens",
+            "504,3575,282,4649,314",
+            "-n",
+            "20",
+            "--temp",
+            "0",
+            "--stop",
+            ".",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["text"].as_str().unwrap(), " Paris");
+    assert_eq!(v["stop_reason"].as_str().unwrap(), "stop");
+}
+
+#[test]
+fn run_one_shot_answers_with_the_chat_template() {
+    let (ok, out, err) = run(
+        &[
+            "run",
+            "smollm2-135m",
+            "What is the capital of France?",
+            "--temp",
+            "0",
+            "-n",
+            "16",
+            "--verbose",
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    assert!(!out.trim().is_empty());
+    assert!(err.contains("tokens/s"), "{err}");
+}
+
+#[test]
+fn bad_inputs_give_errors_not_panics() {
+    let path = model_path("smollm2-135m");
+    let p = path.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["generate", "-m", "no-such-model", "--prompt", "hi"],
+            "not in the store",
+        ),
+        (
+            vec!["generate", "-m", p, "--prompt-tokens", "99999999"],
+            "out of range",
+        ),
+        (vec!["generate", "-m", p, "--prompt", ""], "empty prompt"),
+        (vec!["generate", "-m", p], "--prompt"),
+    ];
+    for (args, msg) in cases {
+        let (ok, _, err) = run(&args, &[]);
+        assert!(!ok, "{args:?} should fail");
+        assert!(err.contains(msg), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn malformed_gguf_files_are_rejected_cleanly() {
+    let dir = common::temp_dir("malformed");
+    let real = std::fs::read(model_path("smollm2-135m")).unwrap();
+    let mut huge = real[..4096].to_vec();
+    huge[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    let mut magic = real[..4096].to_vec();
+    magic[..4].copy_from_slice(b"GGML");
+    let files: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("empty.gguf", vec![], "truncated"),
+        ("magic.gguf", magic, "bad magic"),
+        ("header.gguf", real[..100].to_vec(), "impossible"),
+        (
+            "cut.gguf",
+            real[..real.len() / 2].to_vec(),
+            "outside the file",
+        ),
+        ("huge.gguf", huge, "impossible"),
+    ];
+    for (name, bytes, msg) in files {
+        let f = dir.join(name);
+        std::fs::write(&f, bytes).unwrap();
+        let (ok, _, err) = run(
+            &["generate", "-m", f.to_str().unwrap(), "--prompt", "hi"],
+            &[],
+        );
+        assert!(!ok, "{name} loaded");
+        assert!(err.contains(msg), "{name}: {err}");
+        assert!(!err.contains("panicked"), "{name}: {err}");
+    }
+}
+
+#[test]
+fn show_and_list_describe_the_models() {
+    let (ok, out, err) = run(&["show", "smollm2-135m"], &[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("architecture        llama"), "{out}");
+    assert!(out.contains("Q4_1"), "{out}");
+    let (ok, out, _) = run(&["list"], &[]);
+    assert!(ok);
+    assert!(
+        out.contains("smollm2-135m") && out.contains("gemma3-270m"),
+        "{out}"
+    );
+}
