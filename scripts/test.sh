@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # capy's full test suite: builds capy, pulls the two real models the golden tests use into
-# the store (a no-op when they are there), then runs every test in release mode.
+# the store (a no-op when they are there), then runs every test in release mode and prints
+# a one-line total.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
@@ -8,4 +9,8 @@ cargo build --release -p capy
 for m in smollm2-135m gemma3-270m; do
   ./target/release/capy pull "$m"
 done
-cargo test --release --workspace -- --test-threads=2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --release --workspace --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log"
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "%d passed, %d failed\n", p, f; if (p == 0 || f > 0) exit 1 }' "$log"

@@ -1,8 +1,9 @@
-//! The `capy` command: pull, list, show, rm, run, generate, perplexity.
+//! The `capy` command: pull, list, show, rm, run, generate, perplexity, bench.
 //!
 //! The only crate that uses `anyhow`: library errors get context here and become an exit
 //! code and a one-line message.
 
+mod bench;
 mod common;
 mod generate;
 mod perplexity;
@@ -41,6 +42,8 @@ enum Cmd {
     Generate(generate::GenerateArgs),
     /// Perplexity of a text file, llama-perplexity's method.
     Perplexity(perplexity::PerplexityArgs),
+    /// Prompt and generation speed, llama-bench's method.
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -53,6 +56,7 @@ fn main() {
         Cmd::Run(a) => run::run(a),
         Cmd::Generate(a) => generate::generate(a),
         Cmd::Perplexity(a) => perplexity::perplexity(a),
+        Cmd::Bench(a) => bench::bench(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

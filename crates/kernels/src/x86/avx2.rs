@@ -42,7 +42,7 @@ fn mul_sum_i8(x: __m256i, y: __m256i) -> __m256i {
 /// Loads 16 bytes of packed nibbles as 32 bytes: low nibbles then high nibbles.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn nibbles_32(qs: &[u8; 16]) -> __m256i {
+pub(super) fn nibbles_32(qs: &[u8; 16]) -> __m256i {
     // SAFETY: reading exactly 16 bytes from a 16-byte array (unaligned load).
     let tmp = unsafe { _mm_loadu_si128(qs.as_ptr() as *const __m128i) };
     let both = _mm256_set_m128i(_mm_srli_epi16::<4>(tmp), tmp);
@@ -52,7 +52,7 @@ fn nibbles_32(qs: &[u8; 16]) -> __m256i {
 /// Spreads 32 bits into 32 bytes: byte i = 0xFF if bit i is set, else 0.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn bits_to_bytes(bits: u32) -> __m256i {
+pub(super) fn bits_to_bytes(bits: u32) -> __m256i {
     let shuf = _mm256_setr_epi64x(
         0x0000_0000_0000_0000,
         0x0101_0101_0101_0101,
@@ -67,7 +67,7 @@ fn bits_to_bytes(bits: u32) -> __m256i {
 
 #[inline]
 #[target_feature(enable = "avx2")]
-fn load32(p: &[i8]) -> __m256i {
+pub(super) fn load32(p: &[i8]) -> __m256i {
     debug_assert!(p.len() >= 32);
     // SAFETY: callers pass slices of at least 32 bytes (fixed-size block arrays).
     unsafe { _mm256_loadu_si256(p.as_ptr() as *const __m256i) }
@@ -75,7 +75,7 @@ fn load32(p: &[i8]) -> __m256i {
 
 #[inline]
 #[target_feature(enable = "avx2")]
-fn load32u(p: &[u8]) -> __m256i {
+pub(super) fn load32u(p: &[u8]) -> __m256i {
     debug_assert!(p.len() >= 32);
     // SAFETY: callers pass slices of at least 32 bytes (fixed-size block arrays).
     unsafe { _mm256_loadu_si256(p.as_ptr() as *const __m256i) }
@@ -151,7 +151,7 @@ fn dot_q5_1_impl(x: &[BlockQ5_1], y: &[BlockQ8_1]) -> f32 {
 
 /// Sum over sub-blocks of `m[s] * (bsums[2s] + bsums[2s+1])`.
 #[inline]
-fn mins_dot(m: &[u8; 8], bsums: &[i16; 16]) -> i32 {
+pub(super) fn mins_dot(m: &[u8; 8], bsums: &[i16; 16]) -> i32 {
     (0..8)
         .map(|s| m[s] as i32 * (bsums[2 * s] as i32 + bsums[2 * s + 1] as i32))
         .sum()

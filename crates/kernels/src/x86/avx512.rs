@@ -1,55 +1,296 @@
-//! AVX-512 (F, BW, VL) kernels: two 32-element blocks per 512-bit register.
+//! AVX-512 (F, BW, VL) kernels. 32-element formats take two blocks per 512-bit register;
+//! K-quants take 64 values per register.
 
 use std::arch::x86_64::*;
 
+use half::f16;
+
+use super::avx2::{bits_to_bytes, load32, load32u, mins_dot, nibbles_32};
 use crate::blocks::*;
 
-/// Signed bytes x signed bytes: 16 x i32 (pairs of adjacent quads summed).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn join(a: __m256i, b: __m256i) -> __m512i {
+    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b)
+}
+
+/// 16 f32 lanes: `a` in the low eight, `b` in the high eight.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn join_scale(a: f32, b: f32) -> __m512 {
+    _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+        _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(a))),
+        _mm256_castps_pd(_mm256_set1_ps(b)),
+    ))
+}
+
+/// i16 lanes in four groups of eight: `s[0]` x8, `s[1]` x8, `s[2]` x8, `s[3]` x8.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn scales4(s: [i16; 4]) -> __m512i {
+    let mut lanes = [0i16; 32];
+    for (i, l) in lanes.iter_mut().enumerate() {
+        *l = s[i / 8];
+    }
+    // SAFETY: reading 64 bytes from a 64-byte array.
+    unsafe { _mm512_loadu_si512(lanes.as_ptr() as *const _) }
+}
+
+/// Unsigned x signed bytes -> 16 x i32 (sums of four products).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn mul_sum_us8(ux: __m512i, sy: __m512i) -> __m512i {
+    _mm512_madd_epi16(_mm512_maddubs_epi16(ux, sy), _mm512_set1_epi16(1))
+}
+
+/// Signed x signed bytes -> 16 x i32.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
 fn mul_sum_i8(x: __m512i, y: __m512i) -> __m512i {
     let ax = _mm512_abs_epi8(x);
-    // move x's sign onto y: negate y where x < 0
     let neg = _mm512_movepi8_mask(x);
     let sy = _mm512_mask_sub_epi8(y, neg, _mm512_setzero_si512(), y);
-    let dot = _mm512_maddubs_epi16(ax, sy);
-    _mm512_madd_epi16(dot, _mm512_set1_epi16(1))
+    mul_sum_us8(ax, sy)
+}
+
+macro_rules! pairs {
+    ($name:ident, $W:ty, $A:ty, $scalar:path, |$a:ident| $q:expr, signed: $signed:expr, mins: $mins:expr) => {
+        #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+        fn $name(x: &[$W], y: &[$A]) -> f32 {
+            let n = x.len().min(y.len());
+            let mut acc = _mm512_setzero_ps();
+            let mut summs = 0.0f32;
+            let mut i = 0;
+            while i + 2 <= n {
+                let q0 = {
+                    let $a = &x[i];
+                    $q
+                };
+                let q1 = {
+                    let $a = &x[i + 1];
+                    $q
+                };
+                let qx = join(q0, q1);
+                let qy = join(load32(&y[i].qs), load32(&y[i + 1].qs));
+                let p = if $signed {
+                    mul_sum_i8(qx, qy)
+                } else {
+                    mul_sum_us8(qx, qy)
+                };
+                let d = join_scale(
+                    x[i].d.to_f32() * y[i].d.to_f32(),
+                    x[i + 1].d.to_f32() * y[i + 1].d.to_f32(),
+                );
+                acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(p), acc);
+                if $mins {
+                    for k in i..i + 2 {
+                        summs += x[k].min().to_f32() * y[k].sum().to_f32();
+                    }
+                }
+                i += 2;
+            }
+            let mut sum = _mm512_reduce_add_ps(acc) + summs;
+            if i < n {
+                sum += $scalar(&x[i..n], &y[i..n]);
+            }
+            sum
+        }
+    };
+}
+
+/// The `m * s` term of Q4_1/Q5_1 blocks.
+trait HasMin {
+    fn min(&self) -> f16;
+}
+impl HasMin for BlockQ4_1 {
+    fn min(&self) -> f16 {
+        self.m
+    }
+}
+impl HasMin for BlockQ5_1 {
+    fn min(&self) -> f16 {
+        self.m
+    }
+}
+impl HasMin for BlockQ4_0 {
+    fn min(&self) -> f16 {
+        f16::ZERO
+    }
+}
+impl HasMin for BlockQ5_0 {
+    fn min(&self) -> f16 {
+        f16::ZERO
+    }
+}
+impl HasMin for BlockQ8_0 {
+    fn min(&self) -> f16 {
+        f16::ZERO
+    }
+}
+trait HasSum {
+    fn sum(&self) -> f16;
+}
+impl HasSum for BlockQ8_1 {
+    fn sum(&self) -> f16 {
+        self.s
+    }
+}
+impl HasSum for BlockQ8_0 {
+    fn sum(&self) -> f16 {
+        f16::ZERO
+    }
+}
+
+pairs!(dot_q8_0_impl, BlockQ8_0, BlockQ8_0, crate::quant::dot::vec_dot_q8_0_q8_0,
+    |a| load32(&a.qs), signed: true, mins: false);
+pairs!(dot_q4_0_impl, BlockQ4_0, BlockQ8_0, crate::quant::dot::vec_dot_q4_0_q8_0,
+    |a| _mm256_sub_epi8(nibbles_32(&a.qs), _mm256_set1_epi8(8)), signed: true, mins: false);
+pairs!(dot_q4_1_impl, BlockQ4_1, BlockQ8_1, crate::quant::dot::vec_dot_q4_1_q8_1,
+    |a| nibbles_32(&a.qs), signed: false, mins: true);
+pairs!(dot_q5_0_impl, BlockQ5_0, BlockQ8_0, crate::quant::dot::vec_dot_q5_0_q8_0,
+    |a| _mm256_or_si256(nibbles_32(&a.qs), _mm256_andnot_si256(bits_to_bytes(u32::from_le_bytes(a.qh)), _mm256_set1_epi8(0xF0u8 as i8))),
+    signed: true, mins: false);
+pairs!(dot_q5_1_impl, BlockQ5_1, BlockQ8_1, crate::quant::dot::vec_dot_q5_1_q8_1,
+    |a| _mm256_or_si256(nibbles_32(&a.qs), _mm256_and_si256(bits_to_bytes(u32::from_le_bytes(a.qh)), _mm256_set1_epi8(0x10))),
+    signed: false, mins: true);
+
+/// Q4_K/Q5_K core: `lo`/`hi` hold the 4- or 5-bit values of 64-byte chunk c (two 32-byte
+/// quarters each), paired with the matching activations.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx2")]
+fn kquant_chunk(lo: __m512i, hi: __m512i, y: &[i8; QK_K], c: usize, sc: &[u8; 8]) -> __m512i {
+    let b = 128 * c;
+    let ylo = join(load32(&y[b..]), load32(&y[b + 64..]));
+    let yhi = join(load32(&y[b + 32..]), load32(&y[b + 96..]));
+    let s = 4 * c;
+    let plo = _mm512_madd_epi16(
+        _mm512_maddubs_epi16(lo, ylo),
+        scales4([
+            sc[s] as i16,
+            sc[s] as i16,
+            sc[s + 2] as i16,
+            sc[s + 2] as i16,
+        ]),
+    );
+    let phi = _mm512_madd_epi16(
+        _mm512_maddubs_epi16(hi, yhi),
+        scales4([
+            sc[s + 1] as i16,
+            sc[s + 1] as i16,
+            sc[s + 3] as i16,
+            sc[s + 3] as i16,
+        ]),
+    );
+    _mm512_add_epi32(plo, phi)
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-fn dot_q8_0_impl(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
+fn dot_q4k_impl(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
     let mut acc = _mm512_setzero_ps();
-    let mut i = 0;
-    let n = x.len().min(y.len());
-    while i + 2 <= n {
-        let (a0, a1, b0, b1) = (&x[i], &x[i + 1], &y[i], &y[i + 1]);
-        // SAFETY: each qs array is exactly 32 bytes.
-        let (qx, qy) = unsafe {
-            (
-                _mm512_inserti64x4::<1>(
-                    _mm512_castsi256_si512(_mm256_loadu_si256(a0.qs.as_ptr() as *const __m256i)),
-                    _mm256_loadu_si256(a1.qs.as_ptr() as *const __m256i),
-                ),
-                _mm512_inserti64x4::<1>(
-                    _mm512_castsi256_si512(_mm256_loadu_si256(b0.qs.as_ptr() as *const __m256i)),
-                    _mm256_loadu_si256(b1.qs.as_ptr() as *const __m256i),
-                ),
-            )
-        };
-        let d0 = _mm256_set1_ps(a0.d.to_f32() * b0.d.to_f32());
-        let d1 = _mm256_set1_ps(a1.d.to_f32() * b1.d.to_f32());
-        let d = _mm512_castpd_ps(_mm512_insertf64x4::<1>(
-            _mm512_castpd256_pd512(_mm256_castps_pd(d0)),
-            _mm256_castps_pd(d1),
-        ));
-        acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(mul_sum_i8(qx, qy)), acc);
-        i += 2;
+    let mut acc_m = 0.0f32;
+    let low4 = _mm512_set1_epi8(0x0F);
+    for (a, b) in x.iter().zip(y) {
+        let (sc, m) = crate::quant::dequant::unpack_scales_k4(&a.scales);
+        acc_m += b.d * a.dmin.to_f32() * mins_dot(&m, &b.bsums) as f32;
+        let mut sumi = _mm512_setzero_si512();
+        for c in 0..2 {
+            let q = join(load32u(&a.qs[64 * c..]), load32u(&a.qs[64 * c + 32..]));
+            let lo = _mm512_and_si512(q, low4);
+            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), low4);
+            sumi = _mm512_add_epi32(sumi, kquant_chunk(lo, hi, &b.qs, c, &sc));
+        }
+        acc = _mm512_fmadd_ps(
+            _mm512_set1_ps(b.d * a.d.to_f32()),
+            _mm512_cvtepi32_ps(sumi),
+            acc,
+        );
     }
-    let mut sum = _mm512_reduce_add_ps(acc);
-    if i < n {
-        sum += crate::quant::dot::vec_dot_q8_0_q8_0(&x[i..n], &y[i..n]);
+    _mm512_reduce_add_ps(acc) - acc_m
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+fn dot_q5k_impl(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
+    let mut acc = _mm512_setzero_ps();
+    let mut acc_m = 0.0f32;
+    let low4 = _mm512_set1_epi8(0x0F);
+    let one = _mm512_set1_epi8(1);
+    for (a, b) in x.iter().zip(y) {
+        let (sc, m) = crate::quant::dequant::unpack_scales_k4(&a.scales);
+        acc_m += b.d * a.dmin.to_f32() * mins_dot(&m, &b.bsums) as f32;
+        let qh = load32u(&a.qh);
+        let qh2 = join(qh, qh);
+        let mut sumi = _mm512_setzero_si512();
+        for c in 0..2 {
+            let q = join(load32u(&a.qs[64 * c..]), load32u(&a.qs[64 * c + 32..]));
+            // quarter j = 2c uses qh bits 4c (low nibbles) and 4c+1 (high); j = 2c+1 bits 4c+2, 4c+3
+            let sh_lo = join(
+                _mm256_set1_epi16(4 * c as i16),
+                _mm256_set1_epi16(4 * c as i16 + 2),
+            );
+            let sh_hi = _mm512_add_epi16(sh_lo, _mm512_set1_epi16(1));
+            let hbit_lo =
+                _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srlv_epi16(qh2, sh_lo), one));
+            let hbit_hi =
+                _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srlv_epi16(qh2, sh_hi), one));
+            let lo = _mm512_or_si512(_mm512_and_si512(q, low4), hbit_lo);
+            let hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(q), low4), hbit_hi);
+            sumi = _mm512_add_epi32(sumi, kquant_chunk(lo, hi, &b.qs, c, &sc));
+        }
+        acc = _mm512_fmadd_ps(
+            _mm512_set1_ps(b.d * a.d.to_f32()),
+            _mm512_cvtepi32_ps(sumi),
+            acc,
+        );
     }
-    sum
+    _mm512_reduce_add_ps(acc) - acc_m
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+fn dot_q6k_impl(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
+    let mut acc = _mm512_setzero_ps();
+    let low4 = _mm512_set1_epi8(0x0F);
+    let three = _mm512_set1_epi8(3);
+    let off = _mm512_set1_epi8(32);
+    let sh_a = join(_mm256_set1_epi16(0), _mm256_set1_epi16(2));
+    let sh_b = join(_mm256_set1_epi16(4), _mm256_set1_epi16(6));
+    for (a, b) in x.iter().zip(y) {
+        let mut sumi = _mm512_setzero_si512();
+        for h in 0..2 {
+            let l = join(load32u(&a.ql[64 * h..]), load32u(&a.ql[64 * h + 32..]));
+            let qh = load32u(&a.qh[32 * h..]);
+            let hh = join(qh, qh);
+            // values 128h+0..63 and 128h+64..127, each in order
+            let va = _mm512_or_si512(
+                _mm512_and_si512(l, low4),
+                _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srlv_epi16(hh, sh_a), three)),
+            );
+            let vb = _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi16::<4>(l), low4),
+                _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srlv_epi16(hh, sh_b), three)),
+            );
+            for (k, v) in [va, vb].into_iter().enumerate() {
+                let base = 128 * h + 64 * k;
+                // SAFETY: base + 64 <= 256 = qs.len().
+                let yv = unsafe { _mm512_loadu_si512(b.qs.as_ptr().add(base) as *const _) };
+                let p =
+                    _mm512_sub_epi16(_mm512_maddubs_epi16(v, yv), _mm512_maddubs_epi16(off, yv));
+                let g = base / 16;
+                let s = [
+                    a.scales[g] as i16,
+                    a.scales[g + 1] as i16,
+                    a.scales[g + 2] as i16,
+                    a.scales[g + 3] as i16,
+                ];
+                sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(p, scales4(s)));
+            }
+        }
+        acc = _mm512_fmadd_ps(
+            _mm512_set1_ps(b.d * a.d.to_f32()),
+            _mm512_cvtepi32_ps(sumi),
+            acc,
+        );
+    }
+    _mm512_reduce_add_ps(acc)
 }
 
 #[target_feature(enable = "avx512f")]
@@ -70,6 +311,17 @@ fn dot_f32_impl(x: &[f32], y: &[f32]) -> f32 {
         }
         i += 32;
     }
+    while i + 16 <= n {
+        // SAFETY: i + 16 <= n.
+        let (vx, vy) = unsafe {
+            (
+                _mm512_loadu_ps(x.as_ptr().add(i)),
+                _mm512_loadu_ps(y.as_ptr().add(i)),
+            )
+        };
+        acc[0] = _mm512_fmadd_ps(vx, vy, acc[0]);
+        i += 16;
+    }
     let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
     for j in i..n {
         sum += x[j] * y[j];
@@ -77,13 +329,46 @@ fn dot_f32_impl(x: &[f32], y: &[f32]) -> f32 {
     sum
 }
 
-pub(super) fn dot_q8_0(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
-    // SAFETY: only placed in a kernel table after `Isa::Avx512.available()` (which
-    // includes the AVX2 features) returned true.
-    unsafe { dot_q8_0_impl(x, y) }
+#[target_feature(enable = "avx512f,f16c")]
+fn dot_f16_impl(x: &[f16], y: &[f32]) -> f32 {
+    let n = x.len().min(y.len());
+    let mut acc = _mm512_setzero_ps();
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: i + 16 <= n; 16 f16 values are 256 bits.
+        let (vx, vy) = unsafe {
+            (
+                _mm512_cvtph_ps(_mm256_loadu_si256(x.as_ptr().add(i) as *const __m256i)),
+                _mm512_loadu_ps(y.as_ptr().add(i)),
+            )
+        };
+        acc = _mm512_fmadd_ps(vx, vy, acc);
+        i += 16;
+    }
+    let mut sum = _mm512_reduce_add_ps(acc);
+    for j in i..n {
+        sum += x[j].to_f32() * y[j];
+    }
+    sum
 }
 
-pub(super) fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
-    // SAFETY: as above.
-    unsafe { dot_f32_impl(x, y) }
+macro_rules! safe_wrapper {
+    ($name:ident, $impl:ident, $w:ty, $a:ty) => {
+        pub(super) fn $name(x: &[$w], y: &[$a]) -> f32 {
+            // SAFETY: only placed in a kernel table after `Isa::Avx512.available()` (which
+            // includes the AVX2, FMA and F16C features) returned true.
+            unsafe { $impl(x, y) }
+        }
+    };
 }
+
+safe_wrapper!(dot_q8_0, dot_q8_0_impl, BlockQ8_0, BlockQ8_0);
+safe_wrapper!(dot_q4_0, dot_q4_0_impl, BlockQ4_0, BlockQ8_0);
+safe_wrapper!(dot_q4_1, dot_q4_1_impl, BlockQ4_1, BlockQ8_1);
+safe_wrapper!(dot_q5_0, dot_q5_0_impl, BlockQ5_0, BlockQ8_0);
+safe_wrapper!(dot_q5_1, dot_q5_1_impl, BlockQ5_1, BlockQ8_1);
+safe_wrapper!(dot_q4k, dot_q4k_impl, BlockQ4K, BlockQ8K);
+safe_wrapper!(dot_q5k, dot_q5k_impl, BlockQ5K, BlockQ8K);
+safe_wrapper!(dot_q6k, dot_q6k_impl, BlockQ6K, BlockQ8K);
+safe_wrapper!(dot_f32, dot_f32_impl, f32, f32);
+safe_wrapper!(dot_f16, dot_f16_impl, f16, f32);

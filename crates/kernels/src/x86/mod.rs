@@ -29,8 +29,16 @@ pub(crate) fn avx2_kernels() -> Kernels {
 pub(crate) fn avx512_kernels() -> Kernels {
     Kernels {
         isa: Isa::Avx512,
+        dot_q4_0: avx512::dot_q4_0,
+        dot_q4_1: avx512::dot_q4_1,
+        dot_q5_0: avx512::dot_q5_0,
+        dot_q5_1: avx512::dot_q5_1,
         dot_q8_0: avx512::dot_q8_0,
+        dot_q4k: avx512::dot_q4k,
+        dot_q5k: avx512::dot_q5k,
+        dot_q6k: avx512::dot_q6k,
         dot_f32: avx512::dot_f32,
+        dot_f16: avx512::dot_f16,
         ..avx2_kernels()
     }
 }

@@ -1,0 +1,234 @@
+//! `capy bench`: llama-bench's method. pp: one batch of `p` prompt tokens into an empty
+//! cache; tg: `n` tokens decoded one at a time from an empty cache. Each test runs once to
+//! warm up, then `r` times; rows report mean and standard deviation of tokens/s.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use capy_engine::{Batch, ContextParams, Engine};
+use serde_json::json;
+
+use crate::common::model_path;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Model(s): stored name or .gguf path (repeatable).
+    #[arg(short = 'm', long, required = true)]
+    pub model: Vec<String>,
+    /// Prompt lengths (comma-separated; 0 skips).
+    #[arg(short = 'p', long, value_delimiter = ',', default_value = "512")]
+    pub n_prompt: Vec<usize>,
+    /// Generation lengths (comma-separated; 0 skips).
+    #[arg(short = 'n', long, value_delimiter = ',', default_value = "128")]
+    pub n_gen: Vec<usize>,
+    /// Thread counts (comma-separated).
+    #[arg(short = 't', long, value_delimiter = ',')]
+    pub threads: Option<Vec<usize>>,
+    /// Repetitions per test.
+    #[arg(short = 'r', long, default_value_t = 5)]
+    pub repetitions: usize,
+    /// Print a JSON array instead of a Markdown table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+struct Row {
+    model: String,
+    file: String,
+    size: u64,
+    params: u64,
+    threads: usize,
+    n_prompt: usize,
+    n_gen: usize,
+    samples: Vec<f64>,
+}
+
+impl Row {
+    fn mean(&self) -> f64 {
+        self.samples.iter().sum::<f64>() / self.samples.len().max(1) as f64
+    }
+    fn stddev(&self) -> f64 {
+        let n = self.samples.len();
+        if n < 2 {
+            return 0.0;
+        }
+        let m = self.mean();
+        (self.samples.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1) as f64).sqrt()
+    }
+}
+
+/// Deterministic pseudo-random token ids (llama-bench also feeds random tokens).
+fn tokens(n: usize, n_vocab: usize) -> Vec<u32> {
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % n_vocab as u64) as u32
+        })
+        .collect()
+}
+
+fn run_pp(ctx: &mut capy_engine::Context, toks: &[u32]) -> Result<f64> {
+    ctx.kv.clear(0)?;
+    let mut b = Batch::new();
+    for (p, &t) in toks.iter().enumerate() {
+        b.push(t, p, 0, p + 1 == toks.len());
+    }
+    let t0 = Instant::now();
+    ctx.decode(&b)?;
+    Ok(toks.len() as f64 / t0.elapsed().as_secs_f64())
+}
+
+fn run_tg(ctx: &mut capy_engine::Context, toks: &[u32]) -> Result<f64> {
+    ctx.kv.clear(0)?;
+    let mut b = Batch::new();
+    let t0 = Instant::now();
+    for (p, &t) in toks.iter().enumerate() {
+        b.clear();
+        b.push(t, p, 0, true);
+        ctx.decode(&b)?;
+    }
+    Ok(toks.len() as f64 / t0.elapsed().as_secs_f64())
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    let threads = a
+        .threads
+        .clone()
+        .unwrap_or_else(|| vec![crate::common::default_threads()]);
+    if a.repetitions == 0 {
+        bail!("-r must be at least 1");
+    }
+    let mut rows = Vec::new();
+    for m in &a.model {
+        let path = model_path(m, false)?;
+        let engine = Engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
+        let hp = &engine.model.hp;
+        let g = &engine.model.gguf;
+        let params: u64 = g.tensors().iter().map(|t| t.n_elements()).sum();
+        let ftype = dominant_type(g);
+        let label = format!("{} {} {}", hp.arch.name(), size_label(params), ftype);
+        let max_p = a.n_prompt.iter().copied().max().unwrap_or(0);
+        let max_n = a.n_gen.iter().copied().max().unwrap_or(0);
+        for &t in &threads {
+            let mut ctx = capy_engine::Context::new(
+                Arc::clone(&engine.model),
+                ContextParams {
+                    n_ctx: (max_p.max(max_n) + 1).max(16),
+                    n_seq: 1,
+                    n_batch: max_p.max(1),
+                    n_outputs: 1,
+                    n_threads: t,
+                },
+            );
+            let tests: Vec<(usize, usize)> = a
+                .n_prompt
+                .iter()
+                .filter(|&&p| p > 0)
+                .map(|&p| (p, 0))
+                .chain(a.n_gen.iter().filter(|&&n| n > 0).map(|&n| (0, n)))
+                .collect();
+            for (p, n) in tests {
+                let toks = tokens(p.max(n), hp.n_vocab);
+                let f = |ctx: &mut capy_engine::Context| {
+                    if p > 0 {
+                        run_pp(ctx, &toks)
+                    } else {
+                        run_tg(ctx, &toks)
+                    }
+                };
+                f(&mut ctx)?; // warm-up
+                let mut samples = Vec::with_capacity(a.repetitions);
+                for _ in 0..a.repetitions {
+                    samples.push(f(&mut ctx)?);
+                }
+                let row = Row {
+                    model: label.clone(),
+                    file: path.display().to_string(),
+                    size: g.file_size(),
+                    params,
+                    threads: t,
+                    n_prompt: p,
+                    n_gen: n,
+                    samples,
+                };
+                if !a.json {
+                    if rows.is_empty() {
+                        print_header();
+                    }
+                    print_row(&row);
+                }
+                rows.push(row);
+            }
+        }
+    }
+    if a.json {
+        let arr: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                json!({
+                    "model_filename": r.file, "model_type": r.model, "model_size": r.size,
+                    "model_n_params": r.params, "backend": "CPU", "n_threads": r.threads,
+                    "n_prompt": r.n_prompt, "n_gen": r.n_gen, "avg_ts": r.mean(),
+                    "stddev_ts": r.stddev(), "samples_ts": r.samples,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&arr)?);
+    }
+    Ok(())
+}
+
+fn dominant_type(g: &capy_gguf::Gguf) -> String {
+    let mut bytes: std::collections::HashMap<String, u64> = Default::default();
+    for t in g.tensors() {
+        if t.dims.len() >= 2 {
+            *bytes.entry(t.ty.to_string()).or_default() += t.n_bytes;
+        }
+    }
+    bytes
+        .into_iter()
+        .max_by_key(|x| x.1)
+        .map(|x| x.0)
+        .unwrap_or_default()
+}
+
+fn size_label(params: u64) -> String {
+    if params >= 1_000_000_000 {
+        format!("{:.0}B", params as f64 / 1e9)
+    } else {
+        format!("{:.0}M", params as f64 / 1e6)
+    }
+}
+
+fn print_header() {
+    println!(
+        "| {:<30} | {:>10} | {:>10} | {:<10} | {:>7} | {:>15} | {:>20} |",
+        "model", "size", "params", "backend", "threads", "test", "t/s"
+    );
+    println!(
+        "| {:-<30} | {:->10}: | {:->9}: | {:-<10} | {:->6}: | {:->14}: | {:->19}: |",
+        "", "", "", "", "", "", ""
+    );
+}
+
+fn print_row(r: &Row) {
+    let test = if r.n_prompt > 0 {
+        format!("pp{}", r.n_prompt)
+    } else {
+        format!("tg{}", r.n_gen)
+    };
+    println!(
+        "| {:<30} | {:>6.2} MiB | {:>8.2} M | {:<10} | {:>7} | {:>15} | {:>20} |",
+        r.model,
+        r.size as f64 / (1024.0 * 1024.0),
+        r.params as f64 / 1e6,
+        "CPU",
+        r.threads,
+        test,
+        format!("{:.2} ± {:.2}", r.mean(), r.stddev())
+    );
+}
