@@ -45,6 +45,13 @@ fn compare(
             top1_bad,
             format!("{label} step {i}: ours {ours_top1} ref {ref_top1} margin {margin:.3}"),
         ));
+        if std::env::var_os("CAPY_GOLDEN_VERBOSE").is_some() && diff > 0.15 {
+            let r = step["logprob"].as_f64().unwrap_or(0.0);
+            eprintln!(
+                "{label} step {i}: logprob of the reference token: ours {:.4}, llama.cpp {r:.4}",
+                entry.logprob
+            );
+        }
     }
 }
 
