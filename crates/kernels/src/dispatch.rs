@@ -78,6 +78,9 @@ impl Isa {
 
 pub type DotFn<W, A> = fn(&[W], &[A]) -> f32;
 pub type QuantizeFn<B> = fn(&[f32], &mut [B]);
+/// One weight row against four activation rows at once (the weight is unpacked once).
+/// Its definition is four calls of the matching [`DotFn`].
+pub type Dot4Fn<W, A> = fn(&[W], [&[A]; 4]) -> [f32; 4];
 
 /// The kernels of one instruction-set level.
 #[derive(Clone, Copy)]
@@ -96,6 +99,12 @@ pub struct Kernels {
     pub dot_f32: DotFn<f32, f32>,
     pub dot_f16: DotFn<f16, f32>,
     pub dot_bf16: DotFn<bf16, f32>,
+    /// Multi-token kernels where an ISA has them; `None` means "loop over `dot_*`".
+    pub dot4_q4_1: Option<Dot4Fn<BlockQ4_1, BlockQ8_1>>,
+    pub dot4_q5_0: Option<Dot4Fn<BlockQ5_0, BlockQ8_0>>,
+    pub dot4_q8_0: Option<Dot4Fn<BlockQ8_0, BlockQ8_0>>,
+    pub dot4_q4k: Option<Dot4Fn<BlockQ4K, BlockQ8K>>,
+    pub dot4_q6k: Option<Dot4Fn<BlockQ6K, BlockQ8K>>,
     pub quantize_q8_0: QuantizeFn<BlockQ8_0>,
     pub quantize_q8_1: QuantizeFn<BlockQ8_1>,
     pub quantize_q8k: QuantizeFn<BlockQ8K>,
@@ -124,6 +133,11 @@ impl Kernels {
         dot_f32: dot::vec_dot_f32,
         dot_f16: dot::vec_dot_f16_f32,
         dot_bf16: dot::vec_dot_bf16_f32,
+        dot4_q4_1: None,
+        dot4_q5_0: None,
+        dot4_q8_0: None,
+        dot4_q4k: None,
+        dot4_q6k: None,
         quantize_q8_0: quantize::quantize_q8_0,
         quantize_q8_1: quantize::quantize_q8_1,
         quantize_q8k: quantize::quantize_q8k,

@@ -8,7 +8,7 @@
 use half::{bf16, f16};
 
 use crate::blocks::*;
-use crate::dispatch::{DotFn, Kernels};
+use crate::dispatch::{Dot4Fn, DotFn, Kernels};
 use crate::pool::{split_range, SharedMut, ThreadPool};
 use crate::quant::dequant;
 use crate::{Error, GgmlType, Result};
@@ -179,9 +179,13 @@ pub fn matmul(
     };
     macro_rules! go {
         ($dot:expr) => {
+            go!($dot, None)
+        };
+        ($dot:expr, $dot4:expr) => {
             run_typed(
                 pool,
                 $dot,
+                $dot4,
                 cast_blocks(w.data).ok_or(mis)?,
                 cast_blocks(a).ok_or(Error::Misaligned {
                     op: "matmul",
@@ -195,15 +199,15 @@ pub fn matmul(
     }
     match w.ty {
         GgmlType::Q4_0 => go!(k.dot_q4_0),
-        GgmlType::Q4_1 => go!(k.dot_q4_1),
-        GgmlType::Q5_0 => go!(k.dot_q5_0),
+        GgmlType::Q4_1 => go!(k.dot_q4_1, k.dot4_q4_1),
+        GgmlType::Q5_0 => go!(k.dot_q5_0, k.dot4_q5_0),
         GgmlType::Q5_1 => go!(k.dot_q5_1),
-        GgmlType::Q8_0 => go!(k.dot_q8_0),
+        GgmlType::Q8_0 => go!(k.dot_q8_0, k.dot4_q8_0),
         GgmlType::Q2_K => go!(k.dot_q2k),
         GgmlType::Q3_K => go!(k.dot_q3k),
-        GgmlType::Q4_K => go!(k.dot_q4k),
+        GgmlType::Q4_K => go!(k.dot_q4k, k.dot4_q4k),
         GgmlType::Q5_K => go!(k.dot_q5k),
-        GgmlType::Q6_K => go!(k.dot_q6k),
+        GgmlType::Q6_K => go!(k.dot_q6k, k.dot4_q6k),
         GgmlType::F32 => go!(k.dot_f32),
         GgmlType::F16 => go!(k.dot_f16),
         GgmlType::BF16 => go!(k.dot_bf16),
@@ -217,9 +221,11 @@ pub fn matmul(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_typed<W: Pod + Sync, A: Pod + Sync>(
     pool: &ThreadPool,
     dot: DotFn<W, A>,
+    dot4: Option<Dot4Fn<W, A>>,
     w: &[W],
     a: &[A],
     n_rows: usize,
@@ -233,7 +239,23 @@ fn run_typed<W: Pod + Sync, A: Pod + Sync>(
         let mut r0 = rows.start;
         while r0 < rows.end {
             let r1 = (r0 + ROW_GROUP).min(rows.end);
-            for t in 0..n_tok {
+            let mut t = 0;
+            if let Some(dot4) = dot4 {
+                // four tokens at a time share each unpacked weight block
+                while t + 4 <= n_tok {
+                    let acts: [&[A]; 4] =
+                        std::array::from_fn(|i| &a[(t + i) * apr..(t + i + 1) * apr]);
+                    for r in r0..r1 {
+                        let v = dot4(&w[r * wpr..(r + 1) * wpr], acts);
+                        for (i, &x) in v.iter().enumerate() {
+                            // SAFETY: this thread alone owns rows `rows` of every token's output.
+                            unsafe { out.write((t + i) * n_rows + r, x) };
+                        }
+                    }
+                    t += 4;
+                }
+            }
+            for t in t..n_tok {
                 let ar = &a[t * apr..(t + 1) * apr];
                 // SAFETY: this thread alone owns rows `rows` of every token's output row.
                 let o = unsafe { out.slice(t * n_rows + r0..t * n_rows + r1) };

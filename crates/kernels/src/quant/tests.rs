@@ -332,3 +332,102 @@ fn q8k_bsums_and_extremes() {
     assert_eq!(b[0].d, 0.0);
     assert!(b[0].qs.iter().all(|&q| q == 0));
 }
+
+macro_rules! parity4_test {
+    ($test:ident, $W:ty, $A:ty, $bs:expr, $pick4:ident, $pick:ident, $quant_a:path, $fix:expr) => {
+        #[test]
+        fn $test() {
+            let mut rng = Rng::new(stringify!($test).len() as u64 + 100);
+            let mut covered = 0;
+            for &nb in &LENGTHS {
+                let n = nb * $bs;
+                let w: Vec<$W> = random_blocks(&mut rng, nb, $fix);
+                let acts: Vec<Vec<$A>> = (0..4)
+                    .map(|_| {
+                        let x = random_acts(&mut rng, n);
+                        let mut a: Vec<$A> = random_blocks(&mut rng, nb, |_: &mut $A, _| {});
+                        $quant_a(&x, &mut a);
+                        a
+                    })
+                    .collect();
+                let refs: [&[$A]; 4] = std::array::from_fn(|i| acts[i].as_slice());
+                for isa in Isa::all_available() {
+                    let k = Kernels::for_isa(isa).unwrap();
+                    let Some(dot4) = k.$pick4 else { continue };
+                    covered += 1;
+                    let got = dot4(&w, refs);
+                    for t in 0..4 {
+                        let want = (Kernels::SCALAR.$pick)(&w, refs[t]);
+                        assert!(
+                            (got[t] - want).abs() <= 1e-5 * want.abs().max(1.0) * (n as f32).sqrt(),
+                            "{} {}: token {t}: {} vs scalar {want} (n={n})",
+                            stringify!($test),
+                            isa.name(),
+                            got[t]
+                        );
+                    }
+                }
+            }
+            if Isa::Avx512.available() {
+                assert_eq!(covered, LENGTHS.len(), "the AVX-512 table has this kernel");
+            }
+        }
+    };
+}
+
+parity4_test!(
+    dot4_q4_1,
+    BlockQ4_1,
+    BlockQ8_1,
+    32,
+    dot4_q4_1,
+    dot_q4_1,
+    quantize::quantize_q8_1,
+    |b: &mut BlockQ4_1, r: &mut Rng| {
+        b.d = r.small_f16();
+        b.m = r.small_f16();
+    }
+);
+parity4_test!(
+    dot4_q5_0,
+    BlockQ5_0,
+    BlockQ8_0,
+    32,
+    dot4_q5_0,
+    dot_q5_0,
+    quantize::quantize_q8_0,
+    |b: &mut BlockQ5_0, r: &mut Rng| b.d = r.small_f16()
+);
+parity4_test!(
+    dot4_q8_0,
+    BlockQ8_0,
+    BlockQ8_0,
+    32,
+    dot4_q8_0,
+    dot_q8_0,
+    quantize::quantize_q8_0,
+    |b: &mut BlockQ8_0, r: &mut Rng| b.d = r.small_f16()
+);
+parity4_test!(
+    dot4_q4k,
+    BlockQ4K,
+    BlockQ8K,
+    256,
+    dot4_q4k,
+    dot_q4k,
+    quantize::quantize_q8k,
+    |b: &mut BlockQ4K, r: &mut Rng| {
+        b.d = r.small_f16();
+        b.dmin = r.small_f16();
+    }
+);
+parity4_test!(
+    dot4_q6k,
+    BlockQ6K,
+    BlockQ8K,
+    256,
+    dot4_q6k,
+    dot_q6k,
+    quantize::quantize_q8k,
+    |b: &mut BlockQ6K, r: &mut Rng| b.d = r.small_f16()
+);

@@ -8,6 +8,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
+use super::fp16;
 use crate::blocks::*;
 
 /// Horizontal sum of 8 f32 lanes.
@@ -85,7 +86,7 @@ pub(super) fn load32u(p: &[u8]) -> __m256i {
 fn dot_q8_0_impl(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for (a, b) in x.iter().zip(y) {
-        let d = _mm256_set1_ps(a.d.to_f32() * b.d.to_f32());
+        let d = _mm256_set1_ps(fp16(a.d) * fp16(b.d));
         let p = _mm256_cvtepi32_ps(mul_sum_i8(load32(&a.qs), load32(&b.qs)));
         acc = _mm256_fmadd_ps(d, p, acc);
     }
@@ -97,7 +98,7 @@ fn dot_q4_0_impl(x: &[BlockQ4_0], y: &[BlockQ8_0]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let eight = _mm256_set1_epi8(8);
     for (a, b) in x.iter().zip(y) {
-        let d = _mm256_set1_ps(a.d.to_f32() * b.d.to_f32());
+        let d = _mm256_set1_ps(fp16(a.d) * fp16(b.d));
         let qx = _mm256_sub_epi8(nibbles_32(&a.qs), eight);
         let p = _mm256_cvtepi32_ps(mul_sum_i8(qx, load32(&b.qs)));
         acc = _mm256_fmadd_ps(d, p, acc);
@@ -110,8 +111,8 @@ fn dot_q4_1_impl(x: &[BlockQ4_1], y: &[BlockQ8_1]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let mut summs = 0.0f32;
     for (a, b) in x.iter().zip(y) {
-        let d = _mm256_set1_ps(a.d.to_f32() * b.d.to_f32());
-        summs += a.m.to_f32() * b.s.to_f32();
+        let d = _mm256_set1_ps(fp16(a.d) * fp16(b.d));
+        summs += fp16(a.m) * fp16(b.s);
         let p = _mm256_cvtepi32_ps(mul_sum_us8(nibbles_32(&a.qs), load32(&b.qs)));
         acc = _mm256_fmadd_ps(d, p, acc);
     }
@@ -123,7 +124,7 @@ fn dot_q5_0_impl(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let hi_clear = _mm256_set1_epi8(0xF0u8 as i8);
     for (a, b) in x.iter().zip(y) {
-        let d = _mm256_set1_ps(a.d.to_f32() * b.d.to_f32());
+        let d = _mm256_set1_ps(fp16(a.d) * fp16(b.d));
         let set = bits_to_bytes(u32::from_le_bytes(a.qh));
         // value - 16: a nibble without its fifth bit becomes nibble | 0xF0 (= nibble - 16)
         let qx = _mm256_or_si256(nibbles_32(&a.qs), _mm256_andnot_si256(set, hi_clear));
@@ -139,8 +140,8 @@ fn dot_q5_1_impl(x: &[BlockQ5_1], y: &[BlockQ8_1]) -> f32 {
     let mut summs = 0.0f32;
     let bit4 = _mm256_set1_epi8(0x10);
     for (a, b) in x.iter().zip(y) {
-        let d = _mm256_set1_ps(a.d.to_f32() * b.d.to_f32());
-        summs += a.m.to_f32() * b.s.to_f32();
+        let d = _mm256_set1_ps(fp16(a.d) * fp16(b.d));
+        summs += fp16(a.m) * fp16(b.s);
         let set = bits_to_bytes(u32::from_le_bytes(a.qh));
         let qx = _mm256_or_si256(nibbles_32(&a.qs), _mm256_and_si256(set, bit4));
         let p = _mm256_cvtepi32_ps(mul_sum_us8(qx, load32(&b.qs)));
@@ -164,7 +165,7 @@ fn dot_q4k_impl(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
     let low4 = _mm256_set1_epi8(0x0F);
     for (a, b) in x.iter().zip(y) {
         let (sc, m) = crate::quant::dequant::unpack_scales_k4(&a.scales);
-        acc_m += b.d * a.dmin.to_f32() * mins_dot(&m, &b.bsums) as f32;
+        acc_m += b.d * fp16(a.dmin) * mins_dot(&m, &b.bsums) as f32;
         let mut sumi = _mm256_setzero_si256();
         for j in 0..4 {
             let q4 = load32u(&a.qs[32 * j..]);
@@ -176,7 +177,7 @@ fn dot_q4k_impl(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
             let phi = _mm256_madd_epi16(phi, _mm256_set1_epi16(sc[2 * j + 1] as i16));
             sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(plo, phi));
         }
-        let d = _mm256_set1_ps(b.d * a.d.to_f32());
+        let d = _mm256_set1_ps(b.d * fp16(a.d));
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
     hsum_ps(acc) - acc_m
@@ -190,7 +191,7 @@ fn dot_q5k_impl(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
     let bit4 = _mm256_set1_epi8(0x10);
     for (a, b) in x.iter().zip(y) {
         let (sc, m) = crate::quant::dequant::unpack_scales_k4(&a.scales);
-        acc_m += b.d * a.dmin.to_f32() * mins_dot(&m, &b.bsums) as f32;
+        acc_m += b.d * fp16(a.dmin) * mins_dot(&m, &b.bsums) as f32;
         let qh = load32u(&a.qh);
         let mut sumi = _mm256_setzero_si256();
         for j in 0..4 {
@@ -218,7 +219,7 @@ fn dot_q5k_impl(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
             let phi = _mm256_madd_epi16(phi, _mm256_set1_epi16(sc[2 * j + 1] as i16));
             sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(plo, phi));
         }
-        let d = _mm256_set1_ps(b.d * a.d.to_f32());
+        let d = _mm256_set1_ps(b.d * fp16(a.d));
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
     hsum_ps(acc) - acc_m
@@ -259,7 +260,7 @@ fn dot_q6k_impl(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scales));
             }
         }
-        let d = _mm256_set1_ps(b.d * a.d.to_f32());
+        let d = _mm256_set1_ps(b.d * fp16(a.d));
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
     hsum_ps(acc)
@@ -295,7 +296,7 @@ fn dot_q3k_impl(x: &[BlockQ3K], y: &[BlockQ8K]) -> f32 {
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scales));
             }
         }
-        let d = _mm256_set1_ps(b.d * a.d.to_f32());
+        let d = _mm256_set1_ps(b.d * fp16(a.d));
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
     hsum_ps(acc)
@@ -310,7 +311,7 @@ fn dot_q2k_impl(x: &[BlockQ2K], y: &[BlockQ8K]) -> f32 {
         let summs: i32 = (0..16)
             .map(|g| (a.scales[g] >> 4) as i32 * b.bsums[g] as i32)
             .sum();
-        acc_m += b.d * a.dmin.to_f32() * summs as f32;
+        acc_m += b.d * fp16(a.dmin) * summs as f32;
         let mut sumi = _mm256_setzero_si256();
         for h in 0..2 {
             let qs = load32u(&a.qs[32 * h..]);
@@ -327,7 +328,7 @@ fn dot_q2k_impl(x: &[BlockQ2K], y: &[BlockQ8K]) -> f32 {
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scales));
             }
         }
-        let d = _mm256_set1_ps(b.d * a.d.to_f32());
+        let d = _mm256_set1_ps(b.d * fp16(a.d));
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
     hsum_ps(acc) - acc_m

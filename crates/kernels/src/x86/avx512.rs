@@ -6,6 +6,7 @@ use std::arch::x86_64::*;
 use half::f16;
 
 use super::avx2::{bits_to_bytes, load32, load32u, mins_dot, nibbles_32};
+use super::fp16;
 use crate::blocks::*;
 
 #[inline]
@@ -78,13 +79,13 @@ macro_rules! pairs {
                     mul_sum_us8(qx, qy)
                 };
                 let d = join_scale(
-                    x[i].d.to_f32() * y[i].d.to_f32(),
-                    x[i + 1].d.to_f32() * y[i + 1].d.to_f32(),
+                    fp16(x[i].d) * fp16(y[i].d),
+                    fp16(x[i + 1].d) * fp16(y[i + 1].d),
                 );
                 acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(p), acc);
                 if $mins {
                     for k in i..i + 2 {
-                        summs += x[k].min().to_f32() * y[k].sum().to_f32();
+                        summs += fp16(x[k].min()) * fp16(y[k].sum());
                     }
                 }
                 i += 2;
@@ -191,7 +192,7 @@ fn dot_q4k_impl(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
     let low4 = _mm512_set1_epi8(0x0F);
     for (a, b) in x.iter().zip(y) {
         let (sc, m) = crate::quant::dequant::unpack_scales_k4(&a.scales);
-        acc_m += b.d * a.dmin.to_f32() * mins_dot(&m, &b.bsums) as f32;
+        acc_m += b.d * fp16(a.dmin) * mins_dot(&m, &b.bsums) as f32;
         let mut sumi = _mm512_setzero_si512();
         for c in 0..2 {
             let q = join(load32u(&a.qs[64 * c..]), load32u(&a.qs[64 * c + 32..]));
@@ -200,7 +201,7 @@ fn dot_q4k_impl(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
             sumi = _mm512_add_epi32(sumi, kquant_chunk(lo, hi, &b.qs, c, &sc));
         }
         acc = _mm512_fmadd_ps(
-            _mm512_set1_ps(b.d * a.d.to_f32()),
+            _mm512_set1_ps(b.d * fp16(a.d)),
             _mm512_cvtepi32_ps(sumi),
             acc,
         );
@@ -216,7 +217,7 @@ fn dot_q5k_impl(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
     let one = _mm512_set1_epi8(1);
     for (a, b) in x.iter().zip(y) {
         let (sc, m) = crate::quant::dequant::unpack_scales_k4(&a.scales);
-        acc_m += b.d * a.dmin.to_f32() * mins_dot(&m, &b.bsums) as f32;
+        acc_m += b.d * fp16(a.dmin) * mins_dot(&m, &b.bsums) as f32;
         let qh = load32u(&a.qh);
         let qh2 = join(qh, qh);
         let mut sumi = _mm512_setzero_si512();
@@ -237,7 +238,7 @@ fn dot_q5k_impl(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
             sumi = _mm512_add_epi32(sumi, kquant_chunk(lo, hi, &b.qs, c, &sc));
         }
         acc = _mm512_fmadd_ps(
-            _mm512_set1_ps(b.d * a.d.to_f32()),
+            _mm512_set1_ps(b.d * fp16(a.d)),
             _mm512_cvtepi32_ps(sumi),
             acc,
         );
@@ -285,7 +286,7 @@ fn dot_q6k_impl(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
             }
         }
         acc = _mm512_fmadd_ps(
-            _mm512_set1_ps(b.d * a.d.to_f32()),
+            _mm512_set1_ps(b.d * fp16(a.d)),
             _mm512_cvtepi32_ps(sumi),
             acc,
         );
@@ -372,3 +373,180 @@ safe_wrapper!(dot_q5k, dot_q5k_impl, BlockQ5K, BlockQ8K);
 safe_wrapper!(dot_q6k, dot_q6k_impl, BlockQ6K, BlockQ8K);
 safe_wrapper!(dot_f32, dot_f32_impl, f32, f32);
 safe_wrapper!(dot_f16, dot_f16_impl, f16, f32);
+
+// ---- four activation rows per weight row -------------------------------------------
+
+macro_rules! pairs4 {
+    ($name:ident, $W:ty, $A:ty, $scalar:path, |$a:ident| $q:expr, signed: $signed:expr, mins: $mins:expr) => {
+        #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+        fn $name(x: &[$W], ys: [&[$A]; 4]) -> [f32; 4] {
+            let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let mut summs = [0.0f32; 4];
+            let mut i = 0;
+            while i + 2 <= n {
+                let q0 = {
+                    let $a = &x[i];
+                    $q
+                };
+                let q1 = {
+                    let $a = &x[i + 1];
+                    $q
+                };
+                let qx = join(q0, q1);
+                let (dx0, dx1) = (fp16(x[i].d), fp16(x[i + 1].d));
+                let (mx0, mx1) = (fp16(x[i].min()), fp16(x[i + 1].min()));
+                for (t, y) in ys.iter().enumerate() {
+                    let qy = join(load32(&y[i].qs), load32(&y[i + 1].qs));
+                    let p = if $signed {
+                        mul_sum_i8(qx, qy)
+                    } else {
+                        mul_sum_us8(qx, qy)
+                    };
+                    let d = join_scale(dx0 * fp16(y[i].d), dx1 * fp16(y[i + 1].d));
+                    acc[t] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(p), acc[t]);
+                    if $mins {
+                        summs[t] += mx0 * fp16(y[i].sum()) + mx1 * fp16(y[i + 1].sum());
+                    }
+                }
+                i += 2;
+            }
+            std::array::from_fn(|t| {
+                let mut s = _mm512_reduce_add_ps(acc[t]) + summs[t];
+                if i < n {
+                    s += $scalar(&x[i..n], &ys[t][i..n]);
+                }
+                s
+            })
+        }
+    };
+}
+
+pairs4!(dot4_q8_0_impl, BlockQ8_0, BlockQ8_0, crate::quant::dot::vec_dot_q8_0_q8_0,
+    |a| load32(&a.qs), signed: true, mins: false);
+pairs4!(dot4_q4_1_impl, BlockQ4_1, BlockQ8_1, crate::quant::dot::vec_dot_q4_1_q8_1,
+    |a| nibbles_32(&a.qs), signed: false, mins: true);
+pairs4!(dot4_q5_0_impl, BlockQ5_0, BlockQ8_0, crate::quant::dot::vec_dot_q5_0_q8_0,
+    |a| _mm256_or_si256(nibbles_32(&a.qs), _mm256_andnot_si256(bits_to_bytes(u32::from_le_bytes(a.qh)), _mm256_set1_epi8(0xF0u8 as i8))),
+    signed: true, mins: false);
+
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+fn dot4_q4k_impl(x: &[BlockQ4K], ys: [&[BlockQ8K]; 4]) -> [f32; 4] {
+    let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut acc_m = [0.0f32; 4];
+    let low4 = _mm512_set1_epi8(0x0F);
+    for i in 0..n {
+        let a = &x[i];
+        let (sc, m) = crate::quant::dequant::unpack_scales_k4(&a.scales);
+        let (da, dmin) = (fp16(a.d), fp16(a.dmin));
+        let mut lo = [_mm512_setzero_si512(); 2];
+        let mut hi = [_mm512_setzero_si512(); 2];
+        let mut slo = [_mm512_setzero_si512(); 2];
+        let mut shi = [_mm512_setzero_si512(); 2];
+        for c in 0..2 {
+            let q = join(load32u(&a.qs[64 * c..]), load32u(&a.qs[64 * c + 32..]));
+            lo[c] = _mm512_and_si512(q, low4);
+            hi[c] = _mm512_and_si512(_mm512_srli_epi16::<4>(q), low4);
+            let s = 4 * c;
+            slo[c] = scales4([
+                sc[s] as i16,
+                sc[s] as i16,
+                sc[s + 2] as i16,
+                sc[s + 2] as i16,
+            ]);
+            shi[c] = scales4([
+                sc[s + 1] as i16,
+                sc[s + 1] as i16,
+                sc[s + 3] as i16,
+                sc[s + 3] as i16,
+            ]);
+        }
+        for (t, y) in ys.iter().enumerate() {
+            let b = &y[i];
+            acc_m[t] += b.d * dmin * mins_dot(&m, &b.bsums) as f32;
+            let mut sumi = _mm512_setzero_si512();
+            for c in 0..2 {
+                let o = 128 * c;
+                let ylo = join(load32(&b.qs[o..]), load32(&b.qs[o + 64..]));
+                let yhi = join(load32(&b.qs[o + 32..]), load32(&b.qs[o + 96..]));
+                let plo = _mm512_madd_epi16(_mm512_maddubs_epi16(lo[c], ylo), slo[c]);
+                let phi = _mm512_madd_epi16(_mm512_maddubs_epi16(hi[c], yhi), shi[c]);
+                sumi = _mm512_add_epi32(sumi, _mm512_add_epi32(plo, phi));
+            }
+            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(b.d * da), _mm512_cvtepi32_ps(sumi), acc[t]);
+        }
+    }
+    std::array::from_fn(|t| _mm512_reduce_add_ps(acc[t]) - acc_m[t])
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+fn dot4_q6k_impl(x: &[BlockQ6K], ys: [&[BlockQ8K]; 4]) -> [f32; 4] {
+    let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let low4 = _mm512_set1_epi8(0x0F);
+    let three = _mm512_set1_epi8(3);
+    let off = _mm512_set1_epi8(32);
+    let sh_a = join(_mm256_set1_epi16(0), _mm256_set1_epi16(2));
+    let sh_b = join(_mm256_set1_epi16(4), _mm256_set1_epi16(6));
+    for i in 0..n {
+        let a = &x[i];
+        let da = fp16(a.d);
+        // the four 64-value chunks of the block and their scale vectors
+        let mut v = [_mm512_setzero_si512(); 4];
+        let mut sv = [_mm512_setzero_si512(); 4];
+        for h in 0..2 {
+            let l = join(load32u(&a.ql[64 * h..]), load32u(&a.ql[64 * h + 32..]));
+            let qh = load32u(&a.qh[32 * h..]);
+            let hh = join(qh, qh);
+            v[2 * h] = _mm512_or_si512(
+                _mm512_and_si512(l, low4),
+                _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srlv_epi16(hh, sh_a), three)),
+            );
+            v[2 * h + 1] = _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi16::<4>(l), low4),
+                _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srlv_epi16(hh, sh_b), three)),
+            );
+        }
+        for (k, s) in sv.iter_mut().enumerate() {
+            let g = 4 * k;
+            *s = scales4([
+                a.scales[g] as i16,
+                a.scales[g + 1] as i16,
+                a.scales[g + 2] as i16,
+                a.scales[g + 3] as i16,
+            ]);
+        }
+        for (t, y) in ys.iter().enumerate() {
+            let b = &y[i];
+            let mut sumi = _mm512_setzero_si512();
+            for k in 0..4 {
+                // SAFETY: 64k + 64 <= 256 = qs.len().
+                let yv = unsafe { _mm512_loadu_si512(b.qs.as_ptr().add(64 * k) as *const _) };
+                let p = _mm512_sub_epi16(
+                    _mm512_maddubs_epi16(v[k], yv),
+                    _mm512_maddubs_epi16(off, yv),
+                );
+                sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(p, sv[k]));
+            }
+            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(b.d * da), _mm512_cvtepi32_ps(sumi), acc[t]);
+        }
+    }
+    std::array::from_fn(|t| _mm512_reduce_add_ps(acc[t]))
+}
+
+macro_rules! safe_wrapper4 {
+    ($name:ident, $impl:ident, $w:ty, $a:ty) => {
+        pub(super) fn $name(x: &[$w], ys: [&[$a]; 4]) -> [f32; 4] {
+            // SAFETY: only placed in a kernel table after `Isa::Avx512.available()` (which
+            // includes the AVX2, FMA and F16C features) returned true.
+            unsafe { $impl(x, ys) }
+        }
+    };
+}
+
+safe_wrapper4!(dot4_q8_0, dot4_q8_0_impl, BlockQ8_0, BlockQ8_0);
+safe_wrapper4!(dot4_q4_1, dot4_q4_1_impl, BlockQ4_1, BlockQ8_1);
+safe_wrapper4!(dot4_q5_0, dot4_q5_0_impl, BlockQ5_0, BlockQ8_0);
+safe_wrapper4!(dot4_q4k, dot4_q4k_impl, BlockQ4K, BlockQ8K);
+safe_wrapper4!(dot4_q6k, dot4_q6k_impl, BlockQ6K, BlockQ8K);

@@ -3,6 +3,16 @@
 mod avx2;
 mod avx512;
 
+use std::arch::x86_64::{_mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtss_f32};
+
+/// f16 -> f32 with the F16C instruction, inlined into the SIMD kernels (`half`'s
+/// conversion checks CPU features on every call).
+#[inline]
+#[target_feature(enable = "f16c")]
+pub(crate) fn fp16(x: half::f16) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(x.to_bits() as i32)))
+}
+
 use crate::dispatch::{Isa, Kernels};
 
 /// The AVX2 table: the scalar table with every kernel that has an AVX2 version replaced.
@@ -39,6 +49,11 @@ pub(crate) fn avx512_kernels() -> Kernels {
         dot_q6k: avx512::dot_q6k,
         dot_f32: avx512::dot_f32,
         dot_f16: avx512::dot_f16,
+        dot4_q4_1: Some(avx512::dot4_q4_1),
+        dot4_q5_0: Some(avx512::dot4_q5_0),
+        dot4_q8_0: Some(avx512::dot4_q8_0),
+        dot4_q4k: Some(avx512::dot4_q4k),
+        dot4_q6k: Some(avx512::dot4_q6k),
         ..avx2_kernels()
     }
 }
