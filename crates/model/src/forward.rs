@@ -126,6 +126,8 @@ pub struct Context {
     pool: ThreadPool,
     kern: &'static Kernels,
     s: Scratch,
+    /// per sequence: the position the next batch token must have (validation scratch)
+    seq_next: Vec<Option<usize>>,
 }
 
 impl Context {
@@ -165,6 +167,7 @@ impl Context {
         Context {
             pool: ThreadPool::new(n_threads),
             kern: kernels(),
+            seq_next: vec![None; kv.n_seq],
             kv,
             s,
             params,
@@ -177,7 +180,7 @@ impl Context {
     }
 
     /// Checks a batch against the context and the cache before any work is done.
-    fn validate(&self, batch: &Batch) -> Result<()> {
+    fn validate(&mut self, batch: &Batch) -> Result<()> {
         let n = batch.len();
         if batch.pos.len() != n || batch.seq.len() != n || batch.logits.len() != n {
             return Err(Error::BadBatch(
@@ -199,7 +202,8 @@ impl Context {
         }
         let n_vocab = self.model.hp.n_vocab;
         // per sequence, positions must continue the cache without gaps
-        let mut next: Vec<Option<usize>> = vec![None; self.kv.n_seq];
+        let next = &mut self.seq_next;
+        next.fill(None);
         for i in 0..n {
             let (tok, pos, seq) = (batch.tokens[i], batch.pos[i], batch.seq[i]);
             if tok as usize >= n_vocab {
