@@ -418,3 +418,198 @@ safe_wrapper!(dot_q5k, dot_q5k_impl, BlockQ5K, BlockQ8K);
 safe_wrapper!(dot_q6k, dot_q6k_impl, BlockQ6K, BlockQ8K);
 safe_wrapper!(dot_f32, dot_f32_impl, f32, f32);
 safe_wrapper!(dot_f16, dot_f16_impl, f16, f32);
+
+// ---- four activation rows per weight row -------------------------------------------
+
+/// The `m * s` term of blocks with a minimum (zero for the symmetric formats).
+pub(super) trait MinSum {
+    fn min_term(&self) -> half::f16;
+}
+impl MinSum for BlockQ4_1 {
+    fn min_term(&self) -> half::f16 {
+        self.m
+    }
+}
+impl MinSum for BlockQ5_1 {
+    fn min_term(&self) -> half::f16 {
+        self.m
+    }
+}
+impl MinSum for BlockQ4_0 {
+    fn min_term(&self) -> half::f16 {
+        half::f16::ZERO
+    }
+}
+impl MinSum for BlockQ5_0 {
+    fn min_term(&self) -> half::f16 {
+        half::f16::ZERO
+    }
+}
+impl MinSum for BlockQ8_0 {
+    fn min_term(&self) -> half::f16 {
+        half::f16::ZERO
+    }
+}
+pub(super) trait ActSum {
+    fn sum_term(&self) -> half::f16;
+}
+impl ActSum for BlockQ8_1 {
+    fn sum_term(&self) -> half::f16 {
+        self.s
+    }
+}
+impl ActSum for BlockQ8_0 {
+    fn sum_term(&self) -> half::f16 {
+        half::f16::ZERO
+    }
+}
+
+macro_rules! blocks4 {
+    ($name:ident, $W:ty, $A:ty, |$a:ident| $q:expr, signed: $signed:expr, mins: $mins:expr) => {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn $name(x: &[$W], ys: [&[$A]; 4]) -> [f32; 4] {
+            let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut summs = [0.0f32; 4];
+            for i in 0..n {
+                let qx = {
+                    let $a = &x[i];
+                    $q
+                };
+                let dx = fp16(x[i].d);
+                let mx = fp16(x[i].min_term());
+                for (t, y) in ys.iter().enumerate() {
+                    let qy = load32(&y[i].qs);
+                    let p = if $signed {
+                        mul_sum_i8(qx, qy)
+                    } else {
+                        mul_sum_us8(qx, qy)
+                    };
+                    let d = _mm256_set1_ps(dx * fp16(y[i].d));
+                    acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[t]);
+                    if $mins {
+                        summs[t] += mx * fp16(y[i].sum_term());
+                    }
+                }
+            }
+            std::array::from_fn(|t| hsum_ps(acc[t]) + summs[t])
+        }
+    };
+}
+
+blocks4!(dot4_q8_0_impl, BlockQ8_0, BlockQ8_0, |a| load32(&a.qs), signed: true, mins: false);
+blocks4!(dot4_q4_1_impl, BlockQ4_1, BlockQ8_1, |a| nibbles_32(&a.qs), signed: false, mins: true);
+blocks4!(dot4_q5_0_impl, BlockQ5_0, BlockQ8_0,
+    |a| _mm256_or_si256(nibbles_32(&a.qs), _mm256_andnot_si256(bits_to_bytes(u32::from_le_bytes(a.qh)), _mm256_set1_epi8(0xF0u8 as i8))),
+    signed: true, mins: false);
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot4_q4k_impl(x: &[BlockQ4K], ys: [&[BlockQ8K]; 4]) -> [f32; 4] {
+    let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut acc_m = [0.0f32; 4];
+    let low4 = _mm256_set1_epi8(0x0F);
+    for i in 0..n {
+        let a = &x[i];
+        let (sc, m) = crate::quant::dequant::unpack_scales_k4(&a.scales);
+        let (da, dmin) = (fp16(a.d), fp16(a.dmin));
+        let mut sumi = [_mm256_setzero_si256(); 4];
+        for j in 0..4 {
+            let q4 = load32u(&a.qs[32 * j..]);
+            let lo = _mm256_and_si256(q4, low4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q4), low4);
+            let (slo, shi) = (
+                _mm256_set1_epi16(sc[2 * j] as i16),
+                _mm256_set1_epi16(sc[2 * j + 1] as i16),
+            );
+            for (t, y) in ys.iter().enumerate() {
+                let b = &y[i];
+                let plo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load32(&b.qs[64 * j..])), slo);
+                let phi =
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load32(&b.qs[64 * j + 32..])), shi);
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(plo, phi));
+            }
+        }
+        for (t, y) in ys.iter().enumerate() {
+            let b = &y[i];
+            acc_m[t] += b.d * dmin * mins_dot(&m, &b.bsums) as f32;
+            acc[t] = _mm256_fmadd_ps(
+                _mm256_set1_ps(b.d * da),
+                _mm256_cvtepi32_ps(sumi[t]),
+                acc[t],
+            );
+        }
+    }
+    std::array::from_fn(|t| hsum_ps(acc[t]) - acc_m[t])
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot4_q6k_impl(x: &[BlockQ6K], ys: [&[BlockQ8K]; 4]) -> [f32; 4] {
+    let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let low4 = _mm256_set1_epi8(0x0F);
+    let three = _mm256_set1_epi8(3);
+    let off = _mm256_set1_epi8(32);
+    for i in 0..n {
+        let a = &x[i];
+        let mut sumi = [_mm256_setzero_si256(); 4];
+        for h in 0..2 {
+            let ql0 = load32u(&a.ql[64 * h..]);
+            let ql1 = load32u(&a.ql[64 * h + 32..]);
+            let qh = load32u(&a.qh[32 * h..]);
+            let hb = |s: i32| -> __m256i {
+                _mm256_slli_epi16::<4>(_mm256_and_si256(
+                    _mm256_srl_epi16(qh, _mm_cvtsi32_si128(s)),
+                    three,
+                ))
+            };
+            let q = [
+                _mm256_or_si256(_mm256_and_si256(ql0, low4), hb(0)),
+                _mm256_or_si256(_mm256_and_si256(ql1, low4), hb(2)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low4), hb(4)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low4), hb(6)),
+            ];
+            for (c, qc) in q.iter().enumerate() {
+                let base = 128 * h + 32 * c;
+                let g = base / 16;
+                let scales = _mm256_set_m128i(
+                    _mm_set1_epi16(a.scales[g + 1] as i16),
+                    _mm_set1_epi16(a.scales[g] as i16),
+                );
+                for (t, y) in ys.iter().enumerate() {
+                    let y8 = load32(&y[i].qs[base..]);
+                    let p = _mm256_sub_epi16(
+                        _mm256_maddubs_epi16(*qc, y8),
+                        _mm256_maddubs_epi16(off, y8),
+                    );
+                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p, scales));
+                }
+            }
+        }
+        let da = fp16(a.d);
+        for (t, y) in ys.iter().enumerate() {
+            acc[t] = _mm256_fmadd_ps(
+                _mm256_set1_ps(y[i].d * da),
+                _mm256_cvtepi32_ps(sumi[t]),
+                acc[t],
+            );
+        }
+    }
+    std::array::from_fn(|t| hsum_ps(acc[t]))
+}
+
+macro_rules! safe_wrapper4 {
+    ($name:ident, $impl:ident, $w:ty, $a:ty) => {
+        pub(super) fn $name(x: &[$w], ys: [&[$a]; 4]) -> [f32; 4] {
+            // SAFETY: only placed in a kernel table after `Isa::Avx2.available()` confirmed
+            // AVX2, FMA and F16C.
+            unsafe { $impl(x, ys) }
+        }
+    };
+}
+
+safe_wrapper4!(dot4_q8_0, dot4_q8_0_impl, BlockQ8_0, BlockQ8_0);
+safe_wrapper4!(dot4_q4_1, dot4_q4_1_impl, BlockQ4_1, BlockQ8_1);
+safe_wrapper4!(dot4_q5_0, dot4_q5_0_impl, BlockQ5_0, BlockQ8_0);
+safe_wrapper4!(dot4_q4k, dot4_q4k_impl, BlockQ4K, BlockQ8K);
+safe_wrapper4!(dot4_q6k, dot4_q6k_impl, BlockQ6K, BlockQ8K);

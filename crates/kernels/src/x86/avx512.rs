@@ -5,7 +5,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::avx2::{bits_to_bytes, load32, load32u, mins_dot, nibbles_32};
+use super::avx2::{bits_to_bytes, load32, load32u, mins_dot, nibbles_32, ActSum, MinSum};
 use super::fp16;
 use crate::blocks::*;
 
@@ -85,7 +85,7 @@ macro_rules! pairs {
                 acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(p), acc);
                 if $mins {
                     for k in i..i + 2 {
-                        summs += fp16(x[k].min()) * fp16(y[k].sum());
+                        summs += fp16(x[k].min_term()) * fp16(y[k].sum_term());
                     }
                 }
                 i += 2;
@@ -97,49 +97,6 @@ macro_rules! pairs {
             sum
         }
     };
-}
-
-/// The `m * s` term of Q4_1/Q5_1 blocks.
-trait HasMin {
-    fn min(&self) -> f16;
-}
-impl HasMin for BlockQ4_1 {
-    fn min(&self) -> f16 {
-        self.m
-    }
-}
-impl HasMin for BlockQ5_1 {
-    fn min(&self) -> f16 {
-        self.m
-    }
-}
-impl HasMin for BlockQ4_0 {
-    fn min(&self) -> f16 {
-        f16::ZERO
-    }
-}
-impl HasMin for BlockQ5_0 {
-    fn min(&self) -> f16 {
-        f16::ZERO
-    }
-}
-impl HasMin for BlockQ8_0 {
-    fn min(&self) -> f16 {
-        f16::ZERO
-    }
-}
-trait HasSum {
-    fn sum(&self) -> f16;
-}
-impl HasSum for BlockQ8_1 {
-    fn sum(&self) -> f16 {
-        self.s
-    }
-}
-impl HasSum for BlockQ8_0 {
-    fn sum(&self) -> f16 {
-        f16::ZERO
-    }
 }
 
 pairs!(dot_q8_0_impl, BlockQ8_0, BlockQ8_0, crate::quant::dot::vec_dot_q8_0_q8_0,
@@ -395,7 +352,7 @@ macro_rules! pairs4 {
                 };
                 let qx = join(q0, q1);
                 let (dx0, dx1) = (fp16(x[i].d), fp16(x[i + 1].d));
-                let (mx0, mx1) = (fp16(x[i].min()), fp16(x[i + 1].min()));
+                let (mx0, mx1) = (fp16(x[i].min_term()), fp16(x[i + 1].min_term()));
                 for (t, y) in ys.iter().enumerate() {
                     let qy = join(load32(&y[i].qs), load32(&y[i + 1].qs));
                     let p = if $signed {
@@ -406,7 +363,7 @@ macro_rules! pairs4 {
                     let d = join_scale(dx0 * fp16(y[i].d), dx1 * fp16(y[i + 1].d));
                     acc[t] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(p), acc[t]);
                     if $mins {
-                        summs[t] += mx0 * fp16(y[i].sum()) + mx1 * fp16(y[i + 1].sum());
+                        summs[t] += mx0 * fp16(y[i].sum_term()) + mx1 * fp16(y[i + 1].sum_term());
                     }
                 }
                 i += 2;
