@@ -40,16 +40,14 @@ src=$(fetch ik-llama-cpp-python==0.1.5)
 tree=$(find "$src" -maxdepth 3 -type d -path '*vendor/ik_llama.cpp' | head -1)
 # the sdist lacks the build-info generator; a minimal one fills in the template
 gen="$tree/common/cmake/build-info-gen-cpp.cmake"
-if [ ! -f "$gen" ]; then
-  mkdir -p "$(dirname "$gen")"
-  cat > "$gen" <<'CMAKE'
+mkdir -p "$(dirname "$gen")"
+cat > "$gen" <<'CMAKE'
 set(BUILD_NUMBER 0)
 set(BUILD_COMMIT "ik-llama-cpp-python-0.1.5")
 set(BUILD_COMPILER "${CMAKE_C_COMPILER_ID} ${CMAKE_C_COMPILER_VERSION}")
 set(BUILD_TARGET "${CMAKE_SYSTEM_PROCESSOR}")
-configure_file("${CMAKE_CURRENT_LIST_DIR}/../build-info.cpp.in" "${OUTPUT_DIR}/build-info.cpp")
+configure_file("${CMAKE_CURRENT_LIST_DIR}/../build-info.cpp.in" "${CMAKE_CURRENT_LIST_DIR}/../build-info.cpp")
 CMAKE
-fi
 build "$tree" ik_llama.cpp
 
 echo "$PEERS/llama.cpp/bin/llama-bench"
