@@ -71,14 +71,22 @@ fn tokens(n: usize, n_vocab: usize) -> Vec<u32> {
         .collect()
 }
 
+/// Physical batch size: longer prompts go through in pieces of this many tokens, as
+/// llama.cpp's `n_ubatch` (512).
+const N_UBATCH: usize = 512;
+
 fn run_pp(ctx: &mut capy_engine::Context, toks: &[u32]) -> Result<f64> {
     ctx.kv.clear(0)?;
     let mut b = Batch::new();
-    for (p, &t) in toks.iter().enumerate() {
-        b.push(t, p, 0, p + 1 == toks.len());
-    }
     let t0 = Instant::now();
-    ctx.decode(&b)?;
+    for (c, chunk) in toks.chunks(N_UBATCH).enumerate() {
+        b.clear();
+        for (i, &t) in chunk.iter().enumerate() {
+            let p = c * N_UBATCH + i;
+            b.push(t, p, 0, p + 1 == toks.len());
+        }
+        ctx.decode(&b)?;
+    }
     Ok(toks.len() as f64 / t0.elapsed().as_secs_f64())
 }
 
@@ -119,7 +127,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 ContextParams {
                     n_ctx: (max_p.max(max_n) + 1).max(16),
                     n_seq: 1,
-                    n_batch: max_p.max(1),
+                    n_batch: max_p.clamp(1, N_UBATCH),
                     n_outputs: 1,
                     n_threads: t,
                 },

@@ -78,6 +78,7 @@ impl Isa {
 
 pub type DotFn<W, A> = fn(&[W], &[A]) -> f32;
 pub type QuantizeFn<B> = fn(&[f32], &mut [B]);
+pub type AxpyF16Fn = fn(&mut [f32], f32, &[f16]);
 /// One weight row against four activation rows at once (the weight is unpacked once).
 /// Its definition is four calls of the matching [`DotFn`].
 pub type Dot4Fn<W, A> = fn(&[W], [&[A]; 4]) -> [f32; 4];
@@ -105,6 +106,7 @@ pub struct Kernels {
     pub dot4_q8_0: Option<Dot4Fn<BlockQ8_0, BlockQ8_0>>,
     pub dot4_q4k: Option<Dot4Fn<BlockQ4K, BlockQ8K>>,
     pub dot4_q6k: Option<Dot4Fn<BlockQ6K, BlockQ8K>>,
+    pub axpy_f16: AxpyF16Fn,
     pub quantize_q8_0: QuantizeFn<BlockQ8_0>,
     pub quantize_q8_1: QuantizeFn<BlockQ8_1>,
     pub quantize_q8k: QuantizeFn<BlockQ8K>,
@@ -138,6 +140,7 @@ impl Kernels {
         dot4_q8_0: None,
         dot4_q4k: None,
         dot4_q6k: None,
+        axpy_f16: dot::axpy_f16,
         quantize_q8_0: quantize::quantize_q8_0,
         quantize_q8_1: quantize::quantize_q8_1,
         quantize_q8k: quantize::quantize_q8k,

@@ -12,6 +12,7 @@ use capy_kernels::blocks::AlignedBuf;
 use capy_kernels::ops;
 use capy_kernels::pool::{split_range, SharedMut};
 use capy_kernels::{kernels, matmul, Kernels, ThreadPool};
+use half::slice::HalfFloatSliceExt;
 
 use crate::hparams::Activation;
 use crate::kv::KvCache;
@@ -325,10 +326,10 @@ impl Context {
                 let (seq, pos) = (batch.seq[t], batch.pos[t]);
                 self.kv
                     .k_row_mut(il, seq, pos)
-                    .copy_from_slice(&kk[t * hp.n_embd_k()..(t + 1) * hp.n_embd_k()]);
+                    .convert_from_f32_slice(&kk[t * hp.n_embd_k()..(t + 1) * hp.n_embd_k()]);
                 self.kv
                     .v_row_mut(il, seq, pos)
-                    .copy_from_slice(&v[t * hp.n_embd_v()..(t + 1) * hp.n_embd_v()]);
+                    .convert_from_f32_slice(&v[t * hp.n_embd_v()..(t + 1) * hp.n_embd_v()]);
             }
 
             // attention
@@ -527,7 +528,7 @@ fn attention(
             let sc = &mut sc_all[start..len];
             for (p, s) in (start..len).zip(sc.iter_mut()) {
                 let kr = &keys[p * kv.n_embd_k + kvh * sh.head_dim..][..sh.head_dim];
-                let mut v = (k.dot_f32)(qh, kr) * sh.scale;
+                let mut v = (k.dot_f16)(kr, qh) * sh.scale;
                 if sh.softcap > 0.0 {
                     v = sh.softcap * (v / sh.softcap).tanh();
                 }
@@ -539,9 +540,7 @@ fn attention(
             o.fill(0.0);
             for (p, &w) in (start..len).zip(sc.iter()) {
                 let vr = &vals[p * kv.n_embd_v + kvh * sh.head_dim_v..][..sh.head_dim_v];
-                for (a, &b) in o.iter_mut().zip(vr) {
-                    *a += w * b;
-                }
+                (k.axpy_f16)(o, w, vr);
             }
         }
     });

@@ -1,4 +1,7 @@
-//! KV cache: per layer, per sequence, a contiguous run of positions.
+//! KV cache: per layer, per sequence, a contiguous run of positions, stored as f16 (as
+//! llama.cpp's default cache; half the memory of f32).
+
+use half::f16;
 
 use crate::{Error, Result};
 
@@ -9,9 +12,9 @@ pub struct KvCache {
     pub n_embd_k: usize,
     pub n_embd_v: usize,
     /// per layer: `[n_seq, n_ctx, n_embd_k]`
-    k: Vec<Vec<f32>>,
+    k: Vec<Vec<f16>>,
     /// per layer: `[n_seq, n_ctx, n_embd_v]`
-    v: Vec<Vec<f32>>,
+    v: Vec<Vec<f16>>,
     /// Number of valid positions per sequence.
     seq_len: Vec<usize>,
 }
@@ -30,10 +33,10 @@ impl KvCache {
             n_embd_k,
             n_embd_v,
             k: (0..n_layer)
-                .map(|_| vec![0.0; n_seq * n_ctx * n_embd_k])
+                .map(|_| vec![f16::ZERO; n_seq * n_ctx * n_embd_k])
                 .collect(),
             v: (0..n_layer)
-                .map(|_| vec![0.0; n_seq * n_ctx * n_embd_v])
+                .map(|_| vec![f16::ZERO; n_seq * n_ctx * n_embd_v])
                 .collect(),
             seq_len: vec![0; n_seq],
         }
@@ -41,7 +44,7 @@ impl KvCache {
 
     /// Bytes held by the cache.
     pub fn bytes(&self) -> usize {
-        self.k.len() * self.n_seq * self.n_ctx * (self.n_embd_k + self.n_embd_v) * 4
+        self.k.len() * self.n_seq * self.n_ctx * (self.n_embd_k + self.n_embd_v) * 2
     }
 
     pub fn seq_len(&self, seq: usize) -> usize {
@@ -73,23 +76,23 @@ impl KvCache {
         seq * self.n_ctx + pos
     }
 
-    pub(crate) fn k_row_mut(&mut self, layer: usize, seq: usize, pos: usize) -> &mut [f32] {
+    pub(crate) fn k_row_mut(&mut self, layer: usize, seq: usize, pos: usize) -> &mut [f16] {
         let (r, n) = (self.row(seq, pos), self.n_embd_k);
         &mut self.k[layer][r * n..(r + 1) * n]
     }
 
-    pub(crate) fn v_row_mut(&mut self, layer: usize, seq: usize, pos: usize) -> &mut [f32] {
+    pub(crate) fn v_row_mut(&mut self, layer: usize, seq: usize, pos: usize) -> &mut [f16] {
         let (r, n) = (self.row(seq, pos), self.n_embd_v);
         &mut self.v[layer][r * n..(r + 1) * n]
     }
 
     /// Keys of positions `0..len` of a sequence: `[len, n_embd_k]`.
-    pub(crate) fn k_seq(&self, layer: usize, seq: usize, len: usize) -> &[f32] {
+    pub(crate) fn k_seq(&self, layer: usize, seq: usize, len: usize) -> &[f16] {
         let r = self.row(seq, 0);
         &self.k[layer][r * self.n_embd_k..(r + len) * self.n_embd_k]
     }
 
-    pub(crate) fn v_seq(&self, layer: usize, seq: usize, len: usize) -> &[f32] {
+    pub(crate) fn v_seq(&self, layer: usize, seq: usize, len: usize) -> &[f16] {
         let r = self.row(seq, 0);
         &self.v[layer][r * self.n_embd_v..(r + len) * self.n_embd_v]
     }

@@ -176,3 +176,10 @@ pub fn vec_dot_f16_f32(x: &[f16], y: &[f32]) -> f32 {
 pub fn vec_dot_bf16_f32(x: &[half::bf16], y: &[f32]) -> f32 {
     x.iter().zip(y).map(|(a, b)| a.to_f32() * b).sum()
 }
+
+/// `y += a * x` with `x` in f16 (attention's weighted sum of cached values).
+pub fn axpy_f16(y: &mut [f32], a: f32, x: &[f16]) {
+    for (o, v) in y.iter_mut().zip(x) {
+        *o += a * v.to_f32();
+    }
+}

@@ -254,6 +254,28 @@ fn float_dots_every_tail_length() {
     }
 }
 
+#[test]
+fn axpy_f16_every_tail_length() {
+    let mut rng = Rng::new(11);
+    for n in 0..40 {
+        let x: Vec<f16> = random_acts(&mut rng, n)
+            .iter()
+            .map(|&v| f16::from_f32(v))
+            .collect();
+        let y0 = random_acts(&mut rng, n);
+        let mut want = y0.clone();
+        dot::axpy_f16(&mut want, 0.37, &x);
+        for isa in Isa::all_available() {
+            let k = Kernels::for_isa(isa).unwrap();
+            let mut got = y0.clone();
+            (k.axpy_f16)(&mut got, 0.37, &x);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-5, "{} n={n}: {g} vs {w}", isa.name());
+            }
+        }
+    }
+}
+
 /// llama.cpp's test-quantize-fns data, metric and thresholds: `sqrt(sum sq err) / n` of a
 /// round trip on `0.1 + 2 cos(i)`, n = 4096.
 fn round_trip_mse<B: Pod>(bs: usize, q: fn(&[f32], &mut [B]), d: fn(&[B], &mut [f32])) -> f32 {

@@ -396,6 +396,31 @@ fn dot_f16_impl(x: &[f16], y: &[f32]) -> f32 {
     sum
 }
 
+#[target_feature(enable = "avx2,fma,f16c")]
+fn axpy_f16_impl(y: &mut [f32], a: f32, x: &[f16]) {
+    let n = x.len().min(y.len());
+    let va = _mm256_set1_ps(a);
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: i + 8 <= n for both slices; 8 f16 values are 128 bits.
+        unsafe {
+            let vx = _mm256_cvtph_ps(_mm_loadu_si128(x.as_ptr().add(i) as *const __m128i));
+            let p = y.as_mut_ptr().add(i);
+            _mm256_storeu_ps(p, _mm256_fmadd_ps(va, vx, _mm256_loadu_ps(p)));
+        }
+        i += 8;
+    }
+    for j in i..n {
+        y[j] += a * x[j].to_f32();
+    }
+}
+
+pub(super) fn axpy_f16(y: &mut [f32], a: f32, x: &[f16]) {
+    // SAFETY: only placed in a kernel table after `Isa::Avx2.available()` confirmed
+    // AVX2, FMA and F16C.
+    unsafe { axpy_f16_impl(y, a, x) }
+}
+
 macro_rules! safe_wrapper {
     ($name:ident, $impl:ident, $w:ty, $a:ty) => {
         pub(super) fn $name(x: &[$w], y: &[$a]) -> f32 {

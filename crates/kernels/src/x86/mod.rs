@@ -31,6 +31,7 @@ pub(crate) fn avx2_kernels() -> Kernels {
         dot_q6k: avx2::dot_q6k,
         dot_f32: avx2::dot_f32,
         dot_f16: avx2::dot_f16,
+        axpy_f16: avx2::axpy_f16,
         dot4_q4_1: Some(avx2::dot4_q4_1),
         dot4_q5_0: Some(avx2::dot4_q5_0),
         dot4_q8_0: Some(avx2::dot4_q8_0),
