@@ -94,13 +94,14 @@ fn byte_to_char_table() -> [char; 256] {
 pub struct Tokenizer {
     kind: VocabKind,
     bpe: tokenizers::Tokenizer,
-    tokens: Vec<String>,
+    n_vocab: usize,
     types: Vec<TokenType>,
-    /// bytes each token decodes to (control tokens: their text, used only when rendering)
-    bytes: Vec<Vec<u8>>,
+    /// bytes each token decodes to (control tokens: their text, used only when rendering),
+    /// token i at `bytes[offsets[i]..offsets[i + 1]]`
+    bytes: Vec<u8>,
+    offsets: Vec<u32>,
     /// special tokens by decreasing text length
     specials: Vec<(String, u32, TokenType)>,
-    piece_to_id: HashMap<String, u32>,
     pub bos: Option<u32>,
     pub eos: Option<u32>,
     pub add_bos: bool,
@@ -114,7 +115,7 @@ impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tokenizer")
             .field("kind", &self.kind)
-            .field("n_vocab", &self.tokens.len())
+            .field("n_vocab", &self.n_vocab)
             .finish()
     }
 }
@@ -129,8 +130,8 @@ impl Tokenizer {
             .get_str("tokenizer.ggml.model")?
             .unwrap_or("llama")
             .to_string();
-        let tokens = match g.get_array("tokenizer.ggml.tokens")? {
-            Some(Array::String(v)) => v.clone(),
+        let tokens: &[String] = match g.get_array("tokenizer.ggml.tokens")? {
+            Some(Array::String(v)) => v,
             _ => {
                 return Err(Error::Tokenizer(
                     "tokenizer.ggml.tokens missing or not strings".into(),
@@ -179,9 +180,11 @@ impl Tokenizer {
             .get_bool("tokenizer.ggml.add_space_prefix")?
             .unwrap_or(kind == VocabKind::Spm);
 
-        let mut piece_to_id = HashMap::with_capacity(n);
+        // piece -> id (first id wins for duplicated pieces); handed to the BPE model
+        let mut vocab: tokenizers::models::bpe::Vocab = Default::default();
+        vocab.reserve(n);
         for (i, t) in tokens.iter().enumerate() {
-            piece_to_id.entry(t.clone()).or_insert(i as u32);
+            vocab.entry(t.clone()).or_insert(i as u32);
         }
 
         let bpe = match kind {
@@ -198,8 +201,6 @@ impl Tokenizer {
                 };
                 let pre = g.get_str("tokenizer.ggml.pre")?.unwrap_or("default");
                 let ignore_merges = matches!(pre, "llama3" | "llama-bpe" | "llama-v3");
-                let vocab: tokenizers::models::bpe::Vocab =
-                    piece_to_id.iter().map(|(k, v)| (k.clone(), *v)).collect();
                 let model = BPE::builder()
                     .vocab_and_merges(vocab, merges)
                     .ignore_merges(ignore_merges)
@@ -225,9 +226,7 @@ impl Tokenizer {
                     Some(Array::F32(v)) if v.len() == n => v.clone(),
                     _ => vec![0.0; n],
                 };
-                let merges = spm_merges(&tokens, &types, &scores, &piece_to_id);
-                let vocab: tokenizers::models::bpe::Vocab =
-                    piece_to_id.iter().map(|(k, v)| (k.clone(), *v)).collect();
+                let merges = spm_merges(tokens, &types, &scores, &vocab);
                 let mut b = BPE::builder()
                     .vocab_and_merges(vocab, merges)
                     .byte_fallback(true);
@@ -248,24 +247,28 @@ impl Tokenizer {
             .enumerate()
             .map(|(b, &c)| (c, b as u8))
             .collect();
-        let bytes: Vec<Vec<u8>> = tokens
-            .iter()
-            .zip(&types)
-            .map(|(t, ty)| match (kind, ty) {
-                (_, TokenType::Control | TokenType::UserDefined | TokenType::Unknown) => {
-                    t.as_bytes().to_vec()
-                }
-                (VocabKind::Spm, TokenType::Byte) => {
-                    parse_byte_token(t).map(|b| vec![b]).unwrap_or_default()
-                }
-                (VocabKind::Spm, _) => t.replace('\u{2581}', " ").into_bytes(),
-                (VocabKind::Bpe, _) => t
-                    .chars()
-                    .map(|c| byte_of.get(&c).copied())
-                    .collect::<Option<Vec<u8>>>()
-                    .unwrap_or_else(|| t.as_bytes().to_vec()),
-            })
-            .collect();
+        let mut bytes: Vec<u8> = Vec::new();
+        let mut offsets: Vec<u32> = Vec::with_capacity(n + 1);
+        offsets.push(0);
+        let per_token = tokens.iter().zip(&types).map(|(t, ty)| match (kind, ty) {
+            (_, TokenType::Control | TokenType::UserDefined | TokenType::Unknown) => {
+                t.as_bytes().to_vec()
+            }
+            (VocabKind::Spm, TokenType::Byte) => {
+                parse_byte_token(t).map(|b| vec![b]).unwrap_or_default()
+            }
+            (VocabKind::Spm, _) => t.replace('\u{2581}', " ").into_bytes(),
+            (VocabKind::Bpe, _) => t
+                .chars()
+                .map(|c| byte_of.get(&c).copied())
+                .collect::<Option<Vec<u8>>>()
+                .unwrap_or_else(|| t.as_bytes().to_vec()),
+        });
+        for b in per_token {
+            bytes.extend_from_slice(&b);
+            offsets.push(bytes.len() as u32);
+        }
+        bytes.shrink_to_fit();
 
         let mut specials: Vec<(String, u32, TokenType)> = tokens
             .iter()
@@ -306,11 +309,11 @@ impl Tokenizer {
         Ok(Tokenizer {
             kind,
             bpe,
-            tokens,
+            n_vocab: n,
             types,
             bytes,
+            offsets,
             specials,
-            piece_to_id,
             bos,
             eos,
             add_bos,
@@ -325,7 +328,7 @@ impl Tokenizer {
     }
 
     pub fn n_vocab(&self) -> usize {
-        self.tokens.len()
+        self.n_vocab
     }
 
     /// Does this token end a generation?
@@ -342,12 +345,12 @@ impl Tokenizer {
     }
 
     /// The vocabulary entry of a token.
-    pub fn piece(&self, id: u32) -> Option<&str> {
-        self.tokens.get(id as usize).map(|s| s.as_str())
+    pub fn piece(&self, id: u32) -> Option<String> {
+        self.bpe.id_to_token(id)
     }
 
     pub fn token_id(&self, piece: &str) -> Option<u32> {
-        self.piece_to_id.get(piece).copied()
+        self.bpe.token_to_id(piece)
     }
 
     /// Text to token ids. `add_special` adds BOS/EOS as the model wants; `parse_special`
@@ -435,7 +438,10 @@ impl Tokenizer {
         match self.types.get(id as usize) {
             None => &[],
             Some(TokenType::Control) if !render_special => &[],
-            Some(_) => &self.bytes[id as usize],
+            Some(_) => {
+                let i = id as usize;
+                &self.bytes[self.offsets[i] as usize..self.offsets[i + 1] as usize]
+            }
         }
     }
 
@@ -465,9 +471,10 @@ fn spm_merges(
     tokens: &[String],
     types: &[TokenType],
     scores: &[f32],
-    piece_to_id: &HashMap<String, u32>,
+    vocab: &tokenizers::models::bpe::Vocab,
 ) -> Vec<(String, String)> {
-    let mut ranked: Vec<(f32, u32, usize, String, String)> = Vec::new();
+    // (score, id, split byte) only: the strings are made once the order is known
+    let mut ranked: Vec<(f32, u32, u32)> = Vec::new();
     for (id, t) in tokens.iter().enumerate() {
         if matches!(
             types[id],
@@ -477,13 +484,19 @@ fn spm_merges(
         }
         for (at, _) in t.char_indices().skip(1) {
             let (l, r) = t.split_at(at);
-            if piece_to_id.contains_key(l) && piece_to_id.contains_key(r) {
-                ranked.push((scores[id], id as u32, at, l.to_string(), r.to_string()));
+            if vocab.contains_key(l) && vocab.contains_key(r) {
+                ranked.push((scores[id], id as u32, at as u32));
             }
         }
     }
     ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-    ranked.into_iter().map(|(_, _, _, l, r)| (l, r)).collect()
+    ranked
+        .into_iter()
+        .map(|(_, id, at)| {
+            let (l, r) = tokens[id as usize].split_at(at as usize);
+            (l.to_string(), r.to_string())
+        })
+        .collect()
 }
 
 /// Assembles streamed token bytes into text, holding back an incomplete UTF-8 tail.
