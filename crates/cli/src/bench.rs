@@ -130,6 +130,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                     n_batch: max_p.clamp(1, N_UBATCH),
                     n_outputs: 1,
                     n_threads: t,
+                    isa: None,
                 },
             );
             let tests: Vec<(usize, usize)> = a

@@ -58,6 +58,7 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
             n_batch: n_ctx,
             n_outputs: OUT_ROWS,
             n_threads: a.threads,
+            isa: None,
         },
     );
     let n_vocab = ctx.n_vocab();

@@ -63,14 +63,19 @@ fn stats(v: &[(f64, bool, String)]) -> Stats {
     }
 }
 
-fn run_model(name: &str, file: &str) {
+fn run_model(name: &str, file: &str, isa: Option<capy_kernels::Isa>) {
     let engine = Engine::load(model_path(name)).expect("model loads");
     let mut session = engine.session(ContextParams {
         n_ctx: 256,
         n_outputs: 64,
         n_threads: 2,
+        isa,
         ..Default::default()
     });
+    let name = &format!(
+        "{name} ({})",
+        isa.map(|i| i.name()).unwrap_or("default kernels")
+    );
     let g = golden(file);
     let mut cases: Vec<Value> = g["completions"].as_array().unwrap().clone();
     cases.push(g["chat"]["completion"].clone());
@@ -125,10 +130,18 @@ fn run_model(name: &str, file: &str) {
 
 #[test]
 fn smollm2_teacher_forced_matches_llama_cpp() {
-    run_model(MODELS[0].0, MODELS[0].1);
+    run_model(MODELS[0].0, MODELS[0].1, None);
 }
 
 #[test]
 fn gemma3_teacher_forced_matches_llama_cpp() {
-    run_model(MODELS[1].0, MODELS[1].1);
+    run_model(MODELS[1].0, MODELS[1].1, None);
+}
+
+/// The scalar reference kernels (and every SIMD level) meet the same tolerances.
+#[test]
+fn smollm2_teacher_forced_with_every_isa() {
+    for isa in capy_kernels::Isa::all_available() {
+        run_model(MODELS[0].0, MODELS[0].1, Some(isa));
+    }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use capy_kernels::blocks::AlignedBuf;
 use capy_kernels::ops;
 use capy_kernels::pool::{split_range, SharedMut};
-use capy_kernels::{kernels, matmul, Kernels, ThreadPool};
+use capy_kernels::{kernels, matmul, Isa, Kernels, ThreadPool};
 use half::slice::HalfFloatSliceExt;
 
 use crate::hparams::Activation;
@@ -72,6 +72,9 @@ pub struct ContextParams {
     /// Most logit rows one batch may ask for.
     pub n_outputs: usize,
     pub n_threads: usize,
+    /// Kernels of this instruction set instead of the process-wide choice (tests compare
+    /// ISAs this way); ignored if the CPU cannot run them.
+    pub isa: Option<Isa>,
 }
 
 impl Default for ContextParams {
@@ -84,6 +87,7 @@ impl Default for ContextParams {
             n_threads: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1),
+            isa: None,
         }
     }
 }
@@ -125,7 +129,7 @@ pub struct Context {
     pub params: ContextParams,
     pub kv: KvCache,
     pool: ThreadPool,
-    kern: &'static Kernels,
+    kern: Kernels,
     s: Scratch,
     /// per sequence: the position the next batch token must have (validation scratch)
     seq_next: Vec<Option<usize>>,
@@ -167,7 +171,7 @@ impl Context {
         };
         Context {
             pool: ThreadPool::new(n_threads),
-            kern: kernels(),
+            kern: params.isa.and_then(Kernels::for_isa).unwrap_or(*kernels()),
             seq_next: vec![None; kv.n_seq],
             kv,
             s,
@@ -249,7 +253,7 @@ impl Context {
         let n_tok = batch.len();
         let model = Arc::clone(&self.model);
         let hp = &model.hp;
-        let (n_embd, k) = (hp.n_embd, self.kern);
+        let (n_embd, k) = (hp.n_embd, &self.kern);
         if n_tok == 0 {
             return Ok(&[]);
         }

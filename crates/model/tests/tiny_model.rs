@@ -160,6 +160,7 @@ fn ctx(model: &Arc<Model>, n_seq: usize, n_threads: usize) -> Context {
             n_batch: 24,
             n_outputs: 16,
             n_threads,
+            isa: None,
         },
     )
 }
@@ -197,6 +198,39 @@ fn batched_prefill_equals_one_token_at_a_time() {
             );
         }
         assert!(all.iter().all(|v| v.is_finite()));
+    }
+}
+
+#[test]
+fn every_isa_gives_the_logits_of_the_scalar_kernels() {
+    for arch in ["llama", "gemma3"] {
+        let model = load(arch);
+        let mut batch = Batch::new();
+        for (p, &t) in PROMPT.iter().enumerate() {
+            batch.push(t, p, 0, true);
+        }
+        let run = |isa: capy_kernels::Isa| {
+            let params = ContextParams {
+                n_ctx: 32,
+                n_seq: 1,
+                n_batch: 24,
+                n_outputs: 16,
+                n_threads: 2,
+                isa: Some(isa),
+            };
+            let mut c = Context::new(Arc::clone(&model), params);
+            c.decode(&batch).unwrap().to_vec()
+        };
+        let reference = run(capy_kernels::Isa::Scalar);
+        for isa in capy_kernels::Isa::all_available() {
+            let got = run(isa);
+            assert!(
+                max_diff(&got, &reference) < 2e-2,
+                "{arch} {}: {}",
+                isa.name(),
+                max_diff(&got, &reference)
+            );
+        }
     }
 }
 
