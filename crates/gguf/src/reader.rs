@@ -351,6 +351,28 @@ impl Gguf {
         self.data_offset
     }
 
+    /// Tells the OS that bytes `start..start + len` of the file image will not be read again
+    /// soon (their pages leave the resident set; a later read maps them in again). Used after
+    /// copying weights into another layout. Does nothing for in-memory images.
+    pub fn release_range(&self, start: usize, len: usize) {
+        #[cfg(unix)]
+        if let Storage::Mmap(m) = &self.storage {
+            const PAGE: usize = 4096;
+            let first = start.div_ceil(PAGE) * PAGE;
+            let end = (start + len).min(m.len()) / PAGE * PAGE;
+            if end > first {
+                // SAFETY: the mapping is a read-only view of a file that is never written
+                // through it: dropped pages come back from the file with the same contents
+                // on the next access, so live borrows keep seeing the same bytes. The
+                // range is inside the mapping (clamped above).
+                #[allow(unsafe_code)]
+                let _ = unsafe {
+                    m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, end - first)
+                };
+            }
+        }
+    }
+
     /// The whole file image.
     pub fn image(&self) -> &[u8] {
         self.storage.bytes()

@@ -79,6 +79,15 @@ impl Isa {
 pub type DotFn<W, A> = fn(&[W], &[A]) -> f32;
 pub type QuantizeFn<B> = fn(&[f32], &mut [B]);
 pub type AxpyF16Fn = fn(&mut [f32], f32, &[f16]);
+/// One group of eight repacked rows (`nb` blocks) against up to four activation rows
+/// (`n_act` of `acts` are used): `out[t][r]` for token t and row r.
+pub type R8GemmFn = fn(
+    crate::repack::R8Kind,
+    &[u8],
+    usize,
+    [&[crate::repack::BlockQ8x]; 4],
+    usize,
+) -> [[f32; 8]; 4];
 /// One weight row against four activation rows at once (the weight is unpacked once).
 /// Its definition is four calls of the matching [`DotFn`].
 pub type Dot4Fn<W, A> = fn(&[W], [&[A]; 4]) -> [f32; 4];
@@ -107,6 +116,9 @@ pub struct Kernels {
     pub dot4_q4k: Option<Dot4Fn<BlockQ4K, BlockQ8K>>,
     pub dot4_q6k: Option<Dot4Fn<BlockQ6K, BlockQ8K>>,
     pub axpy_f16: AxpyF16Fn,
+    pub r8_gemm: R8GemmFn,
+    /// Whether this level has a fast `r8_gemm` (models repack their weights only then).
+    pub r8_preferred: bool,
     pub quantize_q8_0: QuantizeFn<BlockQ8_0>,
     pub quantize_q8_1: QuantizeFn<BlockQ8_1>,
     pub quantize_q8k: QuantizeFn<BlockQ8K>,
@@ -141,6 +153,8 @@ impl Kernels {
         dot4_q4k: None,
         dot4_q6k: None,
         axpy_f16: dot::axpy_f16,
+        r8_gemm: crate::repack::gemm_r8_scalar,
+        r8_preferred: false,
         quantize_q8_0: quantize::quantize_q8_0,
         quantize_q8_1: quantize::quantize_q8_1,
         quantize_q8k: quantize::quantize_q8k,

@@ -8,6 +8,7 @@
 //!   overrides the choice.
 //! * [`matmul`]: quantized matrix x activations over the thread pool, activations quantized
 //!   once per call and shared by all rows.
+//! * [`repack`]: weights repacked at load into row-interleaved blocks (SIMD lanes = rows).
 //! * [`ops`]: RMSNorm, softmax, RoPE, gated activations.
 //! * [`pool`]: the fork-join thread pool.
 //!
@@ -20,6 +21,7 @@ pub mod matmul;
 pub mod ops;
 pub mod pool;
 pub mod quant;
+pub mod repack;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

@@ -11,6 +11,7 @@ use crate::blocks::*;
 use crate::dispatch::{Dot4Fn, DotFn, Kernels};
 use crate::pool::{split_range, SharedMut, ThreadPool};
 use crate::quant::dequant;
+use crate::repack::{quantize_q8x, BlockQ8x, Repacked, R8_ROWS};
 use crate::{Error, GgmlType, Result};
 
 /// A weight matrix in ggml layout: `n_rows` rows of `n_cols` elements each.
@@ -306,5 +307,77 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
         GgmlType::Q6_K => dequant::dequantize_q6k(cast_blocks(bytes).ok_or(mis)?, out),
         GgmlType::Q8_K => dequant::dequantize_q8k(cast_blocks(bytes).ok_or(mis)?, out),
     }
+    Ok(())
+}
+
+/// [`matmul`] for a repacked matrix: activations go to [`BlockQ8x`] once, then each thread
+/// takes whole groups of eight rows and runs every token through them, four at a time.
+pub fn matmul_repacked(
+    k: &Kernels,
+    pool: &ThreadPool,
+    w: &Repacked,
+    x: &[f32],
+    out: &mut [f32],
+    scratch: &mut AlignedBuf,
+) -> Result<()> {
+    let n_cols = w.n_cols;
+    if n_cols == 0 || x.len() % n_cols != 0 {
+        return Err(shape_err(
+            "matmul",
+            format!("x a multiple of {n_cols}"),
+            x.len(),
+        ));
+    }
+    let n_tok = x.len() / n_cols;
+    if out.len() != n_tok * w.n_rows {
+        return Err(shape_err("matmul", n_tok * w.n_rows, out.len()));
+    }
+    let nb = n_cols / 32;
+    let arb = nb * std::mem::size_of::<BlockQ8x>();
+    scratch.resize(arb * n_tok);
+    let mis = || Error::Misaligned {
+        op: "matmul",
+        ty: GgmlType::Q8_0,
+    };
+    {
+        let q = SharedMut::new(scratch.as_mut_slice());
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        pool.run(&|ith, nth| {
+            let toks = split_range(n_tok, ith, nth);
+            // SAFETY: each thread quantizes a disjoint range of token rows.
+            let dst = unsafe { q.slice(toks.start * arb..toks.end * arb) };
+            match cast_blocks_mut::<BlockQ8x>(dst) {
+                Some(blocks) => quantize_q8x(&x[toks.start * n_cols..toks.end * n_cols], blocks),
+                None => failed.store(true, std::sync::atomic::Ordering::Relaxed),
+            }
+        });
+        if failed.into_inner() {
+            return Err(mis());
+        }
+    }
+    let a: &[BlockQ8x] = cast_blocks(scratch.as_slice()).ok_or_else(mis)?;
+    let n_rows = w.n_rows;
+    let out = SharedMut::new(out);
+    pool.run(&|ith, nth| {
+        for g in split_range(n_rows / R8_ROWS, ith, nth) {
+            let group = w.groups(g..g + 1);
+            let mut t = 0;
+            while t < n_tok {
+                let n = (n_tok - t).min(4);
+                let acts: [&[BlockQ8x]; 4] = std::array::from_fn(|i| {
+                    let row = (t + i).min(n_tok - 1);
+                    &a[row * nb..(row + 1) * nb]
+                });
+                let res = (k.r8_gemm)(w.kind, group, nb, acts, n);
+                for (i, rr) in res.iter().enumerate().take(n) {
+                    let base = (t + i) * n_rows + g * R8_ROWS;
+                    // SAFETY: rows g*8..g*8+8 of every token belong to this thread alone.
+                    let o = unsafe { out.slice(base..base + R8_ROWS) };
+                    o.copy_from_slice(rr);
+                }
+                t += n;
+            }
+        }
+    });
     Ok(())
 }

@@ -455,7 +455,10 @@ fn mm(
     out: &mut [f32],
     qbuf: &mut AlignedBuf,
 ) -> Result<()> {
-    matmul(k, pool, model.weight(w), x, out, qbuf)?;
+    match &w.repacked {
+        Some(rp) => capy_kernels::matmul::matmul_repacked(k, pool, rp, x, out, qbuf)?,
+        None => matmul(k, pool, model.weight(w), x, out, qbuf)?,
+    }
     Ok(())
 }
 

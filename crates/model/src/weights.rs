@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use capy_gguf::{GgmlType, Gguf};
 use capy_kernels::matmul::{dequantize, ActType};
-use capy_kernels::WeightRef;
+use capy_kernels::repack::{repack, Repacked};
+use capy_kernels::{kernels, WeightRef};
 
 use crate::hparams::Hparams;
 use crate::{Error, Result};
@@ -19,6 +20,8 @@ pub struct Tensor {
     pub n_cols: usize,
     start: usize,
     len: usize,
+    /// The same matrix in row-interleaved blocks, when the CPU has kernels for them.
+    pub repacked: Option<Arc<Repacked>>,
 }
 
 pub struct Layer {
@@ -135,14 +138,52 @@ impl Model {
                 post_ffn_norm: opt_vec(n("post_ffw_norm"), hp.n_embd, hp.post_norms)?,
             });
         }
-        Ok(Model {
+        let mut model = Model {
             gguf,
             hp,
             tok_embd,
             output_norm,
             output,
             layers,
-        })
+        };
+        if kernels().r8_preferred {
+            model.repack_weights()?;
+        }
+        Ok(model)
+    }
+
+    /// Repacks every matrix that has a row-interleaved form and lets the OS drop the
+    /// original pages (the token embeddings stay: rows are looked up there).
+    fn repack_weights(&mut self) -> Result<()> {
+        let gguf = Arc::clone(&self.gguf);
+        let tied = self.output.start == self.tok_embd.start;
+        let mut todo: Vec<&mut Tensor> = vec![&mut self.output];
+        for l in &mut self.layers {
+            todo.extend([
+                &mut l.wq,
+                &mut l.wk,
+                &mut l.wv,
+                &mut l.wo,
+                &mut l.ffn_gate,
+                &mut l.ffn_up,
+                &mut l.ffn_down,
+            ]);
+        }
+        for t in todo {
+            let w = WeightRef {
+                ty: t.ty,
+                data: gguf.image().get(t.start..t.start + t.len).unwrap_or(&[]),
+                n_rows: t.n_rows,
+                n_cols: t.n_cols,
+            };
+            if let Some(rp) = repack(w)? {
+                t.repacked = Some(Arc::new(rp));
+                if !(tied && t.start == self.tok_embd.start) {
+                    gguf.release_range(t.start, t.len);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A kernel view of a weight tensor.
@@ -208,6 +249,7 @@ fn tensor(g: &Gguf, name: &str, dims: &[u64]) -> Result<Tensor> {
         n_cols: info.row_len(),
         start: (g.data_offset() + info.offset) as usize,
         len: data.len(),
+        repacked: None,
     })
 }
 

@@ -5,4 +5,4 @@ pub mod dot;
 pub mod quantize;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -507,3 +507,113 @@ safe_wrapper4!(dot4_q4_1, dot4_q4_1_impl, BlockQ4_1, BlockQ8_1);
 safe_wrapper4!(dot4_q5_0, dot4_q5_0_impl, BlockQ5_0, BlockQ8_0);
 safe_wrapper4!(dot4_q4k, dot4_q4k_impl, BlockQ4K, BlockQ8K);
 safe_wrapper4!(dot4_q6k, dot4_q6k_impl, BlockQ6K, BlockQ8K);
+
+// ---- repacked (row-interleaved) weights, AVX-512 VNNI ----------------------------------
+
+use crate::repack::{BlockQ8x, R8Kind};
+
+/// The four 64-byte value vectors (u8) of one repacked block.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn r8_values(kind: R8Kind, blk: &[u8]) -> [__m512i; 4] {
+    let body = &blk[32..];
+    // SAFETY: a block holds 32 header bytes plus 128 (Q4), 160 (Q5) or 256 (Q8) value bytes;
+    // every load below stays inside its kind's body.
+    unsafe {
+        let ld = |o: usize| _mm512_loadu_si512(body.as_ptr().add(o) as *const _);
+        match kind {
+            R8Kind::Q8 => [ld(0), ld(64), ld(128), ld(192)],
+            R8Kind::Q4 | R8Kind::Q5 => {
+                let low4 = _mm512_set1_epi8(0x0F);
+                let (p0, p1) = (ld(0), ld(64));
+                let mut v = [
+                    _mm512_and_si512(p0, low4),
+                    _mm512_and_si512(p1, low4),
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(p0), low4),
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(p1), low4),
+                ];
+                if kind == R8Kind::Q5 {
+                    let bit4 = _mm512_set1_epi8(0x10);
+                    for (k, vk) in v.iter_mut().enumerate() {
+                        let m = u64::from_le_bytes(
+                            body[128 + 8 * k..136 + 8 * k].try_into().unwrap_or([0; 8]),
+                        );
+                        *vk = _mm512_or_si512(*vk, _mm512_maskz_mov_epi8(m, bit4));
+                    }
+                }
+                v
+            }
+        }
+    }
+}
+
+/// Eight f16 values spread to the even f32 lanes (odd lanes zero).
+#[inline]
+#[target_feature(enable = "avx512f,avx2")]
+fn r8_scales(p: &[u8]) -> __m512 {
+    // SAFETY: reading 16 bytes (eight f16) from a slice of at least 16.
+    let h = unsafe { _mm_loadu_si128(p.as_ptr() as *const __m128i) };
+    _mm512_cvtph_ps(_mm256_cvtepu16_epi32(h))
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+fn gemm_r8_impl(
+    kind: R8Kind,
+    group: &[u8],
+    nb: usize,
+    acts: [&[BlockQ8x]; 4],
+    n_act: usize,
+) -> [[f32; 8]; 4] {
+    let bb = kind.block_bytes();
+    let n_act = n_act.min(4);
+    let nb = acts[..n_act]
+        .iter()
+        .fold(nb.min(group.len() / bb), |n, a| n.min(a.len()));
+    let mut facc = [_mm512_setzero_ps(); 4];
+    for b in 0..nb {
+        let blk = &group[b * bb..(b + 1) * bb];
+        let v = r8_values(kind, blk);
+        let dv = r8_scales(&blk[0..16]);
+        let cv = r8_scales(&blk[16..32]);
+        for t in 0..n_act {
+            let a = &acts[t][b];
+            let mut iacc = _mm512_setzero_si512();
+            for (k, vk) in v.iter().enumerate() {
+                let bytes: [u8; 8] = std::array::from_fn(|i| a.qs[8 * k + i] as u8);
+                let av = _mm512_set1_epi64(i64::from_le_bytes(bytes));
+                iacc = _mm512_dpbusd_epi32(iacc, *vk, av);
+            }
+            // lane 2r: row r's sum (odd lanes are cancelled by the zero scales there)
+            let isum = _mm512_add_epi32(iacc, _mm512_srli_epi64::<32>(iacc));
+            let f = _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(isum),
+                _mm512_mul_ps(dv, _mm512_set1_ps(a.d)),
+                facc[t],
+            );
+            facc[t] = _mm512_fmadd_ps(cv, _mm512_set1_ps(a.s), f);
+        }
+    }
+    let mut out = [[0.0f32; 8]; 4];
+    for t in 0..n_act {
+        let even = _mm512_cvtepi64_epi32(_mm512_castps_si512(facc[t]));
+        let mut bits = [0i32; 8];
+        // SAFETY: storing 32 bytes into an array of eight i32.
+        unsafe { _mm256_storeu_si256(bits.as_mut_ptr() as *mut __m256i, even) };
+        for r in 0..8 {
+            out[t][r] = f32::from_bits(bits[r] as u32);
+        }
+    }
+    out
+}
+
+pub(super) fn gemm_r8(
+    kind: R8Kind,
+    group: &[u8],
+    nb: usize,
+    acts: [&[BlockQ8x]; 4],
+    n_act: usize,
+) -> [[f32; 8]; 4] {
+    // SAFETY: only placed in a kernel table after AVX-512 (F, BW, VL) with the AVX2 features
+    // and AVX512-VNNI were detected.
+    unsafe { gemm_r8_impl(kind, group, nb, acts, n_act) }
+}

@@ -41,9 +41,17 @@ pub(crate) fn avx2_kernels() -> Kernels {
     }
 }
 
-/// The AVX-512 table: the AVX2 table with the AVX-512 kernels on top.
+/// The AVX-512 table: the AVX2 table with the AVX-512 kernels on top (and the repacked
+/// weight kernel where the CPU has VNNI).
 pub(crate) fn avx512_kernels() -> Kernels {
+    let vnni = is_x86_feature_detected!("avx512vnni");
     Kernels {
+        r8_gemm: if vnni {
+            avx512::gemm_r8
+        } else {
+            crate::repack::gemm_r8_scalar
+        },
+        r8_preferred: vnni,
         isa: Isa::Avx512,
         dot_q4_0: avx512::dot_q4_0,
         dot_q4_1: avx512::dot_q4_1,
