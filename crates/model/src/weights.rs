@@ -153,10 +153,9 @@ impl Model {
     }
 
     /// Repacks every matrix that has a row-interleaved form and lets the OS drop the
-    /// original pages (the token embeddings stay: rows are looked up there).
+    /// original pages (with tied embeddings, the few rows looked up per token fault back in).
     fn repack_weights(&mut self) -> Result<()> {
         let gguf = Arc::clone(&self.gguf);
-        let tied = self.output.start == self.tok_embd.start;
         let mut todo: Vec<&mut Tensor> = vec![&mut self.output];
         for l in &mut self.layers {
             todo.extend([
@@ -178,9 +177,7 @@ impl Model {
             };
             if let Some(rp) = repack(w)? {
                 t.repacked = Some(Arc::new(rp));
-                if !(tied && t.start == self.tok_embd.start) {
-                    gguf.release_range(t.start, t.len);
-                }
+                gguf.release_range(t.start, t.len);
             }
         }
         Ok(())
