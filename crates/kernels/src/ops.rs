@@ -83,10 +83,12 @@ pub fn silu(x: f32) -> f32 {
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const GELU_COEF_A: f32 = 0.044_715;
 
-/// GELU, tanh approximation (as gemma and ggml use).
+/// GELU, tanh approximation (as gemma and ggml use): `0.5 x (1 + tanh(z))`, computed as
+/// the equal `x * sigmoid(2z)`, which needs one `exp`.
 #[inline]
 pub fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + GELU_COEF_A * x * x)).tanh())
+    let z = SQRT_2_OVER_PI * x * (1.0 + GELU_COEF_A * x * x);
+    x / (1.0 + (-2.0 * z).exp())
 }
 
 /// `gate = silu(gate) * up` (SwiGLU), in place.
@@ -155,6 +157,19 @@ mod tests {
             let n1: f32 = y.iter().map(|v| v * v).sum();
             assert!((n0 - n1).abs() < 1e-4);
             assert_ne!(x, y);
+        }
+    }
+
+    #[test]
+    fn gelu_equals_the_tanh_form() {
+        for i in -400..400 {
+            let x = i as f32 * 0.05;
+            let tanh_form =
+                0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + GELU_COEF_A * x * x)).tanh());
+            assert!(
+                (gelu(x) - tanh_form).abs() <= 1e-6 * x.abs().max(1.0),
+                "x={x}"
+            );
         }
     }
 

@@ -86,7 +86,7 @@ pub fn quantize_q8x(x: &[f32], y: &mut [BlockQ8x]) {
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0i32;
         for (q, &v) in b.qs.iter_mut().zip(x) {
-            let r = (v * id).round() as i32;
+            let r = crate::quant::quantize::nearest_int(v * id);
             *q = r as i8;
             sum += r;
         }

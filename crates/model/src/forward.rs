@@ -383,10 +383,7 @@ impl Context {
                 &mut s.qbuf,
             )?;
             mm(k, &self.pool, &model, &layer.ffn_up, xn, up, &mut s.qbuf)?;
-            match hp.activation {
-                Activation::Silu => ops::silu_mul(gate, up),
-                Activation::Gelu => ops::gelu_mul(gate, up),
-            }
+            gated_activation(&self.pool, hp.activation, gate, up);
             mm(
                 k,
                 &self.pool,
@@ -460,6 +457,21 @@ fn mm(
         None => matmul(k, pool, model.weight(w), x, out, qbuf)?,
     }
     Ok(())
+}
+
+/// `gate = act(gate) * up`, split over the pool.
+fn gated_activation(pool: &ThreadPool, act: Activation, gate: &mut [f32], up: &[f32]) {
+    let n = gate.len();
+    let g = SharedMut::new(gate);
+    pool.run(&|ith, nth| {
+        let r = split_range(n, ith, nth);
+        // SAFETY: split_range gives every thread its own part of `gate`.
+        let gs = unsafe { g.slice(r.clone()) };
+        match act {
+            Activation::Silu => ops::silu_mul(gs, &up[r]),
+            Activation::Gelu => ops::gelu_mul(gs, &up[r]),
+        }
+    });
 }
 
 fn rms_norm_rows(x: &[f32], out: &mut [f32], w: &[f32], eps: f32, n: usize) {

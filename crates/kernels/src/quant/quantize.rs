@@ -9,10 +9,17 @@ fn amax(x: &[f32]) -> f32 {
     x.iter().fold(0.0f32, |m, v| m.max(v.abs()))
 }
 
-/// Round half away from zero, as C's `roundf`.
+/// Round to nearest, ties to even, for |x| < 2^22 (llama.cpp's `nearest_int` and what its
+/// SIMD quantizers do): adding 1.5 * 2^23 leaves the integer in the low mantissa bits.
+#[inline]
+pub fn nearest_int(x: f32) -> i32 {
+    let v = x + 12_582_912.0;
+    (v.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
+}
+
 #[inline]
 fn round(x: f32) -> i32 {
-    x.round() as i32
+    nearest_int(x)
 }
 
 pub fn quantize_q8_0(x: &[f32], y: &mut [BlockQ8_0]) {

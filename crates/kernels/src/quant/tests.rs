@@ -337,6 +337,22 @@ fn quantization_error_under_llama_cpp_thresholds() {
 }
 
 #[test]
+fn nearest_int_rounds_ties_to_even() {
+    for (x, want) in [
+        (0.5f32, 0),
+        (1.5, 2),
+        (2.5, 2),
+        (-0.5, 0),
+        (-1.5, -2),
+        (126.6, 127),
+        (-127.0, -127),
+        (3.49, 3),
+    ] {
+        assert_eq!(quantize::nearest_int(x), want, "{x}");
+    }
+}
+
+#[test]
 fn q8k_bsums_and_extremes() {
     let mut rng = Rng::new(3);
     let x = random_acts(&mut rng, 512);
