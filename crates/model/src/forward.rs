@@ -531,7 +531,9 @@ fn attention(
     pool.run(&|ith, nth| {
         // SAFETY: thread `ith` alone uses scores row `ith`.
         let sc_all = unsafe { scores.slice(ith * n_ctx..(ith + 1) * n_ctx) };
-        for item in split_range(items, ith, nth) {
+        // round-robin: causal attention costs more for later tokens, so contiguous ranges
+        // would leave the first threads idle
+        for item in (ith..items).step_by(nth) {
             let (t, h) = (item / sh.n_head, item % sh.n_head);
             let (seq, pos) = (batch.seq[t], batch.pos[t]);
             let kvh = h / group;
