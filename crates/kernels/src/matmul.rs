@@ -109,6 +109,51 @@ pub fn quantize_acts(k: &Kernels, act: ActType, x: &[f32], n: usize, out: &mut [
     Ok(())
 }
 
+/// Checks `x`: `[n_tok, n_cols]` against `out`: `[n_tok, n_rows]` and returns `n_tok`.
+fn token_count(n_cols: usize, n_rows: usize, x: &[f32], out: &[f32]) -> Result<usize> {
+    if n_cols == 0 || x.len() % n_cols != 0 {
+        return Err(shape_err(
+            "matmul",
+            format!("x a multiple of {n_cols}"),
+            x.len(),
+        ));
+    }
+    let n_tok = x.len() / n_cols;
+    if out.len() != n_tok * n_rows {
+        return Err(shape_err("matmul", n_tok * n_rows, out.len()));
+    }
+    Ok(n_tok)
+}
+
+/// Quantizes the activation rows of `x` into `scratch` (`row_bytes` each), the rows split
+/// over the pool; `quant` returns false when it cannot (misaligned destination).
+fn quantize_rows(
+    pool: &ThreadPool,
+    x: &[f32],
+    n_tok: usize,
+    row_bytes: usize,
+    scratch: &mut AlignedBuf,
+    ty: GgmlType,
+    quant: &(dyn Fn(&[f32], &mut [u8]) -> bool + Sync),
+) -> Result<()> {
+    let n_cols = x.len() / n_tok.max(1);
+    scratch.resize(row_bytes * n_tok);
+    let q = SharedMut::new(scratch.as_mut_slice());
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    pool.run(&|ith, nth| {
+        let toks = split_range(n_tok, ith, nth);
+        // SAFETY: each thread quantizes a disjoint range of token rows.
+        let dst = unsafe { q.slice(toks.start * row_bytes..toks.end * row_bytes) };
+        if !quant(&x[toks.start * n_cols..toks.end * n_cols], dst) {
+            failed.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    if failed.into_inner() {
+        return Err(Error::Misaligned { op: "matmul", ty });
+    }
+    Ok(())
+}
+
 /// Weight rows processed together per token sweep.
 const ROW_GROUP: usize = 16;
 
@@ -123,17 +168,7 @@ pub fn matmul(
     scratch: &mut AlignedBuf,
 ) -> Result<()> {
     let n_cols = w.n_cols;
-    if n_cols == 0 || x.len() % n_cols != 0 {
-        return Err(shape_err(
-            "matmul",
-            format!("x a multiple of {n_cols}"),
-            x.len(),
-        ));
-    }
-    let n_tok = x.len() / n_cols;
-    if out.len() != n_tok * w.n_rows {
-        return Err(shape_err("matmul", n_tok * w.n_rows, out.len()));
-    }
+    let n_tok = token_count(n_cols, w.n_rows, x, out)?;
     if n_cols % w.ty.block_size() != 0 || w.data.len() != w.row_bytes() * w.n_rows {
         return Err(shape_err(
             "matmul",
@@ -151,27 +186,15 @@ pub fn matmul(
         op: "matmul",
         ty: w.ty,
     })?;
-    let arb = act.row_bytes(n_cols);
-    scratch.resize(arb * n_tok);
-    {
-        let q = SharedMut::new(scratch.as_mut_slice());
-        let failed = std::sync::atomic::AtomicBool::new(false);
-        pool.run(&|ith, nth| {
-            let toks = split_range(n_tok, ith, nth);
-            // SAFETY: each thread quantizes a disjoint range of token rows.
-            let dst = unsafe { q.slice(toks.start * arb..toks.end * arb) };
-            let src = &x[toks.start * n_cols..toks.end * n_cols];
-            if quantize_acts(k, act, src, n_cols, dst).is_err() {
-                failed.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-        });
-        if failed.into_inner() {
-            return Err(Error::Misaligned {
-                op: "matmul",
-                ty: w.ty,
-            });
-        }
-    }
+    quantize_rows(
+        pool,
+        x,
+        n_tok,
+        act.row_bytes(n_cols),
+        scratch,
+        w.ty,
+        &|src, dst| quantize_acts(k, act, src, n_cols, dst).is_ok(),
+    )?;
     let a = scratch.as_slice();
     let out = SharedMut::new(out);
     let mis = Error::Misaligned {
@@ -321,40 +344,18 @@ pub fn matmul_repacked(
     scratch: &mut AlignedBuf,
 ) -> Result<()> {
     let n_cols = w.n_cols;
-    if n_cols == 0 || x.len() % n_cols != 0 {
-        return Err(shape_err(
-            "matmul",
-            format!("x a multiple of {n_cols}"),
-            x.len(),
-        ));
-    }
-    let n_tok = x.len() / n_cols;
-    if out.len() != n_tok * w.n_rows {
-        return Err(shape_err("matmul", n_tok * w.n_rows, out.len()));
-    }
+    let n_tok = token_count(n_cols, w.n_rows, x, out)?;
     let nb = n_cols / 32;
     let arb = nb * std::mem::size_of::<BlockQ8x>();
-    scratch.resize(arb * n_tok);
+    quantize_rows(pool, x, n_tok, arb, scratch, GgmlType::Q8_0, &|src, dst| {
+        cast_blocks_mut::<BlockQ8x>(dst)
+            .map(|blocks| quantize_q8x(src, blocks))
+            .is_some()
+    })?;
     let mis = || Error::Misaligned {
         op: "matmul",
         ty: GgmlType::Q8_0,
     };
-    {
-        let q = SharedMut::new(scratch.as_mut_slice());
-        let failed = std::sync::atomic::AtomicBool::new(false);
-        pool.run(&|ith, nth| {
-            let toks = split_range(n_tok, ith, nth);
-            // SAFETY: each thread quantizes a disjoint range of token rows.
-            let dst = unsafe { q.slice(toks.start * arb..toks.end * arb) };
-            match cast_blocks_mut::<BlockQ8x>(dst) {
-                Some(blocks) => quantize_q8x(&x[toks.start * n_cols..toks.end * n_cols], blocks),
-                None => failed.store(true, std::sync::atomic::Ordering::Relaxed),
-            }
-        });
-        if failed.into_inner() {
-            return Err(mis());
-        }
-    }
     let a: &[BlockQ8x] = cast_blocks(scratch.as_slice()).ok_or_else(mis)?;
     let n_rows = w.n_rows;
     let out = SharedMut::new(out);

@@ -51,15 +51,8 @@ pub fn quantize_q8_1(x: &[f32], y: &mut [BlockQ8_1]) {
 pub fn quantize_q8k(x: &[f32], y: &mut [BlockQ8K]) {
     for (x, b) in x.chunks_exact(QK_K).zip(y.iter_mut()) {
         // the signed value of largest magnitude sets the scale, so it maps to -127 exactly
-        let mut max = 0.0f32;
-        let mut amax = 0.0f32;
-        for &v in x {
-            if v.abs() > amax {
-                amax = v.abs();
-                max = v;
-            }
-        }
-        if amax == 0.0 {
+        let max = signed_max(x);
+        if max == 0.0 {
             b.d = 0.0;
             b.qs = [0; QK_K];
             b.bsums = [0; QK_K / 16];
