@@ -79,15 +79,15 @@ impl Isa {
 pub type DotFn<W, A> = fn(&[W], &[A]) -> f32;
 pub type QuantizeFn<B> = fn(&[f32], &mut [B]);
 pub type AxpyF16Fn = fn(&mut [f32], f32, &[f16]);
-/// One group of eight repacked rows (`nb` blocks) against up to four activation rows
+/// One group of eight repacked rows (`nb` blocks) against up to `R8_TOKENS` activation rows
 /// (`n_act` of `acts` are used): `out[t][r]` for token t and row r.
 pub type R8GemmFn = fn(
     crate::repack::R8Kind,
     &[u8],
     usize,
-    [&[crate::repack::BlockQ8x]; 4],
+    [&[crate::repack::BlockQ8x]; crate::repack::R8_TOKENS],
     usize,
-) -> [[f32; 8]; 4];
+) -> [[f32; 8]; crate::repack::R8_TOKENS];
 /// One weight row against four activation rows at once (the weight is unpacked once).
 /// Its definition is four calls of the matching [`DotFn`].
 pub type Dot4Fn<W, A> = fn(&[W], [&[A]; 4]) -> [f32; 4];

@@ -11,7 +11,7 @@ use crate::blocks::*;
 use crate::dispatch::{Dot4Fn, DotFn, Kernels};
 use crate::pool::{split_range, SharedMut, ThreadPool};
 use crate::quant::dequant;
-use crate::repack::{quantize_q8x, BlockQ8x, Repacked, R8_ROWS};
+use crate::repack::{quantize_q8x, BlockQ8x, Repacked, R8_ROWS, R8_TOKENS};
 use crate::{Error, GgmlType, Result};
 
 /// A weight matrix in ggml layout: `n_rows` rows of `n_cols` elements each.
@@ -334,7 +334,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
 }
 
 /// [`matmul`] for a repacked matrix: activations go to [`BlockQ8x`] once, then each thread
-/// takes whole groups of eight rows and runs every token through them, four at a time.
+/// takes whole groups of eight rows and runs every token through them, `R8_TOKENS` at a time.
 pub fn matmul_repacked(
     k: &Kernels,
     pool: &ThreadPool,
@@ -364,8 +364,8 @@ pub fn matmul_repacked(
             let group = w.groups(g..g + 1);
             let mut t = 0;
             while t < n_tok {
-                let n = (n_tok - t).min(4);
-                let acts: [&[BlockQ8x]; 4] = std::array::from_fn(|i| {
+                let n = (n_tok - t).min(R8_TOKENS);
+                let acts: [&[BlockQ8x]; R8_TOKENS] = std::array::from_fn(|i| {
                     let row = (t + i).min(n_tok - 1);
                     &a[row * nb..(row + 1) * nb]
                 });

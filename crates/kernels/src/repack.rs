@@ -30,6 +30,8 @@ use crate::{Error, GgmlType, Result, WeightRef};
 
 /// Rows per interleaved group.
 pub const R8_ROWS: usize = 8;
+/// Activation rows the R8 kernels take at once (each unpacked weight block serves them all).
+pub const R8_TOKENS: usize = 8;
 
 /// How the values of a repacked block are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -272,11 +274,11 @@ pub fn gemm_r8_scalar(
     kind: R8Kind,
     group: &[u8],
     nb: usize,
-    acts: [&[BlockQ8x]; 4],
+    acts: [&[BlockQ8x]; R8_TOKENS],
     n_act: usize,
-) -> [[f32; 8]; 4] {
+) -> [[f32; 8]; R8_TOKENS] {
     let bb = kind.block_bytes();
-    let mut out = [[0.0f32; 8]; 4];
+    let mut out = [[0.0f32; 8]; R8_TOKENS];
     for (t, o) in out.iter_mut().enumerate().take(n_act) {
         for (b, ab) in acts[t].iter().enumerate().take(nb) {
             let block = &group[b * bb..(b + 1) * bb];
@@ -394,7 +396,7 @@ mod tests {
                     n_cols: cols,
                 };
                 let rp = repack(w).unwrap().unwrap();
-                let acts: Vec<Vec<BlockQ8x>> = (0..4)
+                let acts: Vec<Vec<BlockQ8x>> = (0..R8_TOKENS)
                     .map(|_| {
                         let x: Vec<f32> = (0..cols).map(|_| rng.f32() * 3.0).collect();
                         let mut a = vec![
@@ -409,8 +411,8 @@ mod tests {
                         a
                     })
                     .collect();
-                let refs: [&[BlockQ8x]; 4] = std::array::from_fn(|i| acts[i].as_slice());
-                for n_act in 1..=4 {
+                let refs: [&[BlockQ8x]; R8_TOKENS] = std::array::from_fn(|i| acts[i].as_slice());
+                for n_act in 1..=R8_TOKENS {
                     for g in 0..rows / 8 {
                         let group = rp.groups(g..g + 1);
                         let want = gemm_r8_scalar(rp.kind, group, nb, refs, n_act);
@@ -420,7 +422,7 @@ mod tests {
                                 fast += 1;
                             }
                             let got = (k.r8_gemm)(rp.kind, group, nb, refs, n_act);
-                            for t in 0..4 {
+                            for t in 0..R8_TOKENS {
                                 for r in 0..8 {
                                     let (gv, wv) = (got[t][r], want[t][r]);
                                     assert!(

@@ -510,7 +510,7 @@ safe_wrapper4!(dot4_q6k, dot4_q6k_impl, BlockQ6K, BlockQ8K);
 
 // ---- repacked (row-interleaved) weights, AVX-512 VNNI ----------------------------------
 
-use crate::repack::{BlockQ8x, R8Kind};
+use crate::repack::{BlockQ8x, R8Kind, R8_TOKENS};
 
 /// The four 64-byte value vectors (u8) of one repacked block.
 #[inline]
@@ -561,15 +561,15 @@ fn gemm_r8_impl(
     kind: R8Kind,
     group: &[u8],
     nb: usize,
-    acts: [&[BlockQ8x]; 4],
+    acts: [&[BlockQ8x]; R8_TOKENS],
     n_act: usize,
-) -> [[f32; 8]; 4] {
+) -> [[f32; 8]; R8_TOKENS] {
     let bb = kind.block_bytes();
-    let n_act = n_act.min(4);
+    let n_act = n_act.min(R8_TOKENS);
     let nb = acts[..n_act]
         .iter()
         .fold(nb.min(group.len() / bb), |n, a| n.min(a.len()));
-    let mut facc = [_mm512_setzero_ps(); 4];
+    let mut facc = [_mm512_setzero_ps(); R8_TOKENS];
     for b in 0..nb {
         let blk = &group[b * bb..(b + 1) * bb];
         let v = r8_values(kind, blk);
@@ -593,7 +593,7 @@ fn gemm_r8_impl(
             facc[t] = _mm512_fmadd_ps(cv, _mm512_set1_ps(a.s), f);
         }
     }
-    let mut out = [[0.0f32; 8]; 4];
+    let mut out = [[0.0f32; 8]; R8_TOKENS];
     for t in 0..n_act {
         let even = _mm512_cvtepi64_epi32(_mm512_castps_si512(facc[t]));
         let mut bits = [0i32; 8];
@@ -610,9 +610,9 @@ pub(super) fn gemm_r8(
     kind: R8Kind,
     group: &[u8],
     nb: usize,
-    acts: [&[BlockQ8x]; 4],
+    acts: [&[BlockQ8x]; R8_TOKENS],
     n_act: usize,
-) -> [[f32; 8]; 4] {
+) -> [[f32; 8]; R8_TOKENS] {
     // SAFETY: only placed in a kernel table after AVX-512 (F, BW, VL) with the AVX2 features
     // and AVX512-VNNI were detected.
     unsafe { gemm_r8_impl(kind, group, nb, acts, n_act) }
