@@ -322,16 +322,33 @@ mod tests {
         out.to_vec()
     }
 
+    const R8_TYPES: [GgmlType; 5] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+    ];
+
+    /// Random activations of `cols` values (scaled by `scale`) quantized to `BlockQ8x`.
+    fn acts(rng: &mut Rng, cols: usize, scale: f32) -> Vec<BlockQ8x> {
+        let x: Vec<f32> = (0..cols).map(|_| rng.f32() * scale).collect();
+        let mut a = vec![
+            BlockQ8x {
+                d: 0.0,
+                s: 0.0,
+                qs: [0; 32]
+            };
+            cols / 32
+        ];
+        quantize_q8x(&x, &mut a);
+        a
+    }
+
     #[test]
     fn repacked_rows_compute_the_original_dot_products() {
         let mut rng = Rng::new(5);
-        for ty in [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q5_1,
-            GgmlType::Q8_0,
-        ] {
+        for ty in R8_TYPES {
             let (rows, cols) = (16, 96);
             let bytes = matrix(ty, rows, cols, &mut rng);
             let w = WeightRef {
@@ -341,16 +358,7 @@ mod tests {
                 n_cols: cols,
             };
             let rp = repack(w).unwrap().unwrap();
-            let x: Vec<f32> = (0..cols).map(|_| rng.f32() * 2.0).collect();
-            let mut a = vec![
-                BlockQ8x {
-                    d: 0.0,
-                    s: 0.0,
-                    qs: [0; 32]
-                };
-                cols / 32
-            ];
-            quantize_q8x(&x, &mut a);
+            let a = acts(&mut rng, cols, 2.0);
             let mut deq = vec![0.0f32; cols];
             for g in 0..rows / 8 {
                 let got = gemv_r8_scalar(&rp, g, &a);
@@ -379,13 +387,7 @@ mod tests {
     fn simd_r8_gemm_matches_the_scalar_kernel() {
         let mut rng = Rng::new(9);
         let mut fast = 0;
-        for ty in [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q5_1,
-            GgmlType::Q8_0,
-        ] {
+        for ty in R8_TYPES {
             for nb in [1usize, 2, 3, 7, 20] {
                 let (rows, cols) = (16, 32 * nb);
                 let bytes = matrix(ty, rows, cols, &mut rng);
@@ -396,22 +398,10 @@ mod tests {
                     n_cols: cols,
                 };
                 let rp = repack(w).unwrap().unwrap();
-                let acts: Vec<Vec<BlockQ8x>> = (0..R8_TOKENS)
-                    .map(|_| {
-                        let x: Vec<f32> = (0..cols).map(|_| rng.f32() * 3.0).collect();
-                        let mut a = vec![
-                            BlockQ8x {
-                                d: 0.0,
-                                s: 0.0,
-                                qs: [0; 32]
-                            };
-                            nb
-                        ];
-                        quantize_q8x(&x, &mut a);
-                        a
-                    })
-                    .collect();
-                let refs: [&[BlockQ8x]; R8_TOKENS] = std::array::from_fn(|i| acts[i].as_slice());
+                let rows_of_acts: Vec<Vec<BlockQ8x>> =
+                    (0..R8_TOKENS).map(|_| acts(&mut rng, cols, 3.0)).collect();
+                let refs: [&[BlockQ8x]; R8_TOKENS] =
+                    std::array::from_fn(|i| rows_of_acts[i].as_slice());
                 for n_act in 1..=R8_TOKENS {
                     for g in 0..rows / 8 {
                         let group = rp.groups(g..g + 1);

@@ -450,44 +450,32 @@ safe_wrapper!(dot_f16, dot_f16_impl, f16, f32);
 pub(super) trait MinSum {
     fn min_term(&self) -> half::f16;
 }
-impl MinSum for BlockQ4_1 {
-    fn min_term(&self) -> half::f16 {
-        self.m
-    }
-}
-impl MinSum for BlockQ5_1 {
-    fn min_term(&self) -> half::f16 {
-        self.m
-    }
-}
-impl MinSum for BlockQ4_0 {
-    fn min_term(&self) -> half::f16 {
-        half::f16::ZERO
-    }
-}
-impl MinSum for BlockQ5_0 {
-    fn min_term(&self) -> half::f16 {
-        half::f16::ZERO
-    }
-}
-impl MinSum for BlockQ8_0 {
-    fn min_term(&self) -> half::f16 {
-        half::f16::ZERO
-    }
-}
 pub(super) trait ActSum {
     fn sum_term(&self) -> half::f16;
 }
-impl ActSum for BlockQ8_1 {
-    fn sum_term(&self) -> half::f16 {
-        self.s
-    }
+
+macro_rules! terms {
+    ($tr:ident, $f:ident: $($t:ty => |$b:ident| $e:expr),* $(,)?) => { $(
+        impl $tr for $t {
+            fn $f(&self) -> half::f16 {
+                let $b = self;
+                $e
+            }
+        }
+    )* };
 }
-impl ActSum for BlockQ8_0 {
-    fn sum_term(&self) -> half::f16 {
-        half::f16::ZERO
-    }
-}
+
+terms!(MinSum, min_term:
+    BlockQ4_1 => |b| b.m,
+    BlockQ5_1 => |b| b.m,
+    BlockQ4_0 => |_b| half::f16::ZERO,
+    BlockQ5_0 => |_b| half::f16::ZERO,
+    BlockQ8_0 => |_b| half::f16::ZERO,
+);
+terms!(ActSum, sum_term:
+    BlockQ8_1 => |b| b.s,
+    BlockQ8_0 => |_b| half::f16::ZERO,
+);
 
 macro_rules! blocks4 {
     ($name:ident, $W:ty, $A:ty, |$a:ident| $q:expr, signed: $signed:expr, mins: $mins:expr) => {
