@@ -70,6 +70,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         max_tokens: a.n_predict,
         sampler: a.sampling.params(),
         stop: a.stop.clone(),
+        logprobs: true,
         top_logprobs: a.top_logprobs,
         echo: a.echo,
         ignore_eos: a.ignore_eos,

@@ -15,6 +15,9 @@ pub struct GenerateParams {
     pub max_tokens: usize,
     pub sampler: SamplerParams,
     pub stop: Vec<String>,
+    /// Report each generated token's logprob (costs a pass over the vocabulary per token,
+    /// so it is off unless asked for; `top_logprobs > 0` turns it on too).
+    pub logprobs: bool,
     /// How many alternatives to report per token (0 = none).
     pub top_logprobs: usize,
     /// Also report the prompt's logprobs.
@@ -29,6 +32,7 @@ impl Default for GenerateParams {
             max_tokens: 128,
             sampler: SamplerParams::default(),
             stop: Vec::new(),
+            logprobs: false,
             top_logprobs: 0,
             echo: false,
             ignore_eos: false,
@@ -41,7 +45,8 @@ pub struct TokenOut {
     pub id: u32,
     /// This token's own text (lossy if it is part of a multi-byte character).
     pub text: String,
-    pub logprob: f32,
+    /// Present when logprobs were asked for.
+    pub logprob: Option<f32>,
     pub top: Vec<(u32, f32)>,
 }
 
@@ -206,13 +211,18 @@ impl Session {
         while tokens.len() < params.max_tokens {
             let id = sampler.sample(&last_logits);
             sampler.accept(id);
-            let (lp, top) = logprobs(&last_logits, Some(id), params.top_logprobs);
+            let want_lp = params.logprobs || params.top_logprobs > 0;
+            let (lp, top) = if want_lp {
+                logprobs(&last_logits, Some(id), params.top_logprobs)
+            } else {
+                (None, Vec::new())
+            };
             let eog = self.tokenizer.is_eog(id) && !params.ignore_eos;
             let bytes = self.tokenizer.token_bytes(id, false);
             let tok = TokenOut {
                 id,
                 text: String::from_utf8_lossy(bytes).into_owned(),
-                logprob: lp.unwrap_or(f32::NEG_INFINITY),
+                logprob: lp,
                 top,
             };
             if !eog {
