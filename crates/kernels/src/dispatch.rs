@@ -79,6 +79,10 @@ impl Isa {
 pub type DotFn<W, A> = fn(&[W], &[A]) -> f32;
 pub type QuantizeFn<B> = fn(&[f32], &mut [B]);
 pub type AxpyF16Fn = fn(&mut [f32], f32, &[f16]);
+/// `c[m, n] += a[m, k] · b[k, n]` with an f16 `b`: `(m, n, k, a, lda, b, ldb, c, ldc)`.
+pub type GemmF16bFn = fn(usize, usize, usize, &[f32], usize, &[f16], usize, &mut [f32], usize);
+/// `x = exp(x - sub)`, returning the sum.
+pub type ExpSumFn = fn(&mut [f32], f32) -> f32;
 /// One group of eight repacked rows (`nb` blocks) against up to `R8_TOKENS` activation rows
 /// (`n_act` of `acts` are used): `out[t][r]` for token t and row r.
 pub type R8GemmFn = fn(
@@ -116,6 +120,8 @@ pub struct Kernels {
     pub dot4_q4k: Option<Dot4Fn<BlockQ4K, BlockQ8K>>,
     pub dot4_q6k: Option<Dot4Fn<BlockQ6K, BlockQ8K>>,
     pub axpy_f16: AxpyF16Fn,
+    pub gemm_f16b: GemmF16bFn,
+    pub exp_sum: ExpSumFn,
     pub r8_gemm: R8GemmFn,
     /// Whether this level has a fast `r8_gemm` (models repack their weights only then).
     pub r8_preferred: bool,
@@ -153,6 +159,8 @@ impl Kernels {
         dot4_q4k: None,
         dot4_q6k: None,
         axpy_f16: dot::axpy_f16,
+        gemm_f16b: crate::attn::gemm_f16b,
+        exp_sum: crate::attn::exp_sum,
         r8_gemm: crate::repack::gemm_r8_scalar,
         r8_preferred: false,
         quantize_q8_0: quantize::quantize_q8_0,

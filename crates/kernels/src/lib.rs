@@ -9,12 +9,14 @@
 //! * [`matmul`]: quantized matrix x activations over the thread pool, activations quantized
 //!   once per call and shared by all rows.
 //! * [`repack`]: weights repacked at load into row-interleaved blocks (SIMD lanes = rows).
+//! * [`attn`]: flash attention over f16 KV tiles (online softmax).
 //! * [`ops`]: RMSNorm, softmax, RoPE, gated activations.
 //! * [`pool`]: the fork-join thread pool.
 //!
 //! This is the only crate with SIMD and most of the project's `unsafe`; every `unsafe` block
 //! carries a `SAFETY:` comment.
 
+pub mod attn;
 pub mod blocks;
 pub mod dispatch;
 pub mod matmul;

@@ -12,8 +12,8 @@ use capy_kernels::blocks::AlignedBuf;
 use capy_kernels::ops;
 use capy_kernels::pool::{split_range, SharedMut};
 use capy_kernels::{kernels, matmul, Isa, Kernels, ThreadPool};
-use half::slice::HalfFloatSliceExt;
 
+use crate::attention::{self, AttnWork};
 use crate::hparams::Activation;
 use crate::kv::KvCache;
 use crate::weights::{Model, Tensor};
@@ -113,8 +113,8 @@ struct Scratch {
     /// `[n_batch, rope_dim/2]` for the global and the sliding-window RoPE bases
     cos: [Vec<f32>; 2],
     sin: [Vec<f32>; 2],
-    /// `[n_threads, n_ctx]` attention scores
-    scores: Vec<f32>,
+    /// flash attention's work items and per-thread buffers
+    attn_work: AttnWork,
     /// `[n_outputs, n_embd]`
     out_rows: Vec<f32>,
     /// `[n_outputs, n_vocab]`
@@ -140,6 +140,7 @@ impl Context {
         let hp = &model.hp;
         let nb = params.n_batch.max(1);
         let n_threads = params.n_threads.max(1);
+        let kern = params.isa.and_then(Kernels::for_isa).unwrap_or(*kernels());
         let kv = KvCache::new(
             hp.n_layer,
             params.n_seq.max(1),
@@ -164,14 +165,14 @@ impl Context {
                 vec![0.0; nb * hp.rope_dim / 2],
                 vec![0.0; nb * hp.rope_dim / 2],
             ],
-            scores: vec![0.0; n_threads * params.n_ctx.max(1)],
+            attn_work: AttnWork::new(hp, kern, n_threads, nb),
             out_rows: vec![0.0; params.n_outputs.max(1) * hp.n_embd],
             logits: vec![0.0; params.n_outputs.max(1) * hp.n_vocab],
             qbuf: AlignedBuf::new(),
         };
         Context {
             pool: ThreadPool::new(n_threads),
-            kern: params.isa.and_then(Kernels::for_isa).unwrap_or(*kernels()),
+            kern,
             seq_next: vec![None; kv.n_seq],
             kv,
             s,
@@ -327,13 +328,13 @@ impl Context {
 
             // store K and V
             for t in 0..n_tok {
-                let (seq, pos) = (batch.seq[t], batch.pos[t]);
-                self.kv
-                    .k_row_mut(il, seq, pos)
-                    .convert_from_f32_slice(&kk[t * hp.n_embd_k()..(t + 1) * hp.n_embd_k()]);
-                self.kv
-                    .v_row_mut(il, seq, pos)
-                    .convert_from_f32_slice(&v[t * hp.n_embd_v()..(t + 1) * hp.n_embd_v()]);
+                self.kv.store(
+                    il,
+                    batch.seq[t],
+                    batch.pos[t],
+                    &kk[t * hp.n_embd_k()..(t + 1) * hp.n_embd_k()],
+                    &v[t * hp.n_embd_v()..(t + 1) * hp.n_embd_v()],
+                );
             }
 
             // attention
@@ -342,25 +343,15 @@ impl Context {
             } else {
                 0
             };
-            attention(
-                k,
+            attention::attention(
                 &self.pool,
                 &self.kv,
                 il,
                 batch,
                 q,
                 &mut s.attn[..n_tok * hp.n_head * hp.head_dim_v],
-                &mut s.scores,
-                self.params.n_ctx,
-                AttnShape {
-                    n_head: hp.n_head,
-                    n_head_kv: hp.n_head_kv,
-                    head_dim: hp.head_dim,
-                    head_dim_v: hp.head_dim_v,
-                    scale: hp.attn_scale,
-                    softcap: hp.attn_logit_softcap,
-                    window,
-                },
+                &mut s.attn_work,
+                window,
             );
             let attn = &s.attn[..n_tok * hp.n_head * hp.head_dim_v];
             mm(k, &self.pool, &model, &layer.wo, attn, xn, &mut s.qbuf)?;
@@ -494,75 +485,4 @@ fn add_rows(x: &mut [f32], b: &[f32]) {
     for r in x.chunks_exact_mut(b.len()) {
         ops::add_inplace(r, b);
     }
-}
-
-#[derive(Clone, Copy)]
-struct AttnShape {
-    n_head: usize,
-    n_head_kv: usize,
-    head_dim: usize,
-    head_dim_v: usize,
-    scale: f32,
-    softcap: f32,
-    /// sliding window (0 = attend to the whole sequence)
-    window: usize,
-}
-
-/// Causal attention of every (token, head) pair against its own sequence in the cache.
-/// `q`: `[n_tok, n_head*head_dim]`, `out`: `[n_tok, n_head*head_dim_v]`.
-#[allow(clippy::too_many_arguments)]
-fn attention(
-    k: &Kernels,
-    pool: &ThreadPool,
-    kv: &KvCache,
-    layer: usize,
-    batch: &Batch,
-    q: &[f32],
-    out: &mut [f32],
-    scores: &mut [f32],
-    n_ctx: usize,
-    sh: AttnShape,
-) {
-    let n_tok = batch.len();
-    let items = n_tok * sh.n_head;
-    let group = sh.n_head / sh.n_head_kv;
-    let out = SharedMut::new(out);
-    let scores = SharedMut::new(scores);
-    pool.run(&|ith, nth| {
-        // SAFETY: thread `ith` alone uses scores row `ith`.
-        let sc_all = unsafe { scores.slice(ith * n_ctx..(ith + 1) * n_ctx) };
-        // round-robin: causal attention costs more for later tokens, so contiguous ranges
-        // would leave the first threads idle
-        for item in (ith..items).step_by(nth) {
-            let (t, h) = (item / sh.n_head, item % sh.n_head);
-            let (seq, pos) = (batch.seq[t], batch.pos[t]);
-            let kvh = h / group;
-            let len = pos + 1;
-            let start = if sh.window > 0 {
-                len.saturating_sub(sh.window)
-            } else {
-                0
-            };
-            let keys = kv.k_seq(layer, seq, len);
-            let vals = kv.v_seq(layer, seq, len);
-            let qh = &q[t * sh.n_head * sh.head_dim + h * sh.head_dim..][..sh.head_dim];
-            let sc = &mut sc_all[start..len];
-            for (p, s) in (start..len).zip(sc.iter_mut()) {
-                let kr = &keys[p * kv.n_embd_k + kvh * sh.head_dim..][..sh.head_dim];
-                let mut v = (k.dot_f16)(kr, qh) * sh.scale;
-                if sh.softcap > 0.0 {
-                    v = sh.softcap * (v / sh.softcap).tanh();
-                }
-                *s = v;
-            }
-            ops::softmax(sc);
-            // SAFETY: each (t, h) item is handled by exactly one thread.
-            let o = unsafe { out.slice(item * sh.head_dim_v..(item + 1) * sh.head_dim_v) };
-            o.fill(0.0);
-            for (p, &w) in (start..len).zip(sc.iter()) {
-                let vr = &vals[p * kv.n_embd_v + kvh * sh.head_dim_v..][..sh.head_dim_v];
-                (k.axpy_f16)(o, w, vr);
-            }
-        }
-    });
 }

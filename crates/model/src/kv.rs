@@ -1,7 +1,13 @@
 //! KV cache: per layer, per sequence, a contiguous run of positions, stored as f16 (as
 //! llama.cpp's default cache; half the memory of f32).
+//!
+//! Keys are kept transposed in tiles of [`KV_TILE`] positions (`[n_embd_k, KV_TILE]` per
+//! tile), so flash attention reads each head's tile as a `[head_dim, KV_TILE]` matrix;
+//! values are row-major (`[pos, n_embd_v]`).
 
+use capy_kernels::attn::{KvView, KV_TILE};
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::{Error, Result};
 
@@ -11,8 +17,10 @@ pub struct KvCache {
     pub n_ctx: usize,
     pub n_embd_k: usize,
     pub n_embd_v: usize,
-    /// per layer: `[n_seq, n_ctx, n_embd_k]`
+    /// per layer: `[n_seq, n_tiles, n_embd_k, KV_TILE]`
     k: Vec<Vec<f16>>,
+    /// `n_ctx` rounded up to whole tiles
+    n_tiles: usize,
     /// per layer: `[n_seq, n_ctx, n_embd_v]`
     v: Vec<Vec<f16>>,
     /// Number of valid positions per sequence.
@@ -27,13 +35,15 @@ impl KvCache {
         n_embd_k: usize,
         n_embd_v: usize,
     ) -> KvCache {
+        let n_tiles = n_ctx.div_ceil(KV_TILE);
         KvCache {
+            n_tiles,
             n_seq,
             n_ctx,
             n_embd_k,
             n_embd_v,
             k: (0..n_layer)
-                .map(|_| vec![f16::ZERO; n_seq * n_ctx * n_embd_k])
+                .map(|_| vec![f16::ZERO; n_seq * n_tiles * KV_TILE * n_embd_k])
                 .collect(),
             v: (0..n_layer)
                 .map(|_| vec![f16::ZERO; n_seq * n_ctx * n_embd_v])
@@ -44,7 +54,7 @@ impl KvCache {
 
     /// Bytes held by the cache.
     pub fn bytes(&self) -> usize {
-        self.k.len() * self.n_seq * self.n_ctx * (self.n_embd_k + self.n_embd_v) * 2
+        self.k.iter().chain(&self.v).map(|l| l.len() * 2).sum()
     }
 
     pub fn seq_len(&self, seq: usize) -> usize {
@@ -72,28 +82,37 @@ impl KvCache {
         }
     }
 
-    fn row(&self, seq: usize, pos: usize) -> usize {
-        seq * self.n_ctx + pos
+    /// Stores the key and value of one position.
+    pub(crate) fn store(&mut self, layer: usize, seq: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let (ek, ev) = (self.n_embd_k, self.n_embd_v);
+        let tile = (seq * self.n_tiles + pos / KV_TILE) * ek * KV_TILE;
+        let kt = &mut self.k[layer][tile..tile + ek * KV_TILE];
+        for (e, &x) in k[..ek].iter().enumerate() {
+            kt[e * KV_TILE + pos % KV_TILE] = f16::from_f32(x);
+        }
+        let r = seq * self.n_ctx + pos;
+        self.v[layer][r * ev..(r + 1) * ev].convert_from_f32_slice(&v[..ev]);
     }
 
-    pub(crate) fn k_row_mut(&mut self, layer: usize, seq: usize, pos: usize) -> &mut [f16] {
-        let (r, n) = (self.row(seq, pos), self.n_embd_k);
-        &mut self.k[layer][r * n..(r + 1) * n]
-    }
-
-    pub(crate) fn v_row_mut(&mut self, layer: usize, seq: usize, pos: usize) -> &mut [f16] {
-        let (r, n) = (self.row(seq, pos), self.n_embd_v);
-        &mut self.v[layer][r * n..(r + 1) * n]
-    }
-
-    /// Keys of positions `0..len` of a sequence: `[len, n_embd_k]`.
-    pub(crate) fn k_seq(&self, layer: usize, seq: usize, len: usize) -> &[f16] {
-        let r = self.row(seq, 0);
-        &self.k[layer][r * self.n_embd_k..(r + len) * self.n_embd_k]
-    }
-
-    pub(crate) fn v_seq(&self, layer: usize, seq: usize, len: usize) -> &[f16] {
-        let r = self.row(seq, 0);
-        &self.v[layer][r * self.n_embd_v..(r + len) * self.n_embd_v]
+    /// Keys and values of KV head `kvh` of a sequence, for flash attention.
+    pub(crate) fn view(
+        &self,
+        layer: usize,
+        seq: usize,
+        kvh: usize,
+        head_dim: usize,
+        head_dim_v: usize,
+    ) -> KvView<'_> {
+        let (ek, ev) = (self.n_embd_k, self.n_embd_v);
+        let kseq = seq * self.n_tiles * KV_TILE * ek;
+        let vseq = seq * self.n_ctx * ev;
+        KvView {
+            k: &self.k[layer][kseq..kseq + self.n_tiles * KV_TILE * ek],
+            k_tile_stride: ek * KV_TILE,
+            k_off: kvh * head_dim * KV_TILE,
+            v: &self.v[layer][vseq..vseq + self.n_ctx * ev],
+            v_stride: ev,
+            v_off: kvh * head_dim_v,
+        }
     }
 }

@@ -6,6 +6,7 @@
 //! ([`Context::decode`]) takes a [`Batch`] of tokens that may belong to several sequences;
 //! all scratch memory is sized once when the context is created.
 
+mod attention;
 mod forward;
 mod hparams;
 mod kv;

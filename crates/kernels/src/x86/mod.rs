@@ -2,6 +2,7 @@
 
 mod avx2;
 mod avx512;
+mod float;
 
 use std::arch::x86_64::{_mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtss_f32};
 
@@ -32,6 +33,8 @@ pub(crate) fn avx2_kernels() -> Kernels {
         dot_f32: avx2::dot_f32,
         dot_f16: avx2::dot_f16,
         axpy_f16: avx2::axpy_f16,
+        gemm_f16b: float::gemm_f16b_avx2,
+        exp_sum: float::exp_sum_avx2,
         dot4_q4_1: Some(avx2::dot4_q4_1),
         dot4_q5_0: Some(avx2::dot4_q5_0),
         dot4_q8_0: Some(avx2::dot4_q8_0),
@@ -63,6 +66,8 @@ pub(crate) fn avx512_kernels() -> Kernels {
         dot_q6k: avx512::dot_q6k,
         dot_f32: avx512::dot_f32,
         dot_f16: avx512::dot_f16,
+        gemm_f16b: float::gemm_f16b_avx512,
+        exp_sum: float::exp_sum_avx512,
         dot4_q4_1: Some(avx512::dot4_q4_1),
         dot4_q5_0: Some(avx512::dot4_q5_0),
         dot4_q8_0: Some(avx512::dot4_q8_0),
