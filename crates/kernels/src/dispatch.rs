@@ -81,17 +81,19 @@ pub type QuantizeFn<B> = fn(&[f32], &mut [B]);
 pub type AxpyF16Fn = fn(&mut [f32], f32, &[f16]);
 /// `c[m, n] += a[m, k] · b[k, n]` with an f16 `b`: `(m, n, k, a, lda, b, ldb, c, ldc)`.
 pub type GemmF16bFn = fn(usize, usize, usize, &[f32], usize, &[f16], usize, &mut [f32], usize);
+pub type GatedFn = fn(&mut [f32], &[f32]);
+pub type RmsNormFn = fn(&mut [f32], &[f32], f32);
 /// `x = exp(x - sub)`, returning the sum.
 pub type ExpSumFn = fn(&mut [f32], f32) -> f32;
-/// One group of eight repacked rows (`nb` blocks) against up to `R8_TOKENS` activation rows
+/// One group of sixteen repacked rows (`nb` blocks) against up to `R16_TOKENS` activation rows
 /// (`n_act` of `acts` are used): `out[t][r]` for token t and row r.
-pub type R8GemmFn = fn(
-    crate::repack::R8Kind,
+pub type R16GemmFn = fn(
+    crate::repack::R16Kind,
     &[u8],
     usize,
-    [&[crate::repack::BlockQ8x]; crate::repack::R8_TOKENS],
+    [&[crate::repack::BlockQ8x]; crate::repack::R16_TOKENS],
     usize,
-) -> [[f32; 8]; crate::repack::R8_TOKENS];
+) -> [[f32; crate::repack::R16_ROWS]; crate::repack::R16_TOKENS];
 /// One weight row against four activation rows at once (the weight is unpacked once).
 /// Its definition is four calls of the matching [`DotFn`].
 pub type Dot4Fn<W, A> = fn(&[W], [&[A]; 4]) -> [f32; 4];
@@ -122,9 +124,15 @@ pub struct Kernels {
     pub axpy_f16: AxpyF16Fn,
     pub gemm_f16b: GemmF16bFn,
     pub exp_sum: ExpSumFn,
-    pub r8_gemm: R8GemmFn,
-    /// Whether this level has a fast `r8_gemm` (models repack their weights only then).
-    pub r8_preferred: bool,
+    /// `gate = act(gate) * up`
+    pub silu_mul: GatedFn,
+    pub gelu_mul: GatedFn,
+    /// in place, `x = x / rms(x) * w` (`w` empty: no weight)
+    pub rms_norm: RmsNormFn,
+    pub quantize_q8x: QuantizeFn<crate::repack::BlockQ8x>,
+    pub r16_gemm: R16GemmFn,
+    /// Whether this level has a fast `r16_gemm` (models repack their weights only then).
+    pub r16_preferred: bool,
     pub quantize_q8_0: QuantizeFn<BlockQ8_0>,
     pub quantize_q8_1: QuantizeFn<BlockQ8_1>,
     pub quantize_q8k: QuantizeFn<BlockQ8K>,
@@ -161,8 +169,12 @@ impl Kernels {
         axpy_f16: dot::axpy_f16,
         gemm_f16b: crate::attn::gemm_f16b,
         exp_sum: crate::attn::exp_sum,
-        r8_gemm: crate::repack::gemm_r8_scalar,
-        r8_preferred: false,
+        silu_mul: crate::ops::silu_mul,
+        gelu_mul: crate::ops::gelu_mul,
+        rms_norm: crate::ops::rms_norm_inplace,
+        quantize_q8x: crate::repack::quantize_q8x,
+        r16_gemm: crate::repack::gemm_r16_scalar,
+        r16_preferred: false,
         quantize_q8_0: quantize::quantize_q8_0,
         quantize_q8_1: quantize::quantize_q8_1,
         quantize_q8k: quantize::quantize_q8k,

@@ -11,7 +11,7 @@ use crate::blocks::*;
 use crate::dispatch::{Dot4Fn, DotFn, Kernels};
 use crate::pool::{split_range, SharedMut, ThreadPool};
 use crate::quant::dequant;
-use crate::repack::{quantize_q8x, BlockQ8x, Repacked, R8_ROWS, R8_TOKENS};
+use crate::repack::{BlockQ8x, Repacked, R16_ROWS, R16_TOKENS};
 use crate::{Error, GgmlType, Result};
 
 /// A weight matrix in ggml layout: `n_rows` rows of `n_cols` elements each.
@@ -334,7 +334,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
 }
 
 /// [`matmul`] for a repacked matrix: activations go to [`BlockQ8x`] once, then each thread
-/// takes whole groups of eight rows and runs every token through them, `R8_TOKENS` at a time.
+/// takes whole groups of sixteen rows and runs every token through them, `R16_TOKENS` at a time.
 pub fn matmul_repacked(
     k: &Kernels,
     pool: &ThreadPool,
@@ -349,7 +349,7 @@ pub fn matmul_repacked(
     let arb = nb * std::mem::size_of::<BlockQ8x>();
     quantize_rows(pool, x, n_tok, arb, scratch, GgmlType::Q8_0, &|src, dst| {
         cast_blocks_mut::<BlockQ8x>(dst)
-            .map(|blocks| quantize_q8x(src, blocks))
+            .map(|blocks| (k.quantize_q8x)(src, blocks))
             .is_some()
     })?;
     let mis = || Error::Misaligned {
@@ -360,20 +360,20 @@ pub fn matmul_repacked(
     let n_rows = w.n_rows;
     let out = SharedMut::new(out);
     pool.run(&|ith, nth| {
-        for g in split_range(n_rows / R8_ROWS, ith, nth) {
+        for g in split_range(n_rows / R16_ROWS, ith, nth) {
             let group = w.groups(g..g + 1);
             let mut t = 0;
             while t < n_tok {
-                let n = (n_tok - t).min(R8_TOKENS);
-                let acts: [&[BlockQ8x]; R8_TOKENS] = std::array::from_fn(|i| {
+                let n = (n_tok - t).min(R16_TOKENS);
+                let acts: [&[BlockQ8x]; R16_TOKENS] = std::array::from_fn(|i| {
                     let row = (t + i).min(n_tok - 1);
                     &a[row * nb..(row + 1) * nb]
                 });
-                let res = (k.r8_gemm)(w.kind, group, nb, acts, n);
+                let res = (k.r16_gemm)(w.kind, group, nb, acts, n);
                 for (i, rr) in res.iter().enumerate().take(n) {
-                    let base = (t + i) * n_rows + g * R8_ROWS;
-                    // SAFETY: rows g*8..g*8+8 of every token belong to this thread alone.
-                    let o = unsafe { out.slice(base..base + R8_ROWS) };
+                    let base = (t + i) * n_rows + g * R16_ROWS;
+                    // SAFETY: rows g*16..g*16+16 of every token belong to this thread alone.
+                    let o = unsafe { out.slice(base..base + R16_ROWS) };
                     o.copy_from_slice(rr);
                 }
                 t += n;

@@ -15,12 +15,13 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// In-place RMSNorm.
+/// In-place RMSNorm. Elements past the end of `w` (all of them when `w` is empty) are
+/// only scaled.
 pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
     let sum: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
     let scale = (1.0 / (sum / x.len() as f64 + eps as f64).sqrt()) as f32;
-    for (v, &g) in x.iter_mut().zip(w) {
-        *v *= scale * g;
+    for (i, v) in x.iter_mut().enumerate() {
+        *v *= scale * w.get(i).copied().unwrap_or(1.0);
     }
 }
 
@@ -170,6 +171,54 @@ mod tests {
                 (gelu(x) - tanh_form).abs() <= 1e-6 * x.abs().max(1.0),
                 "x={x}"
             );
+        }
+    }
+
+    #[test]
+    fn simd_row_kernels_match_the_reference_at_every_length() {
+        use crate::dispatch::{Isa, Kernels};
+        let mut rng = crate::quant::tests::Rng::new(21);
+        for kern in Isa::all_available()
+            .into_iter()
+            .filter_map(Kernels::for_isa)
+        {
+            for n in (1..70).chain([576, 640, 1000]) {
+                let x: Vec<f32> = (0..n).map(|_| rng.f32() * 12.0).collect();
+                let up: Vec<f32> = (0..n).map(|_| rng.f32() * 3.0).collect();
+                for (name, f, r) in [
+                    (
+                        "silu_mul",
+                        kern.silu_mul,
+                        silu_mul as fn(&mut [f32], &[f32]),
+                    ),
+                    ("gelu_mul", kern.gelu_mul, gelu_mul),
+                ] {
+                    let (mut got, mut want) = (x.clone(), x.clone());
+                    f(&mut got, &up);
+                    r(&mut want, &up);
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(
+                            (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                            "{:?} {name} n={n}: {g} vs {w}",
+                            kern.isa
+                        );
+                    }
+                }
+                // weighted, unweighted, and a weight shorter than the row
+                let w: Vec<f32> = (0..n).map(|_| rng.f32() + 1.5).collect();
+                for wl in [n, 0, n / 2] {
+                    let (mut got, mut want) = (x.clone(), x.clone());
+                    (kern.rms_norm)(&mut got, &w[..wl], 1e-6);
+                    rms_norm_inplace(&mut want, &w[..wl], 1e-6);
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(
+                            (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                            "{:?} rms_norm n={n} w={wl}: {g} vs {w}",
+                            kern.isa
+                        );
+                    }
+                }
+            }
         }
     }
 

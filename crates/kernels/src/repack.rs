@@ -1,8 +1,8 @@
-//! Weights repacked at load into row-interleaved blocks ("R8"), for the 32-element formats.
+//! Weights repacked at load into row-interleaved blocks ("R16"), for the 32-element formats.
 //!
-//! Eight consecutive rows are interleaved block by block so that SIMD lanes hold *rows*:
-//! one dot-product instruction advances eight rows at once, per-row scales apply as one
-//! vector, and no horizontal sums are needed until a row group is done. Every format is
+//! Sixteen consecutive rows are interleaved block by block so that SIMD lanes hold *rows*:
+//! one 512-bit dot-product instruction (16 lanes of 32 bits) advances sixteen rows by four
+//! values each, per-row scales apply as one vector, and no horizontal sums are needed. Every format is
 //! brought to one arithmetic: unsigned values `q` (0..=255) with a per-row, per-block scale
 //! `d` and offset `c`, so that a weight is `d*q + c`:
 //!
@@ -19,9 +19,11 @@
 //! f32 scale `da`, f32 `sa = da * sum(values)`), one block contributes
 //! `d*da*sum(q*a) + c*sa` to its row.
 //!
-//! Value layout inside a block of eight rows: byte `64k + 8r + i` (k = 0..4, r = 0..8,
-//! i = 0..8) is value `8k + i` of row `r`. An activation's bytes `8k..8k+8`, broadcast to all
-//! eight 64-bit lanes, line up with chunk `k` of every row.
+//! A block of sixteen rows is a header of the sixteen `d` then the sixteen `c` (f16), then the
+//! values. Value byte `64k + 4r + i` (k = 0..8, r = 0..16, i = 0..4) is value `4k + i` of row
+//! `r`: an activation's bytes `4k..4k+4`, broadcast to all sixteen 32-bit lanes, line up with
+//! chunk `k` of every row. 4-bit values pack chunks `k` and `k + 4` into the low and high
+//! nibbles of one 64-byte run; 5-bit values add a bit string of 512 fifth bits.
 
 use half::f16;
 
@@ -29,39 +31,43 @@ use crate::blocks::*;
 use crate::{Error, GgmlType, Result, WeightRef};
 
 /// Rows per interleaved group.
-pub const R8_ROWS: usize = 8;
-/// Activation rows the R8 kernels take at once (each unpacked weight block serves them all).
-pub const R8_TOKENS: usize = 8;
+pub const R16_ROWS: usize = 16;
+/// Activation rows the R16 kernels take at once (each unpacked weight block serves them all).
+pub const R16_TOKENS: usize = 8;
+
+/// Bytes of a block's header: sixteen f16 `d`, then sixteen f16 `c`.
+pub const HEADER: usize = 64;
 
 /// How the values of a repacked block are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum R8Kind {
-    /// 4-bit values: `qs[j]` holds value bytes `j` (low nibble) and `j + 128` (high).
+pub enum R16Kind {
+    /// 4-bit values: body byte `j` holds value bytes `j` (low nibble) and `j + 256` (high).
     Q4,
-    /// 5-bit values: the low nibbles as in `Q4`, the fifth bits in `qh` (bit `j` of the
-    /// 256-bit string is the fifth bit of value byte `j`).
+    /// 5-bit values: the low nibbles as in `Q4`, then the fifth bits (bit `j` of the
+    /// 512-bit string is the fifth bit of value byte `j`).
     Q5,
     /// 8-bit values, one byte each.
     Q8,
 }
 
-impl R8Kind {
-    pub fn for_type(ty: GgmlType) -> Option<R8Kind> {
+impl R16Kind {
+    pub fn for_type(ty: GgmlType) -> Option<R16Kind> {
         match ty {
-            GgmlType::Q4_0 | GgmlType::Q4_1 => Some(R8Kind::Q4),
-            GgmlType::Q5_0 | GgmlType::Q5_1 => Some(R8Kind::Q5),
-            GgmlType::Q8_0 => Some(R8Kind::Q8),
+            GgmlType::Q4_0 | GgmlType::Q4_1 => Some(R16Kind::Q4),
+            GgmlType::Q5_0 | GgmlType::Q5_1 => Some(R16Kind::Q5),
+            GgmlType::Q8_0 => Some(R16Kind::Q8),
             _ => None,
         }
     }
 
-    /// Bytes of one block of eight rows.
+    /// Bytes of one block of sixteen rows.
     pub fn block_bytes(self) -> usize {
-        32 + match self {
-            R8Kind::Q4 => 128,
-            R8Kind::Q5 => 128 + 32,
-            R8Kind::Q8 => 256,
-        }
+        HEADER
+            + match self {
+                R16Kind::Q4 => 256,
+                R16Kind::Q5 => 256 + 64,
+                R16Kind::Q8 => 512,
+            }
     }
 }
 
@@ -97,9 +103,9 @@ pub fn quantize_q8x(x: &[f32], y: &mut [BlockQ8x]) {
     }
 }
 
-/// A weight matrix repacked into R8 blocks: `n_rows / 8` groups of `n_cols / 32` blocks.
+/// A weight matrix repacked into R16 blocks: `n_rows / 16` groups of `n_cols / 32` blocks.
 pub struct Repacked {
-    pub kind: R8Kind,
+    pub kind: R16Kind,
     pub n_rows: usize,
     pub n_cols: usize,
     data: AlignedBuf,
@@ -165,13 +171,13 @@ fn unify(ty: GgmlType, row_block: &[u8]) -> ([u8; 32], f16, f16) {
     }
 }
 
-/// Repacks a weight matrix; `None` when its type has no R8 form or its rows do not come in
-/// groups of eight.
+/// Repacks a weight matrix; `None` when its type has no R16 form or its rows do not come in
+/// groups of sixteen.
 pub fn repack(w: WeightRef<'_>) -> Result<Option<Repacked>> {
-    let Some(kind) = R8Kind::for_type(w.ty) else {
+    let Some(kind) = R16Kind::for_type(w.ty) else {
         return Ok(None);
     };
-    if w.n_rows % R8_ROWS != 0 || w.n_cols % 32 != 0 {
+    if w.n_rows % R16_ROWS != 0 || w.n_cols % 32 != 0 {
         return Ok(None);
     }
     if w.data.len() != w.row_bytes() * w.n_rows {
@@ -185,30 +191,30 @@ pub fn repack(w: WeightRef<'_>) -> Result<Option<Repacked>> {
     let bb = kind.block_bytes();
     let ts = w.ty.type_size();
     let mut data = AlignedBuf::new();
-    data.resize(w.n_rows / R8_ROWS * nb * bb);
+    data.resize(w.n_rows / R16_ROWS * nb * bb);
     let out = data.as_mut_slice();
-    for g in 0..w.n_rows / R8_ROWS {
+    for g in 0..w.n_rows / R16_ROWS {
         for b in 0..nb {
             let dst = &mut out[(g * nb + b) * bb..(g * nb + b + 1) * bb];
-            let mut vals = [0u8; 256];
-            for r in 0..R8_ROWS {
-                let row = w.row(g * R8_ROWS + r);
+            let mut vals = [0u8; 512];
+            for r in 0..R16_ROWS {
+                let row = w.row(g * R16_ROWS + r);
                 let (q, d, c) = unify(w.ty, &row[b * ts..(b + 1) * ts]);
                 dst[2 * r..2 * r + 2].copy_from_slice(&d.to_le_bytes());
-                dst[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&c.to_le_bytes());
+                dst[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&c.to_le_bytes());
                 for (j, &v) in q.iter().enumerate() {
-                    vals[64 * (j / 8) + 8 * r + j % 8] = v;
+                    vals[64 * (j / 4) + 4 * r + j % 4] = v;
                 }
             }
-            let body = &mut dst[32..];
+            let body = &mut dst[HEADER..];
             match kind {
-                R8Kind::Q8 => body.copy_from_slice(&vals),
-                R8Kind::Q4 | R8Kind::Q5 => {
-                    for j in 0..128 {
-                        body[j] = (vals[j] & 0xF) | ((vals[j + 128] & 0xF) << 4);
+                R16Kind::Q8 => body.copy_from_slice(&vals),
+                R16Kind::Q4 | R16Kind::Q5 => {
+                    for j in 0..256 {
+                        body[j] = (vals[j] & 0xF) | ((vals[j + 256] & 0xF) << 4);
                     }
-                    if kind == R8Kind::Q5 {
-                        let qh = &mut body[128..160];
+                    if kind == R16Kind::Q5 {
+                        let qh = &mut body[256..320];
                         qh.fill(0);
                         for (j, &v) in vals.iter().enumerate() {
                             qh[j / 8] |= ((v >> 4) & 1) << (j % 8);
@@ -245,21 +251,21 @@ impl Repacked {
     }
 }
 
-/// Value byte `j` (0..256, in the interleaved order) of a repacked block.
-fn value(kind: R8Kind, block: &[u8], j: usize) -> u8 {
-    let body = &block[32..];
+/// Value byte `j` (0..512, in the interleaved order) of a repacked block.
+fn value(kind: R16Kind, block: &[u8], j: usize) -> u8 {
+    let body = &block[HEADER..];
     match kind {
-        R8Kind::Q8 => body[j],
-        R8Kind::Q4 => (body[j % 128] >> (4 * (j / 128))) & 0xF,
-        R8Kind::Q5 => {
-            ((body[j % 128] >> (4 * (j / 128))) & 0xF) | (((body[128 + j / 8] >> (j % 8)) & 1) << 4)
+        R16Kind::Q8 => body[j],
+        R16Kind::Q4 => (body[j % 256] >> (4 * (j / 256))) & 0xF,
+        R16Kind::Q5 => {
+            ((body[j % 256] >> (4 * (j / 256))) & 0xF) | (((body[256 + j / 8] >> (j % 8)) & 1) << 4)
         }
     }
 }
 
-/// Scalar reference: the eight rows of group `g` against one activation row.
-pub fn gemv_r8_scalar(w: &Repacked, g: usize, a: &[BlockQ8x]) -> [f32; 8] {
-    let mut out = [0.0f32; 8];
+/// Scalar reference: the sixteen rows of group `g` against one activation row.
+pub fn gemv_r16_scalar(w: &Repacked, g: usize, a: &[BlockQ8x]) -> [f32; R16_ROWS] {
+    let mut out = [0.0f32; R16_ROWS];
     for (b, ab) in a.iter().enumerate().take(w.n_cols / 32) {
         let block = w.block(g, b);
         for (r, o) in out.iter_mut().enumerate() {
@@ -269,16 +275,16 @@ pub fn gemv_r8_scalar(w: &Repacked, g: usize, a: &[BlockQ8x]) -> [f32; 8] {
     out
 }
 
-/// Scalar [`crate::dispatch::R8GemmFn`]: [`gemv_r8_scalar`] per activation row.
-pub fn gemm_r8_scalar(
-    kind: R8Kind,
+/// Scalar [`crate::dispatch::R16GemmFn`]: [`gemv_r16_scalar`] per activation row.
+pub fn gemm_r16_scalar(
+    kind: R16Kind,
     group: &[u8],
     nb: usize,
-    acts: [&[BlockQ8x]; R8_TOKENS],
+    acts: [&[BlockQ8x]; R16_TOKENS],
     n_act: usize,
-) -> [[f32; 8]; R8_TOKENS] {
+) -> [[f32; R16_ROWS]; R16_TOKENS] {
     let bb = kind.block_bytes();
-    let mut out = [[0.0f32; 8]; R8_TOKENS];
+    let mut out = [[0.0f32; R16_ROWS]; R16_TOKENS];
     for (t, o) in out.iter_mut().enumerate().take(n_act) {
         for (b, ab) in acts[t].iter().enumerate().take(nb) {
             let block = &group[b * bb..(b + 1) * bb];
@@ -291,12 +297,12 @@ pub fn gemm_r8_scalar(
 }
 
 /// One row's share of one repacked block against one activation block.
-fn block_row_dot(kind: R8Kind, block: &[u8], r: usize, ab: &BlockQ8x) -> f32 {
+fn block_row_dot(kind: R16Kind, block: &[u8], r: usize, ab: &BlockQ8x) -> f32 {
     let d = f16::from_le_bytes([block[2 * r], block[2 * r + 1]]).to_f32();
-    let c = f16::from_le_bytes([block[16 + 2 * r], block[17 + 2 * r]]).to_f32();
+    let c = f16::from_le_bytes([block[32 + 2 * r], block[33 + 2 * r]]).to_f32();
     let mut isum = 0i32;
     for j in 0..32 {
-        isum += value(kind, block, 64 * (j / 8) + 8 * r + j % 8) as i32 * ab.qs[j] as i32;
+        isum += value(kind, block, 64 * (j / 4) + 4 * r + j % 4) as i32 * ab.qs[j] as i32;
     }
     d * ab.d * isum as f32 + c * ab.s
 }
@@ -322,7 +328,7 @@ mod tests {
         out.to_vec()
     }
 
-    const R8_TYPES: [GgmlType; 5] = [
+    const R16_TYPES: [GgmlType; 5] = [
         GgmlType::Q4_0,
         GgmlType::Q4_1,
         GgmlType::Q5_0,
@@ -348,8 +354,8 @@ mod tests {
     #[test]
     fn repacked_rows_compute_the_original_dot_products() {
         let mut rng = Rng::new(5);
-        for ty in R8_TYPES {
-            let (rows, cols) = (16, 96);
+        for ty in R16_TYPES {
+            let (rows, cols) = (32, 96);
             let bytes = matrix(ty, rows, cols, &mut rng);
             let w = WeightRef {
                 ty,
@@ -360,10 +366,10 @@ mod tests {
             let rp = repack(w).unwrap().unwrap();
             let a = acts(&mut rng, cols, 2.0);
             let mut deq = vec![0.0f32; cols];
-            for g in 0..rows / 8 {
-                let got = gemv_r8_scalar(&rp, g, &a);
-                for r in 0..8 {
-                    crate::matmul::dequantize_row(w, g * 8 + r, &mut deq).unwrap();
+            for g in 0..rows / R16_ROWS {
+                let got = gemv_r16_scalar(&rp, g, &a);
+                for (r, &gr) in got.iter().enumerate() {
+                    crate::matmul::dequantize_row(w, g * R16_ROWS + r, &mut deq).unwrap();
                     let want: f32 = deq
                         .iter()
                         .zip(
@@ -373,10 +379,9 @@ mod tests {
                         .map(|(w, a)| w * a)
                         .sum();
                     assert!(
-                        (got[r] - want).abs() < 1e-3 * want.abs().max(1.0),
-                        "{ty} row {}: {} vs {want}",
-                        g * 8 + r,
-                        got[r]
+                        (gr - want).abs() < 1e-3 * want.abs().max(1.0),
+                        "{ty} row {}: {gr} vs {want}",
+                        g * R16_ROWS + r,
                     );
                 }
             }
@@ -384,12 +389,12 @@ mod tests {
     }
 
     #[test]
-    fn simd_r8_gemm_matches_the_scalar_kernel() {
+    fn simd_r16_gemm_matches_the_scalar_kernel() {
         let mut rng = Rng::new(9);
         let mut fast = 0;
-        for ty in R8_TYPES {
+        for ty in R16_TYPES {
             for nb in [1usize, 2, 3, 7, 20] {
-                let (rows, cols) = (16, 32 * nb);
+                let (rows, cols) = (32, 32 * nb);
                 let bytes = matrix(ty, rows, cols, &mut rng);
                 let w = WeightRef {
                     ty,
@@ -399,21 +404,21 @@ mod tests {
                 };
                 let rp = repack(w).unwrap().unwrap();
                 let rows_of_acts: Vec<Vec<BlockQ8x>> =
-                    (0..R8_TOKENS).map(|_| acts(&mut rng, cols, 3.0)).collect();
-                let refs: [&[BlockQ8x]; R8_TOKENS] =
+                    (0..R16_TOKENS).map(|_| acts(&mut rng, cols, 3.0)).collect();
+                let refs: [&[BlockQ8x]; R16_TOKENS] =
                     std::array::from_fn(|i| rows_of_acts[i].as_slice());
-                for n_act in 1..=R8_TOKENS {
-                    for g in 0..rows / 8 {
+                for n_act in 1..=R16_TOKENS {
+                    for g in 0..rows / R16_ROWS {
                         let group = rp.groups(g..g + 1);
-                        let want = gemm_r8_scalar(rp.kind, group, nb, refs, n_act);
+                        let want = gemm_r16_scalar(rp.kind, group, nb, refs, n_act);
                         for isa in crate::Isa::all_available() {
                             let k = crate::Kernels::for_isa(isa).unwrap();
-                            if k.r8_preferred {
+                            if k.r16_preferred {
                                 fast += 1;
                             }
-                            let got = (k.r8_gemm)(rp.kind, group, nb, refs, n_act);
-                            for t in 0..R8_TOKENS {
-                                for r in 0..8 {
+                            let got = (k.r16_gemm)(rp.kind, group, nb, refs, n_act);
+                            for t in 0..R16_TOKENS {
+                                for r in 0..R16_ROWS {
                                     let (gv, wv) = (got[t][r], want[t][r]);
                                     assert!(
                                         (gv - wv).abs() <= 1e-4 * wv.abs().max(1.0),
@@ -429,25 +434,55 @@ mod tests {
         }
         let any_fast = crate::Isa::all_available()
             .iter()
-            .any(|&i| crate::Kernels::for_isa(i).is_some_and(|k| k.r8_preferred));
+            .any(|&i| crate::Kernels::for_isa(i).is_some_and(|k| k.r16_preferred));
         assert_eq!(fast > 0, any_fast);
     }
 
     #[test]
+    fn simd_quantize_q8x_matches_the_reference_exactly() {
+        let mut rng = Rng::new(17);
+        let blank = BlockQ8x {
+            d: 0.0,
+            s: 0.0,
+            qs: [0; 32],
+        };
+        for kern in crate::Isa::all_available()
+            .into_iter()
+            .filter_map(crate::Kernels::for_isa)
+        {
+            for (nb, scale) in [(1, 1.0), (5, 40.0), (18, 1e-3), (3, 0.0)] {
+                let mut x: Vec<f32> = (0..nb * 32).map(|_| rng.f32() * scale).collect();
+                if nb > 2 {
+                    // ties at .5 after scaling, and a block with one large value
+                    x[40] = 127.0 * 0.5 / 3.0;
+                    x[64..96].fill(0.25);
+                    x[70] = -1000.0;
+                }
+                let (mut want, mut got) = (vec![blank; nb], vec![blank; nb]);
+                quantize_q8x(&x, &mut want);
+                (kern.quantize_q8x)(&x, &mut got);
+                for (g, w) in got.iter().zip(&want) {
+                    assert_eq!((g.d, g.s, g.qs), (w.d, w.s, w.qs), "{:?}", kern.isa);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn odd_shapes_are_not_repacked() {
-        let bytes = vec![0u8; 7 * 34];
+        let bytes = vec![0u8; 8 * 34];
         let w = WeightRef {
             ty: GgmlType::Q8_0,
             data: &bytes,
-            n_rows: 7,
+            n_rows: 8,
             n_cols: 32,
         };
         assert!(repack(w).unwrap().is_none());
-        let bytes = vec![0u8; 8 * 144];
+        let bytes = vec![0u8; 16 * 144];
         let w = WeightRef {
             ty: GgmlType::Q4_K,
             data: &bytes,
-            n_rows: 8,
+            n_rows: 16,
             n_cols: 256,
         };
         assert!(repack(w).unwrap().is_none());

@@ -289,7 +289,7 @@ impl Context {
             let s = &mut self.s;
             let x = &mut s.x[..n_tok * n_embd];
             let xn = &mut s.xn[..n_tok * n_embd];
-            rms_norm_rows(x, xn, &layer.attn_norm, hp.rms_eps, n_embd);
+            rms_norm_rows(k, x, xn, &layer.attn_norm, hp.rms_eps, n_embd);
 
             // projections
             let q = &mut s.q[..n_tok * hp.n_embd_q()];
@@ -304,10 +304,10 @@ impl Context {
                 add_rows(v, bv);
             }
             if let Some(w) = &layer.q_norm {
-                rms_norm_heads(q, w, hp.rms_eps, hp.head_dim);
+                rms_norm_rows_inplace(k, q, w, hp.rms_eps, hp.head_dim);
             }
             if let Some(w) = &layer.k_norm {
-                rms_norm_heads(kk, w, hp.rms_eps, hp.head_dim);
+                rms_norm_rows_inplace(k, kk, w, hp.rms_eps, hp.head_dim);
             }
             let which = usize::from(hp.swa_layers[il]);
             for t in 0..n_tok {
@@ -356,12 +356,12 @@ impl Context {
             let attn = &s.attn[..n_tok * hp.n_head * hp.head_dim_v];
             mm(k, &self.pool, &model, &layer.wo, attn, xn, &mut s.qbuf)?;
             if let Some(w) = &layer.post_attn_norm {
-                rms_norm_rows_inplace(xn, w, hp.rms_eps, n_embd);
+                rms_norm_rows_inplace(k, xn, w, hp.rms_eps, n_embd);
             }
             ops::add_inplace(x, xn);
 
             // feed-forward
-            rms_norm_rows(x, xn, &layer.ffn_norm, hp.rms_eps, n_embd);
+            rms_norm_rows(k, x, xn, &layer.ffn_norm, hp.rms_eps, n_embd);
             let gate = &mut s.gate[..n_tok * hp.n_ff];
             let up = &mut s.up[..n_tok * hp.n_ff];
             mm(
@@ -374,7 +374,7 @@ impl Context {
                 &mut s.qbuf,
             )?;
             mm(k, &self.pool, &model, &layer.ffn_up, xn, up, &mut s.qbuf)?;
-            gated_activation(&self.pool, hp.activation, gate, up);
+            gated_activation(k, &self.pool, hp.activation, gate, up);
             mm(
                 k,
                 &self.pool,
@@ -385,7 +385,7 @@ impl Context {
                 &mut s.qbuf,
             )?;
             if let Some(w) = &layer.post_ffn_norm {
-                rms_norm_rows_inplace(xn, w, hp.rms_eps, n_embd);
+                rms_norm_rows_inplace(k, xn, w, hp.rms_eps, n_embd);
             }
             ops::add_inplace(x, xn);
         }
@@ -403,12 +403,8 @@ impl Context {
         for t in 0..n_tok {
             if batch.logits[t] {
                 let dst = &mut s.out_rows[o * n_embd..(o + 1) * n_embd];
-                ops::rms_norm(
-                    &s.x[t * n_embd..(t + 1) * n_embd],
-                    &model.output_norm,
-                    hp.rms_eps,
-                    dst,
-                );
+                dst.copy_from_slice(&s.x[t * n_embd..(t + 1) * n_embd]);
+                (k.rms_norm)(dst, &model.output_norm, hp.rms_eps);
                 o += 1;
             }
         }
@@ -451,7 +447,7 @@ fn mm(
 }
 
 /// `gate = act(gate) * up`, split over the pool.
-fn gated_activation(pool: &ThreadPool, act: Activation, gate: &mut [f32], up: &[f32]) {
+fn gated_activation(k: &Kernels, pool: &ThreadPool, act: Activation, gate: &mut [f32], up: &[f32]) {
     let n = gate.len();
     let g = SharedMut::new(gate);
     pool.run(&|ith, nth| {
@@ -459,26 +455,23 @@ fn gated_activation(pool: &ThreadPool, act: Activation, gate: &mut [f32], up: &[
         // SAFETY: split_range gives every thread its own part of `gate`.
         let gs = unsafe { g.slice(r.clone()) };
         match act {
-            Activation::Silu => ops::silu_mul(gs, &up[r]),
-            Activation::Gelu => ops::gelu_mul(gs, &up[r]),
+            Activation::Silu => (k.silu_mul)(gs, &up[r]),
+            Activation::Gelu => (k.gelu_mul)(gs, &up[r]),
         }
     });
 }
 
-fn rms_norm_rows(x: &[f32], out: &mut [f32], w: &[f32], eps: f32, n: usize) {
-    for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-        ops::rms_norm(xr, w, eps, or);
-    }
+/// RMSNorm of each `w.len()`-long row of `x` into `out`.
+fn rms_norm_rows(k: &Kernels, x: &[f32], out: &mut [f32], w: &[f32], eps: f32, n: usize) {
+    out.copy_from_slice(x);
+    rms_norm_rows_inplace(k, out, w, eps, n);
 }
 
-fn rms_norm_rows_inplace(x: &mut [f32], w: &[f32], eps: f32, n: usize) {
+/// In-place RMSNorm of each `n`-long row (`n` = `head_dim` for per-head norms).
+fn rms_norm_rows_inplace(k: &Kernels, x: &mut [f32], w: &[f32], eps: f32, n: usize) {
     for xr in x.chunks_exact_mut(n) {
-        ops::rms_norm_inplace(xr, w, eps);
+        (k.rms_norm)(xr, w, eps);
     }
-}
-
-fn rms_norm_heads(x: &mut [f32], w: &[f32], eps: f32, head_dim: usize) {
-    rms_norm_rows_inplace(x, w, eps, head_dim)
 }
 
 fn add_rows(x: &mut [f32], b: &[f32]) {

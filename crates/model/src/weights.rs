@@ -146,7 +146,7 @@ impl Model {
             output,
             layers,
         };
-        if kernels().r8_preferred {
+        if kernels().r16_preferred {
             model.repack_weights()?;
         }
         Ok(model)

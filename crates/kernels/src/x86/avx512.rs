@@ -510,34 +510,34 @@ safe_wrapper4!(dot4_q6k, dot4_q6k_impl, BlockQ6K, BlockQ8K);
 
 // ---- repacked (row-interleaved) weights, AVX-512 VNNI ----------------------------------
 
-use crate::repack::{BlockQ8x, R8Kind, R8_TOKENS};
+use crate::repack::{BlockQ8x, R16Kind, HEADER, R16_ROWS, R16_TOKENS};
 
-/// The four 64-byte value vectors (u8) of one repacked block.
+/// The eight 64-byte value vectors (u8) of one repacked block: vector `k` holds values
+/// `4k..4k+4` of each of the sixteen rows.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-fn r8_values(kind: R8Kind, blk: &[u8]) -> [__m512i; 4] {
-    let body = &blk[32..];
-    // SAFETY: a block holds 32 header bytes plus 128 (Q4), 160 (Q5) or 256 (Q8) value bytes;
+fn r16_values(kind: R16Kind, blk: &[u8]) -> [__m512i; 8] {
+    let body = &blk[HEADER..];
+    // SAFETY: a block holds the header plus 256 (Q4), 320 (Q5) or 512 (Q8) value bytes;
     // every load below stays inside its kind's body.
     unsafe {
         let ld = |o: usize| _mm512_loadu_si512(body.as_ptr().add(o) as *const _);
         match kind {
-            R8Kind::Q8 => [ld(0), ld(64), ld(128), ld(192)],
-            R8Kind::Q4 | R8Kind::Q5 => {
+            R16Kind::Q8 => std::array::from_fn(|k| ld(64 * k)),
+            R16Kind::Q4 | R16Kind::Q5 => {
                 let low4 = _mm512_set1_epi8(0x0F);
-                let (p0, p1) = (ld(0), ld(64));
-                let mut v = [
-                    _mm512_and_si512(p0, low4),
-                    _mm512_and_si512(p1, low4),
-                    _mm512_and_si512(_mm512_srli_epi16::<4>(p0), low4),
-                    _mm512_and_si512(_mm512_srli_epi16::<4>(p1), low4),
-                ];
-                if kind == R8Kind::Q5 {
+                let p = [ld(0), ld(64), ld(128), ld(192)];
+                let mut v: [__m512i; 8] = std::array::from_fn(|k| {
+                    if k < 4 {
+                        _mm512_and_si512(p[k], low4)
+                    } else {
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(p[k - 4]), low4)
+                    }
+                });
+                if kind == R16Kind::Q5 {
                     let bit4 = _mm512_set1_epi8(0x10);
                     for (k, vk) in v.iter_mut().enumerate() {
-                        let m = u64::from_le_bytes(
-                            body[128 + 8 * k..136 + 8 * k].try_into().unwrap_or([0; 8]),
-                        );
+                        let m = (body.as_ptr().add(256 + 8 * k) as *const u64).read_unaligned();
                         *vk = _mm512_or_si512(*vk, _mm512_maskz_mov_epi8(m, bit4));
                     }
                 }
@@ -547,73 +547,135 @@ fn r8_values(kind: R8Kind, blk: &[u8]) -> [__m512i; 4] {
     }
 }
 
-/// Eight f16 values spread to the even f32 lanes (odd lanes zero).
+/// `N` activation rows against one group (a constant count keeps the accumulators in
+/// registers).
 #[inline]
-#[target_feature(enable = "avx512f,avx2")]
-fn r8_scales(p: &[u8]) -> __m512 {
-    // SAFETY: reading 16 bytes (eight f16) from a slice of at least 16.
-    let h = unsafe { _mm_loadu_si128(p.as_ptr() as *const __m128i) };
-    _mm512_cvtph_ps(_mm256_cvtepu16_epi32(h))
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+fn gemm_r16_n<const N: usize>(
+    kind: R16Kind,
+    group: &[u8],
+    nb: usize,
+    acts: &[&[BlockQ8x]; R16_TOKENS],
+) -> [__m512; N] {
+    let bb = kind.block_bytes();
+    let mut facc = [_mm512_setzero_ps(); N];
+    for b in 0..nb {
+        let blk = &group[b * bb..(b + 1) * bb];
+        let v = r16_values(kind, blk);
+        // SAFETY: the header holds 32 bytes of `d` then 32 of `c` (sixteen f16 each).
+        let (dv, cv) = unsafe {
+            (
+                _mm512_cvtph_ps(_mm256_loadu_si256(blk.as_ptr() as *const __m256i)),
+                _mm512_cvtph_ps(_mm256_loadu_si256(blk.as_ptr().add(32) as *const __m256i)),
+            )
+        };
+        for (t, acc) in facc.iter_mut().enumerate() {
+            let a = &acts[t][b];
+            let q = |k: usize| {
+                _mm512_set1_epi32(i32::from_le_bytes([
+                    a.qs[4 * k] as u8,
+                    a.qs[4 * k + 1] as u8,
+                    a.qs[4 * k + 2] as u8,
+                    a.qs[4 * k + 3] as u8,
+                ]))
+            };
+            // two chains of four, so consecutive instructions do not wait on each other
+            let mut i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[0], q(0));
+            let mut i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[1], q(1));
+            for k in (2..8).step_by(2) {
+                i0 = _mm512_dpbusd_epi32(i0, v[k], q(k));
+                i1 = _mm512_dpbusd_epi32(i1, v[k + 1], q(k + 1));
+            }
+            let f = _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)),
+                _mm512_mul_ps(dv, _mm512_set1_ps(a.d)),
+                *acc,
+            );
+            *acc = _mm512_fmadd_ps(cv, _mm512_set1_ps(a.s), f);
+        }
+    }
+    facc
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-fn gemm_r8_impl(
-    kind: R8Kind,
+fn gemm_r16_impl(
+    kind: R16Kind,
     group: &[u8],
     nb: usize,
-    acts: [&[BlockQ8x]; R8_TOKENS],
+    acts: [&[BlockQ8x]; R16_TOKENS],
     n_act: usize,
-) -> [[f32; 8]; R8_TOKENS] {
-    let bb = kind.block_bytes();
-    let n_act = n_act.min(R8_TOKENS);
+) -> [[f32; R16_ROWS]; R16_TOKENS] {
+    let n_act = n_act.min(R16_TOKENS);
     let nb = acts[..n_act]
         .iter()
-        .fold(nb.min(group.len() / bb), |n, a| n.min(a.len()));
-    let mut facc = [_mm512_setzero_ps(); R8_TOKENS];
-    for b in 0..nb {
-        let blk = &group[b * bb..(b + 1) * bb];
-        let v = r8_values(kind, blk);
-        let dv = r8_scales(&blk[0..16]);
-        let cv = r8_scales(&blk[16..32]);
-        for t in 0..n_act {
-            let a = &acts[t][b];
-            let mut iacc = _mm512_setzero_si512();
-            for (k, vk) in v.iter().enumerate() {
-                let bytes: [u8; 8] = std::array::from_fn(|i| a.qs[8 * k + i] as u8);
-                let av = _mm512_set1_epi64(i64::from_le_bytes(bytes));
-                iacc = _mm512_dpbusd_epi32(iacc, *vk, av);
-            }
-            // lane 2r: row r's sum (odd lanes are cancelled by the zero scales there)
-            let isum = _mm512_add_epi32(iacc, _mm512_srli_epi64::<32>(iacc));
-            let f = _mm512_fmadd_ps(
-                _mm512_cvtepi32_ps(isum),
-                _mm512_mul_ps(dv, _mm512_set1_ps(a.d)),
-                facc[t],
-            );
-            facc[t] = _mm512_fmadd_ps(cv, _mm512_set1_ps(a.s), f);
+        .fold(nb.min(group.len() / kind.block_bytes()), |n, a| {
+            n.min(a.len())
+        });
+    let mut out = [[0.0f32; R16_ROWS]; R16_TOKENS];
+    let mut put = |accs: &[__m512]| {
+        for (o, acc) in out.iter_mut().zip(accs) {
+            // SAFETY: storing sixteen f32 into an array of sixteen.
+            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *acc) };
         }
-    }
-    let mut out = [[0.0f32; 8]; R8_TOKENS];
-    for t in 0..n_act {
-        let even = _mm512_cvtepi64_epi32(_mm512_castps_si512(facc[t]));
-        let mut bits = [0i32; 8];
-        // SAFETY: storing 32 bytes into an array of eight i32.
-        unsafe { _mm256_storeu_si256(bits.as_mut_ptr() as *mut __m256i, even) };
-        for r in 0..8 {
-            out[t][r] = f32::from_bits(bits[r] as u32);
-        }
+    };
+    match n_act {
+        8 => put(&gemm_r16_n::<8>(kind, group, nb, &acts)),
+        7 => put(&gemm_r16_n::<7>(kind, group, nb, &acts)),
+        6 => put(&gemm_r16_n::<6>(kind, group, nb, &acts)),
+        5 => put(&gemm_r16_n::<5>(kind, group, nb, &acts)),
+        4 => put(&gemm_r16_n::<4>(kind, group, nb, &acts)),
+        3 => put(&gemm_r16_n::<3>(kind, group, nb, &acts)),
+        2 => put(&gemm_r16_n::<2>(kind, group, nb, &acts)),
+        1 => put(&gemm_r16_n::<1>(kind, group, nb, &acts)),
+        _ => {}
     }
     out
 }
 
-pub(super) fn gemm_r8(
-    kind: R8Kind,
+/// [`crate::repack::quantize_q8x`]: per block, the absolute maximum, the scale rounded to
+/// f16, values rounded to nearest-even (the default MXCSR mode, as `nearest_int`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+fn quantize_q8x_impl(x: &[f32], y: &mut [BlockQ8x]) {
+    let abs_mask = _mm512_set1_epi32(0x7FFF_FFFF);
+    for (x, b) in x.chunks_exact(32).zip(y.iter_mut()) {
+        // SAFETY: a chunk is 32 floats; the block's `qs` is 32 bytes.
+        unsafe {
+            let v0 = _mm512_loadu_ps(x.as_ptr());
+            let v1 = _mm512_loadu_ps(x.as_ptr().add(16));
+            let a = _mm512_max_ps(
+                _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v0), abs_mask)),
+                _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v1), abs_mask)),
+            );
+            let amax = _mm512_reduce_max_ps(a);
+            let dh = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(amax / 127.0));
+            let d = _mm_cvtss_f32(_mm_cvtph_ps(dh));
+            let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+            let q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id));
+            let q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+            _mm_storeu_si128(b.qs.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(q0));
+            _mm_storeu_si128(
+                b.qs.as_mut_ptr().add(16) as *mut __m128i,
+                _mm512_cvtepi32_epi8(q1),
+            );
+            b.d = d;
+            b.s = d * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)) as f32;
+        }
+    }
+}
+
+pub(super) fn quantize_q8x(x: &[f32], y: &mut [BlockQ8x]) {
+    // SAFETY: only placed in a kernel table after `Isa::Avx512.available()` returned true.
+    unsafe { quantize_q8x_impl(x, y) }
+}
+
+pub(super) fn gemm_r16(
+    kind: R16Kind,
     group: &[u8],
     nb: usize,
-    acts: [&[BlockQ8x]; R8_TOKENS],
+    acts: [&[BlockQ8x]; R16_TOKENS],
     n_act: usize,
-) -> [[f32; 8]; R8_TOKENS] {
+) -> [[f32; R16_ROWS]; R16_TOKENS] {
     // SAFETY: only placed in a kernel table after AVX-512 (F, BW, VL) with the AVX2 features
     // and AVX512-VNNI were detected.
-    unsafe { gemm_r8_impl(kind, group, nb, acts, n_act) }
+    unsafe { gemm_r16_impl(kind, group, nb, acts, n_act) }
 }

@@ -380,6 +380,143 @@ fn exp_sum_256(x: &mut [f32], sub: f32) -> f32 {
     sum
 }
 
+// ---- gated activations and RMSNorm ----------------------------------------------------
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_COEF_A: f32 = 0.044_715;
+
+/// `g * sigmoid(s * z(g)) * u` on 16 lanes, with `z(g) = g` (SiLU, `s = 1`) or the GELU tanh
+/// argument (`s = 2`, as [`crate::ops::gelu`]).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn gated512<const GELU: bool>(g: __m512, u: __m512) -> __m512 {
+    let z = if GELU {
+        let g2 = _mm512_mul_ps(g, g);
+        let inner = _mm512_fmadd_ps(_mm512_set1_ps(GELU_COEF_A), g2, _mm512_set1_ps(1.0));
+        _mm512_mul_ps(
+            _mm512_mul_ps(_mm512_set1_ps(-2.0 * SQRT_2_OVER_PI), g),
+            inner,
+        )
+    } else {
+        _mm512_sub_ps(_mm512_setzero_ps(), g)
+    };
+    let den = _mm512_add_ps(_mm512_set1_ps(1.0), exp512(z));
+    _mm512_mul_ps(_mm512_div_ps(g, den), u)
+}
+
+#[target_feature(enable = "avx512f")]
+fn gated_mul_512<const GELU: bool>(gate: &mut [f32], up: &[f32]) {
+    let n = gate.len().min(up.len());
+    let mut i = 0;
+    while i < n {
+        let m: __mmask16 = if n - i >= 16 {
+            0xFFFF
+        } else {
+            ((1u32 << (n - i)) - 1) as __mmask16
+        };
+        // SAFETY: lanes outside `m` are neither read nor written; the rest are below n.
+        unsafe {
+            let g = _mm512_maskz_loadu_ps(m, gate.as_ptr().add(i));
+            let u = _mm512_maskz_loadu_ps(m, up.as_ptr().add(i));
+            _mm512_mask_storeu_ps(gate.as_mut_ptr().add(i), m, gated512::<GELU>(g, u));
+        }
+        i += 16;
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+fn rms_norm_512(x: &mut [f32], w: &[f32], eps: f32) {
+    let n = x.len();
+    let mask = |i: usize| -> __mmask16 {
+        if n - i >= 16 {
+            0xFFFF
+        } else {
+            ((1u32 << (n - i)) - 1) as __mmask16
+        }
+    };
+    let mut acc = [_mm512_setzero_ps(); 2];
+    let mut i = 0;
+    while i < n {
+        // SAFETY: masked lanes are not read; the rest are below n.
+        let v = unsafe { _mm512_maskz_loadu_ps(mask(i), x.as_ptr().add(i)) };
+        let a = &mut acc[(i / 16) % 2];
+        *a = _mm512_fmadd_ps(v, v, *a);
+        i += 16;
+    }
+    let sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+    let scale = 1.0 / (sum / n as f32 + eps).sqrt();
+    let vs = _mm512_set1_ps(scale);
+    let ones = _mm512_set1_ps(1.0);
+    let mut i = 0;
+    while i < n {
+        let m = mask(i);
+        // weight lanes past w's end read as 1.0
+        let mw = if i < w.len() {
+            m & if w.len() - i >= 16 {
+                0xFFFF
+            } else {
+                ((1u32 << (w.len() - i)) - 1) as __mmask16
+            }
+        } else {
+            0
+        };
+        // SAFETY: masked lanes are neither read nor written; the rest are in bounds.
+        unsafe {
+            let g = _mm512_mask_loadu_ps(ones, mw, w.as_ptr().add(i.min(w.len())));
+            let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x.as_ptr().add(i)), vs);
+            _mm512_mask_storeu_ps(x.as_mut_ptr().add(i), m, _mm512_mul_ps(v, g));
+        }
+        i += 16;
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn gated256<const GELU: bool>(g: __m256, u: __m256) -> __m256 {
+    let z = if GELU {
+        let g2 = _mm256_mul_ps(g, g);
+        let inner = _mm256_fmadd_ps(_mm256_set1_ps(GELU_COEF_A), g2, _mm256_set1_ps(1.0));
+        _mm256_mul_ps(
+            _mm256_mul_ps(_mm256_set1_ps(-2.0 * SQRT_2_OVER_PI), g),
+            inner,
+        )
+    } else {
+        _mm256_sub_ps(_mm256_setzero_ps(), g)
+    };
+    let den = _mm256_add_ps(_mm256_set1_ps(1.0), exp256_inf(z));
+    _mm256_mul_ps(_mm256_div_ps(g, den), u)
+}
+
+/// [`exp256`], but +inf above the f32 range (so `x / (1 + e)` goes to 0 as it should).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn exp256_inf(x: __m256) -> __m256 {
+    let over = _mm256_cmp_ps::<_CMP_GT_OQ>(x, _mm256_set1_ps(88.3));
+    _mm256_blendv_ps(exp256(x), _mm256_set1_ps(f32::INFINITY), over)
+}
+
+#[target_feature(enable = "avx2,fma")]
+fn gated_mul_256<const GELU: bool>(gate: &mut [f32], up: &[f32]) {
+    let n = gate.len().min(up.len());
+    let (gate, up) = (&mut gate[..n], &up[..n]);
+    let mut gc = gate.chunks_exact_mut(8);
+    let mut uc = up.chunks_exact(8);
+    for (g, u) in (&mut gc).zip(&mut uc) {
+        // SAFETY: chunks of eight floats.
+        unsafe {
+            let r = gated256::<GELU>(_mm256_loadu_ps(g.as_ptr()), _mm256_loadu_ps(u.as_ptr()));
+            _mm256_storeu_ps(g.as_mut_ptr(), r);
+        }
+    }
+    for (g, &u) in gc.into_remainder().iter_mut().zip(uc.remainder()) {
+        *g = if GELU {
+            crate::ops::gelu(*g) * u
+        } else {
+            crate::ops::silu(*g) * u
+        };
+    }
+}
+
 // ---- safe entry points for the kernel tables ------------------------------------------
 
 #[allow(clippy::too_many_arguments)]
@@ -422,4 +559,29 @@ pub(super) fn exp_sum_avx512(x: &mut [f32], sub: f32) -> f32 {
 pub(super) fn exp_sum_avx2(x: &mut [f32], sub: f32) -> f32 {
     // SAFETY: only placed in a kernel table after `Isa::Avx2.available()` returned true.
     unsafe { exp_sum_256(x, sub) }
+}
+
+pub(super) fn silu_mul_avx512(gate: &mut [f32], up: &[f32]) {
+    // SAFETY: only placed in a kernel table after `Isa::Avx512.available()` returned true.
+    unsafe { gated_mul_512::<false>(gate, up) }
+}
+
+pub(super) fn gelu_mul_avx512(gate: &mut [f32], up: &[f32]) {
+    // SAFETY: as above.
+    unsafe { gated_mul_512::<true>(gate, up) }
+}
+
+pub(super) fn rms_norm_avx512(x: &mut [f32], w: &[f32], eps: f32) {
+    // SAFETY: as above.
+    unsafe { rms_norm_512(x, w, eps) }
+}
+
+pub(super) fn silu_mul_avx2(gate: &mut [f32], up: &[f32]) {
+    // SAFETY: only placed in a kernel table after `Isa::Avx2.available()` returned true.
+    unsafe { gated_mul_256::<false>(gate, up) }
+}
+
+pub(super) fn gelu_mul_avx2(gate: &mut [f32], up: &[f32]) {
+    // SAFETY: as above.
+    unsafe { gated_mul_256::<true>(gate, up) }
 }

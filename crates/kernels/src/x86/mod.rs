@@ -35,6 +35,8 @@ pub(crate) fn avx2_kernels() -> Kernels {
         axpy_f16: avx2::axpy_f16,
         gemm_f16b: float::gemm_f16b_avx2,
         exp_sum: float::exp_sum_avx2,
+        silu_mul: float::silu_mul_avx2,
+        gelu_mul: float::gelu_mul_avx2,
         dot4_q4_1: Some(avx2::dot4_q4_1),
         dot4_q5_0: Some(avx2::dot4_q5_0),
         dot4_q8_0: Some(avx2::dot4_q8_0),
@@ -49,12 +51,12 @@ pub(crate) fn avx2_kernels() -> Kernels {
 pub(crate) fn avx512_kernels() -> Kernels {
     let vnni = is_x86_feature_detected!("avx512vnni");
     Kernels {
-        r8_gemm: if vnni {
-            avx512::gemm_r8
+        r16_gemm: if vnni {
+            avx512::gemm_r16
         } else {
-            crate::repack::gemm_r8_scalar
+            crate::repack::gemm_r16_scalar
         },
-        r8_preferred: vnni,
+        r16_preferred: vnni,
         isa: Isa::Avx512,
         dot_q4_0: avx512::dot_q4_0,
         dot_q4_1: avx512::dot_q4_1,
@@ -68,6 +70,10 @@ pub(crate) fn avx512_kernels() -> Kernels {
         dot_f16: avx512::dot_f16,
         gemm_f16b: float::gemm_f16b_avx512,
         exp_sum: float::exp_sum_avx512,
+        silu_mul: float::silu_mul_avx512,
+        gelu_mul: float::gelu_mul_avx512,
+        rms_norm: float::rms_norm_avx512,
+        quantize_q8x: avx512::quantize_q8x,
         dot4_q4_1: Some(avx512::dot4_q4_1),
         dot4_q5_0: Some(avx512::dot4_q5_0),
         dot4_q8_0: Some(avx512::dot4_q8_0),
