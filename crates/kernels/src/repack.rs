@@ -1,29 +1,33 @@
-//! Weights repacked at load into row-interleaved blocks ("R16"), for the 32-element formats.
+//! Weights repacked at load into row-interleaved blocks ("R16").
 //!
 //! Sixteen consecutive rows are interleaved block by block so that SIMD lanes hold *rows*:
 //! one 512-bit dot-product instruction (16 lanes of 32 bits) advances sixteen rows by four
-//! values each, per-row scales apply as one vector, and no horizontal sums are needed. Every format is
-//! brought to one arithmetic: unsigned values `q` (0..=255) with a per-row, per-block scale
-//! `d` and offset `c`, so that a weight is `d*q + c`:
+//! values each, per-row scales apply as one vector, and no horizontal sums are needed. Every
+//! format is brought to one arithmetic: unsigned values `q` (0..=255) in blocks of 32 with a
+//! per-row, per-block scale `d` and offset `c`, so that a weight is `d*q + c`:
 //!
-//! | source | q | c |
-//! |---|---|---|
-//! | Q4_0 | nibble (0..15) | -8 d |
-//! | Q4_1 | nibble | m |
-//! | Q5_0 | 5 bits (0..31) | -16 d |
-//! | Q5_1 | 5 bits | m |
-//! | Q8_0 | value + 128 | -128 d |
+//! | source | q | d | c |
+//! |---|---|---|---|
+//! | Q4_0 | nibble (0..15) | d | -8 d |
+//! | Q4_1 | nibble | d | m |
+//! | Q5_0 | 5 bits (0..31) | d | -16 d |
+//! | Q5_1 | 5 bits | d | m |
+//! | Q8_0 | value + 128 | d | -128 d |
+//! | Q4_K | nibble | d * sc\[j\] | -dmin * m\[j\] |
+//! | Q6_K | value + 32 (0..63) | d * sc per 16 values | -32 d sc (in integers) |
 //!
-//! `d` and `c` stay f16 (all the `c` above are exact in f16), so a repacked matrix takes the
-//! same bytes as the original. Against activations quantized to [`BlockQ8x`] (int8 values,
-//! f32 scale `da`, f32 `sa = da * sum(values)`), one block contributes
-//! `d*da*sum(q*a) + c*sa` to its row.
+//! The 32-element formats keep `d` and `c` as f16 (all the `c` above are exact in f16) in a
+//! 64-byte header per block; the K-quants keep their super-block header (`d`, `dmin`, the
+//! 6- or 8-bit sub-scales) once per unit of eight blocks and form the per-block f32 scales in
+//! the kernel, exactly. A repacked matrix takes about the bytes of the original. Against
+//! activations quantized to [`BlockQ8x`] (int8 values, f32 scale `da`, `sa = da * sum`, and
+//! the integer sums of both halves), one block contributes `d*da*sum(q*a) + c*sa` to its row.
 //!
-//! A block of sixteen rows is a header of the sixteen `d` then the sixteen `c` (f16), then the
-//! values. Value byte `64k + 4r + i` (k = 0..8, r = 0..16, i = 0..4) is value `4k + i` of row
-//! `r`: an activation's bytes `4k..4k+4`, broadcast to all sixteen 32-bit lanes, line up with
-//! chunk `k` of every row. 4-bit values pack chunks `k` and `k + 4` into the low and high
-//! nibbles of one 64-byte run; 5-bit values add a bit string of 512 fifth bits.
+//! Value byte `64k + 4r + i` of a block (k = 0..8, r = 0..16, i = 0..4) is value `4k + i` of
+//! row `r`: an activation's bytes `4k..4k+4`, broadcast to all sixteen 32-bit lanes, line up
+//! with chunk `k` of every row. 4-bit values pack chunks `k` and `k + 4` into the low and high
+//! nibbles of one 64-byte run; 5-bit values add a bit string of 512 fifth bits, 6-bit values
+//! 128 bytes of high bit pairs.
 
 use half::f16;
 
@@ -35,9 +39,6 @@ pub const R16_ROWS: usize = 16;
 /// Activation rows the R16 kernels take at once (each unpacked weight block serves them all).
 pub const R16_TOKENS: usize = 8;
 
-/// Bytes of a block's header: sixteen f16 `d`, then sixteen f16 `c`.
-pub const HEADER: usize = 64;
-
 /// How the values of a repacked block are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum R16Kind {
@@ -48,6 +49,15 @@ pub enum R16Kind {
     Q5,
     /// 8-bit values, one byte each.
     Q8,
+    /// Q4_K: units of eight 32-value blocks (one 256-value super-block) sharing a header of
+    /// the sixteen rows' `d`, `dmin` (f16), 6-bit scales and mins (one byte each); blocks
+    /// packed as `Q4`. Block `j` of a row has `d = d * sc[j]`, `c = -dmin * m[j]`.
+    Q4K,
+    /// Q6_K: units of eight blocks with a header of `d` (f16) and the sixteen int8 scales of
+    /// each row (one per 16 values); values `q + 32` (0..=63) packed as `Q4` low nibbles, then
+    /// 128 bytes of the high two bits (byte `j` holds those of value bytes `j`, `j + 128`,
+    /// `j + 256`, `j + 384`, from the low bits up).
+    Q6K,
 }
 
 impl R16Kind {
@@ -56,22 +66,46 @@ impl R16Kind {
             GgmlType::Q4_0 | GgmlType::Q4_1 => Some(R16Kind::Q4),
             GgmlType::Q5_0 | GgmlType::Q5_1 => Some(R16Kind::Q5),
             GgmlType::Q8_0 => Some(R16Kind::Q8),
+            GgmlType::Q4_K => Some(R16Kind::Q4K),
+            GgmlType::Q6_K => Some(R16Kind::Q6K),
             _ => None,
         }
     }
 
-    /// Bytes of one block of sixteen rows.
-    pub fn block_bytes(self) -> usize {
-        HEADER
-            + match self {
-                R16Kind::Q4 => 256,
-                R16Kind::Q5 => 256 + 64,
-                R16Kind::Q8 => 512,
-            }
+    /// 32-value blocks per unit (a unit is one header and its blocks).
+    pub fn blocks_per_unit(self) -> usize {
+        match self {
+            R16Kind::Q4K | R16Kind::Q6K => QK_K / 32,
+            _ => 1,
+        }
+    }
+
+    /// Header bytes of a unit of sixteen rows.
+    pub fn header_bytes(self) -> usize {
+        match self {
+            R16Kind::Q4 | R16Kind::Q5 | R16Kind::Q8 => 64,
+            R16Kind::Q4K => 32 + 32 + 128 + 128,
+            R16Kind::Q6K => 32 + 256,
+        }
+    }
+
+    /// Value bytes of one 32-value block of sixteen rows.
+    pub fn body_bytes(self) -> usize {
+        match self {
+            R16Kind::Q4 | R16Kind::Q4K => 256,
+            R16Kind::Q5 => 256 + 64,
+            R16Kind::Q6K => 256 + 128,
+            R16Kind::Q8 => 512,
+        }
+    }
+
+    /// Bytes of one unit of sixteen rows.
+    pub fn unit_bytes(self) -> usize {
+        self.header_bytes() + self.blocks_per_unit() * self.body_bytes()
     }
 }
 
-/// Activation block for repacked weights: f32 scale and sum, as exact as the int8 values.
+/// Activation block for repacked weights: f32 scale and sums, as exact as the int8 values.
 #[derive(Clone, Copy, Debug)]
 #[repr(C)]
 pub struct BlockQ8x {
@@ -79,11 +113,14 @@ pub struct BlockQ8x {
     pub d: f32,
     /// `d * sum(qs)`.
     pub s: f32,
+    /// `sum(qs[..16])` and `sum(qs[16..])` (Q6_K scales the halves of a block separately
+    /// and takes its offset off in integers).
+    pub sums: [i16; 2],
     pub qs: [i8; 32],
 }
 
-const _: () = assert!(std::mem::size_of::<BlockQ8x>() == 40);
-// SAFETY: repr(C), two f32 and 32 i8: no padding, every bit pattern valid.
+const _: () = assert!(std::mem::size_of::<BlockQ8x>() == 44);
+// SAFETY: repr(C), two f32, two i16 and 32 i8: no padding, every bit pattern valid.
 unsafe impl Pod for BlockQ8x {}
 
 /// Quantizes activations to [`BlockQ8x`] (the values and scale of Q8_0).
@@ -92,18 +129,19 @@ pub fn quantize_q8x(x: &[f32], y: &mut [BlockQ8x]) {
         let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let d = f16::from_f32(amax / 127.0).to_f32();
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0i32;
-        for (q, &v) in b.qs.iter_mut().zip(x) {
+        let mut sums = [0i32; 2];
+        for (i, (q, &v)) in b.qs.iter_mut().zip(x).enumerate() {
             let r = crate::quant::quantize::nearest_int(v * id);
             *q = r as i8;
-            sum += r;
+            sums[i / 16] += r;
         }
         b.d = d;
-        b.s = d * sum as f32;
+        b.s = d * (sums[0] + sums[1]) as f32;
+        b.sums = sums.map(|v| v as i16);
     }
 }
 
-/// A weight matrix repacked into R16 blocks: `n_rows / 16` groups of `n_cols / 32` blocks.
+/// A weight matrix repacked into R16 units: `n_rows / 16` groups of `n_cols / 32` blocks.
 pub struct Repacked {
     pub kind: R16Kind,
     pub n_rows: usize,
@@ -171,13 +209,101 @@ fn unify(ty: GgmlType, row_block: &[u8]) -> ([u8; 32], f16, f16) {
     }
 }
 
+/// Writes one block's values (`vals[64k + 4r + i]` = value `4k + i` of row `r`) in `kind`'s
+/// packing.
+fn pack_body(kind: R16Kind, vals: &[u8; 512], body: &mut [u8]) {
+    match kind {
+        R16Kind::Q8 => body.copy_from_slice(vals),
+        _ => {
+            for j in 0..256 {
+                body[j] = (vals[j] & 0xF) | ((vals[j + 256] & 0xF) << 4);
+            }
+            let high = &mut body[256..];
+            high.fill(0);
+            match kind {
+                R16Kind::Q5 => {
+                    for (j, &v) in vals.iter().enumerate() {
+                        high[j / 8] |= ((v >> 4) & 1) << (j % 8);
+                    }
+                }
+                R16Kind::Q6K => {
+                    for (j, &v) in vals.iter().enumerate() {
+                        high[j % 128] |= ((v >> 4) & 3) << (2 * (j / 128));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Fills one unit (header and blocks) of sixteen rows from the source rows' super-block or
+/// block `u`.
+fn pack_unit(w: &WeightRef<'_>, kind: R16Kind, g: usize, u: usize, dst: &mut [u8]) -> Result<()> {
+    let ts = w.ty.type_size();
+    let (hb, bb) = (kind.header_bytes(), kind.body_bytes());
+    let mut vals = vec![[0u8; 512]; kind.blocks_per_unit()];
+    let mis = || Error::Misaligned {
+        op: "repack",
+        ty: w.ty,
+    };
+    let mut put = |j: usize, r: usize, q: &[u8]| {
+        for (i, &v) in q.iter().enumerate() {
+            vals[j][64 * (i / 4) + 4 * r + i % 4] = v;
+        }
+    };
+    for r in 0..R16_ROWS {
+        let src = &w.row(g * R16_ROWS + r)[u * ts..(u + 1) * ts];
+        match kind {
+            R16Kind::Q4K => {
+                let b: &BlockQ4K = cast_blocks(src).and_then(|b| b.first()).ok_or(mis())?;
+                dst[2 * r..2 * r + 2].copy_from_slice(&b.d.to_le_bytes());
+                dst[32 + 2 * r..34 + 2 * r].copy_from_slice(&b.dmin.to_le_bytes());
+                let (sc, m) = crate::quant::dequant::unpack_scales_k4(&b.scales);
+                for j in 0..8 {
+                    dst[64 + 16 * j + r] = sc[j];
+                    dst[192 + 16 * j + r] = m[j];
+                }
+                for c in 0..4 {
+                    let lo: [u8; 32] = std::array::from_fn(|l| b.qs[32 * c + l] & 0xF);
+                    let hi: [u8; 32] = std::array::from_fn(|l| b.qs[32 * c + l] >> 4);
+                    put(2 * c, r, &lo);
+                    put(2 * c + 1, r, &hi);
+                }
+            }
+            R16Kind::Q6K => {
+                let b: &BlockQ6K = cast_blocks(src).and_then(|b| b.first()).ok_or(mis())?;
+                dst[2 * r..2 * r + 2].copy_from_slice(&b.d.to_le_bytes());
+                for (s, &sc) in b.scales.iter().enumerate() {
+                    dst[32 + 16 * s + r] = sc as u8;
+                }
+                let q = crate::quant::dequant::unpack_q6k(b);
+                for j in 0..8 {
+                    let v: [u8; 32] = std::array::from_fn(|i| (q[32 * j + i] + 32) as u8);
+                    put(j, r, &v);
+                }
+            }
+            _ => {
+                let (q, d, c) = unify(w.ty, src);
+                dst[2 * r..2 * r + 2].copy_from_slice(&d.to_le_bytes());
+                dst[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&c.to_le_bytes());
+                put(0, r, &q);
+            }
+        }
+    }
+    for (j, v) in vals.iter().enumerate() {
+        pack_body(kind, v, &mut dst[hb + j * bb..hb + (j + 1) * bb]);
+    }
+    Ok(())
+}
+
 /// Repacks a weight matrix; `None` when its type has no R16 form or its rows do not come in
 /// groups of sixteen.
 pub fn repack(w: WeightRef<'_>) -> Result<Option<Repacked>> {
     let Some(kind) = R16Kind::for_type(w.ty) else {
         return Ok(None);
     };
-    if w.n_rows % R16_ROWS != 0 || w.n_cols % 32 != 0 {
+    if w.n_rows % R16_ROWS != 0 || w.n_cols % w.ty.block_size() != 0 {
         return Ok(None);
     }
     if w.data.len() != w.row_bytes() * w.n_rows {
@@ -187,41 +313,20 @@ pub fn repack(w: WeightRef<'_>) -> Result<Option<Repacked>> {
             got: w.data.len().to_string(),
         });
     }
-    let nb = w.n_cols / 32;
-    let bb = kind.block_bytes();
-    let ts = w.ty.type_size();
+    let nu = w.n_cols / w.ty.block_size();
+    let ub = kind.unit_bytes();
     let mut data = AlignedBuf::new();
-    data.resize(w.n_rows / R16_ROWS * nb * bb);
+    data.resize(w.n_rows / R16_ROWS * nu * ub);
     let out = data.as_mut_slice();
     for g in 0..w.n_rows / R16_ROWS {
-        for b in 0..nb {
-            let dst = &mut out[(g * nb + b) * bb..(g * nb + b + 1) * bb];
-            let mut vals = [0u8; 512];
-            for r in 0..R16_ROWS {
-                let row = w.row(g * R16_ROWS + r);
-                let (q, d, c) = unify(w.ty, &row[b * ts..(b + 1) * ts]);
-                dst[2 * r..2 * r + 2].copy_from_slice(&d.to_le_bytes());
-                dst[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&c.to_le_bytes());
-                for (j, &v) in q.iter().enumerate() {
-                    vals[64 * (j / 4) + 4 * r + j % 4] = v;
-                }
-            }
-            let body = &mut dst[HEADER..];
-            match kind {
-                R16Kind::Q8 => body.copy_from_slice(&vals),
-                R16Kind::Q4 | R16Kind::Q5 => {
-                    for j in 0..256 {
-                        body[j] = (vals[j] & 0xF) | ((vals[j + 256] & 0xF) << 4);
-                    }
-                    if kind == R16Kind::Q5 {
-                        let qh = &mut body[256..320];
-                        qh.fill(0);
-                        for (j, &v) in vals.iter().enumerate() {
-                            qh[j / 8] |= ((v >> 4) & 1) << (j % 8);
-                        }
-                    }
-                }
-            }
+        for u in 0..nu {
+            pack_unit(
+                &w,
+                kind,
+                g,
+                u,
+                &mut out[(g * nu + u) * ub..(g * nu + u + 1) * ub],
+            )?;
         }
     }
     Ok(Some(Repacked {
@@ -233,49 +338,37 @@ pub fn repack(w: WeightRef<'_>) -> Result<Option<Repacked>> {
 }
 
 impl Repacked {
-    /// The bytes of block `b` of row group `g`.
-    pub fn block(&self, g: usize, b: usize) -> &[u8] {
-        let nb = self.n_cols / 32;
-        let bb = self.kind.block_bytes();
-        &self.data.as_slice()[(g * nb + b) * bb..(g * nb + b + 1) * bb]
-    }
-
     pub fn bytes(&self) -> usize {
         self.data.as_slice().len()
     }
 
-    /// The raw blocks of row groups `groups`.
+    /// The raw units of row groups `groups`.
     pub(crate) fn groups(&self, groups: std::ops::Range<usize>) -> &[u8] {
-        let gb = self.n_cols / 32 * self.kind.block_bytes();
+        let k = self.kind;
+        let gb = self.n_cols / 32 / k.blocks_per_unit() * k.unit_bytes();
         &self.data.as_slice()[groups.start * gb..groups.end * gb]
     }
 }
 
-/// Value byte `j` (0..512, in the interleaved order) of a repacked block.
-fn value(kind: R16Kind, block: &[u8], j: usize) -> u8 {
-    let body = &block[HEADER..];
+/// Value byte `j` (0..512, in the interleaved order) of one block's packed values.
+fn value(kind: R16Kind, body: &[u8], j: usize) -> u8 {
+    let low = |j: usize| (body[j % 256] >> (4 * (j / 256))) & 0xF;
     match kind {
         R16Kind::Q8 => body[j],
-        R16Kind::Q4 => (body[j % 256] >> (4 * (j / 256))) & 0xF,
-        R16Kind::Q5 => {
-            ((body[j % 256] >> (4 * (j / 256))) & 0xF) | (((body[256 + j / 8] >> (j % 8)) & 1) << 4)
-        }
+        R16Kind::Q4 | R16Kind::Q4K => low(j),
+        R16Kind::Q5 => low(j) | (((body[256 + j / 8] >> (j % 8)) & 1) << 4),
+        R16Kind::Q6K => low(j) | (((body[256 + j % 128] >> (2 * (j / 128))) & 3) << 4),
     }
 }
 
 /// Scalar reference: the sixteen rows of group `g` against one activation row.
 pub fn gemv_r16_scalar(w: &Repacked, g: usize, a: &[BlockQ8x]) -> [f32; R16_ROWS] {
-    let mut out = [0.0f32; R16_ROWS];
-    for (b, ab) in a.iter().enumerate().take(w.n_cols / 32) {
-        let block = w.block(g, b);
-        for (r, o) in out.iter_mut().enumerate() {
-            *o += block_row_dot(w.kind, block, r, ab);
-        }
-    }
-    out
+    let nb = w.n_cols / 32;
+    gemm_r16_scalar(w.kind, w.groups(g..g + 1), nb, [a; R16_TOKENS], 1)[0]
 }
 
-/// Scalar [`crate::dispatch::R16GemmFn`]: [`gemv_r16_scalar`] per activation row.
+/// Scalar [`crate::dispatch::R16GemmFn`]: each row of the group against each activation row,
+/// block by block.
 pub fn gemm_r16_scalar(
     kind: R16Kind,
     group: &[u8],
@@ -283,28 +376,52 @@ pub fn gemm_r16_scalar(
     acts: [&[BlockQ8x]; R16_TOKENS],
     n_act: usize,
 ) -> [[f32; R16_ROWS]; R16_TOKENS] {
-    let bb = kind.block_bytes();
+    let (ub, bpu) = (kind.unit_bytes(), kind.blocks_per_unit());
     let mut out = [[0.0f32; R16_ROWS]; R16_TOKENS];
     for (t, o) in out.iter_mut().enumerate().take(n_act) {
         for (b, ab) in acts[t].iter().enumerate().take(nb) {
-            let block = &group[b * bb..(b + 1) * bb];
+            let (u, j) = (b / bpu, b % bpu);
+            let Some(unit) = group.get(u * ub..(u + 1) * ub) else {
+                break;
+            };
             for (r, v) in o.iter_mut().enumerate() {
-                *v += block_row_dot(kind, block, r, ab);
+                *v += block_row_dot(kind, unit, j, r, ab);
             }
         }
     }
     out
 }
 
-/// One row's share of one repacked block against one activation block.
-fn block_row_dot(kind: R16Kind, block: &[u8], r: usize, ab: &BlockQ8x) -> f32 {
-    let d = f16::from_le_bytes([block[2 * r], block[2 * r + 1]]).to_f32();
-    let c = f16::from_le_bytes([block[32 + 2 * r], block[33 + 2 * r]]).to_f32();
-    let mut isum = 0i32;
-    for j in 0..32 {
-        isum += value(kind, block, 64 * (j / 4) + 4 * r + j % 4) as i32 * ab.qs[j] as i32;
+/// Row `r`'s share of block `j` of a repacked unit against one activation block.
+fn block_row_dot(kind: R16Kind, unit: &[u8], j: usize, r: usize, ab: &BlockQ8x) -> f32 {
+    let hb = kind.header_bytes();
+    let body = &unit[hb + j * kind.body_bytes()..];
+    let (mut lo, mut hi) = (0i32, 0i32);
+    for i in 0..32 {
+        let p = value(kind, body, 64 * (i / 4) + 4 * r + i % 4) as i32 * ab.qs[i] as i32;
+        if i < 16 {
+            lo += p;
+        } else {
+            hi += p;
+        }
     }
-    d * ab.d * isum as f32 + c * ab.s
+    let f16_at = |at: usize| f16::from_le_bytes([unit[at], unit[at + 1]]).to_f32();
+    let d = f16_at(2 * r);
+    match kind {
+        R16Kind::Q4K => {
+            let (sc, m) = (unit[64 + 16 * j + r] as f32, unit[192 + 16 * j + r] as f32);
+            d * sc * ab.d * (lo + hi) as f32 - f16_at(32 + 2 * r) * m * ab.s
+        }
+        R16Kind::Q6K => {
+            // values are q + 32: the offset comes off in integers, exactly
+            let da = d * unit[32 + 16 * (2 * j) + r] as i8 as f32;
+            let db = d * unit[32 + 16 * (2 * j + 1) + r] as i8 as f32;
+            let lo = lo - 32 * ab.sums[0] as i32;
+            let hi = hi - 32 * ab.sums[1] as i32;
+            ab.d * (da * lo as f32 + db * hi as f32)
+        }
+        _ => d * ab.d * (lo + hi) as f32 + f16_at(32 + 2 * r) * ab.s,
+    }
 }
 
 #[cfg(test)]
@@ -316,9 +433,23 @@ mod tests {
     fn matrix(ty: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u8> {
         let x: Vec<f32> = (0..rows * cols).map(|_| rng.f32()).collect();
         let mut buf = AlignedBuf::new();
-        buf.resize(rows * cols / 32 * ty.type_size());
+        buf.resize(rows * cols / ty.block_size() * ty.type_size());
         let out = buf.as_mut_slice();
+        let small = |rng: &mut Rng| f16::from_f32(rng.f32().abs() * 0.01 + 1e-3);
         match ty {
+            // no quantizer for these: random bytes with sane super-block scales
+            GgmlType::Q4_K => {
+                out.copy_from_slice(&rng.bytes(out.len()));
+                for b in cast_blocks_mut::<BlockQ4K>(out).unwrap() {
+                    (b.d, b.dmin) = (small(rng), small(rng));
+                }
+            }
+            GgmlType::Q6_K => {
+                out.copy_from_slice(&rng.bytes(out.len()));
+                for b in cast_blocks_mut::<BlockQ6K>(out).unwrap() {
+                    b.d = small(rng);
+                }
+            }
             GgmlType::Q4_0 => quantize::quantize_q4_0(&x, cast_blocks_mut(out).unwrap()),
             GgmlType::Q4_1 => quantize::quantize_q4_1(&x, cast_blocks_mut(out).unwrap()),
             GgmlType::Q5_0 => quantize::quantize_q5_0(&x, cast_blocks_mut(out).unwrap()),
@@ -328,12 +459,14 @@ mod tests {
         out.to_vec()
     }
 
-    const R16_TYPES: [GgmlType; 5] = [
+    const R16_TYPES: [GgmlType; 7] = [
         GgmlType::Q4_0,
         GgmlType::Q4_1,
         GgmlType::Q5_0,
         GgmlType::Q5_1,
         GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
     ];
 
     /// Random activations of `cols` values (scaled by `scale`) quantized to `BlockQ8x`.
@@ -343,6 +476,7 @@ mod tests {
             BlockQ8x {
                 d: 0.0,
                 s: 0.0,
+                sums: [0; 2],
                 qs: [0; 32]
             };
             cols / 32
@@ -355,7 +489,7 @@ mod tests {
     fn repacked_rows_compute_the_original_dot_products() {
         let mut rng = Rng::new(5);
         for ty in R16_TYPES {
-            let (rows, cols) = (32, 96);
+            let (rows, cols) = (32, 3 * ty.block_size());
             let bytes = matrix(ty, rows, cols, &mut rng);
             let w = WeightRef {
                 ty,
@@ -394,7 +528,8 @@ mod tests {
         let mut fast = 0;
         for ty in R16_TYPES {
             for nb in [1usize, 2, 3, 7, 20] {
-                let (rows, cols) = (32, 32 * nb);
+                let (rows, cols) = (32, ty.block_size() * nb);
+                let nb = cols / 32;
                 let bytes = matrix(ty, rows, cols, &mut rng);
                 let w = WeightRef {
                     ty,
@@ -444,6 +579,7 @@ mod tests {
         let blank = BlockQ8x {
             d: 0.0,
             s: 0.0,
+            sums: [0; 2],
             qs: [0; 32],
         };
         for kern in crate::Isa::all_available()
@@ -462,7 +598,12 @@ mod tests {
                 quantize_q8x(&x, &mut want);
                 (kern.quantize_q8x)(&x, &mut got);
                 for (g, w) in got.iter().zip(&want) {
-                    assert_eq!((g.d, g.s, g.qs), (w.d, w.s, w.qs), "{:?}", kern.isa);
+                    assert_eq!(
+                        (g.d, g.s, g.sums, g.qs),
+                        (w.d, w.s, w.sums, w.qs),
+                        "{:?}",
+                        kern.isa
+                    );
                 }
             }
         }
@@ -478,9 +619,9 @@ mod tests {
             n_cols: 32,
         };
         assert!(repack(w).unwrap().is_none());
-        let bytes = vec![0u8; 16 * 144];
+        let bytes = vec![0u8; 16 * 176];
         let w = WeightRef {
-            ty: GgmlType::Q4_K,
+            ty: GgmlType::Q5_K,
             data: &bytes,
             n_rows: 16,
             n_cols: 256,

@@ -510,91 +510,206 @@ safe_wrapper4!(dot4_q6k, dot4_q6k_impl, BlockQ6K, BlockQ8K);
 
 // ---- repacked (row-interleaved) weights, AVX-512 VNNI ----------------------------------
 
-use crate::repack::{BlockQ8x, R16Kind, HEADER, R16_ROWS, R16_TOKENS};
+use crate::repack::{BlockQ8x, R16Kind, R16_ROWS, R16_TOKENS};
 
-/// The eight 64-byte value vectors (u8) of one repacked block: vector `k` holds values
-/// `4k..4k+4` of each of the sixteen rows.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-fn r16_values(kind: R16Kind, blk: &[u8]) -> [__m512i; 8] {
-    let body = &blk[HEADER..];
-    // SAFETY: a block holds the header plus 256 (Q4), 320 (Q5) or 512 (Q8) value bytes;
-    // every load below stays inside its kind's body.
-    unsafe {
-        let ld = |o: usize| _mm512_loadu_si512(body.as_ptr().add(o) as *const _);
-        match kind {
-            R16Kind::Q8 => std::array::from_fn(|k| ld(64 * k)),
-            R16Kind::Q4 | R16Kind::Q5 => {
-                let low4 = _mm512_set1_epi8(0x0F);
-                let p = [ld(0), ld(64), ld(128), ld(192)];
-                let mut v: [__m512i; 8] = std::array::from_fn(|k| {
-                    if k < 4 {
-                        _mm512_and_si512(p[k], low4)
-                    } else {
-                        _mm512_and_si512(_mm512_srli_epi16::<4>(p[k - 4]), low4)
-                    }
-                });
-                if kind == R16Kind::Q5 {
-                    let bit4 = _mm512_set1_epi8(0x10);
-                    for (k, vk) in v.iter_mut().enumerate() {
-                        let m = (body.as_ptr().add(256 + 8 * k) as *const u64).read_unaligned();
-                        *vk = _mm512_or_si512(*vk, _mm512_maskz_mov_epi8(m, bit4));
-                    }
-                }
-                v
-            }
-        }
+const KIND_Q4: u8 = 0;
+const KIND_Q5: u8 = 1;
+const KIND_Q8: u8 = 2;
+const KIND_Q4K: u8 = 3;
+const KIND_Q6K: u8 = 4;
+
+const fn kind_of(k: u8) -> R16Kind {
+    match k {
+        KIND_Q4 => R16Kind::Q4,
+        KIND_Q5 => R16Kind::Q5,
+        KIND_Q8 => R16Kind::Q8,
+        KIND_Q4K => R16Kind::Q4K,
+        _ => R16Kind::Q6K,
     }
 }
 
-/// `N` activation rows against one group (a constant count keeps the accumulators in
-/// registers).
+/// The eight 64-byte value vectors (u8) of one repacked block (`body`: its packed values):
+/// vector `k` holds values `4k..4k+4` of each of the sixteen rows.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn r16_values<const KIND: u8>(body: &[u8]) -> [__m512i; 8] {
+    assert!(body.len() >= kind_of(KIND).body_bytes());
+    // SAFETY: the body holds the kind's value bytes (asserted); every load stays inside.
+    unsafe {
+        let ld = |o: usize| _mm512_loadu_si512(body.as_ptr().add(o) as *const _);
+        if KIND == KIND_Q8 {
+            return std::array::from_fn(|k| ld(64 * k));
+        }
+        let low4 = _mm512_set1_epi8(0x0F);
+        let p = [ld(0), ld(64), ld(128), ld(192)];
+        let mut v: [__m512i; 8] = std::array::from_fn(|k| {
+            if k < 4 {
+                _mm512_and_si512(p[k], low4)
+            } else {
+                _mm512_and_si512(_mm512_srli_epi16::<4>(p[k - 4]), low4)
+            }
+        });
+        if KIND == KIND_Q5 {
+            let bit4 = _mm512_set1_epi8(0x10);
+            for (k, vk) in v.iter_mut().enumerate() {
+                let m = (body.as_ptr().add(256 + 8 * k) as *const u64).read_unaligned();
+                *vk = _mm512_or_si512(*vk, _mm512_maskz_mov_epi8(m, bit4));
+            }
+        } else if KIND == KIND_Q6K {
+            let three = _mm512_set1_epi8(3);
+            let h = [ld(256), ld(320)];
+            for (k, vk) in v.iter_mut().enumerate() {
+                let hk = match k / 2 {
+                    0 => h[k % 2],
+                    1 => _mm512_srli_epi16::<2>(h[k % 2]),
+                    2 => _mm512_srli_epi16::<4>(h[k % 2]),
+                    _ => _mm512_srli_epi16::<6>(h[k % 2]),
+                };
+                let hk = _mm512_slli_epi16::<4>(_mm512_and_si512(hk, three));
+                *vk = _mm512_or_si512(*vk, hk);
+            }
+        }
+        v
+    }
+}
+
+/// Sixteen f16 at `p` as f32.
+///
+/// # Safety
+/// `p` points to 32 readable bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn f16x16(p: *const u8) -> __m512 {
+    // SAFETY: the caller guarantees 32 bytes.
+    unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+}
+
+/// Sixteen bytes at `p` as f32, unsigned or signed.
+///
+/// # Safety
+/// `p` points to 16 readable bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn bytes16<const SIGNED: bool>(p: *const u8) -> __m512 {
+    // SAFETY: the caller guarantees 16 bytes.
+    let b = unsafe { _mm_loadu_si128(p as *const __m128i) };
+    _mm512_cvtepi32_ps(if SIGNED {
+        _mm512_cvtepi8_epi32(b)
+    } else {
+        _mm512_cvtepu8_epi32(b)
+    })
+}
+
+/// `N` activation rows against one group of kind `KIND` (constants keep the accumulators
+/// in registers and the per-kind branches out of the loops).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-fn gemm_r16_n<const N: usize>(
-    kind: R16Kind,
+fn gemm_r16_n<const N: usize, const KIND: u8>(
     group: &[u8],
     nb: usize,
     acts: &[&[BlockQ8x]; R16_TOKENS],
 ) -> [__m512; N] {
-    let bb = kind.block_bytes();
+    let kind = kind_of(KIND);
+    let (ub, hb, bb, bpu) = (
+        kind.unit_bytes(),
+        kind.header_bytes(),
+        kind.body_bytes(),
+        kind.blocks_per_unit(),
+    );
     let mut facc = [_mm512_setzero_ps(); N];
-    for b in 0..nb {
-        let blk = &group[b * bb..(b + 1) * bb];
-        let v = r16_values(kind, blk);
-        // SAFETY: the header holds 32 bytes of `d` then 32 of `c` (sixteen f16 each).
-        let (dv, cv) = unsafe {
-            (
-                _mm512_cvtph_ps(_mm256_loadu_si256(blk.as_ptr() as *const __m256i)),
-                _mm512_cvtph_ps(_mm256_loadu_si256(blk.as_ptr().add(32) as *const __m256i)),
-            )
-        };
-        for (t, acc) in facc.iter_mut().enumerate() {
-            let a = &acts[t][b];
-            let q = |k: usize| {
-                _mm512_set1_epi32(i32::from_le_bytes([
-                    a.qs[4 * k] as u8,
-                    a.qs[4 * k + 1] as u8,
-                    a.qs[4 * k + 2] as u8,
-                    a.qs[4 * k + 3] as u8,
-                ]))
+    for u in 0..nb / bpu {
+        let unit = &group[u * ub..(u + 1) * ub];
+        let hp = unit.as_ptr();
+        // SAFETY: every header read below is inside the kind's header (`hb` bytes).
+        let (d, d2) = unsafe { (f16x16(hp), f16x16(hp.add(32))) };
+        for j in 0..bpu {
+            let b = u * bpu + j;
+            let v = r16_values::<KIND>(&unit[hb + j * bb..hb + (j + 1) * bb]);
+            // per-row scales of this block: (da, db) for the two 16-value halves, and the
+            // offset c (times the activation sum); Q6_K's offset is taken off in integers
+            // SAFETY: header reads inside `hb`.
+            let (da, db, c) = unsafe {
+                match KIND {
+                    KIND_Q4K => {
+                        let sc = _mm512_mul_ps(d, bytes16::<false>(hp.add(64 + 16 * j)));
+                        let m = _mm512_mul_ps(d2, bytes16::<false>(hp.add(192 + 16 * j)));
+                        (sc, sc, _mm512_sub_ps(_mm512_setzero_ps(), m))
+                    }
+                    KIND_Q6K => {
+                        let sa = _mm512_mul_ps(d, bytes16::<true>(hp.add(32 + 32 * j)));
+                        let sb = _mm512_mul_ps(d, bytes16::<true>(hp.add(48 + 32 * j)));
+                        (sa, sb, _mm512_setzero_ps())
+                    }
+                    _ => (d, d, d2),
+                }
             };
-            // two chains of four, so consecutive instructions do not wait on each other
-            let mut i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[0], q(0));
-            let mut i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[1], q(1));
-            for k in (2..8).step_by(2) {
-                i0 = _mm512_dpbusd_epi32(i0, v[k], q(k));
-                i1 = _mm512_dpbusd_epi32(i1, v[k + 1], q(k + 1));
+            for (t, acc) in facc.iter_mut().enumerate() {
+                let a = &acts[t][b];
+                let q = |k: usize| {
+                    _mm512_set1_epi32(i32::from_le_bytes([
+                        a.qs[4 * k] as u8,
+                        a.qs[4 * k + 1] as u8,
+                        a.qs[4 * k + 2] as u8,
+                        a.qs[4 * k + 3] as u8,
+                    ]))
+                };
+                // two chains of four (values 0..16 and 16..32), so consecutive instructions
+                // do not wait on each other
+                let mut i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[0], q(0));
+                let mut i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[4], q(4));
+                for k in 1..4 {
+                    i0 = _mm512_dpbusd_epi32(i0, v[k], q(k));
+                    i1 = _mm512_dpbusd_epi32(i1, v[k + 4], q(k + 4));
+                }
+                let ad = _mm512_set1_ps(a.d);
+                *acc = if KIND == KIND_Q6K {
+                    // values are q + 32: take 32 * sum(a) off each half, exactly
+                    let i0 = _mm512_sub_epi32(i0, _mm512_set1_epi32(32 * a.sums[0] as i32));
+                    let i1 = _mm512_sub_epi32(i1, _mm512_set1_epi32(32 * a.sums[1] as i32));
+                    let h = _mm512_mul_ps(_mm512_cvtepi32_ps(i1), db);
+                    let both = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), da, h);
+                    _mm512_fmadd_ps(both, ad, *acc)
+                } else {
+                    let f = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)),
+                        _mm512_mul_ps(da, ad),
+                        *acc,
+                    );
+                    _mm512_fmadd_ps(c, _mm512_set1_ps(a.s), f)
+                };
             }
-            let f = _mm512_fmadd_ps(
-                _mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)),
-                _mm512_mul_ps(dv, _mm512_set1_ps(a.d)),
-                *acc,
-            );
-            *acc = _mm512_fmadd_ps(cv, _mm512_set1_ps(a.s), f);
         }
     }
     facc
+}
+
+/// All token counts of one kind.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+fn gemm_r16_kind<const KIND: u8>(
+    group: &[u8],
+    nb: usize,
+    acts: &[&[BlockQ8x]; R16_TOKENS],
+    n_act: usize,
+    out: &mut [[f32; R16_ROWS]; R16_TOKENS],
+) {
+    let mut put = |accs: &[__m512]| {
+        for (o, acc) in out.iter_mut().zip(accs) {
+            // SAFETY: storing sixteen f32 into an array of sixteen.
+            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *acc) };
+        }
+    };
+    match n_act {
+        8 => put(&gemm_r16_n::<8, KIND>(group, nb, acts)),
+        7 => put(&gemm_r16_n::<7, KIND>(group, nb, acts)),
+        6 => put(&gemm_r16_n::<6, KIND>(group, nb, acts)),
+        5 => put(&gemm_r16_n::<5, KIND>(group, nb, acts)),
+        4 => put(&gemm_r16_n::<4, KIND>(group, nb, acts)),
+        3 => put(&gemm_r16_n::<3, KIND>(group, nb, acts)),
+        2 => put(&gemm_r16_n::<2, KIND>(group, nb, acts)),
+        1 => put(&gemm_r16_n::<1, KIND>(group, nb, acts)),
+        _ => {}
+    }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
@@ -606,28 +721,22 @@ fn gemm_r16_impl(
     n_act: usize,
 ) -> [[f32; R16_ROWS]; R16_TOKENS] {
     let n_act = n_act.min(R16_TOKENS);
+    // whole units only, and no further than the group and every activation row reach
+    let bpu = kind.blocks_per_unit();
     let nb = acts[..n_act]
         .iter()
-        .fold(nb.min(group.len() / kind.block_bytes()), |n, a| {
+        .fold(nb.min(group.len() / kind.unit_bytes() * bpu), |n, a| {
             n.min(a.len())
-        });
+        })
+        / bpu
+        * bpu;
     let mut out = [[0.0f32; R16_ROWS]; R16_TOKENS];
-    let mut put = |accs: &[__m512]| {
-        for (o, acc) in out.iter_mut().zip(accs) {
-            // SAFETY: storing sixteen f32 into an array of sixteen.
-            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *acc) };
-        }
-    };
-    match n_act {
-        8 => put(&gemm_r16_n::<8>(kind, group, nb, &acts)),
-        7 => put(&gemm_r16_n::<7>(kind, group, nb, &acts)),
-        6 => put(&gemm_r16_n::<6>(kind, group, nb, &acts)),
-        5 => put(&gemm_r16_n::<5>(kind, group, nb, &acts)),
-        4 => put(&gemm_r16_n::<4>(kind, group, nb, &acts)),
-        3 => put(&gemm_r16_n::<3>(kind, group, nb, &acts)),
-        2 => put(&gemm_r16_n::<2>(kind, group, nb, &acts)),
-        1 => put(&gemm_r16_n::<1>(kind, group, nb, &acts)),
-        _ => {}
+    match kind {
+        R16Kind::Q4 => gemm_r16_kind::<KIND_Q4>(group, nb, &acts, n_act, &mut out),
+        R16Kind::Q5 => gemm_r16_kind::<KIND_Q5>(group, nb, &acts, n_act, &mut out),
+        R16Kind::Q8 => gemm_r16_kind::<KIND_Q8>(group, nb, &acts, n_act, &mut out),
+        R16Kind::Q4K => gemm_r16_kind::<KIND_Q4K>(group, nb, &acts, n_act, &mut out),
+        R16Kind::Q6K => gemm_r16_kind::<KIND_Q6K>(group, nb, &acts, n_act, &mut out),
     }
     out
 }
@@ -657,8 +766,10 @@ fn quantize_q8x_impl(x: &[f32], y: &mut [BlockQ8x]) {
                 b.qs.as_mut_ptr().add(16) as *mut __m128i,
                 _mm512_cvtepi32_epi8(q1),
             );
+            let (lo, hi) = (_mm512_reduce_add_epi32(q0), _mm512_reduce_add_epi32(q1));
             b.d = d;
-            b.s = d * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)) as f32;
+            b.s = d * (lo + hi) as f32;
+            b.sums = [lo as i16, hi as i16];
         }
     }
 }
