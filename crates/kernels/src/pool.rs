@@ -22,6 +22,9 @@ struct Shared {
     pending: AtomicUsize,
     panicked: AtomicBool,
     shutdown: AtomicBool,
+    /// Workers asleep on `wake` (changed under `lock`), so `run` skips the wake-up system
+    /// call while everyone is spinning, as in a decode step.
+    sleepers: AtomicUsize,
     lock: Mutex<()>,
     wake: Condvar,
 }
@@ -50,6 +53,7 @@ impl ThreadPool {
             pending: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
+            sleepers: AtomicUsize::new(0),
             lock: Mutex::new(()),
             wake: Condvar::new(),
         });
@@ -91,7 +95,11 @@ impl ThreadPool {
             let _g = sh.lock.lock().unwrap_or_else(|e| e.into_inner());
             sh.epoch.fetch_add(1, Ordering::Release);
         }
-        sh.wake.notify_all();
+        // a worker that counted itself asleep did so under the lock, before this call's
+        // critical section (then it is seen here) or after (then it saw the new epoch)
+        if sh.sleepers.load(Ordering::Relaxed) > 0 {
+            sh.wake.notify_all();
+        }
         let mine = catch_unwind(AssertUnwindSafe(|| f(0, self.n_threads)));
         let mut spins = 0u32;
         while sh.pending.load(Ordering::Acquire) != 0 {
@@ -129,11 +137,13 @@ fn worker(shared: Arc<Shared>, ith: usize, nth: usize) {
                 std::hint::spin_loop();
             } else {
                 let mut g = shared.lock.lock().unwrap_or_else(|e| e.into_inner());
+                shared.sleepers.fetch_add(1, Ordering::Relaxed);
                 while shared.epoch.load(Ordering::Acquire) == seen
                     && !shared.shutdown.load(Ordering::Relaxed)
                 {
                     g = shared.wake.wait(g).unwrap_or_else(|e| e.into_inner());
                 }
+                shared.sleepers.fetch_sub(1, Ordering::Relaxed);
             }
         }
         if shared.shutdown.load(Ordering::Relaxed) {

@@ -17,7 +17,7 @@
 //! | Q6_K | value + 32 (0..63) | d * sc per 16 values | -32 d sc (in integers) |
 //!
 //! The 32-element formats keep `d` and `c` as f16 (all the `c` above are exact in f16) in a
-//! 64-byte header per block; the K-quants keep their super-block header (`d`, `dmin`, the
+//! 64-byte header per block (Q8_0 only `d`, 32 bytes); the K-quants keep their super-block header (`d`, `dmin`, the
 //! 6- or 8-bit sub-scales) once per unit of eight blocks and form the per-block f32 scales in
 //! the kernel, exactly. A repacked matrix takes about the bytes of the original. Against
 //! activations quantized to [`BlockQ8x`] (int8 values, f32 scale `da`, `sa = da * sum`, and
@@ -83,7 +83,9 @@ impl R16Kind {
     /// Header bytes of a unit of sixteen rows.
     pub fn header_bytes(self) -> usize {
         match self {
-            R16Kind::Q4 | R16Kind::Q5 | R16Kind::Q8 => 64,
+            R16Kind::Q4 | R16Kind::Q5 => 64,
+            // Q8_0's offset is always -128 d: only `d` is stored
+            R16Kind::Q8 => 32,
             R16Kind::Q4K => 32 + 32 + 128 + 128,
             R16Kind::Q6K => 32 + 256,
         }
@@ -286,7 +288,9 @@ fn pack_unit(w: &WeightRef<'_>, kind: R16Kind, g: usize, u: usize, dst: &mut [u8
             _ => {
                 let (q, d, c) = unify(w.ty, src);
                 dst[2 * r..2 * r + 2].copy_from_slice(&d.to_le_bytes());
-                dst[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&c.to_le_bytes());
+                if kind != R16Kind::Q8 {
+                    dst[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&c.to_le_bytes());
+                }
                 put(0, r, &q);
             }
         }
@@ -420,6 +424,7 @@ fn block_row_dot(kind: R16Kind, unit: &[u8], j: usize, r: usize, ab: &BlockQ8x) 
             let hi = hi - 32 * ab.sums[1] as i32;
             ab.d * (da * lo as f32 + db * hi as f32)
         }
+        R16Kind::Q8 => d * ab.d * (lo + hi) as f32 - 128.0 * d * ab.s,
         _ => d * ab.d * (lo + hi) as f32 + f16_at(32 + 2 * r) * ab.s,
     }
 }

@@ -620,11 +620,27 @@ fn gemm_r16_n<const N: usize, const KIND: u8>(
     for u in 0..nb / bpu {
         let unit = &group[u * ub..(u + 1) * ub];
         let hp = unit.as_ptr();
-        // SAFETY: every header read below is inside the kind's header (`hb` bytes).
-        let (d, d2) = unsafe { (f16x16(hp), f16x16(hp.add(32))) };
+        // SAFETY: every header read below is inside the kind's header (`hb` bytes; Q8's
+        // offset is -128 d, not stored).
+        let (d, d2) = unsafe {
+            let d = f16x16(hp);
+            let d2 = if KIND == KIND_Q8 {
+                _mm512_mul_ps(d, _mm512_set1_ps(-128.0))
+            } else {
+                f16x16(hp.add(32))
+            };
+            (d, d2)
+        };
         for j in 0..bpu {
             let b = u * bpu + j;
             let v = r16_values::<KIND>(&unit[hb + j * bb..hb + (j + 1) * bb]);
+            if PF_DIST > 0 {
+                let base = unit.as_ptr().wrapping_add(hb + j * bb + PF_DIST);
+                for off in (0..bb).step_by(64) {
+                    // a prefetch is a hint: it never faults, even past the end
+                    _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(off) as *const i8);
+                }
+            }
             // per-row scales of this block: (da, db) for the two 16-value halves, and the
             // offset c (times the activation sum); Q6_K's offset is taken off in integers
             // SAFETY: header reads inside `hb`.
@@ -682,6 +698,9 @@ fn gemm_r16_n<const N: usize, const KIND: u8>(
     }
     facc
 }
+
+/// Bytes ahead of the block in use that the kernel asks the cache for.
+const PF_DIST: usize = 2048;
 
 /// All token counts of one kind.
 #[inline]
