@@ -354,6 +354,60 @@ impl Repacked {
     }
 }
 
+impl Repacked {
+    /// Row `r` as f32 (`n_cols` values), for the embedding lookup of a tied output matrix
+    /// (so the original pages need not stay resident).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        if r >= self.n_rows || out.len() != self.n_cols {
+            return Err(Error::Shape {
+                op: "dequantize_row",
+                expected: format!("row < {} of {} values", self.n_rows, self.n_cols),
+                got: format!("row {r} of {} values", out.len()),
+            });
+        }
+        let k = self.kind;
+        let (ub, bpu, hb, bb) = (
+            k.unit_bytes(),
+            k.blocks_per_unit(),
+            k.header_bytes(),
+            k.body_bytes(),
+        );
+        let (group, lane) = (self.groups(r / R16_ROWS..r / R16_ROWS + 1), r % R16_ROWS);
+        for (b, dst) in out.chunks_exact_mut(32).enumerate() {
+            let unit = &group[(b / bpu) * ub..(b / bpu + 1) * ub];
+            let j = b % bpu;
+            let body = &unit[hb + j * bb..];
+            let (scale, offset) = row_scales(k, unit, j, lane);
+            for (i, o) in dst.iter_mut().enumerate() {
+                let q = value(k, body, 64 * (i / 4) + 4 * lane + i % 4) as f32;
+                *o = scale[i / 16] * q + offset[i / 16];
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Row `r`'s weights in block `j` of a unit: `scale[h] * q + offset[h]` for the value halves
+/// `h` (0..16, 16..32).
+fn row_scales(kind: R16Kind, unit: &[u8], j: usize, r: usize) -> ([f32; 2], [f32; 2]) {
+    let f16_at = |at: usize| f16::from_le_bytes([unit[at], unit[at + 1]]).to_f32();
+    let d = f16_at(2 * r);
+    match kind {
+        R16Kind::Q4K => {
+            let (sc, m) = (unit[64 + 16 * j + r] as f32, unit[192 + 16 * j + r] as f32);
+            let c = -f16_at(32 + 2 * r) * m;
+            ([d * sc; 2], [c; 2])
+        }
+        R16Kind::Q6K => {
+            let da = d * unit[32 + 16 * (2 * j) + r] as i8 as f32;
+            let db = d * unit[32 + 16 * (2 * j + 1) + r] as i8 as f32;
+            ([da, db], [-32.0 * da, -32.0 * db])
+        }
+        R16Kind::Q8 => ([d; 2], [-128.0 * d; 2]),
+        _ => ([d; 2], [f16_at(32 + 2 * r); 2]),
+    }
+}
+
 /// Value byte `j` (0..512, in the interleaved order) of one block's packed values.
 fn value(kind: R16Kind, body: &[u8], j: usize) -> u8 {
     let low = |j: usize| (body[j % 256] >> (4 * (j / 256))) & 0xF;
@@ -409,24 +463,15 @@ fn block_row_dot(kind: R16Kind, unit: &[u8], j: usize, r: usize, ab: &BlockQ8x) 
             hi += p;
         }
     }
-    let f16_at = |at: usize| f16::from_le_bytes([unit[at], unit[at + 1]]).to_f32();
-    let d = f16_at(2 * r);
-    match kind {
-        R16Kind::Q4K => {
-            let (sc, m) = (unit[64 + 16 * j + r] as f32, unit[192 + 16 * j + r] as f32);
-            d * sc * ab.d * (lo + hi) as f32 - f16_at(32 + 2 * r) * m * ab.s
-        }
-        R16Kind::Q6K => {
-            // values are q + 32: the offset comes off in integers, exactly
-            let da = d * unit[32 + 16 * (2 * j) + r] as i8 as f32;
-            let db = d * unit[32 + 16 * (2 * j + 1) + r] as i8 as f32;
-            let lo = lo - 32 * ab.sums[0] as i32;
-            let hi = hi - 32 * ab.sums[1] as i32;
-            ab.d * (da * lo as f32 + db * hi as f32)
-        }
-        R16Kind::Q8 => d * ab.d * (lo + hi) as f32 - 128.0 * d * ab.s,
-        _ => d * ab.d * (lo + hi) as f32 + f16_at(32 + 2 * r) * ab.s,
+    let (scale, offset) = row_scales(kind, unit, j, r);
+    if kind == R16Kind::Q6K {
+        // values are q + 32: the offset comes off in integers, exactly
+        let lo = lo - 32 * ab.sums[0] as i32;
+        let hi = hi - 32 * ab.sums[1] as i32;
+        return ab.d * (scale[0] * lo as f32 + scale[1] * hi as f32);
     }
+    // one scale and offset for the whole block
+    scale[0] * ab.d * (lo + hi) as f32 + offset[0] * ab.s
 }
 
 #[cfg(test)]
@@ -576,6 +621,35 @@ mod tests {
             .iter()
             .any(|&i| crate::Kernels::for_isa(i).is_some_and(|k| k.r16_preferred));
         assert_eq!(fast > 0, any_fast);
+    }
+
+    #[test]
+    fn repacked_rows_dequantize_as_the_original() {
+        let mut rng = Rng::new(6);
+        for ty in R16_TYPES {
+            let (rows, cols) = (32, 2 * ty.block_size());
+            let bytes = matrix(ty, rows, cols, &mut rng);
+            let w = WeightRef {
+                ty,
+                data: &bytes,
+                n_rows: rows,
+                n_cols: cols,
+            };
+            let rp = repack(w).unwrap().unwrap();
+            let (mut want, mut got) = (vec![0.0f32; cols], vec![0.0f32; cols]);
+            for r in 0..rows {
+                crate::matmul::dequantize_row(w, r, &mut want).unwrap();
+                rp.dequantize_row(r, &mut got).unwrap();
+                for (g, x) in got.iter().zip(&want) {
+                    assert!(
+                        (g - x).abs() <= 1e-6 * x.abs().max(1.0),
+                        "{ty} row {r}: {g} vs {x}"
+                    );
+                }
+            }
+            assert!(rp.dequantize_row(rows, &mut got).is_err());
+            assert!(rp.dequantize_row(0, &mut got[1..]).is_err());
+        }
     }
 
     #[test]

@@ -263,7 +263,10 @@ impl Context {
         let emb = model.weight(&model.tok_embd);
         for (t, &tok) in batch.tokens.iter().enumerate() {
             let row = &mut self.s.x[t * n_embd..(t + 1) * n_embd];
-            capy_kernels::dequantize_row(emb, tok as usize, row)?;
+            match &model.tok_embd.repacked {
+                Some(rp) => rp.dequantize_row(tok as usize, row)?,
+                None => capy_kernels::dequantize_row(emb, tok as usize, row)?,
+            }
             if hp.embd_scale != 1.0 {
                 ops::scale_inplace(row, hp.embd_scale);
             }

@@ -153,7 +153,7 @@ impl Model {
     }
 
     /// Repacks every matrix that has a row-interleaved form and lets the OS drop the
-    /// original pages (with tied embeddings, the few rows looked up per token fault back in).
+    /// original pages.
     fn repack_weights(&mut self) -> Result<()> {
         let gguf = Arc::clone(&self.gguf);
         let mut todo: Vec<&mut Tensor> = vec![&mut self.output];
@@ -179,6 +179,11 @@ impl Model {
                 t.repacked = Some(Arc::new(rp));
                 gguf.release_range(t.start, t.len);
             }
+        }
+        // a tied embedding looks its rows up in the repacked output, so the released pages
+        // do not fault back in token by token
+        if self.output.start == self.tok_embd.start && self.output.ty == self.tok_embd.ty {
+            self.tok_embd.repacked = self.output.repacked.clone();
         }
         Ok(())
     }
