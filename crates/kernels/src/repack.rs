@@ -535,19 +535,29 @@ mod tests {
         a
     }
 
+    /// A view of `bytes` as a matrix and its repacked form.
+    fn weight_and_repacked(
+        ty: GgmlType,
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> (WeightRef<'_>, Repacked) {
+        let w = WeightRef {
+            ty,
+            data: bytes,
+            n_rows: rows,
+            n_cols: cols,
+        };
+        (w, repack(w).unwrap().unwrap())
+    }
+
     #[test]
     fn repacked_rows_compute_the_original_dot_products() {
         let mut rng = Rng::new(5);
         for ty in R16_TYPES {
             let (rows, cols) = (32, 3 * ty.block_size());
             let bytes = matrix(ty, rows, cols, &mut rng);
-            let w = WeightRef {
-                ty,
-                data: &bytes,
-                n_rows: rows,
-                n_cols: cols,
-            };
-            let rp = repack(w).unwrap().unwrap();
+            let (w, rp) = weight_and_repacked(ty, &bytes, rows, cols);
             let a = acts(&mut rng, cols, 2.0);
             let mut deq = vec![0.0f32; cols];
             for g in 0..rows / R16_ROWS {
@@ -581,13 +591,7 @@ mod tests {
                 let (rows, cols) = (32, ty.block_size() * nb);
                 let nb = cols / 32;
                 let bytes = matrix(ty, rows, cols, &mut rng);
-                let w = WeightRef {
-                    ty,
-                    data: &bytes,
-                    n_rows: rows,
-                    n_cols: cols,
-                };
-                let rp = repack(w).unwrap().unwrap();
+                let (_, rp) = weight_and_repacked(ty, &bytes, rows, cols);
                 let rows_of_acts: Vec<Vec<BlockQ8x>> =
                     (0..R16_TOKENS).map(|_| acts(&mut rng, cols, 3.0)).collect();
                 let refs: [&[BlockQ8x]; R16_TOKENS] =
@@ -629,13 +633,7 @@ mod tests {
         for ty in R16_TYPES {
             let (rows, cols) = (32, 2 * ty.block_size());
             let bytes = matrix(ty, rows, cols, &mut rng);
-            let w = WeightRef {
-                ty,
-                data: &bytes,
-                n_rows: rows,
-                n_cols: cols,
-            };
-            let rp = repack(w).unwrap().unwrap();
+            let (w, rp) = weight_and_repacked(ty, &bytes, rows, cols);
             let (mut want, mut got) = (vec![0.0f32; cols], vec![0.0f32; cols]);
             for r in 0..rows {
                 crate::matmul::dequantize_row(w, r, &mut want).unwrap();
