@@ -304,6 +304,16 @@ fn pack_unit(w: &WeightRef<'_>, kind: R16Kind, g: usize, u: usize, dst: &mut [u8
 /// Repacks a weight matrix; `None` when its type has no R16 form or its rows do not come in
 /// groups of sixteen.
 pub fn repack(w: WeightRef<'_>) -> Result<Option<Repacked>> {
+    repack_releasing(w, &mut |_, _| {})
+}
+
+/// [`repack`], calling `done(offset, len)` for each run of source bytes (offsets into
+/// `w.data`, about 1 MiB at a time) as soon as it has been read for the last time, so the
+/// caller can let the OS drop those pages while the rest is repacked.
+pub fn repack_releasing(
+    w: WeightRef<'_>,
+    done: &mut dyn FnMut(usize, usize),
+) -> Result<Option<Repacked>> {
     let Some(kind) = R16Kind::for_type(w.ty) else {
         return Ok(None);
     };
@@ -322,6 +332,9 @@ pub fn repack(w: WeightRef<'_>) -> Result<Option<Repacked>> {
     let mut data = AlignedBuf::new();
     data.resize(w.n_rows / R16_ROWS * nu * ub);
     let out = data.as_mut_slice();
+    let group_src = R16_ROWS * w.row_bytes();
+    let per_release = (1 << 20) / group_src.max(1) + 1;
+    let mut released = 0;
     for g in 0..w.n_rows / R16_ROWS {
         for u in 0..nu {
             pack_unit(
@@ -331,6 +344,11 @@ pub fn repack(w: WeightRef<'_>) -> Result<Option<Repacked>> {
                 u,
                 &mut out[(g * nu + u) * ub..(g * nu + u + 1) * ub],
             )?;
+        }
+        let read = (g + 1) * group_src;
+        if (g + 1) % per_release == 0 || read == w.data.len() {
+            done(released, read - released);
+            released = read;
         }
     }
     Ok(Some(Repacked {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use capy_gguf::{GgmlType, Gguf};
 use capy_kernels::matmul::{dequantize, ActType};
-use capy_kernels::repack::{repack, Repacked};
+use capy_kernels::repack::{repack_releasing, Repacked};
 use capy_kernels::{kernels, WeightRef};
 
 use crate::hparams::Hparams;
@@ -175,9 +175,15 @@ impl Model {
                 n_rows: t.n_rows,
                 n_cols: t.n_cols,
             };
-            if let Some(rp) = repack(w)? {
+            // released from the last page boundary on, so no page straddling two runs stays
+            let (start, mut from) = (t.start, t.start);
+            let mut release = |off: usize, len: usize| {
+                let end = start + off + len;
+                gguf.release_range(from, end - from);
+                from = end / 4096 * 4096;
+            };
+            if let Some(rp) = repack_releasing(w, &mut release)? {
                 t.repacked = Some(Arc::new(rp));
-                gguf.release_range(t.start, t.len);
             }
         }
         // a tied embedding looks its rows up in the repacked output, so the released pages
