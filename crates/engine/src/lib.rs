@@ -6,6 +6,7 @@
 pub mod chat;
 pub mod generate;
 pub mod sampler;
+pub mod spm;
 pub mod tokenizer;
 
 use std::path::{Path, PathBuf};

@@ -3,11 +3,11 @@
 //! Two vocabulary kinds, as llama.cpp names them:
 //! * `gpt2`: byte-level BPE with merges and a regex pre-tokenizer chosen by
 //!   `tokenizer.ggml.pre`;
-//! * `llama`: SentencePiece-style BPE over scored pieces with `▁` for spaces and byte
-//!   fallback. Merges are derived from the scores (a pair merges with the priority of the
-//!   piece it forms), the same rule SentencePiece's BPE applies.
+//! * `llama`: SentencePiece-style merging of scored pieces with `▁` for spaces and byte
+//!   fallback ([`crate::spm`]: a pair merges with the score of the piece it forms).
 //!
-//! The `tokenizers` crate runs the BPE. Special tokens are split out first with llama.cpp's
+//! The `tokenizers` crate runs the byte-level BPE; pieces are looked up in a compact
+//! [`PieceTable`]. Special tokens are split out first with llama.cpp's
 //! rule (longest text first; user-defined tokens always, control tokens only when
 //! `parse_special`), and decoding goes through a table of each token's bytes so partial
 //! UTF-8 sequences can be streamed.
@@ -16,12 +16,12 @@ use std::collections::HashMap;
 
 use capy_gguf::{Array, Gguf};
 use tokenizers::models::bpe::BPE;
-use tokenizers::normalizers::replace::Replace;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior};
+use tokenizers::{PreTokenizerWrapper, SplitDelimiterBehavior};
 
+use crate::spm::{PieceTable, Spm};
 use crate::{Error, Result};
 
 /// llama.cpp token types.
@@ -93,7 +93,11 @@ fn byte_to_char_table() -> [char; 256] {
 
 pub struct Tokenizer {
     kind: VocabKind,
-    bpe: tokenizers::Tokenizer,
+    /// byte-level BPE (`gpt2` vocabularies)
+    bpe: Option<tokenizers::Tokenizer>,
+    /// SentencePiece merging (`llama` vocabularies)
+    spm: Option<Spm>,
+    pieces: PieceTable,
     n_vocab: usize,
     types: Vec<TokenType>,
     /// bytes each token decodes to (control tokens: their text, used only when rendering),
@@ -180,15 +184,15 @@ impl Tokenizer {
             .get_bool("tokenizer.ggml.add_space_prefix")?
             .unwrap_or(kind == VocabKind::Spm);
 
-        // piece -> id (first id wins for duplicated pieces); handed to the BPE model
-        let mut vocab: tokenizers::models::bpe::Vocab = Default::default();
-        vocab.reserve(n);
-        for (i, t) in tokens.iter().enumerate() {
-            vocab.entry(t.clone()).or_insert(i as u32);
-        }
-
-        let bpe = match kind {
+        let pieces = PieceTable::new(tokens);
+        let (bpe, spm) = match kind {
             VocabKind::Bpe => {
+                // piece -> id (first id wins for duplicated pieces)
+                let mut vocab: tokenizers::models::bpe::Vocab = Default::default();
+                vocab.reserve(n);
+                for (i, t) in tokens.iter().enumerate() {
+                    vocab.entry(t.clone()).or_insert(i as u32);
+                }
                 let merges = match g.get_array("tokenizer.ggml.merges")? {
                     Some(Array::String(v)) => v
                         .iter()
@@ -219,25 +223,14 @@ impl Tokenizer {
                 pres.push(ByteLevel::new(false, false, false).into());
                 let mut tk = tokenizers::Tokenizer::new(model);
                 tk.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(pres))));
-                tk
+                (Some(tk), None)
             }
             VocabKind::Spm => {
                 let scores: Vec<f32> = match g.get_array("tokenizer.ggml.scores")? {
                     Some(Array::F32(v)) if v.len() == n => v.clone(),
                     _ => vec![0.0; n],
                 };
-                let merges = spm_merges(tokens, &types, &scores, &vocab);
-                let mut b = BPE::builder()
-                    .vocab_and_merges(vocab, merges)
-                    .byte_fallback(true);
-                if let Some(u) = unk {
-                    b = b.unk_token(tokens[u as usize].clone());
-                }
-                let model = b.build().map_err(tk_err)?;
-                let mut tk = tokenizers::Tokenizer::new(model);
-                let rep = Replace::new(" ", "\u{2581}").map_err(tk_err)?;
-                tk.with_normalizer(Some(NormalizerWrapper::Replace(rep)));
-                tk
+                (None, Some(Spm::new(&pieces, scores, unk)))
             }
         };
 
@@ -309,6 +302,8 @@ impl Tokenizer {
         Ok(Tokenizer {
             kind,
             bpe,
+            spm,
+            pieces,
             n_vocab: n,
             types,
             bytes,
@@ -346,11 +341,12 @@ impl Tokenizer {
 
     /// The vocabulary entry of a token.
     pub fn piece(&self, id: u32) -> Option<String> {
-        self.bpe.id_to_token(id)
+        ((id as usize) < self.pieces.len())
+            .then(|| String::from_utf8_lossy(self.pieces.bytes(id)).into_owned())
     }
 
     pub fn token_id(&self, piece: &str) -> Option<u32> {
-        self.bpe.token_to_id(piece)
+        self.pieces.get(piece.as_bytes())
     }
 
     /// Text to token ids. `add_special` adds BOS/EOS as the model wants; `parse_special`
@@ -378,8 +374,16 @@ impl Tokenizer {
                     } else {
                         s
                     };
-                    let enc = self.bpe.encode_fast(s, false).map_err(tk_err)?;
-                    out.extend_from_slice(enc.get_ids());
+                    match (&self.bpe, &self.spm) {
+                        (_, Some(spm)) => {
+                            spm.encode(&self.pieces, &s.replace(' ', "\u{2581}"), &mut out)
+                        }
+                        (Some(bpe), None) => {
+                            let enc = bpe.encode_fast(s, false).map_err(tk_err)?;
+                            out.extend_from_slice(enc.get_ids());
+                        }
+                        (None, None) => {}
+                    }
                     prev_special = false;
                 }
             }
@@ -463,40 +467,6 @@ enum Fragment<'a> {
 fn parse_byte_token(t: &str) -> Option<u8> {
     let hex = t.strip_prefix("<0x")?.strip_suffix('>')?;
     u8::from_str_radix(hex, 16).ok()
-}
-
-/// Merges for a SentencePiece vocabulary: every split of a piece into two pieces of the
-/// vocabulary, ranked by the score of the piece they form (highest first).
-fn spm_merges(
-    tokens: &[String],
-    types: &[TokenType],
-    scores: &[f32],
-    vocab: &tokenizers::models::bpe::Vocab,
-) -> Vec<(String, String)> {
-    // (score, id, split byte) only: the strings are made once the order is known
-    let mut ranked: Vec<(f32, u32, u32)> = Vec::new();
-    for (id, t) in tokens.iter().enumerate() {
-        if matches!(
-            types[id],
-            TokenType::Byte | TokenType::Control | TokenType::Unknown
-        ) {
-            continue;
-        }
-        for (at, _) in t.char_indices().skip(1) {
-            let (l, r) = t.split_at(at);
-            if vocab.contains_key(l) && vocab.contains_key(r) {
-                ranked.push((scores[id], id as u32, at as u32));
-            }
-        }
-    }
-    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-    ranked
-        .into_iter()
-        .map(|(_, id, at)| {
-            let (l, r) = tokens[id as usize].split_at(at as usize);
-            (l.to_string(), r.to_string())
-        })
-        .collect()
 }
 
 /// Assembles streamed token bytes into text, holding back an incomplete UTF-8 tail.
