@@ -65,22 +65,30 @@ impl AttnWork {
         }
     }
 
-    /// Cuts the batch into work items (no allocation: `items` has room for the worst case).
-    fn plan(&mut self, batch: &Batch, n_threads: usize) {
+    /// The end of the block starting at token `t`: at most `block` tokens of one sequence at
+    /// consecutive positions.
+    fn block_end(&self, batch: &Batch, t: usize) -> usize {
+        let mut end = t + 1;
+        while end < batch.len()
+            && end - t < self.block
+            && batch.seq[end] == batch.seq[t]
+            && batch.pos[end] == batch.pos[end - 1] + 1
+        {
+            end += 1;
+        }
+        end
+    }
+
+    /// Cuts the batch into work items, once per batch for all layers (no allocation: `items`
+    /// has room for the worst case).
+    pub(crate) fn plan(&mut self, batch: &Batch, n_threads: usize) {
         let group = self.n_head / self.n_head_kv;
         self.items.clear();
         let n_tok = batch.len();
         let mut t = 0;
         let mut n_blocks = 0;
         while t < n_tok {
-            let mut end = t + 1;
-            while end < n_tok
-                && end - t < self.block
-                && batch.seq[end] == batch.seq[t]
-                && batch.pos[end] == batch.pos[end - 1] + 1
-            {
-                end += 1;
-            }
+            let end = self.block_end(batch, t);
             n_blocks += 1;
             t = end;
         }
@@ -94,14 +102,7 @@ impl AttnWork {
         let nh = group.div_ceil(split);
         let mut t = 0;
         while t < n_tok {
-            let mut end = t + 1;
-            while end < n_tok
-                && end - t < self.block
-                && batch.seq[end] == batch.seq[t]
-                && batch.pos[end] == batch.pos[end - 1] + 1
-            {
-                end += 1;
-            }
+            let end = self.block_end(batch, t);
             let nt = end - t;
             for kvh in 0..self.n_head_kv {
                 for h0 in (0..group).step_by(nh) {
@@ -126,7 +127,8 @@ impl AttnWork {
 
 /// Causal attention of every (token, head) pair against its own sequence in the cache.
 /// `q`: `[n_tok, n_head * head_dim]`, `out`: `[n_tok, n_head * head_dim_v]`; `window` is the
-/// sliding window of this layer (0 = the whole sequence).
+/// sliding window of this layer (0 = the whole sequence). `work` holds the items
+/// [`AttnWork::plan`] made for this batch.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
     pool: &ThreadPool,
@@ -138,7 +140,6 @@ pub(crate) fn attention(
     work: &mut AttnWork,
     window: usize,
 ) {
-    work.plan(batch, pool.n_threads());
     let (n_head, group) = (work.n_head, work.n_head / work.n_head_kv);
     let sh = work.shape;
     let (hd, hdv) = (sh.head_dim, sh.head_dim_v);

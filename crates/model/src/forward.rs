@@ -288,6 +288,7 @@ impl Context {
             }
         }
 
+        self.s.attn_work.plan(batch, self.pool.n_threads());
         for (il, layer) in model.layers.iter().enumerate() {
             let s = &mut self.s;
             let x = &mut s.x[..n_tok * n_embd];

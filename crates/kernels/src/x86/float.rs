@@ -165,6 +165,16 @@ fn gemm_tail(
     }
 }
 
+/// The first `min(k, 16)` lanes.
+#[inline]
+fn lanes16(k: usize) -> __mmask16 {
+    if k >= 16 {
+        0xFFFF
+    } else {
+        ((1u32 << k) - 1) as __mmask16
+    }
+}
+
 /// e^x for 16 lanes; 0 below -104 (and for -inf).
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -198,7 +208,7 @@ fn exp_sum_512(x: &mut [f32], sub: f32) -> f32 {
     }
     let tail = chunks.into_remainder();
     if !tail.is_empty() {
-        let mask: __mmask16 = (1u32 << tail.len()).wrapping_sub(1) as __mmask16;
+        let mask = lanes16(tail.len());
         // SAFETY: masked lanes are neither read nor written; the rest lie in `tail`.
         unsafe {
             let e = exp512(_mm512_sub_ps(
@@ -409,11 +419,7 @@ fn gated_mul_512<const GELU: bool>(gate: &mut [f32], up: &[f32]) {
     let n = gate.len().min(up.len());
     let mut i = 0;
     while i < n {
-        let m: __mmask16 = if n - i >= 16 {
-            0xFFFF
-        } else {
-            ((1u32 << (n - i)) - 1) as __mmask16
-        };
+        let m = lanes16(n - i);
         // SAFETY: lanes outside `m` are neither read nor written; the rest are below n.
         unsafe {
             let g = _mm512_maskz_loadu_ps(m, gate.as_ptr().add(i));
@@ -427,18 +433,11 @@ fn gated_mul_512<const GELU: bool>(gate: &mut [f32], up: &[f32]) {
 #[target_feature(enable = "avx512f")]
 fn rms_norm_512(x: &mut [f32], w: &[f32], eps: f32) {
     let n = x.len();
-    let mask = |i: usize| -> __mmask16 {
-        if n - i >= 16 {
-            0xFFFF
-        } else {
-            ((1u32 << (n - i)) - 1) as __mmask16
-        }
-    };
     let mut acc = [_mm512_setzero_ps(); 2];
     let mut i = 0;
     while i < n {
         // SAFETY: masked lanes are not read; the rest are below n.
-        let v = unsafe { _mm512_maskz_loadu_ps(mask(i), x.as_ptr().add(i)) };
+        let v = unsafe { _mm512_maskz_loadu_ps(lanes16(n - i), x.as_ptr().add(i)) };
         let a = &mut acc[(i / 16) % 2];
         *a = _mm512_fmadd_ps(v, v, *a);
         i += 16;
@@ -449,17 +448,9 @@ fn rms_norm_512(x: &mut [f32], w: &[f32], eps: f32) {
     let ones = _mm512_set1_ps(1.0);
     let mut i = 0;
     while i < n {
-        let m = mask(i);
+        let m = lanes16(n - i);
         // weight lanes past w's end read as 1.0
-        let mw = if i < w.len() {
-            m & if w.len() - i >= 16 {
-                0xFFFF
-            } else {
-                ((1u32 << (w.len() - i)) - 1) as __mmask16
-            }
-        } else {
-            0
-        };
+        let mw = m & lanes16(w.len().saturating_sub(i));
         // SAFETY: masked lanes are neither read nor written; the rest are in bounds.
         unsafe {
             let g = _mm512_mask_loadu_ps(ones, mw, w.as_ptr().add(i.min(w.len())));
@@ -519,69 +510,26 @@ fn gated_mul_256<const GELU: bool>(gate: &mut [f32], up: &[f32]) {
 
 // ---- safe entry points for the kernel tables ------------------------------------------
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn gemm_f16b_avx512(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    lda: usize,
-    b: &[f16],
-    ldb: usize,
-    c: &mut [f32],
-    ldc: usize,
-) {
-    // SAFETY: only placed in a kernel table after `Isa::Avx512.available()` returned true.
-    unsafe { gemm_f16b_512(m, n, k, a, lda, b, ldb, c, ldc) }
+/// A safe wrapper `$name` of the `#[target_feature]` function `$impl` for level `$isa`.
+macro_rules! entry {
+    ($isa:literal, $name:ident = $impl:path, ($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {
+        #[allow(clippy::too_many_arguments)]
+        pub(super) fn $name($($arg: $ty),*) $(-> $ret)? {
+            // SAFETY: only placed in a kernel table after `Isa::$isa.available()` (which
+            // covers every feature `$impl` enables) returned true.
+            unsafe { $impl($($arg),*) }
+        }
+    };
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn gemm_f16b_avx2(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    lda: usize,
-    b: &[f16],
-    ldb: usize,
-    c: &mut [f32],
-    ldc: usize,
-) {
-    // SAFETY: only placed in a kernel table after `Isa::Avx2.available()` returned true.
-    unsafe { gemm_f16b_256(m, n, k, a, lda, b, ldb, c, ldc) }
-}
-
-pub(super) fn exp_sum_avx512(x: &mut [f32], sub: f32) -> f32 {
-    // SAFETY: only placed in a kernel table after `Isa::Avx512.available()` returned true.
-    unsafe { exp_sum_512(x, sub) }
-}
-
-pub(super) fn exp_sum_avx2(x: &mut [f32], sub: f32) -> f32 {
-    // SAFETY: only placed in a kernel table after `Isa::Avx2.available()` returned true.
-    unsafe { exp_sum_256(x, sub) }
-}
-
-pub(super) fn silu_mul_avx512(gate: &mut [f32], up: &[f32]) {
-    // SAFETY: only placed in a kernel table after `Isa::Avx512.available()` returned true.
-    unsafe { gated_mul_512::<false>(gate, up) }
-}
-
-pub(super) fn gelu_mul_avx512(gate: &mut [f32], up: &[f32]) {
-    // SAFETY: as above.
-    unsafe { gated_mul_512::<true>(gate, up) }
-}
-
-pub(super) fn rms_norm_avx512(x: &mut [f32], w: &[f32], eps: f32) {
-    // SAFETY: as above.
-    unsafe { rms_norm_512(x, w, eps) }
-}
-
-pub(super) fn silu_mul_avx2(gate: &mut [f32], up: &[f32]) {
-    // SAFETY: only placed in a kernel table after `Isa::Avx2.available()` returned true.
-    unsafe { gated_mul_256::<false>(gate, up) }
-}
-
-pub(super) fn gelu_mul_avx2(gate: &mut [f32], up: &[f32]) {
-    // SAFETY: as above.
-    unsafe { gated_mul_256::<true>(gate, up) }
-}
+entry!("Avx512", gemm_f16b_avx512 = gemm_f16b_512, (m: usize, n: usize, k: usize, a: &[f32],
+    lda: usize, b: &[f16], ldb: usize, c: &mut [f32], ldc: usize));
+entry!("Avx2", gemm_f16b_avx2 = gemm_f16b_256, (m: usize, n: usize, k: usize, a: &[f32],
+    lda: usize, b: &[f16], ldb: usize, c: &mut [f32], ldc: usize));
+entry!("Avx512", exp_sum_avx512 = exp_sum_512, (x: &mut [f32], sub: f32) -> f32);
+entry!("Avx2", exp_sum_avx2 = exp_sum_256, (x: &mut [f32], sub: f32) -> f32);
+entry!("Avx512", silu_mul_avx512 = gated_mul_512::<false>, (gate: &mut [f32], up: &[f32]));
+entry!("Avx512", gelu_mul_avx512 = gated_mul_512::<true>, (gate: &mut [f32], up: &[f32]));
+entry!("Avx2", silu_mul_avx2 = gated_mul_256::<false>, (gate: &mut [f32], up: &[f32]));
+entry!("Avx2", gelu_mul_avx2 = gated_mul_256::<true>, (gate: &mut [f32], up: &[f32]));
+entry!("Avx512", rms_norm_avx512 = rms_norm_512, (x: &mut [f32], w: &[f32], eps: f32));
