@@ -8,6 +8,7 @@ use capy_model::{Batch, Context};
 
 use crate::sampler::{logprobs, Sampler, SamplerParams};
 use crate::tokenizer::{Tokenizer, Utf8Stream};
+
 use crate::{Error, Result};
 
 #[derive(Clone, Debug)]
@@ -203,10 +204,7 @@ impl Session {
             sampler.accept(t);
         }
         let mut tokens = Vec::new();
-        let mut text = String::new();
-        let mut emitted = 0usize; // bytes of `text` already passed to the callback
-        let mut utf8 = Utf8Stream::default();
-        let max_stop = params.stop.iter().map(|s| s.len()).max().unwrap_or(0);
+        let mut text = TextStream::new(&params.stop);
         let mut stop_reason = StopReason::Length;
         while tokens.len() < params.max_tokens {
             let id = sampler.sample(&last_logits);
@@ -225,48 +223,7 @@ impl Session {
                 logprob: lp,
                 top,
             };
-            if !eog {
-                text.push_str(&utf8.push(bytes));
-            }
-            // stop strings: cut the text at the first match
-            let mut hit_stop = false;
-            if max_stop > 0 {
-                let from = emitted.saturating_sub(max_stop);
-                let found = params
-                    .stop
-                    .iter()
-                    .filter(|s| !s.is_empty())
-                    .filter_map(|s| text[from..].find(s.as_str()).map(|at| from + at))
-                    .min();
-                if let Some(at) = found {
-                    text.truncate(at);
-                    hit_stop = true;
-                }
-            }
-            // hold back a tail that might be the start of a stop string
-            let safe = if hit_stop || eog {
-                text.len()
-            } else {
-                let mut safe = text.len();
-                for s in &params.stop {
-                    for k in (1..s.len().min(text.len() + 1)).rev() {
-                        if text.is_char_boundary(text.len() - k)
-                            && s.is_char_boundary(k)
-                            && text.ends_with(&s[..k])
-                        {
-                            safe = safe.min(text.len() - k);
-                            break;
-                        }
-                    }
-                }
-                safe
-            };
-            let new_text = if safe > emitted {
-                text[emitted..safe].to_string()
-            } else {
-                String::new()
-            };
-            emitted = emitted.max(safe);
+            let (new_text, hit_stop) = text.push(bytes, eog);
             tokens.push(tok);
             let go_on = on_token(tokens.last().expect("just pushed"), &new_text);
             if eog {
@@ -296,9 +253,7 @@ impl Session {
             last_logits.extend_from_slice(logits);
             self.cached.push(id);
         }
-        if stop_reason != StopReason::Stop {
-            text.push_str(&utf8.finish());
-        }
+        let text = text.finish(stop_reason == StopReason::Stop).1;
         Ok(GenerateResult {
             prompt_tokens: prompt.to_vec(),
             prompt_logprobs: prompt_lp,
@@ -310,4 +265,99 @@ impl Session {
             gen_ms: t1.elapsed().as_secs_f64() * 1e3,
         })
     }
+}
+
+/// Generated text as it grows: cuts it at the first stop string and holds back a tail that
+/// might be the start of one, so what is streamed never has to be taken back.
+pub struct TextStream {
+    text: String,
+    /// bytes of `text` already handed out
+    emitted: usize,
+    utf8: Utf8Stream,
+    stop: Vec<String>,
+    max_stop: usize,
+}
+
+impl TextStream {
+    pub fn new(stop: &[String]) -> TextStream {
+        let stop: Vec<String> = stop.iter().filter(|s| !s.is_empty()).cloned().collect();
+        TextStream {
+            text: String::new(),
+            emitted: 0,
+            utf8: Utf8Stream::default(),
+            max_stop: stop.iter().map(|s| s.len()).max().unwrap_or(0),
+            stop,
+        }
+    }
+
+    /// Adds a token's bytes (none for an end-of-generation token, `eog`); returns the text
+    /// that is now safe to hand out and whether a stop string was hit.
+    pub fn push(&mut self, bytes: &[u8], eog: bool) -> (String, bool) {
+        if !eog {
+            let piece = self.utf8.push(bytes);
+            self.text.push_str(&piece);
+        }
+        let mut hit_stop = false;
+        if self.max_stop > 0 {
+            let from = floor_char_boundary(&self.text, self.emitted.saturating_sub(self.max_stop));
+            let found = self
+                .stop
+                .iter()
+                .filter_map(|s| self.text[from..].find(s.as_str()).map(|at| from + at))
+                .min();
+            if let Some(at) = found {
+                self.text.truncate(at);
+                hit_stop = true;
+            }
+        }
+        let safe = if hit_stop || eog {
+            self.text.len()
+        } else {
+            self.text.len() - self.stop_prefix_len()
+        };
+        let new_text = if safe > self.emitted {
+            self.text[self.emitted..safe].to_string()
+        } else {
+            String::new()
+        };
+        self.emitted = self.emitted.max(safe);
+        (new_text, hit_stop)
+    }
+
+    /// Length of the longest tail of the text that is a proper prefix of a stop string.
+    fn stop_prefix_len(&self) -> usize {
+        let t = &self.text;
+        let mut held = 0;
+        for s in &self.stop {
+            for k in (1..s.len().min(t.len() + 1)).rev() {
+                if k > held
+                    && t.is_char_boundary(t.len() - k)
+                    && s.is_char_boundary(k)
+                    && t.ends_with(&s[..k])
+                {
+                    held = k;
+                    break;
+                }
+            }
+        }
+        held
+    }
+
+    /// Ends the text: returns what was not handed out yet (the held-back tail and any
+    /// incomplete character, unless generation ended on a stop string) and the whole text.
+    pub fn finish(mut self, stopped: bool) -> (String, String) {
+        if !stopped {
+            let rest = self.utf8.finish();
+            self.text.push_str(&rest);
+        }
+        let tail = self.text[self.emitted.min(self.text.len())..].to_string();
+        (tail, self.text)
+    }
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
 }

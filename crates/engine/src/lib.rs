@@ -3,6 +3,7 @@
 //! No HTTP here and no terminal handling: the CLI and (later) the server drive
 //! [`Session::generate`] and receive tokens through a callback as they are made.
 
+pub mod batch;
 pub mod chat;
 pub mod generate;
 pub mod sampler;
@@ -12,9 +13,12 @@ pub mod tokenizer;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub use batch::{BatchEngine, BatchParams, Event, FnSink, Request, Sink, Summary};
 pub use capy_model::{Batch, Context, ContextParams, Model};
 pub use chat::{ChatTemplate, Message};
-pub use generate::{GenerateParams, GenerateResult, Session, StopReason, TokenOut};
+pub use generate::{
+    GenerateParams, GenerateResult, PromptLogprob, Session, StopReason, TextStream, TokenOut,
+};
 pub use sampler::{Sampler, SamplerParams};
 pub use tokenizer::Tokenizer;
 
@@ -34,6 +38,10 @@ pub enum Error {
     EmptyPrompt,
     #[error("token id {token} out of range (vocabulary of {n_vocab})")]
     BadToken { token: u32, n_vocab: usize },
+    #[error("too many requests waiting (queue of {max}); try again shortly")]
+    QueueFull { max: usize },
+    #[error("the engine has stopped")]
+    Stopped,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -52,6 +52,18 @@ impl KvCache {
         }
     }
 
+    /// Bytes a cache of these sizes holds.
+    pub fn bytes_for(
+        n_layer: usize,
+        n_seq: usize,
+        n_ctx: usize,
+        n_embd_k: usize,
+        n_embd_v: usize,
+    ) -> usize {
+        let per_seq = n_ctx.div_ceil(KV_TILE) * KV_TILE * n_embd_k + n_ctx * n_embd_v;
+        n_layer * n_seq * per_seq * 2
+    }
+
     /// Bytes held by the cache.
     pub fn bytes(&self) -> usize {
         self.k.iter().chain(&self.v).map(|l| l.len() * 2).sum()
