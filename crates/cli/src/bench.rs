@@ -116,8 +116,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         let engine = Engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
         let hp = &engine.model.hp;
         let g = &engine.model.gguf;
-        let params: u64 = g.tensors().iter().map(|t| t.n_elements()).sum();
-        let ftype = file_type_name(g).unwrap_or_else(|| dominant_type(g));
+        let params = g.n_params();
+        let ftype = g.file_type_name();
         let label = format!("{} {} {}", hp.arch.name(), size_label(params), ftype);
         let max_p = a.n_prompt.iter().copied().max().unwrap_or(0);
         let max_n = a.n_gen.iter().copied().max().unwrap_or(0);
@@ -189,45 +189,6 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&arr)?);
     }
     Ok(())
-}
-
-fn dominant_type(g: &capy_gguf::Gguf) -> String {
-    let mut bytes: std::collections::HashMap<String, u64> = Default::default();
-    for t in g.tensors() {
-        if t.dims.len() >= 2 {
-            *bytes.entry(t.ty.to_string()).or_default() += t.n_bytes;
-        }
-    }
-    bytes
-        .into_iter()
-        .max_by_key(|x| x.1)
-        .map(|x| x.0)
-        .unwrap_or_default()
-}
-
-/// llama.cpp's name for `general.file_type`.
-fn file_type_name(g: &capy_gguf::Gguf) -> Option<String> {
-    let name = match g.get_i64("general.file_type").ok()?? {
-        0 => "all F32",
-        1 => "F16",
-        2 => "Q4_0",
-        3 => "Q4_1",
-        7 => "Q8_0",
-        8 => "Q5_0",
-        9 => "Q5_1",
-        10 => "Q2_K - Medium",
-        11 => "Q3_K - Small",
-        12 => "Q3_K - Medium",
-        13 => "Q3_K - Large",
-        14 => "Q4_K - Small",
-        15 => "Q4_K - Medium",
-        16 => "Q5_K - Small",
-        17 => "Q5_K - Medium",
-        18 => "Q6_K",
-        32 => "BF16",
-        _ => return None,
-    };
-    Some(name.to_string())
 }
 
 fn size_label(params: u64) -> String {

@@ -1,4 +1,4 @@
-//! The `capy` command: pull, list, show, rm, run, generate, perplexity, bench.
+//! The `capy` command: pull, list, show, rm, run, generate, perplexity, bench, serve.
 //!
 //! The only crate that uses `anyhow`: library errors get context here and become an exit
 //! code and a one-line message.
@@ -9,6 +9,7 @@ mod generate;
 mod perplexity;
 mod progress;
 mod run;
+mod serve;
 mod store_cmds;
 
 use clap::{Parser, Subcommand};
@@ -44,6 +45,8 @@ enum Cmd {
     Perplexity(perplexity::PerplexityArgs),
     /// Prompt and generation speed, llama-bench's method.
     Bench(bench::BenchArgs),
+    /// OpenAI- and Ollama-compatible server with continuous batching and many models.
+    Serve(serve::ServeArgs),
 }
 
 fn main() {
@@ -57,6 +60,7 @@ fn main() {
         Cmd::Generate(a) => generate::generate(a),
         Cmd::Perplexity(a) => perplexity::perplexity(a),
         Cmd::Bench(a) => bench::bench(a),
+        Cmd::Serve(a) => serve::serve(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

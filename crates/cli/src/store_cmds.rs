@@ -66,7 +66,7 @@ pub fn show(a: ShowArgs) -> Result<()> {
         println!("  source              {}", m.source);
         println!("  sha256              {}", m.sha256);
     }
-    let n_params: u64 = g.tensors().iter().map(|t| t.n_elements()).sum();
+    let n_params = g.n_params();
     println!("  architecture        {}", hp.arch.name());
     if let Ok(Some(n)) = g.get_str("general.name") {
         println!("  name                {n}");

@@ -382,6 +382,50 @@ impl Gguf {
     pub fn file_size(&self) -> u64 {
         self.storage.bytes().len() as u64
     }
+
+    /// Number of weights in all tensors.
+    pub fn n_params(&self) -> u64 {
+        self.tensors().iter().map(|t| t.n_elements()).sum()
+    }
+
+    /// llama.cpp's name for `general.file_type` ("Q4_K - Medium"), else the type holding
+    /// most bytes of the matrices.
+    pub fn file_type_name(&self) -> String {
+        let named = match self.get_i64("general.file_type").ok().flatten() {
+            Some(0) => "all F32",
+            Some(1) => "F16",
+            Some(2) => "Q4_0",
+            Some(3) => "Q4_1",
+            Some(7) => "Q8_0",
+            Some(8) => "Q5_0",
+            Some(9) => "Q5_1",
+            Some(10) => "Q2_K - Medium",
+            Some(11) => "Q3_K - Small",
+            Some(12) => "Q3_K - Medium",
+            Some(13) => "Q3_K - Large",
+            Some(14) => "Q4_K - Small",
+            Some(15) => "Q4_K - Medium",
+            Some(16) => "Q5_K - Small",
+            Some(17) => "Q5_K - Medium",
+            Some(18) => "Q6_K",
+            Some(32) => "BF16",
+            _ => "",
+        };
+        if !named.is_empty() {
+            return named.to_string();
+        }
+        let mut bytes: std::collections::HashMap<String, u64> = Default::default();
+        for t in self.tensors() {
+            if t.dims.len() >= 2 {
+                *bytes.entry(t.ty.to_string()).or_default() += t.n_bytes;
+            }
+        }
+        bytes
+            .into_iter()
+            .max_by_key(|x| x.1)
+            .map(|x| x.0)
+            .unwrap_or_default()
+    }
 }
 
 /// Bounds-checked little-endian reader.

@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""Load generator for OpenAI-compatible servers (capy serve, llama-server).
+
+Sends `--requests` streaming /v1/completions requests, `--concurrency` at a time, each
+asking for exactly `--tokens` tokens (ignore_eos), and reports aggregate generation
+throughput, time to first token and inter-token latency percentiles. One JSON line per
+run with --json. Uses only the standard library (asyncio + raw HTTP/1.1), so it measures
+the servers and not a client library.
+
+    python3 bench/serve-load.py --url http://127.0.0.1:11434 --model smollm2-135m -c 16
+"""
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from urllib.parse import urlparse
+
+TOPICS = [
+    "a lighthouse keeper", "the history of tea", "a robot learning to paint", "volcanoes",
+    "a small town bakery", "the migration of birds", "a chess tournament", "deep sea fish",
+    "an old clockmaker", "the first day of school", "a mountain rescue", "honey bees",
+    "a jazz musician", "the northern lights", "a lost letter", "ancient libraries",
+    "a train journey", "coral reefs", "a village festival", "the invention of paper",
+]
+
+
+def percentile(xs, p):
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = (len(xs) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+async def one_request(host, port, model, prompt, tokens):
+    """Returns (ttft_s, [inter-token gaps], n_tokens, total_s): tokens as the usage
+    reports them (chunks with text otherwise)."""
+    body = json.dumps({
+        "model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
+        "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True},
+    }).encode()
+    t0 = time.perf_counter()
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+    await writer.drain()
+    status = await reader.readline()
+    if b" 200 " not in status:
+        rest = await reader.read()
+        writer.close()
+        raise RuntimeError(f"{status.decode().strip()}: {rest[-300:]!r}")
+    chunked = False
+    while True:
+        line = await reader.readline()
+        if line in (b"\r\n", b""):
+            break
+        if line.lower().startswith(b"transfer-encoding:") and b"chunked" in line.lower():
+            chunked = True
+    buf = b""
+    stamps = []
+    n_usage = None
+    done = False
+    while not done:
+        if chunked:
+            size_line = await reader.readline()
+            if not size_line:
+                break
+            size = int(size_line.strip().split(b";")[0] or b"0", 16)
+            if size == 0:
+                break
+            data = await reader.readexactly(size + 2)
+            buf += data[:-2]
+        else:
+            data = await reader.read(65536)
+            if not data:
+                break
+            buf += data
+        now = time.perf_counter()
+        while b"\n\n" in buf:
+            ev, buf = buf.split(b"\n\n", 1)
+            for line in ev.split(b"\n"):
+                if not line.startswith(b"data: "):
+                    continue
+                payload = line[6:].strip()
+                if payload == b"[DONE]":
+                    done = True
+                    break
+                obj = json.loads(payload)
+                if obj.get("usage"):
+                    n_usage = obj["usage"].get("completion_tokens")
+                for ch in obj.get("choices") or []:
+                    if ch.get("text"):
+                        stamps.append(now)
+    writer.close()
+    total = time.perf_counter() - t0
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    ttft = (stamps[0] - t0) if stamps else float("nan")
+    return ttft, gaps, n_usage if n_usage is not None else len(stamps), total
+
+
+async def run(args):
+    u = urlparse(args.url)
+    host, port = u.hostname, u.port or 80
+    prompts = [f"Write a short story about {TOPICS[i % len(TOPICS)]} (number {i})."
+               for i in range(args.requests)]
+    sem = asyncio.Semaphore(args.concurrency)
+    results = []
+
+    async def worker(p):
+        async with sem:
+            results.append(await one_request(host, port, args.model, p, args.tokens))
+
+    # one warm-up request (loads the model, fills caches)
+    await one_request(host, port, args.model, "Hello", 4)
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(p) for p in prompts))
+    wall = time.perf_counter() - t0
+    ttfts = [r[0] for r in results]
+    gaps = [g for r in results for g in r[1]]
+    n_tok = sum(r[2] for r in results)
+    complete = sum(1 for r in results if r[2] == args.tokens)
+    return {
+        "label": args.label, "concurrency": args.concurrency, "requests": args.requests,
+        "tokens_per_request": args.tokens, "complete": complete, "tokens": n_tok,
+        "wall_s": round(wall, 3), "agg_tok_s": round(n_tok / wall, 1),
+        "ttft_p50_ms": round(percentile(ttfts, 50) * 1e3, 1),
+        "ttft_p90_ms": round(percentile(ttfts, 90) * 1e3, 1),
+        "itl_p50_ms": round(percentile(gaps, 50) * 1e3, 2),
+        "itl_p90_ms": round(percentile(gaps, 90) * 1e3, 2),
+        "itl_p99_ms": round(percentile(gaps, 99) * 1e3, 2),
+        "itl_mean_ms": round(statistics.fmean(gaps) * 1e3, 2) if gaps else None,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--url", default="http://127.0.0.1:11434")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("-c", "--concurrency", type=int, default=16)
+    ap.add_argument("-n", "--requests", type=int, default=None,
+                    help="requests in all (default: 2 x concurrency)")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--label", default="")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    args.requests = args.requests or 2 * args.concurrency
+    r = asyncio.run(run(args))
+    if args.json:
+        print(json.dumps(r))
+    else:
+        for k, v in r.items():
+            print(f"{k:>20}: {v}")
+    if r["complete"] != r["requests"]:
+        print(f"error: {r['requests'] - r['complete']} requests did not complete", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

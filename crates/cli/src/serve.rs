@@ -1,0 +1,82 @@
+//! `capy serve`: the OpenAI- and Ollama-compatible server.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Result};
+use capy_server::config::{Config, Overrides};
+
+use crate::common::model_path;
+
+/// Flags override the environment, which overrides the `--config` file.
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Model to serve and keep loaded (repeatable; built-in models are pulled first).
+    /// Without any, every model in the store is served, loaded on its first request.
+    #[arg(
+        short = 'm',
+        long = "model",
+        env = "CAPY_MODELS",
+        value_delimiter = ','
+    )]
+    pub models: Vec<String>,
+    /// Address to listen on [default: 127.0.0.1].
+    #[arg(long, env = "CAPY_HOST")]
+    pub host: Option<String>,
+    /// Port to listen on [default: 11434].
+    #[arg(long, env = "CAPY_PORT")]
+    pub port: Option<u16>,
+    /// Threads of each model's engine [default: all cores].
+    #[arg(short = 't', long, env = "CAPY_THREADS")]
+    pub threads: Option<usize>,
+    /// TOML file with any of these settings (snake_case keys, e.g. memory_budget = "4GiB").
+    #[arg(long, env = "CAPY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Idle time before a model is unloaded (5m, 30s, 1h; -1 = never) [default: 5m].
+    #[arg(long, env = "CAPY_KEEP_ALIVE", allow_hyphen_values = true)]
+    pub keep_alive: Option<String>,
+    /// Most models loaded at once [default: 3].
+    #[arg(long, env = "CAPY_MAX_LOADED_MODELS")]
+    pub max_loaded_models: Option<usize>,
+    /// Memory for the weights and KV caches of all loaded models (8GiB, 512MiB)
+    /// [default: no limit].
+    #[arg(long, env = "CAPY_MEMORY_BUDGET")]
+    pub memory_budget: Option<String>,
+    /// Context (positions) of each sequence [default: 2048].
+    #[arg(short = 'c', long, env = "CAPY_CTX_SIZE")]
+    pub ctx_size: Option<usize>,
+    /// Sequences each model generates at once [default: 16].
+    #[arg(long, env = "CAPY_PARALLEL")]
+    pub parallel: Option<usize>,
+    /// Most tokens in one forward pass [default: 512].
+    #[arg(short = 'b', long, env = "CAPY_BATCH_SIZE")]
+    pub batch_size: Option<usize>,
+    /// Requests that may wait per model before 429 [default: 64].
+    #[arg(long, env = "CAPY_MAX_QUEUE")]
+    pub max_queue: Option<usize>,
+}
+
+pub fn serve(a: ServeArgs) -> Result<()> {
+    let mut cfg = match &a.config {
+        Some(p) => Config::from_file(p).map_err(|e| anyhow!(e))?,
+        None => Config::default(),
+    };
+    cfg.apply(Overrides {
+        host: a.host,
+        port: a.port,
+        threads: a.threads,
+        models: a.models,
+        keep_alive: a.keep_alive,
+        max_loaded_models: a.max_loaded_models,
+        memory_budget: a.memory_budget,
+        ctx_size: a.ctx_size,
+        parallel: a.parallel,
+        batch_size: a.batch_size,
+        max_queue: a.max_queue,
+    });
+    cfg.validate().map_err(|e| anyhow!(e))?;
+    // the warm set must be on disk before the server starts: pull built-ins now
+    for m in &cfg.models {
+        model_path(m, true)?;
+    }
+    capy_server::run(cfg, capy_store::Store::open_default()).map_err(|e| anyhow!(e))
+}

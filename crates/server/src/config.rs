@@ -1,0 +1,288 @@
+//! Server settings: defaults, then a TOML file, then environment variables and flags (the
+//! CLI merges those last two and applies them over the file with [`Config::apply`]).
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// How long a model stays loaded after its last request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeepAlive {
+    For(Duration),
+    Forever,
+}
+
+impl KeepAlive {
+    /// Ollama's forms: a duration string ("5m", "1h30m", "90s", "500ms"), a number of
+    /// seconds, "0" to unload at once, anything negative to keep forever.
+    pub fn parse(s: &str) -> Result<KeepAlive, String> {
+        let s = s.trim();
+        if s.starts_with('-') {
+            return Ok(KeepAlive::Forever);
+        }
+        if let Ok(secs) = s.parse::<f64>() {
+            return Ok(KeepAlive::For(Duration::from_secs_f64(secs)));
+        }
+        parse_duration(s)
+            .map(KeepAlive::For)
+            .ok_or_else(|| format!("bad duration {s:?} (examples: 5m, 30s, 1h, 0, -1)"))
+    }
+
+    /// From a JSON value: a string as [`KeepAlive::parse`], or a number of seconds.
+    pub fn from_json(v: &serde_json::Value) -> Result<KeepAlive, String> {
+        match v {
+            serde_json::Value::String(s) => KeepAlive::parse(s),
+            serde_json::Value::Number(n) => {
+                let secs = n.as_f64().unwrap_or(0.0);
+                if secs < 0.0 {
+                    Ok(KeepAlive::Forever)
+                } else {
+                    Ok(KeepAlive::For(Duration::from_secs_f64(secs)))
+                }
+            }
+            _ => Err(format!("keep_alive must be a duration or seconds, got {v}")),
+        }
+    }
+}
+
+/// "1h30m", "5m", "90s", "250ms".
+fn parse_duration(s: &str) -> Option<Duration> {
+    let mut total = 0.0f64;
+    let mut rest = s;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let n = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let value: f64 = rest[..n].parse().ok()?;
+        rest = &rest[n..];
+        let u = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..u] {
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        total += value * scale;
+        rest = &rest[u..];
+    }
+    Some(Duration::from_secs_f64(total))
+}
+
+/// "8GiB", "512MiB", "2GB", "1500000000".
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let n = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let value: f64 = t[..n]
+        .parse()
+        .map_err(|_| format!("bad size {s:?} (examples: 8GiB, 512MiB, 2GB)"))?;
+    let scale = match t[n..].trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        u => return Err(format!("bad size unit {u:?} in {s:?}")),
+    };
+    Ok((value * scale) as u64)
+}
+
+/// Everything `capy serve` can be told.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    /// Threads of each model's engine.
+    pub threads: usize,
+    /// The warm set: loaded at start and kept loaded. When empty, every model in the
+    /// store is served, loaded on its first request.
+    pub models: Vec<String>,
+    /// Default idle time before a model is unloaded ("5m"; "-1" never).
+    pub keep_alive: String,
+    /// Most models loaded at once.
+    pub max_loaded_models: usize,
+    /// Bytes that the weights and KV caches of all loaded models may take ("8GiB");
+    /// empty means no limit.
+    pub memory_budget: String,
+    /// Context (positions) of each sequence.
+    pub ctx_size: usize,
+    /// Sequences each model runs at once.
+    pub parallel: usize,
+    /// Most tokens in one forward pass.
+    pub batch_size: usize,
+    /// Requests that may wait per model; more get 429.
+    pub max_queue: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            host: "127.0.0.1".into(),
+            port: 11434,
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            models: Vec::new(),
+            keep_alive: "5m".into(),
+            max_loaded_models: 3,
+            memory_budget: String::new(),
+            ctx_size: 2048,
+            parallel: 16,
+            batch_size: 512,
+            max_queue: 64,
+        }
+    }
+}
+
+/// Settings given on the command line or in the environment; `None` leaves the file's
+/// (or the default) value.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub threads: Option<usize>,
+    pub models: Vec<String>,
+    pub keep_alive: Option<String>,
+    pub max_loaded_models: Option<usize>,
+    pub memory_budget: Option<String>,
+    pub ctx_size: Option<usize>,
+    pub parallel: Option<usize>,
+    pub batch_size: Option<usize>,
+    pub max_queue: Option<usize>,
+}
+
+impl Config {
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        Config::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn apply(&mut self, o: Overrides) {
+        fn set<T>(dst: &mut T, v: Option<T>) {
+            if let Some(v) = v {
+                *dst = v;
+            }
+        }
+        set(&mut self.host, o.host);
+        set(&mut self.port, o.port);
+        set(&mut self.threads, o.threads);
+        if !o.models.is_empty() {
+            self.models = o.models;
+        }
+        set(&mut self.keep_alive, o.keep_alive);
+        set(&mut self.max_loaded_models, o.max_loaded_models);
+        set(&mut self.memory_budget, o.memory_budget);
+        set(&mut self.ctx_size, o.ctx_size);
+        set(&mut self.parallel, o.parallel);
+        set(&mut self.batch_size, o.batch_size);
+        set(&mut self.max_queue, o.max_queue);
+    }
+
+    /// Checks the values and turns the strings into numbers.
+    pub fn validate(&self) -> Result<Checked, String> {
+        let keep_alive = KeepAlive::parse(&self.keep_alive)?;
+        let memory_budget = if self.memory_budget.trim().is_empty() {
+            None
+        } else {
+            Some(parse_bytes(&self.memory_budget)?)
+        };
+        for (name, v) in [
+            ("threads", self.threads),
+            ("max_loaded_models", self.max_loaded_models),
+            ("parallel", self.parallel),
+            ("batch_size", self.batch_size),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        if self.ctx_size < 16 {
+            return Err("ctx_size must be at least 16".into());
+        }
+        Ok(Checked {
+            keep_alive,
+            memory_budget,
+        })
+    }
+}
+
+/// The parsed forms of [`Config`]'s strings.
+#[derive(Clone, Copy, Debug)]
+pub struct Checked {
+    pub keep_alive: KeepAlive,
+    pub memory_budget: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes_parse_like_ollama() {
+        let s = |secs: u64| KeepAlive::For(Duration::from_secs(secs));
+        assert_eq!(KeepAlive::parse("5m"), Ok(s(300)));
+        assert_eq!(KeepAlive::parse("1h30m"), Ok(s(5400)));
+        assert_eq!(KeepAlive::parse("0"), Ok(s(0)));
+        assert_eq!(KeepAlive::parse("90"), Ok(s(90)));
+        assert_eq!(
+            KeepAlive::parse("250ms"),
+            Ok(KeepAlive::For(Duration::from_millis(250)))
+        );
+        assert_eq!(KeepAlive::parse("-1"), Ok(KeepAlive::Forever));
+        assert_eq!(KeepAlive::parse("-1m"), Ok(KeepAlive::Forever));
+        assert!(KeepAlive::parse("soon").is_err());
+        assert!(KeepAlive::parse("5x").is_err());
+        assert_eq!(KeepAlive::from_json(&serde_json::json!(10)), Ok(s(10)));
+        assert_eq!(parse_bytes("8GiB"), Ok(8 << 30));
+        assert_eq!(parse_bytes("512 MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_bytes("1000"), Ok(1000));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("3 parsecs").is_err());
+    }
+
+    #[test]
+    fn file_then_overrides() {
+        let mut c = Config::from_toml(
+            "port = 8080\nmodels = [\"smollm2-135m\"]\nmemory_budget = \"1GiB\"\nkeep_alive = \"10m\"\n",
+        )
+        .expect("valid TOML");
+        assert_eq!(c.port, 8080);
+        assert_eq!(c.host, "127.0.0.1");
+        c.apply(Overrides {
+            port: Some(9000),
+            parallel: Some(4),
+            ..Default::default()
+        });
+        assert_eq!((c.port, c.parallel), (9000, 4));
+        assert_eq!(c.models, vec!["smollm2-135m".to_string()]);
+        let k = c.validate().expect("valid");
+        assert_eq!(k.memory_budget, Some(1 << 30));
+        assert_eq!(k.keep_alive, KeepAlive::For(Duration::from_secs(600)));
+        assert!(
+            Config::from_toml("prot = 1").is_err(),
+            "unknown keys refused"
+        );
+        assert!(Config::from_toml("port = \"x\"").is_err());
+        c.parallel = 0;
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,361 @@
+//! `capy serve`: an OpenAI- and Ollama-compatible HTTP server over capy's engine.
+//!
+//! Each loaded model runs a continuous-batching engine loop on its own threads
+//! ([`capy_engine::BatchEngine`]); the HTTP side (axum on tokio) only parses requests,
+//! queues them on the right model and streams back what the engine reports. Models are
+//! held by a [`registry::Registry`] under one memory budget.
+
+pub mod config;
+pub mod error;
+pub mod gen;
+pub mod metrics;
+pub mod ollama;
+pub mod openai;
+pub mod registry;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use capy_engine::SamplerParams;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::config::{Checked, Config};
+use crate::error::{parse_json, ApiError, Flavor};
+use crate::metrics::Metrics;
+use crate::registry::{Registry, RegistryConfig};
+
+pub struct AppState {
+    pub registry: Arc<Registry>,
+    pub metrics: Metrics,
+    /// Set once the warm set is loaded; `/health` answers 503 before.
+    pub ready: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(registry: Arc<Registry>) -> Arc<AppState> {
+        Arc::new(AppState {
+            registry,
+            metrics: Metrics::default(),
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    /// Builds the state from a validated configuration and a store.
+    pub fn from_config(cfg: &Config, checked: Checked, store: capy_store::Store) -> Arc<AppState> {
+        let registry = Registry::new(
+            RegistryConfig {
+                batch: capy_engine::BatchParams {
+                    n_slots: cfg.parallel,
+                    n_ctx: cfg.ctx_size,
+                    n_batch: cfg.batch_size,
+                    n_threads: cfg.threads,
+                    max_queue: cfg.max_queue,
+                    isa: None,
+                },
+                keep_alive: checked.keep_alive,
+                max_loaded: cfg.max_loaded_models,
+                memory_budget: checked.memory_budget,
+            },
+            store,
+            cfg.models.clone(),
+        );
+        AppState::new(registry)
+    }
+
+    /// Loads the warm set, then marks the server ready.
+    pub async fn load_warm_set(self: &Arc<Self>) -> Result<(), ApiError> {
+        for name in self.registry.warm_names() {
+            drop(self.registry.acquire(&name, None).await?);
+        }
+        self.ready.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// Sampling settings as requests give them; unset ones keep llama.cpp's defaults.
+pub(crate) struct Knobs {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub repeat_penalty: Option<f32>,
+    pub repeat_last_n: Option<i64>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub seed: Option<u64>,
+}
+
+impl Knobs {
+    pub fn sampler(&self) -> Result<SamplerParams, ApiError> {
+        let d = SamplerParams::default();
+        let bad =
+            |what: &'static str, msg: &str| Err(ApiError::bad_request(msg.to_string()).param(what));
+        if self
+            .temperature
+            .is_some_and(|t| !(0.0..=100.0).contains(&t))
+        {
+            return bad("temperature", "temperature must be between 0 and 100");
+        }
+        if self.top_p.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
+            return bad("top_p", "top_p must be between 0 and 1");
+        }
+        if self.min_p.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
+            return bad("min_p", "min_p must be between 0 and 1");
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if v.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
+                return bad(name, "penalties must be between -2 and 2");
+            }
+        }
+        Ok(SamplerParams {
+            temperature: self.temperature.unwrap_or(d.temperature),
+            top_k: self.top_k.map_or(d.top_k, |k| k.max(0) as usize),
+            top_p: self.top_p.unwrap_or(d.top_p),
+            min_p: self.min_p.unwrap_or(d.min_p),
+            repeat_penalty: self.repeat_penalty.unwrap_or(d.repeat_penalty),
+            repeat_last_n: self
+                .repeat_last_n
+                .map_or(d.repeat_last_n, |n| n.max(0) as usize),
+            presence_penalty: self.presence_penalty.unwrap_or(d.presence_penalty),
+            frequency_penalty: self.frequency_penalty.unwrap_or(d.frequency_penalty),
+            seed: self.seed,
+        })
+    }
+}
+
+/// The HTTP routes.
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(openai::chat))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/models/{*id}", get(openai::model))
+        .route("/api/generate", post(ollama::generate))
+        .route("/api/chat", post(ollama::chat))
+        .route("/api/tags", get(ollama::tags))
+        .route("/api/show", post(ollama::show))
+        .route("/api/ps", get(ollama::ps))
+        .route("/api/pull", post(ollama::pull))
+        .route("/api/delete", delete(ollama::delete))
+        .route("/api/version", get(ollama::version))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route("/", get(|| async { "capy is running" }))
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            count_requests,
+        ))
+        .with_state(state)
+}
+
+/// Counts requests by route and status for `/metrics`.
+async fn count_requests(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let route: &'static str = match req.extensions().get::<MatchedPath>().map(|m| m.as_str()) {
+        Some("/v1/chat/completions") => "/v1/chat/completions",
+        Some("/v1/completions") => "/v1/completions",
+        Some("/api/generate") => "/api/generate",
+        Some("/api/chat") => "/api/chat",
+        Some(_) => "other",
+        None => "unmatched",
+    };
+    let r = next.run(req).await;
+    st.metrics.request(route, r.status().as_u16());
+    r
+}
+
+async fn health(State(st): State<Arc<AppState>>) -> Response {
+    if st.ready.load(Ordering::Acquire) {
+        Json(json!({"status": "ok"})).into_response()
+    } else {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "loading models")
+            .retry_after(1)
+            .into_response()
+    }
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        st.metrics.render(&st.registry),
+    )
+        .into_response()
+}
+
+/// The model a `/tokenize` or `/detokenize` request means: the one named, else the first
+/// of the warm set, else the first loaded or served.
+fn default_model(st: &AppState, named: Option<&str>) -> Result<String, ApiError> {
+    if let Some(m) = named {
+        return Ok(m.to_string());
+    }
+    st.registry
+        .warm_names()
+        .into_iter()
+        .chain(st.registry.loaded_names())
+        .chain(st.registry.served().into_iter().map(|r| r.name))
+        .next()
+        .ok_or_else(|| ApiError::not_found("no model to tokenize with"))
+}
+
+#[derive(Deserialize)]
+struct TokenizeRequest {
+    content: String,
+    #[serde(default)]
+    add_special: bool,
+    #[serde(default)]
+    with_pieces: bool,
+    model: Option<String>,
+}
+
+async fn tokenize(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
+    let r = async {
+        let req: TokenizeRequest = parse_json(&body, Flavor::OpenAi)?;
+        let model = default_model(&st, req.model.as_deref())?;
+        let lease = st.registry.acquire(&model, None).await?;
+        let tok = &lease.engine.tokenizer;
+        let ids = tok.encode(&req.content, req.add_special, true)?;
+        let tokens: Vec<serde_json::Value> = if req.with_pieces {
+            ids.iter()
+                .map(|&id| {
+                    let b = tok.token_bytes(id, true);
+                    match std::str::from_utf8(b) {
+                        Ok(s) => json!({"id": id, "piece": s}),
+                        Err(_) => json!({"id": id, "piece": b}),
+                    }
+                })
+                .collect()
+        } else {
+            ids.iter().map(|&id| json!(id)).collect()
+        };
+        Ok::<_, ApiError>(Json(json!({"tokens": tokens})).into_response())
+    };
+    r.await.unwrap_or_else(|e| e.into_response())
+}
+
+#[derive(Deserialize)]
+struct DetokenizeRequest {
+    tokens: Vec<u32>,
+    model: Option<String>,
+}
+
+async fn detokenize(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
+    let r = async {
+        let req: DetokenizeRequest = parse_json(&body, Flavor::OpenAi)?;
+        let model = default_model(&st, req.model.as_deref())?;
+        let lease = st.registry.acquire(&model, None).await?;
+        let tok = &lease.engine.tokenizer;
+        if let Some(&bad) = req.tokens.iter().find(|&&t| t as usize >= tok.n_vocab()) {
+            return Err(ApiError::from(capy_engine::Error::BadToken {
+                token: bad,
+                n_vocab: tok.n_vocab(),
+            }));
+        }
+        Ok(Json(json!({"content": tok.decode(&req.tokens, false)})).into_response())
+    };
+    r.await.unwrap_or_else(|e| e.into_response())
+}
+
+/// [`serve`] on a tokio runtime of its own (two I/O threads: the engines have theirs).
+pub fn run(cfg: Config, store: capy_store::Store) -> Result<(), String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("capy-http")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?
+        .block_on(serve(cfg, store))
+}
+
+/// Runs the server until Ctrl-C or SIGTERM: binds, starts answering (503 on `/health`
+/// while the warm set loads), unloads idle models in the background.
+pub async fn serve(cfg: Config, store: capy_store::Store) -> Result<(), String> {
+    let checked = cfg.validate()?;
+    let state = AppState::from_config(&cfg, checked, store);
+    let addr = format!("{}:{}", cfg.host, cfg.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    eprintln!("capy: listening on http://{addr}");
+    // a warm set that cannot load stops the server with its error
+    let failed = Arc::new(tokio::sync::Notify::new());
+    let warm_error = Arc::new(std::sync::Mutex::new(None::<String>));
+    let (warm, f, we) = (
+        Arc::clone(&state),
+        Arc::clone(&failed),
+        Arc::clone(&warm_error),
+    );
+    tokio::spawn(async move {
+        match warm.load_warm_set().await {
+            Ok(()) => {
+                let names = warm.registry.warm_names();
+                if names.is_empty() {
+                    eprintln!("capy: ready; models in the store load on first request");
+                } else {
+                    eprintln!("capy: ready; loaded {}", names.join(", "));
+                }
+            }
+            Err(e) => {
+                *we.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.message);
+                f.notify_one();
+            }
+        }
+    });
+    let reaper = Arc::clone(&state);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            for name in reaper.registry.unload_expired() {
+                eprintln!("capy: unloaded {name} (idle)");
+            }
+        }
+    });
+    axum::serve(listener, app(Arc::clone(&state)))
+        .with_graceful_shutdown(async move {
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                _ = failed.notified() => {}
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let err = warm_error.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match err {
+        Some(e) => Err(format!("loading the warm set: {e}")),
+        None => Ok(()),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,598 @@
+//! The Ollama-compatible API: `/api/generate`, `/api/chat` (NDJSON streaming), `/api/tags`,
+//! `/api/show`, `/api/ps`, `/api/pull`, `/api/delete`, `/api/version`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use capy_engine::{Event, GenerateParams, Message, StopReason};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::config::KeepAlive;
+use crate::error::{parse_json, ApiError, Flavor};
+use crate::gen::{rfc3339, stream_response, Gens};
+use crate::registry::Lease;
+use crate::{AppState, Knobs};
+
+/// `options` of a request (other Ollama options are accepted and ignored).
+#[derive(Deserialize, Default)]
+struct Options {
+    num_ctx: Option<usize>,
+    num_predict: Option<i64>,
+    temperature: Option<f32>,
+    top_k: Option<i64>,
+    top_p: Option<f32>,
+    min_p: Option<f32>,
+    repeat_penalty: Option<f32>,
+    repeat_last_n: Option<i64>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    seed: Option<i64>,
+    stop: Option<Vec<String>>,
+}
+
+impl Options {
+    fn params(&self) -> Result<GenerateParams, ApiError> {
+        let knobs = Knobs {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed.map(|s| s as u64),
+        };
+        Ok(GenerateParams {
+            // -1 (and -2, "fill the context") run until the context ends
+            max_tokens: match self.num_predict {
+                Some(n) if n >= 0 => n as usize,
+                _ => usize::MAX,
+            },
+            sampler: knobs.sampler().map_err(|e| e.flavor(Flavor::Ollama))?,
+            stop: self.stop.clone().unwrap_or_default(),
+            ..Default::default()
+        })
+    }
+}
+
+fn keep_alive(v: &Option<Value>) -> Result<Option<KeepAlive>, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => KeepAlive::from_json(v)
+            .map(Some)
+            .map_err(|e| ApiError::bad_request(e).flavor(Flavor::Ollama)),
+    }
+}
+
+fn ollama(e: ApiError) -> ApiError {
+    e.flavor(Flavor::Ollama)
+}
+
+fn done_reason(r: StopReason) -> &'static str {
+    match r {
+        StopReason::Length | StopReason::Context => "length",
+        _ => "stop",
+    }
+}
+
+fn ns(ms: f64) -> u64 {
+    (ms * 1e6) as u64
+}
+
+/// The counters and durations of a final response line.
+fn finals(v: &mut Value, s: &capy_engine::Summary, t0: Instant, load_ms: f64) {
+    v["done"] = json!(true);
+    v["done_reason"] = json!(done_reason(s.stop_reason));
+    v["total_duration"] = json!(t0.elapsed().as_nanos() as u64);
+    v["load_duration"] = json!(ns(load_ms));
+    v["prompt_eval_count"] = json!(s.prompt_tokens - s.cached_tokens);
+    v["prompt_eval_duration"] = json!(ns(s.prompt_ms));
+    v["eval_count"] = json!(s.completion_tokens);
+    v["eval_duration"] = json!(ns(s.gen_ms));
+}
+
+#[derive(Deserialize)]
+struct GenerateRequest {
+    model: String,
+    #[serde(default)]
+    prompt: String,
+    #[serde(default)]
+    suffix: String,
+    system: Option<String>,
+    #[serde(default)]
+    raw: bool,
+    stream: Option<bool>,
+    #[serde(default)]
+    options: Options,
+    keep_alive: Option<Value>,
+    context: Option<Vec<u32>>,
+    #[serde(default)]
+    images: Vec<Value>,
+}
+
+/// An empty request loads (or with `keep_alive: 0` unloads) the model, as Ollama does.
+async fn load_only(
+    st: &Arc<AppState>,
+    model: &str,
+    ka: Option<KeepAlive>,
+    chat: bool,
+) -> Result<Response, ApiError> {
+    let name = st.registry.resolve(model).map_err(ollama)?.name;
+    let reason = if ka == Some(KeepAlive::For(Duration::ZERO)) {
+        st.registry.unload(&name);
+        "unload"
+    } else {
+        drop(st.registry.acquire(model, ka).await.map_err(ollama)?);
+        "load"
+    };
+    let mut v = json!({"model": name, "created_at": rfc3339(SystemTime::now()),
+                       "done": true, "done_reason": reason});
+    if chat {
+        v["message"] = json!({"role": "assistant", "content": ""});
+    } else {
+        v["response"] = json!("");
+    }
+    Ok(Json(v).into_response())
+}
+
+pub async fn generate(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
+    generate_inner(st, body)
+        .await
+        .unwrap_or_else(|e| ollama(e).into_response())
+}
+
+async fn generate_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let t0 = Instant::now();
+    let req: GenerateRequest = parse_json(&body, Flavor::Ollama)?;
+    let ka = keep_alive(&req.keep_alive)?;
+    if !req.images.is_empty() {
+        return Err(ApiError::bad_request(
+            "images are not supported by this model",
+        ));
+    }
+    if !req.suffix.is_empty() {
+        return Err(ApiError::bad_request(
+            "suffix (fill-in-the-middle) is not supported",
+        ));
+    }
+    if req.prompt.is_empty() && req.context.is_none() {
+        return load_only(&st, &req.model, ka, false).await;
+    }
+    let params = req.options.params()?;
+    let lease = st.registry.acquire(&req.model, ka).await?;
+    let e = &lease.engine;
+    let mut prompt = req.context.clone().unwrap_or_default();
+    if req.raw {
+        prompt.extend(e.tokenizer.encode(&req.prompt, prompt.is_empty(), true)?);
+    } else {
+        let mut msgs = Vec::new();
+        if let Some(s) = &req.system {
+            msgs.push(Message::new("system", s));
+        }
+        msgs.push(Message::new("user", &req.prompt));
+        if prompt.is_empty() {
+            prompt = e.chat_tokens(&msgs)?;
+        } else {
+            // a follow-up turn: the template's rendering of this turn alone, no new BOS
+            let text = e.template.render(&msgs, true)?;
+            let text = text
+                .strip_prefix(e.template.bos_token.as_str())
+                .unwrap_or(&text);
+            prompt.extend(e.tokenizer.encode(text, false, true)?);
+        }
+    }
+    run(
+        st,
+        lease,
+        prompt,
+        params,
+        req.options.num_ctx,
+        req.stream.unwrap_or(true),
+        t0,
+        false,
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    #[serde(default)]
+    content: String,
+    #[serde(default)]
+    images: Vec<Value>,
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    model: String,
+    #[serde(default)]
+    messages: Vec<ChatMessage>,
+    stream: Option<bool>,
+    #[serde(default)]
+    options: Options,
+    keep_alive: Option<Value>,
+    #[serde(default)]
+    tools: Vec<Value>,
+}
+
+pub async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
+    chat_inner(st, body)
+        .await
+        .unwrap_or_else(|e| ollama(e).into_response())
+}
+
+async fn chat_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let t0 = Instant::now();
+    let req: ChatRequest = parse_json(&body, Flavor::Ollama)?;
+    let ka = keep_alive(&req.keep_alive)?;
+    if req.messages.is_empty() {
+        return load_only(&st, &req.model, ka, true).await;
+    }
+    if req.messages.iter().any(|m| !m.images.is_empty()) {
+        return Err(ApiError::bad_request(
+            "images are not supported by this model",
+        ));
+    }
+    if !req.tools.is_empty() {
+        return Err(ApiError::bad_request("tools are not supported yet"));
+    }
+    let params = req.options.params()?;
+    let lease = st.registry.acquire(&req.model, ka).await?;
+    let msgs: Vec<Message> = req
+        .messages
+        .iter()
+        .map(|m| Message::new(&m.role, &m.content))
+        .collect();
+    let prompt = lease.engine.chat_tokens(&msgs)?;
+    run(
+        st,
+        lease,
+        prompt,
+        params,
+        req.options.num_ctx,
+        req.stream.unwrap_or(true),
+        t0,
+        true,
+    )
+    .await
+}
+
+/// Runs one generation and answers in Ollama's shape, streamed as NDJSON or whole.
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    st: Arc<AppState>,
+    lease: Lease,
+    prompt: Vec<u32>,
+    params: GenerateParams,
+    num_ctx: Option<usize>,
+    stream: bool,
+    t0: Instant,
+    chat: bool,
+) -> Result<Response, ApiError> {
+    let model = format!("{}:latest", lease.name);
+    let load_ms = if lease.loaded_at.elapsed().unwrap_or_default()
+        < t0.elapsed() + Duration::from_millis(1)
+    {
+        lease.load_ms
+    } else {
+        0.0
+    };
+    let gens = Gens::start(&st, lease, vec![(prompt.clone(), params)], num_ctx, t0)?;
+    let piece = move |text: &str| -> Value {
+        let mut v =
+            json!({"model": model, "created_at": rfc3339(SystemTime::now()), "done": false});
+        if chat {
+            v["message"] = json!({"role": "assistant", "content": text});
+        } else {
+            v["response"] = json!(text);
+        }
+        v
+    };
+    if !stream {
+        let mut outs = gens.collect().await?;
+        let o = outs.pop().unwrap_or_default();
+        let s = o.summary.ok_or_else(|| ApiError::internal("no result"))?;
+        let mut v = piece(&o.text);
+        finals(&mut v, &s, t0, load_ms);
+        if !chat {
+            let mut ctx = prompt;
+            ctx.extend(o.tokens.iter().map(|t| t.id));
+            v["context"] = json!(ctx);
+        }
+        return Ok(Json(v).into_response());
+    }
+    Ok(stream_response(
+        "application/x-ndjson",
+        move |out| async move {
+            let mut gens = gens;
+            let mut ctx = prompt;
+            while let Some((_, ev)) = gens.next().await {
+                match ev {
+                    Event::Token { token, text } => {
+                        ctx.push(token.id);
+                        if !text.is_empty() && !out.line(&piece(&text)).await {
+                            return;
+                        }
+                    }
+                    Event::Done(s) => {
+                        if !s.tail.is_empty() && !out.line(&piece(&s.tail)).await {
+                            return;
+                        }
+                        let mut v = piece("");
+                        finals(&mut v, &s, t0, load_ms);
+                        if !chat {
+                            v["context"] = json!(ctx);
+                        }
+                        let _ = out.line(&v).await;
+                        return;
+                    }
+                    Event::Failed(m) => {
+                        let _ = out.line(&json!({"error": m})).await;
+                        return;
+                    }
+                    _ => {}
+                }
+            }
+        },
+    ))
+}
+
+/// What Ollama calls a model's details, from its GGUF header.
+fn details(path: &std::path::Path) -> (Value, Option<capy_gguf::Gguf>) {
+    match capy_gguf::Gguf::open(path) {
+        Ok(g) => {
+            let arch = g
+                .get_str("general.architecture")
+                .ok()
+                .flatten()
+                .unwrap_or("unknown")
+                .to_string();
+            let params = g.n_params() as f64;
+            let size = if params >= 1e9 {
+                format!("{:.1}B", params / 1e9)
+            } else {
+                format!("{:.0}M", params / 1e6)
+            };
+            let quant = g
+                .file_type_name()
+                .replace(" - Medium", "_M")
+                .replace(" - Small", "_S")
+                .replace(" - Large", "_L");
+            (
+                json!({"parent_model": "", "format": "gguf", "family": arch, "families": [arch],
+                       "parameter_size": size, "quantization_level": quant}),
+                Some(g),
+            )
+        }
+        Err(_) => (json!({"format": "gguf"}), None),
+    }
+}
+
+fn digest(st: &AppState, name: &str) -> String {
+    st.registry
+        .store
+        .get(name)
+        .ok()
+        .flatten()
+        .map(|m| m.sha256)
+        .unwrap_or_default()
+}
+
+fn modified(path: &std::path::Path) -> String {
+    rfc3339(
+        std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .unwrap_or(SystemTime::UNIX_EPOCH),
+    )
+}
+
+pub async fn tags(State(st): State<Arc<AppState>>) -> Response {
+    let models: Vec<Value> = st
+        .registry
+        .served()
+        .iter()
+        .map(|r| {
+            let name = format!("{}:latest", r.name);
+            json!({
+                "name": name, "model": name,
+                "modified_at": modified(&r.path),
+                "size": std::fs::metadata(&r.path).map(|m| m.len()).unwrap_or(0),
+                "digest": digest(&st, &r.name),
+                "details": details(&r.path).0,
+            })
+        })
+        .collect();
+    Json(json!({"models": models})).into_response()
+}
+
+pub async fn ps(State(st): State<Arc<AppState>>) -> Response {
+    let now = Instant::now();
+    let models: Vec<Value> = st
+        .registry
+        .loaded()
+        .iter()
+        .map(|l| {
+            let m = &l.model;
+            let name = format!("{}:latest", m.name);
+            let expires = match l.expires {
+                Some(t) => SystemTime::now() + t.saturating_duration_since(now),
+                // never: Ollama shows a far-future time
+                None => SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799),
+            };
+            json!({
+                "name": name, "model": name, "size": m.bytes, "size_vram": 0,
+                "digest": digest(&st, &m.name),
+                "details": details(&m.path).0,
+                "expires_at": rfc3339(expires),
+                "context_length": m.batch.params.n_ctx,
+            })
+        })
+        .collect();
+    Json(json!({"models": models})).into_response()
+}
+
+#[derive(Deserialize)]
+struct NameRequest {
+    model: Option<String>,
+    name: Option<String>,
+    stream: Option<bool>,
+}
+
+impl NameRequest {
+    fn model(&self) -> Result<&str, ApiError> {
+        self.model
+            .as_deref()
+            .or(self.name.as_deref())
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| ollama(ApiError::bad_request("model is required")))
+    }
+}
+
+pub async fn show(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
+    let r = (|| -> Result<Response, ApiError> {
+        let req: NameRequest = parse_json(&body, Flavor::Ollama)?;
+        let r = st.registry.resolve(req.model()?).map_err(ollama)?;
+        let (details, g) = details(&r.path);
+        let g = g.ok_or_else(|| ollama(ApiError::internal("cannot read the model file")))?;
+        let mut info = serde_json::Map::new();
+        for (k, v) in g.metadata() {
+            let v = match v {
+                capy_gguf::Value::String(s) => json!(s),
+                capy_gguf::Value::Bool(b) => json!(b),
+                capy_gguf::Value::F32(x) => json!(x),
+                capy_gguf::Value::F64(x) => json!(x),
+                capy_gguf::Value::Array(_) => Value::Null,
+                other => json!(other.as_i64()),
+            };
+            if !v.is_null() && k != "tokenizer.chat_template" {
+                info.insert(k.clone(), v);
+            }
+        }
+        info.insert("general.parameter_count".into(), json!(g.n_params()));
+        let template = g
+            .get_str("tokenizer.chat_template")
+            .ok()
+            .flatten()
+            .unwrap_or("");
+        Ok(Json(json!({
+            "modelfile": format!("# capy model {}\nFROM {}\n", r.name, r.path.display()),
+            "parameters": "",
+            "template": template,
+            "details": details,
+            "model_info": info,
+            "capabilities": ["completion"],
+            "modified_at": modified(&r.path),
+        }))
+        .into_response())
+    })();
+    r.unwrap_or_else(|e| ollama(e).into_response())
+}
+
+/// Reports pull progress as NDJSON lines.
+struct PullProgress {
+    tx: tokio::sync::mpsc::UnboundedSender<Value>,
+    state: std::sync::Mutex<(String, Option<u64>, u64, Instant)>,
+}
+
+impl capy_store::Progress for PullProgress {
+    fn begin(&self, label: &str, total: Option<u64>) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        *s = (label.to_string(), total, 0, Instant::now());
+        let _ = self
+            .tx
+            .send(json!({"status": label, "total": total, "completed": 0}));
+    }
+    fn advance(&self, bytes: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.2 += bytes;
+        // at most ten lines a second
+        if s.3.elapsed() >= Duration::from_millis(100) {
+            s.3 = Instant::now();
+            let _ = self
+                .tx
+                .send(json!({"status": s.0, "total": s.1, "completed": s.2}));
+        }
+    }
+    fn end(&self) {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = self
+            .tx
+            .send(json!({"status": s.0, "total": s.1, "completed": s.1.unwrap_or(s.2)}));
+    }
+}
+
+pub async fn pull(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
+    let req: NameRequest = match parse_json(&body, Flavor::Ollama) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let name = match req.model() {
+        Ok(n) => n.strip_suffix(":latest").unwrap_or(n).to_string(),
+        Err(e) => return e.into_response(),
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let root = st.registry.store.root.clone();
+    let task = tokio::task::spawn_blocking(move || {
+        let p = PullProgress {
+            tx: tx.clone(),
+            state: std::sync::Mutex::new((String::new(), None, 0, Instant::now())),
+        };
+        let _ = tx.send(json!({"status": "pulling manifest"}));
+        capy_store::Store::at(root)
+            .pull(&name, &p)
+            .map_err(|e| e.to_string())
+    });
+    if req.stream == Some(false) {
+        while rx.recv().await.is_some() {}
+        return match task.await {
+            Ok(Ok(_)) => Json(json!({"status": "success"})).into_response(),
+            Ok(Err(e)) => ollama(ApiError::bad_request(e)).into_response(),
+            Err(e) => ollama(ApiError::internal(e.to_string())).into_response(),
+        };
+    }
+    stream_response("application/x-ndjson", move |out| async move {
+        while let Some(v) = rx.recv().await {
+            if !out.line(&v).await {
+                return;
+            }
+        }
+        let last = match task.await {
+            Ok(Ok(_)) => json!({"status": "success"}),
+            Ok(Err(e)) => json!({"error": e}),
+            Err(e) => json!({"error": e.to_string()}),
+        };
+        let _ = out.line(&last).await;
+    })
+}
+
+pub async fn delete(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
+    let r = (|| -> Result<Response, ApiError> {
+        let req: NameRequest = parse_json(&body, Flavor::Ollama)?;
+        let name = req.model()?;
+        let name = name.strip_suffix(":latest").unwrap_or(name);
+        if st.registry.loaded_names().iter().any(|n| n == name) && !st.registry.unload(name) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("model '{name}' is in use"),
+            ));
+        }
+        match st.registry.store.remove(name) {
+            Ok(true) => Ok(StatusCode::OK.into_response()),
+            Ok(false) => Err(ApiError::not_found(format!("model '{name}' not found"))),
+            Err(e) => Err(ApiError::bad_request(e.to_string())),
+        }
+    })();
+    r.unwrap_or_else(|e| ollama(e).into_response())
+}
+
+pub async fn version() -> Response {
+    Json(json!({"version": env!("CARGO_PKG_VERSION")})).into_response()
+}

@@ -1,0 +1,664 @@
+//! The OpenAI-compatible API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use capy_engine::{GenerateParams, Message, StopReason, TokenOut, Tokenizer};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::{parse_json, ApiError, Flavor};
+use crate::gen::{new_id, stream_response, unix_now, Gens, Outcome};
+use crate::{AppState, Knobs};
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// What chat and completion requests share.
+#[derive(Deserialize)]
+struct Common {
+    model: String,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    /// extensions accepted as llama-server and vLLM do
+    top_k: Option<i64>,
+    min_p: Option<f32>,
+    repeat_penalty: Option<f32>,
+    seed: Option<i64>,
+    stop: Option<Stop>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    n: Option<usize>,
+    #[allow(dead_code)]
+    user: Option<String>,
+    #[serde(default)]
+    ignore_eos: bool,
+}
+
+impl Common {
+    fn n(&self) -> Result<usize, ApiError> {
+        match self.n.unwrap_or(1) {
+            n @ 1..=16 => Ok(n),
+            n => Err(
+                ApiError::bad_request(format!("n must be between 1 and 16, got {n}")).param("n"),
+            ),
+        }
+    }
+
+    fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
+    }
+
+    /// Generation settings; `choice` varies the seed between the `n` choices.
+    fn params(
+        &self,
+        logprobs: bool,
+        top: usize,
+        choice: usize,
+    ) -> Result<GenerateParams, ApiError> {
+        if top > 20 {
+            return Err(
+                ApiError::bad_request("top_logprobs must be at most 20").param("top_logprobs")
+            );
+        }
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        if stop.len() > 16 {
+            return Err(ApiError::bad_request("at most 16 stop strings").param("stop"));
+        }
+        let knobs = Knobs {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: None,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed.map(|s| (s as u64).wrapping_add(choice as u64)),
+        };
+        Ok(GenerateParams {
+            max_tokens: self
+                .max_completion_tokens
+                .or(self.max_tokens)
+                .map_or(usize::MAX, |m| m.min(usize::MAX as u64) as usize),
+            sampler: knobs.sampler()?,
+            stop,
+            logprobs,
+            top_logprobs: top,
+            echo: false,
+            ignore_eos: self.ignore_eos,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    messages: Vec<ChatMessage>,
+    #[serde(default)]
+    logprobs: bool,
+    top_logprobs: Option<usize>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+fn to_message(m: &ChatMessage) -> Result<Message, ApiError> {
+    let content = match &m.content {
+        None => String::new(),
+        Some(Content::Text(t)) => t.clone(),
+        Some(Content::Parts(parts)) => {
+            let mut s = String::new();
+            for p in parts {
+                match (p.kind.as_str(), &p.text) {
+                    ("text", Some(t)) => s.push_str(t),
+                    (k, _) => {
+                        return Err(ApiError::bad_request(format!(
+                            "message content of type {k:?} is not supported (text only)"
+                        ))
+                        .param("messages"))
+                    }
+                }
+            }
+            s
+        }
+    };
+    Ok(Message::new(&m.role, &content))
+}
+
+fn finish_reason(r: StopReason) -> &'static str {
+    match r {
+        StopReason::Length | StopReason::Context => "length",
+        _ => "stop",
+    }
+}
+
+fn token_bytes(tok: &Tokenizer, id: u32) -> Vec<u8> {
+    tok.token_bytes(id, false).to_vec()
+}
+
+fn piece(tok: &Tokenizer, id: u32) -> String {
+    String::from_utf8_lossy(tok.token_bytes(id, false)).into_owned()
+}
+
+/// A token in chat's logprobs form.
+fn chat_logprob(tok: &Tokenizer, t: &TokenOut) -> Value {
+    json!({
+        "token": t.text,
+        "logprob": t.logprob,
+        "bytes": token_bytes(tok, t.id),
+        "top_logprobs": t.top.iter().map(|&(id, lp)| json!({
+            "token": piece(tok, id), "logprob": lp, "bytes": token_bytes(tok, id)
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
+}
+
+pub async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
+    chat_inner(st, body)
+        .await
+        .unwrap_or_else(|e| e.into_response())
+}
+
+async fn chat_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let t0 = Instant::now();
+    let req: ChatRequest = parse_json(&body, Flavor::OpenAi)?;
+    if req.messages.is_empty() {
+        return Err(ApiError::bad_request("messages must not be empty").param("messages"));
+    }
+    let messages = req
+        .messages
+        .iter()
+        .map(to_message)
+        .collect::<Result<Vec<_>, _>>()?;
+    let c = &req.common;
+    let n = c.n()?;
+    let want_lp = req.logprobs || req.top_logprobs.is_some_and(|k| k > 0);
+    let top = if req.logprobs {
+        req.top_logprobs.unwrap_or(0)
+    } else {
+        0
+    };
+    let choices_params = (0..n)
+        .map(|i| c.params(want_lp, top, i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let lease = st.registry.acquire(&c.model, None).await?;
+    let prompt = lease.engine.chat_tokens(&messages)?;
+    let n_prompt = prompt.len();
+    let (model, tok) = (lease.name.clone(), Arc::clone(&lease.engine.tokenizer));
+    let choices = choices_params
+        .into_iter()
+        .map(|p| (prompt.clone(), p))
+        .collect();
+    let gens = Gens::start(&st, lease, choices, None, t0)?;
+    let id = new_id("chatcmpl");
+    let created = unix_now();
+    let fingerprint = format!("capy-{}", env!("CARGO_PKG_VERSION"));
+
+    if !c.stream {
+        let outs = gens.collect().await?;
+        let mut completion = 0;
+        let mut cached = 0;
+        let choices: Vec<Value> = outs
+            .iter()
+            .enumerate()
+            .map(|(i, o)| {
+                let s = o.summary.as_ref();
+                completion += s.map_or(0, |s| s.completion_tokens);
+                if i == 0 {
+                    cached = s.map_or(0, |s| s.cached_tokens);
+                }
+                json!({
+                    "index": i,
+                    "message": {"role": "assistant", "content": o.text},
+                    "logprobs": want_lp.then(|| json!({
+                        "content": o.tokens.iter().map(|t| chat_logprob(&tok, t)).collect::<Vec<_>>()
+                    })),
+                    "finish_reason": s.map(|s| finish_reason(s.stop_reason)),
+                })
+            })
+            .collect();
+        return Ok(Json(json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "system_fingerprint": fingerprint,
+            "choices": choices,
+            "usage": usage(n_prompt, completion, cached),
+        }))
+        .into_response());
+    }
+
+    let include_usage = c.include_usage();
+    Ok(stream_response(
+        "text/event-stream",
+        move |out| async move {
+            let mut gens = gens;
+            let chunk = |choice: Value, with_usage: bool| {
+                let mut v = json!({
+                    "id": id, "object": "chat.completion.chunk", "created": created,
+                    "model": model, "system_fingerprint": fingerprint, "choices": [choice],
+                });
+                if with_usage {
+                    v["usage"] = Value::Null;
+                }
+                v
+            };
+            for i in 0..n {
+                let first = json!({"index": i, "delta": {"role": "assistant", "content": ""},
+                               "logprobs": null, "finish_reason": null});
+                if !out.sse(&chunk(first, include_usage)).await {
+                    return;
+                }
+            }
+            let (mut left, mut completion, mut cached) = (n, 0, 0);
+            while left > 0 {
+                let Some((i, ev)) = gens.next().await else {
+                    break;
+                };
+                let frame = match ev {
+                    capy_engine::Event::Token { token, text } => {
+                        if text.is_empty() && !want_lp {
+                            continue;
+                        }
+                        json!({"index": i, "delta": {"content": text},
+                           "logprobs": want_lp.then(|| json!({"content": [chat_logprob(&tok, &token)]})),
+                           "finish_reason": null})
+                    }
+                    capy_engine::Event::Done(s) => {
+                        left -= 1;
+                        completion += s.completion_tokens;
+                        if i == 0 {
+                            cached = s.cached_tokens;
+                        }
+                        if !s.tail.is_empty() {
+                            let tail = json!({"index": i, "delta": {"content": s.tail},
+                                          "logprobs": null, "finish_reason": null});
+                            if !out.sse(&chunk(tail, include_usage)).await {
+                                return;
+                            }
+                        }
+                        json!({"index": i, "delta": {}, "logprobs": null,
+                           "finish_reason": finish_reason(s.stop_reason)})
+                    }
+                    capy_engine::Event::Failed(m) => {
+                        let _ = out.sse(&ApiError::internal(m).body()).await;
+                        return;
+                    }
+                    _ => continue,
+                };
+                if !out.sse(&chunk(frame, include_usage)).await {
+                    return;
+                }
+            }
+            if include_usage {
+                let u = json!({
+                    "id": id, "object": "chat.completion.chunk", "created": created,
+                    "model": model, "system_fingerprint": fingerprint, "choices": [],
+                    "usage": usage(n_prompt, completion, cached),
+                });
+                if !out.sse(&u).await {
+                    return;
+                }
+            }
+            let _ = out.send("data: [DONE]\n\n".into()).await;
+        },
+    ))
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    prompt: Value,
+    #[serde(default)]
+    echo: bool,
+    /// legacy form: how many alternatives per token (0 = just the chosen token's)
+    logprobs: Option<usize>,
+    #[serde(default)]
+    suffix: Option<String>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+/// One prompt of a completion request: its tokens and its text (for `echo`).
+struct Prompt {
+    tokens: Vec<u32>,
+    text: String,
+}
+
+fn prompts(v: &Value, tok: &Tokenizer) -> Result<Vec<Prompt>, ApiError> {
+    let bad = || {
+        ApiError::bad_request(
+            "prompt must be a string, an array of strings, an array of token ids or an array of arrays of token ids",
+        )
+        .param("prompt")
+    };
+    let ids = |a: &Vec<Value>| -> Result<Vec<u32>, ApiError> {
+        a.iter()
+            .map(|x| {
+                x.as_u64()
+                    .filter(|&t| t <= u32::MAX as u64)
+                    .map(|t| t as u32)
+                    .ok_or_else(bad)
+            })
+            .collect()
+    };
+    let text = |s: &str| -> Result<Prompt, ApiError> {
+        Ok(Prompt {
+            tokens: tok.encode(s, true, true)?,
+            text: s.to_string(),
+        })
+    };
+    let from_ids = |t: Vec<u32>| Prompt {
+        text: tok.decode(&t, false),
+        tokens: t,
+    };
+    let out = match v {
+        Value::String(s) => vec![text(s)?],
+        Value::Array(a) if a.is_empty() => return Err(bad()),
+        Value::Array(a) if a.iter().all(|x| x.is_string()) => a
+            .iter()
+            .map(|x| text(x.as_str().unwrap_or_default()))
+            .collect::<Result<_, _>>()?,
+        Value::Array(a) if a.iter().all(|x| x.is_number()) => vec![from_ids(ids(a)?)],
+        Value::Array(a) if a.iter().all(|x| x.is_array()) => a
+            .iter()
+            .map(|x| ids(x.as_array().unwrap_or(&Vec::new())).map(from_ids))
+            .collect::<Result<_, _>>()?,
+        _ => return Err(bad()),
+    };
+    if out.len() > 16 {
+        return Err(ApiError::bad_request("at most 16 prompts per request").param("prompt"));
+    }
+    Ok(out)
+}
+
+/// The legacy logprobs object of a completion choice.
+fn completion_logprobs(
+    tok: &Tokenizer,
+    o: &Outcome,
+    prompt: Option<&Prompt>,
+    offset0: usize,
+) -> Value {
+    let (mut tokens, mut lps, mut tops, mut offs) = (vec![], vec![], vec![], vec![]);
+    let mut off = offset0;
+    let top_map = |top: &[(u32, f32)]| {
+        let mut m = serde_json::Map::new();
+        for &(id, lp) in top {
+            m.insert(piece(tok, id), json!(lp));
+        }
+        Value::Object(m)
+    };
+    if let Some(p) = prompt {
+        let plp = o.prompt_lp.as_deref().unwrap_or(&[]);
+        for (i, &id) in p.tokens.iter().enumerate() {
+            let s = piece(tok, id);
+            offs.push(off);
+            off += s.len();
+            tokens.push(s);
+            match plp.get(i).and_then(|x| x.as_ref()) {
+                Some(l) => {
+                    lps.push(json!(l.logprob));
+                    tops.push(top_map(&l.top));
+                }
+                None => {
+                    lps.push(Value::Null);
+                    tops.push(Value::Null);
+                }
+            }
+        }
+    }
+    for t in &o.tokens {
+        offs.push(off);
+        off += t.text.len();
+        tokens.push(t.text.clone());
+        lps.push(json!(t.logprob));
+        tops.push(top_map(&t.top));
+    }
+    json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs})
+}
+
+pub async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
+    completions_inner(st, body)
+        .await
+        .unwrap_or_else(|e| e.into_response())
+}
+
+async fn completions_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let t0 = Instant::now();
+    let req: CompletionRequest = parse_json(&body, Flavor::OpenAi)?;
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::bad_request("suffix is not supported").param("suffix"));
+    }
+    let c = &req.common;
+    let n = c.n()?;
+    let want_lp = req.logprobs.is_some();
+    let top = req.logprobs.unwrap_or(0);
+    let mut base = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut p = c.params(want_lp, top, i)?;
+        // prompt logprobs are computed only when echo and logprobs are both asked for
+        p.echo = req.echo && want_lp;
+        base.push(p);
+    }
+    let lease = st.registry.acquire(&c.model, None).await?;
+    let tok = Arc::clone(&lease.engine.tokenizer);
+    let prompts = prompts(&req.prompt, &tok)?;
+    let model = lease.name.clone();
+    let mut choices = Vec::new();
+    for p in &prompts {
+        for b in &base {
+            choices.push((p.tokens.clone(), b.clone()));
+        }
+    }
+    let gens = Gens::start(&st, lease, choices, None, t0)?;
+    let id = new_id("cmpl");
+    let created = unix_now();
+    let n_prompt: usize = prompts.iter().map(|p| p.tokens.len()).sum();
+    let echo = req.echo;
+
+    if !c.stream {
+        let outs = gens.collect().await?;
+        let (mut completion, mut cached) = (0, 0);
+        let choices: Vec<Value> = outs
+            .iter()
+            .enumerate()
+            .map(|(i, o)| {
+                let p = &prompts[i / n];
+                let s = o.summary.as_ref();
+                completion += s.map_or(0, |s| s.completion_tokens);
+                if i % n == 0 {
+                    cached += s.map_or(0, |s| s.cached_tokens);
+                }
+                let text = if echo {
+                    format!("{}{}", p.text, o.text)
+                } else {
+                    o.text.clone()
+                };
+                json!({
+                    "index": i,
+                    "text": text,
+                    "logprobs": want_lp.then(|| completion_logprobs(&tok, o, echo.then_some(p), 0)),
+                    "finish_reason": s.map(|s| finish_reason(s.stop_reason)),
+                })
+            })
+            .collect();
+        return Ok(Json(json!({
+            "id": id, "object": "text_completion", "created": created, "model": model,
+            "choices": choices, "usage": usage(n_prompt, completion, cached),
+        }))
+        .into_response());
+    }
+
+    let include_usage = c.include_usage();
+    let n_choices = gens.n();
+    Ok(stream_response(
+        "text/event-stream",
+        move |out| async move {
+            let mut gens = gens;
+            let chunk = |choice: Value| {
+                let mut v = json!({"id": id, "object": "text_completion", "created": created,
+                               "model": model, "choices": [choice]});
+                if include_usage {
+                    v["usage"] = Value::Null;
+                }
+                v
+            };
+            // text offsets per choice, for logprobs
+            let mut offsets = vec![0usize; n_choices];
+            if echo && !want_lp {
+                for i in 0..n_choices {
+                    let text = &prompts[i / n].text;
+                    offsets[i] = text.len();
+                    let c =
+                        json!({"index": i, "text": text, "logprobs": null, "finish_reason": null});
+                    if !out.sse(&chunk(c)).await {
+                        return;
+                    }
+                }
+            }
+            let (mut left, mut completion, mut cached) = (n_choices, 0, 0);
+            while left > 0 {
+                let Some((i, ev)) = gens.next().await else {
+                    break;
+                };
+                let frame = match ev {
+                    capy_engine::Event::PromptLogprobs(lp) => {
+                        let p = &prompts[i / n];
+                        let o = Outcome {
+                            prompt_lp: Some(lp),
+                            ..Default::default()
+                        };
+                        let l = completion_logprobs(&tok, &o, Some(p), 0);
+                        offsets[i] = p.text.len();
+                        json!({"index": i, "text": p.text, "logprobs": l, "finish_reason": null})
+                    }
+                    capy_engine::Event::Token { token, text } => {
+                        if text.is_empty() && !want_lp {
+                            continue;
+                        }
+                        let l = want_lp.then(|| {
+                            let o = Outcome {
+                                tokens: vec![token.clone()],
+                                ..Default::default()
+                            };
+                            completion_logprobs(&tok, &o, None, offsets[i])
+                        });
+                        offsets[i] += token.text.len();
+                        json!({"index": i, "text": text, "logprobs": l, "finish_reason": null})
+                    }
+                    capy_engine::Event::Done(s) => {
+                        left -= 1;
+                        completion += s.completion_tokens;
+                        if i % n == 0 {
+                            cached += s.cached_tokens;
+                        }
+                        json!({"index": i, "text": s.tail, "logprobs": null,
+                           "finish_reason": finish_reason(s.stop_reason)})
+                    }
+                    capy_engine::Event::Failed(m) => {
+                        let _ = out.sse(&ApiError::internal(m).body()).await;
+                        return;
+                    }
+                    capy_engine::Event::Started { .. } => continue,
+                };
+                if !out.sse(&chunk(frame)).await {
+                    return;
+                }
+            }
+            if include_usage {
+                let u = json!({"id": id, "object": "text_completion", "created": created,
+                           "model": model, "choices": [],
+                           "usage": usage(n_prompt, completion, cached)});
+                if !out.sse(&u).await {
+                    return;
+                }
+            }
+            let _ = out.send("data: [DONE]\n\n".into()).await;
+        },
+    ))
+}
+
+fn model_card(st: &AppState, name: &str, path: &std::path::Path) -> Value {
+    let created = st
+        .registry
+        .store
+        .get(name)
+        .ok()
+        .flatten()
+        .map(|m| m.pulled_at)
+        .or_else(|| {
+            std::fs::metadata(path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs())
+        })
+        .unwrap_or(0);
+    json!({"id": name, "object": "model", "created": created, "owned_by": "capy"})
+}
+
+pub async fn models(State(st): State<Arc<AppState>>) -> Response {
+    let data: Vec<Value> = st
+        .registry
+        .served()
+        .iter()
+        .map(|r| model_card(&st, &r.name, &r.path))
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+pub async fn model(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    match st.registry.resolve(&id) {
+        Ok(r) => Json(model_card(&st, &r.name, &r.path)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}

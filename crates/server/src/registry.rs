@@ -1,0 +1,411 @@
+//! The models a server holds: loaded on first request, a warm set loaded at start and kept,
+//! idle ones unloaded after their keep-alive, at most `max_loaded` at once, and the weights
+//! plus KV caches of all of them within one memory budget (idle models are evicted to make
+//! room, least recently used first; a model that cannot fit even then is refused).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime};
+
+use axum::http::StatusCode;
+use capy_engine::{BatchEngine, BatchParams, Engine};
+use capy_store::Store;
+
+use crate::config::KeepAlive;
+use crate::error::ApiError;
+
+pub struct RegistryConfig {
+    pub batch: BatchParams,
+    pub keep_alive: KeepAlive,
+    pub max_loaded: usize,
+    pub memory_budget: Option<u64>,
+}
+
+/// A model in memory with its engine loop.
+pub struct Loaded {
+    /// The name clients use.
+    pub name: String,
+    pub path: PathBuf,
+    pub engine: Engine,
+    pub batch: BatchEngine,
+    /// Weights plus KV cache and buffers, as counted against the budget.
+    pub bytes: u64,
+    pub loaded_at: SystemTime,
+    pub load_ms: f64,
+    /// Requests holding a [`Lease`].
+    active: AtomicUsize,
+}
+
+impl Loaded {
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+}
+
+struct Entry {
+    model: Arc<Loaded>,
+    /// `None`: never unloaded for idleness.
+    expires: Option<Instant>,
+    last_used: Instant,
+    warm: bool,
+}
+
+/// What `/api/ps` shows of a loaded model.
+pub struct LoadedInfo {
+    pub model: Arc<Loaded>,
+    pub expires: Option<Instant>,
+}
+
+pub struct Registry {
+    pub cfg: RegistryConfig,
+    pub store: Store,
+    /// The warm set as given (names or .gguf paths); empty: serve the store.
+    warm: Vec<String>,
+    loaded: Mutex<HashMap<String, Entry>>,
+    /// One load at a time, so two first requests for a model load it once.
+    load_lock: tokio::sync::Mutex<()>,
+}
+
+/// A request's hold on a loaded model: the model is not evicted while held, and its
+/// keep-alive starts when the last lease ends.
+pub struct Lease {
+    pub model: Arc<Loaded>,
+    registry: Arc<Registry>,
+    keep_alive: Option<KeepAlive>,
+}
+
+impl std::ops::Deref for Lease {
+    type Target = Loaded;
+    fn deref(&self) -> &Loaded {
+        &self.model
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let unload_now = {
+            let mut map = self.registry.lock();
+            let mut unload = false;
+            if let Some(e) = map.get_mut(&self.model.name) {
+                if Arc::ptr_eq(&e.model, &self.model) {
+                    e.last_used = Instant::now();
+                    let ka = self.keep_alive.unwrap_or(if e.warm {
+                        KeepAlive::Forever
+                    } else {
+                        self.registry.cfg.keep_alive
+                    });
+                    e.expires = match ka {
+                        KeepAlive::Forever => None,
+                        KeepAlive::For(d) => Some(Instant::now() + d),
+                    };
+                    let idle = self.model.active.fetch_sub(1, Ordering::AcqRel) == 1;
+                    unload = idle && ka == KeepAlive::For(Default::default());
+                }
+            }
+            if unload {
+                map.remove(&self.model.name)
+            } else {
+                None
+            }
+        };
+        drop(unload_now); // the engine stops outside the lock
+    }
+}
+
+/// Where a served name's file is, and the name it is known by.
+pub struct Resolved {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+impl Registry {
+    pub fn new(cfg: RegistryConfig, store: Store, warm: Vec<String>) -> Arc<Registry> {
+        Arc::new(Registry {
+            cfg,
+            store,
+            warm,
+            loaded: Mutex::new(HashMap::new()),
+            load_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+        self.loaded.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The warm set's names as clients use them.
+    pub fn warm_names(&self) -> Vec<String> {
+        self.warm.iter().map(|w| served_name(w)).collect()
+    }
+
+    /// Names this server answers to: the warm set, or every model in the store.
+    pub fn served(&self) -> Vec<Resolved> {
+        if !self.warm.is_empty() {
+            return self
+                .warm
+                .iter()
+                .filter_map(|w| self.resolve(w).ok())
+                .collect();
+        }
+        self.store
+            .list()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| Resolved {
+                path: self.store.model_path(&m.name),
+                name: m.name,
+            })
+            .collect()
+    }
+
+    /// Finds a model by the name a client gave (a trailing `:latest` is ignored).
+    pub fn resolve(&self, name: &str) -> Result<Resolved, ApiError> {
+        let name = name.trim();
+        let name = name.strip_suffix(":latest").unwrap_or(name);
+        if name.is_empty() {
+            return Err(ApiError::bad_request("no model given").param("model"));
+        }
+        let not_found =
+            || ApiError::not_found(format!("model '{name}' not found")).code("model_not_found");
+        if !self.warm.is_empty() {
+            let w = self
+                .warm
+                .iter()
+                .find(|w| served_name(w) == name || w.as_str() == name)
+                .ok_or_else(not_found)?;
+            if is_file(w) {
+                return Ok(Resolved {
+                    name: served_name(w),
+                    path: PathBuf::from(w),
+                });
+            }
+            return self.resolve_store(w).ok_or_else(not_found);
+        }
+        self.resolve_store(name).ok_or_else(not_found)
+    }
+
+    fn resolve_store(&self, name: &str) -> Option<Resolved> {
+        let path = self.store.resolve(name).ok()?;
+        let name = capy_store::ModelRef::parse(name).ok()?.store_name();
+        Some(Resolved { name, path })
+    }
+
+    /// Bytes a model would take when loaded: its file (the weights are mapped or repacked
+    /// in place of their source pages) plus the KV cache and buffers of its engine.
+    pub fn estimate(&self, path: &Path) -> Result<u64, ApiError> {
+        let g = capy_gguf::Gguf::open(path)
+            .map_err(|e| ApiError::internal(format!("reading {}: {e}", path.display())))?;
+        let hp = capy_model::Hparams::from_gguf(&g)
+            .map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
+        Ok(g.file_size() + self.cfg.batch.memory_bytes(&hp))
+    }
+
+    /// Takes a lease on a model, loading it first if needed. `keep_alive` overrides the
+    /// default idle time once this request ends.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        name: &str,
+        keep_alive: Option<KeepAlive>,
+    ) -> Result<Lease, ApiError> {
+        let r = self.resolve(name)?;
+        if let Some(l) = self.lease_loaded(&r.name, keep_alive) {
+            return Ok(l);
+        }
+        let _one_load = self.load_lock.lock().await;
+        if let Some(l) = self.lease_loaded(&r.name, keep_alive) {
+            return Ok(l);
+        }
+        let need = self.estimate(&r.path)?;
+        let evicted = self.make_room(need)?;
+        drop(evicted);
+        let (path, params) = (r.path.clone(), self.cfg.batch.clone());
+        let t0 = Instant::now();
+        let engine = tokio::task::spawn_blocking(move || -> Result<_, capy_engine::Error> {
+            let engine = Engine::load(&path)?;
+            let batch = BatchEngine::new(
+                Arc::clone(&engine.model),
+                Arc::clone(&engine.tokenizer),
+                params,
+            );
+            Ok((engine, batch))
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("loading {}: {e}", r.name)))?;
+        let (engine, batch) = engine.map_err(|e| {
+            ApiError::internal(format!("loading {} ({}): {e}", r.name, r.path.display()))
+        })?;
+        let model = Arc::new(Loaded {
+            name: r.name.clone(),
+            path: r.path,
+            engine,
+            batch,
+            bytes: need,
+            loaded_at: SystemTime::now(),
+            load_ms: t0.elapsed().as_secs_f64() * 1e3,
+            active: AtomicUsize::new(1),
+        });
+        let warm = self.warm_names().contains(&r.name);
+        self.lock().insert(
+            r.name,
+            Entry {
+                model: Arc::clone(&model),
+                expires: None,
+                last_used: Instant::now(),
+                warm,
+            },
+        );
+        Ok(Lease {
+            model,
+            registry: Arc::clone(self),
+            keep_alive,
+        })
+    }
+
+    fn lease_loaded(self: &Arc<Self>, name: &str, keep_alive: Option<KeepAlive>) -> Option<Lease> {
+        let mut map = self.lock();
+        let e = map.get_mut(name)?;
+        e.model.active.fetch_add(1, Ordering::AcqRel);
+        e.last_used = Instant::now();
+        Some(Lease {
+            model: Arc::clone(&e.model),
+            registry: Arc::clone(self),
+            keep_alive,
+        })
+    }
+
+    /// Unloads idle models (not warm ones first, then the least recently used) until
+    /// `need` more bytes and one more model fit. Returns the unloaded models, to be
+    /// dropped by the caller outside the lock.
+    fn make_room(&self, need: u64) -> Result<Vec<Arc<Loaded>>, ApiError> {
+        if let Some(budget) = self.cfg.memory_budget {
+            if need > budget {
+                return Err(ApiError::bad_request(format!(
+                    "the model needs {} (weights, KV cache and buffers) but the memory budget is {}; \
+                     raise --memory-budget or lower --ctx-size/--parallel",
+                    human(need),
+                    human(budget)
+                ))
+                .code("model_too_large"));
+            }
+        }
+        let mut map = self.lock();
+        let mut out = Vec::new();
+        loop {
+            let used: u64 = map.values().map(|e| e.model.bytes).sum();
+            let fits_budget = self.cfg.memory_budget.is_none_or(|b| used + need <= b);
+            if fits_budget && map.len() < self.cfg.max_loaded {
+                return Ok(out);
+            }
+            let victim = map
+                .iter()
+                .filter(|(_, e)| e.model.active() == 0)
+                .min_by_key(|(_, e)| (e.warm, e.last_used))
+                .map(|(k, _)| k.clone());
+            match victim.and_then(|v| map.remove(&v)) {
+                Some(e) => out.push(e.model),
+                None => {
+                    let why = if fits_budget {
+                        format!(
+                            "{} models are loaded (the most allowed) and all are busy",
+                            map.len()
+                        )
+                    } else {
+                        format!(
+                            "the model needs {} and busy models hold {} of the {} budget",
+                            human(need),
+                            human(used),
+                            human(self.cfg.memory_budget.unwrap_or(0))
+                        )
+                    };
+                    return Err(ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("cannot load the model now: {why}; try again later"),
+                    )
+                    .code("no_room")
+                    .retry_after(5));
+                }
+            }
+        }
+    }
+
+    /// Unloads models whose keep-alive has passed and that no request holds.
+    pub fn unload_expired(&self) -> Vec<String> {
+        let now = Instant::now();
+        let gone: Vec<Entry> = {
+            let mut map = self.lock();
+            let names: Vec<String> = map
+                .iter()
+                .filter(|(_, e)| e.model.active() == 0 && e.expires.is_some_and(|t| t <= now))
+                .map(|(k, _)| k.clone())
+                .collect();
+            names.iter().filter_map(|n| map.remove(n)).collect()
+        };
+        gone.into_iter().map(|e| e.model.name.clone()).collect()
+    }
+
+    /// Unloads a model now if no request holds it; `false` if it is busy or not loaded.
+    pub fn unload(&self, name: &str) -> bool {
+        let name = name.strip_suffix(":latest").unwrap_or(name);
+        let e = {
+            let mut map = self.lock();
+            match map.get(name) {
+                Some(e) if e.model.active() == 0 => map.remove(name),
+                _ => None,
+            }
+        };
+        e.is_some()
+    }
+
+    pub fn loaded(&self) -> Vec<LoadedInfo> {
+        let mut v: Vec<LoadedInfo> = self
+            .lock()
+            .values()
+            .map(|e| LoadedInfo {
+                model: Arc::clone(&e.model),
+                expires: e.expires,
+            })
+            .collect();
+        v.sort_by(|a, b| a.model.name.cmp(&b.model.name));
+        v
+    }
+
+    pub fn loaded_names(&self) -> Vec<String> {
+        self.loaded()
+            .into_iter()
+            .map(|l| l.model.name.clone())
+            .collect()
+    }
+
+    pub fn used_bytes(&self) -> u64 {
+        self.lock().values().map(|e| e.model.bytes).sum()
+    }
+}
+
+/// The name a warm-set entry is served under: a store name as is, a file by its stem.
+pub fn served_name(w: &str) -> String {
+    if is_file(w) {
+        Path::new(w)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| w.to_string())
+    } else {
+        capy_store::ModelRef::parse(w)
+            .map(|r| r.store_name())
+            .unwrap_or_else(|_| w.to_string())
+    }
+}
+
+fn is_file(w: &str) -> bool {
+    w.ends_with(".gguf") && Path::new(w).is_file()
+}
+
+pub fn human(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.2} GiB", b / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", b / (1u64 << 20) as f64)
+    }
+}
