@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # capy's full test suite: builds capy, pulls the two real models the golden tests use into
-# the store (a no-op when they are there), then runs every test in release mode and prints
-# a one-line total.
+# the store (a no-op when they are there), runs every test in release mode, then the
+# end-to-end server tests with the official openai and ollama Python clients (installed
+# into a virtual environment under target/), and prints a one-line total.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
@@ -12,5 +13,11 @@ done
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --release --workspace --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log"
+venv=target/e2e-venv
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check "openai==3.54.0" "ollama==0.6.3"
+fi
+CAPY_BIN=target/release/capy "$venv/bin/python" -W ignore::ResourceWarning tests/e2e/test_server.py 2>&1 | tee -a "$log"
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "%d passed, %d failed\n", p, f; if (p == 0 || f > 0) exit 1 }' "$log"

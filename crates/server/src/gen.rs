@@ -251,7 +251,7 @@ mod tests {
         let t = |s: u64| rfc3339(UNIX_EPOCH + std::time::Duration::from_secs(s));
         assert_eq!(t(0), "1970-01-01T00:00:00.000000000Z");
         assert_eq!(t(951_782_400), "2000-02-29T00:00:00.000000000Z");
-        assert_eq!(t(1_795_000_000), "2026-11-18T08:26:40.000000000Z");
+        assert_eq!(t(1_795_000_000), "2026-11-18T11:06:40.000000000Z");
         assert_ne!(new_id("x"), new_id("x"));
     }
 }

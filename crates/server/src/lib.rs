@@ -81,7 +81,9 @@ impl AppState {
     }
 }
 
-/// Sampling settings as requests give them; unset ones keep llama.cpp's defaults.
+/// Sampling settings as requests give them (the same names in both APIs); unset ones keep
+/// llama.cpp's defaults.
+#[derive(Deserialize, Default, Clone)]
 pub(crate) struct Knobs {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
@@ -91,11 +93,12 @@ pub(crate) struct Knobs {
     pub repeat_last_n: Option<i64>,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
-    pub seed: Option<u64>,
+    pub seed: Option<i64>,
 }
 
 impl Knobs {
-    pub fn sampler(&self) -> Result<SamplerParams, ApiError> {
+    /// The sampler settings; `choice` varies the seed between the choices of a request.
+    pub fn sampler(&self, choice: usize) -> Result<SamplerParams, ApiError> {
         let d = SamplerParams::default();
         let bad =
             |what: &'static str, msg: &str| Err(ApiError::bad_request(msg.to_string()).param(what));
@@ -130,7 +133,7 @@ impl Knobs {
                 .map_or(d.repeat_last_n, |n| n.max(0) as usize),
             presence_penalty: self.presence_penalty.unwrap_or(d.presence_penalty),
             frequency_penalty: self.frequency_penalty.unwrap_or(d.frequency_penalty),
-            seed: self.seed,
+            seed: self.seed.map(|s| (s as u64).wrapping_add(choice as u64)),
         })
     }
 }

@@ -24,38 +24,23 @@ use crate::{AppState, Knobs};
 struct Options {
     num_ctx: Option<usize>,
     num_predict: Option<i64>,
-    temperature: Option<f32>,
-    top_k: Option<i64>,
-    top_p: Option<f32>,
-    min_p: Option<f32>,
-    repeat_penalty: Option<f32>,
-    repeat_last_n: Option<i64>,
-    presence_penalty: Option<f32>,
-    frequency_penalty: Option<f32>,
-    seed: Option<i64>,
+    #[serde(flatten)]
+    knobs: Knobs,
     stop: Option<Vec<String>>,
 }
 
 impl Options {
     fn params(&self) -> Result<GenerateParams, ApiError> {
-        let knobs = Knobs {
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            min_p: self.min_p,
-            repeat_penalty: self.repeat_penalty,
-            repeat_last_n: self.repeat_last_n,
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-            seed: self.seed.map(|s| s as u64),
-        };
         Ok(GenerateParams {
             // -1 (and -2, "fill the context") run until the context ends
             max_tokens: match self.num_predict {
                 Some(n) if n >= 0 => n as usize,
                 _ => usize::MAX,
             },
-            sampler: knobs.sampler().map_err(|e| e.flavor(Flavor::Ollama))?,
+            sampler: self
+                .knobs
+                .sampler(0)
+                .map_err(|e| e.flavor(Flavor::Ollama))?,
             stop: self.stop.clone().unwrap_or_default(),
             ..Default::default()
         })

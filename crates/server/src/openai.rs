@@ -37,16 +37,10 @@ struct Common {
     stream_options: Option<StreamOptions>,
     max_tokens: Option<u64>,
     max_completion_tokens: Option<u64>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    /// extensions accepted as llama-server and vLLM do
-    top_k: Option<i64>,
-    min_p: Option<f32>,
-    repeat_penalty: Option<f32>,
-    seed: Option<i64>,
+    /// also the extensions top_k, min_p, repeat_penalty, as llama-server and vLLM take them
+    #[serde(flatten)]
+    knobs: Knobs,
     stop: Option<Stop>,
-    presence_penalty: Option<f32>,
-    frequency_penalty: Option<f32>,
     n: Option<usize>,
     #[allow(dead_code)]
     user: Option<String>,
@@ -90,23 +84,12 @@ impl Common {
         if stop.len() > 16 {
             return Err(ApiError::bad_request("at most 16 stop strings").param("stop"));
         }
-        let knobs = Knobs {
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            min_p: self.min_p,
-            repeat_penalty: self.repeat_penalty,
-            repeat_last_n: None,
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-            seed: self.seed.map(|s| (s as u64).wrapping_add(choice as u64)),
-        };
         Ok(GenerateParams {
             max_tokens: self
                 .max_completion_tokens
                 .or(self.max_tokens)
                 .map_or(usize::MAX, |m| m.min(usize::MAX as u64) as usize),
-            sampler: knobs.sampler()?,
+            sampler: self.knobs.sampler(choice)?,
             stop,
             logprobs,
             top_logprobs: top,

@@ -1,0 +1,287 @@
+//! The model registry under a memory budget, and the HTTP layer's errors, with the real
+//! SmolLM2 model served under several names from a temporary store.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use capy_engine::BatchParams;
+use capy_server::config::KeepAlive;
+use capy_server::registry::{Registry, RegistryConfig};
+use capy_server::{app, AppState};
+use capy_store::{Manifest, Store};
+use serde_json::Value;
+use tower::ServiceExt;
+
+/// A store in a fresh temporary directory holding SmolLM2 under each of `names`.
+fn temp_store(tag: &str, names: &[&str]) -> Store {
+    let real = Store::open_default()
+        .resolve("smollm2-135m")
+        .expect("the tests need the real model: run `capy pull smollm2-135m`");
+    let root: PathBuf =
+        std::env::temp_dir().join(format!("capy-registry-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let store = Store::at(&root);
+    std::fs::create_dir_all(root.join("models")).expect("mkdir");
+    std::fs::create_dir_all(root.join("manifests")).expect("mkdir");
+    for n in names {
+        std::os::unix::fs::symlink(&real, store.model_path(n)).expect("symlink");
+        let m = Manifest {
+            name: n.to_string(),
+            source: "test".into(),
+            sha256: String::new(),
+            size: 0,
+            pulled_at: 0,
+        };
+        let text = serde_json::to_string(&m).expect("json");
+        std::fs::write(root.join("manifests").join(format!("{n}.json")), text).expect("write");
+    }
+    store
+}
+
+fn small_batch() -> BatchParams {
+    BatchParams {
+        n_slots: 2,
+        n_ctx: 256,
+        n_batch: 64,
+        n_threads: 1,
+        max_queue: 4,
+        isa: None,
+    }
+}
+
+fn registry(tag: &str, budget_models: Option<f64>, max_loaded: usize) -> Arc<Registry> {
+    let store = temp_store(tag, &["m1", "m2", "m3"]);
+    let probe = Registry::new(
+        RegistryConfig {
+            batch: small_batch(),
+            keep_alive: KeepAlive::Forever,
+            max_loaded,
+            memory_budget: None,
+        },
+        Store::at(&store.root),
+        vec![],
+    );
+    let one = probe.estimate(&store.model_path("m1")).expect("estimate") as f64;
+    Registry::new(
+        RegistryConfig {
+            batch: small_batch(),
+            keep_alive: KeepAlive::Forever,
+            max_loaded,
+            memory_budget: budget_models.map(|k| (k * one) as u64),
+        },
+        store,
+        vec![],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_model_evicts_the_least_recently_used_idle_one() {
+    let r = registry("evict", Some(2.5), 8);
+    drop(r.acquire("m1", None).await.expect("m1 loads"));
+    drop(r.acquire("m2", None).await.expect("m2 loads"));
+    assert_eq!(r.loaded_names(), ["m1", "m2"]);
+    // m1 was used before m2: it goes
+    drop(r.acquire("m3", None).await.expect("m3 loads"));
+    assert_eq!(r.loaded_names(), ["m2", "m3"]);
+    assert!(r.used_bytes() <= r.cfg.memory_budget.expect("budget"));
+    // using m2 again makes m3 the older one
+    drop(r.acquire("m2", None).await.expect("m2 is loaded"));
+    drop(r.acquire("m1:latest", None).await.expect("m1 loads again"));
+    assert_eq!(r.loaded_names(), ["m1", "m2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_models_are_not_evicted_and_the_request_is_refused() {
+    let r = registry("busy", Some(1.5), 8);
+    let held = r.acquire("m1", None).await.expect("m1 loads");
+    let e = r.acquire("m2", None).await.err().expect("no room");
+    assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(e.code, Some("no_room"));
+    assert!(e.retry_after.is_some());
+    assert_eq!(r.loaded_names(), ["m1"]);
+    drop(held);
+    drop(
+        r.acquire("m2", None)
+            .await
+            .expect("m1 is idle now and gives way"),
+    );
+    assert_eq!(r.loaded_names(), ["m2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_larger_than_the_budget_is_refused_clearly() {
+    let r = registry("large", Some(0.5), 8);
+    let e = r.acquire("m1", None).await.err().expect("too large");
+    assert_eq!(e.status, StatusCode::BAD_REQUEST);
+    assert_eq!(e.code, Some("model_too_large"));
+    assert!(e.message.contains("memory budget"), "{}", e.message);
+    assert!(r.loaded_names().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_loaded_models_and_keep_alive() {
+    let r = registry("maxloaded", None, 1);
+    drop(r.acquire("m1", None).await.expect("loads"));
+    drop(r.acquire("m2", None).await.expect("loads"));
+    assert_eq!(r.loaded_names(), ["m2"]);
+    // keep_alive 0: unloaded as soon as the request ends
+    let l = r
+        .acquire("m2", Some(KeepAlive::For(Duration::ZERO)))
+        .await
+        .expect("loaded");
+    assert_eq!(r.loaded_names(), ["m2"]);
+    drop(l);
+    assert!(r.loaded_names().is_empty());
+    // a short keep-alive expires
+    drop(
+        r.acquire("m3", Some(KeepAlive::For(Duration::from_millis(50))))
+            .await
+            .expect("loads"),
+    );
+    assert!(r.unload_expired().is_empty(), "not expired yet");
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(r.unload_expired(), ["m3"]);
+    assert!(r.loaded_names().is_empty());
+    let e = r.acquire("m9", None).await.err().expect("unknown");
+    assert_eq!(e.status, StatusCode::NOT_FOUND);
+}
+
+async fn call(
+    app: &axum::Router,
+    method: &str,
+    uri: &str,
+    body: &str,
+) -> (StatusCode, Value, Option<String>) {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .expect("request");
+    let resp = app.clone().oneshot(req).await.expect("response");
+    let status = resp.status();
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .expect("body");
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        retry,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_errors_health_and_a_full_queue() {
+    let store = temp_store("http", &["m1"]);
+    let mut batch = small_batch();
+    batch.n_slots = 1;
+    batch.max_queue = 1;
+    let reg = Registry::new(
+        RegistryConfig {
+            batch,
+            keep_alive: KeepAlive::Forever,
+            max_loaded: 2,
+            memory_budget: None,
+        },
+        store,
+        vec!["m1".into()],
+    );
+    let state = AppState::new(reg);
+    let app = app(Arc::clone(&state));
+    let (s, _, retry) = call(&app, "GET", "/health", "").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(retry.is_some());
+    state.load_warm_set().await.expect("warm set loads");
+    assert_eq!(call(&app, "GET", "/health", "").await.0, StatusCode::OK);
+
+    let (s, v, _) = call(&app, "POST", "/v1/chat/completions", "{not json").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("invalid JSON"));
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/api/generate",
+        r#"{"model":"nope","prompt":"hi"}"#,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(
+        v["error"].as_str().unwrap_or("").contains("nope"),
+        "Ollama's shape: {v}"
+    );
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/v1/completions",
+        r#"{"model":"m1","prompt":[1,2,99999999]}"#,
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let long: Vec<String> = (0..300).map(|_| "1".to_string()).collect();
+    let body = format!(r#"{{"model":"m1","prompt":[{}]}}"#, long.join(","));
+    let (s, v, _) = call(&app, "POST", "/v1/completions", &body).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+    let (s, _, _) = call(&app, "GET", "/v1/nothing", "").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        r#"{"model":"m1","messages":[{"role":"user","content":"x"}],"n":99}"#,
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["param"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("n"))
+    );
+
+    // one slot and one queue place: a third concurrent request gets 429 + Retry-After
+    let stream = r#"{"model":"m1","prompt":"Tell me a story","max_tokens":200,"stream":true,"ignore_eos":true}"#;
+    let req = |b: &str| {
+        Request::builder()
+            .method("POST")
+            .uri("/v1/completions")
+            .body(Body::from(b.to_string()))
+            .expect("request")
+    };
+    let first = app.clone().oneshot(req(stream)).await.expect("response");
+    assert_eq!(first.status(), StatusCode::OK);
+    let model = state.registry.loaded().remove(0).model;
+    while model
+        .batch
+        .stats()
+        .running
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 0
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let second = app.clone().oneshot(req(stream)).await.expect("response");
+    assert_eq!(second.status(), StatusCode::OK);
+    let (s, v, retry) = call(&app, "POST", "/v1/completions", stream).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    assert_eq!(retry.as_deref(), Some("1"));
+    // the streams end with [DONE]
+    for r in [first, second] {
+        let bytes = axum::body::to_bytes(r.into_body(), 1 << 24)
+            .await
+            .expect("body");
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+        assert_eq!(text.matches("\"finish_reason\":\"length\"").count(), 1);
+    }
+}

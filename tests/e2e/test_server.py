@@ -1,0 +1,325 @@
+"""End-to-end tests of `capy serve` with the official `openai` and `ollama` Python clients.
+
+Starts the server on a free port with both real models in the warm set, drives it as users
+would, and stops it. Run by scripts/test.sh (which installs the clients into a virtual
+environment); alone: `python3 tests/e2e/test_server.py` with CAPY_BIN pointing at the
+binary (default target/release/capy). Prints a cargo-style `test result:` line.
+"""
+
+import concurrent.futures
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import unittest
+import urllib.error
+import urllib.request
+
+import ollama
+import openai
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CAPY = os.environ.get("CAPY_BIN", os.path.join(ROOT, "target", "release", "capy"))
+MODELS = ["smollm2-135m", "gemma3-270m"]
+SERVER = None
+URL = None
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method, path, body=None):
+    """(status, parsed JSON or text) of a plain request."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(URL + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            raw, status = r.read().decode(), r.status
+    except urllib.error.HTTPError as e:
+        raw, status = e.read().decode(), e.code
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw
+
+
+def metric(name):
+    _, text = http("GET", "/metrics")
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def setUpModule():
+    global SERVER, URL
+    port = free_port()
+    URL = f"http://127.0.0.1:{port}"
+    args = [CAPY, "serve", "--port", str(port), "-t", "2", "--parallel", "16", "-c", "2048"]
+    for m in MODELS:
+        args += ["-m", m]
+    SERVER = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=sys.stderr)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if http("GET", "/health")[0] == 200:
+                return
+        except OSError:
+            pass
+        if SERVER.poll() is not None:
+            raise RuntimeError(f"capy serve exited with {SERVER.returncode}")
+        time.sleep(0.2)
+    raise RuntimeError("capy serve did not become ready")
+
+
+def tearDownModule():
+    for c in CLIENTS.values():
+        c.close() if hasattr(c, "close") else c._client.close()
+    if SERVER:
+        SERVER.terminate()
+        SERVER.wait(timeout=30)
+
+
+CLIENTS = {}
+
+
+def oai():
+    if "openai" not in CLIENTS:
+        CLIENTS["openai"] = openai.OpenAI(base_url=URL + "/v1", api_key="none", max_retries=0)
+    return CLIENTS["openai"]
+
+
+class OpenAIClient(unittest.TestCase):
+    def test_chat_streaming_and_not_agree(self):
+        for model in MODELS:
+            with self.subTest(model=model):
+                msgs = [{"role": "user", "content": "Name three colors."}]
+                r = oai().chat.completions.create(model=model, messages=msgs, max_tokens=16,
+                                                  temperature=0)
+                text = r.choices[0].message.content
+                self.assertTrue(text)
+                self.assertEqual(r.choices[0].message.role, "assistant")
+                self.assertIn(r.choices[0].finish_reason, ("stop", "length"))
+                self.assertLessEqual(r.usage.completion_tokens, 16)
+                self.assertGreater(r.usage.prompt_tokens, 5)
+                self.assertEqual(r.model, model)
+
+                parts, usage, finish = [], None, None
+                for chunk in oai().chat.completions.create(
+                        model=model, messages=msgs, max_tokens=16, temperature=0, stream=True,
+                        stream_options={"include_usage": True}):
+                    if chunk.usage:
+                        usage = chunk.usage
+                    for c in chunk.choices:
+                        parts.append(c.delta.content or "")
+                        finish = c.finish_reason or finish
+                self.assertEqual("".join(parts), text)
+                self.assertEqual(usage.completion_tokens, r.usage.completion_tokens)
+                self.assertEqual(finish, r.choices[0].finish_reason)
+                # the same prompt again comes largely from the prefix cache
+                self.assertGreater(usage.prompt_tokens_details.cached_tokens, 0)
+
+    def test_greedy_completion_equals_capy_generate(self):
+        prompt = "The three most common metals in the Earth's crust are"
+        out = subprocess.run([CAPY, "generate", "-m", "smollm2-135m", "--prompt", prompt,
+                              "-n", "24", "--temp", "0", "-t", "2", "--json"],
+                             check=True, capture_output=True, text=True).stdout
+        want = json.loads(out)
+        r = oai().completions.create(model="smollm2-135m", prompt=prompt, max_tokens=24,
+                                     temperature=0)
+        self.assertEqual(r.choices[0].text, want["text"])
+        # the same through token ids, with logprobs
+        r = oai().completions.create(model="smollm2-135m", prompt=want["prompt_token_ids"],
+                                     max_tokens=24, temperature=0, logprobs=2)
+        self.assertEqual(r.choices[0].text, want["text"])
+        lp = r.choices[0].logprobs
+        self.assertEqual(len(lp.tokens), len(want["tokens"]))
+        for got, ref in zip(lp.token_logprobs, want["tokens"]):
+            self.assertAlmostEqual(got, ref["logprob"], delta=1e-3)
+        self.assertTrue(all(len(t) == 2 for t in lp.top_logprobs))
+
+    def test_echo_with_logprobs_scores_the_prompt(self):
+        r = oai().completions.create(model="smollm2-135m", prompt="Paris is the capital of",
+                                     max_tokens=1, temperature=0, echo=True, logprobs=1)
+        c = r.choices[0]
+        self.assertTrue(c.text.startswith("Paris is the capital of"))
+        self.assertIsNone(c.logprobs.token_logprobs[0])
+        self.assertTrue(all(x is not None and x <= 0 for x in c.logprobs.token_logprobs[1:]))
+        self.assertEqual(len(c.logprobs.tokens), r.usage.prompt_tokens + 1)
+
+    def test_sampling_parameters_n_seed_stop(self):
+        kw = dict(model="smollm2-135m", prompt="Once upon a time", max_tokens=12,
+                  temperature=1.0, seed=42, n=3, presence_penalty=0.5, frequency_penalty=0.5,
+                  top_p=0.9, user="tester")
+        a = oai().completions.create(**kw)
+        b = oai().completions.create(**kw)
+        self.assertEqual(len(a.choices), 3)
+        self.assertEqual([c.text for c in a.choices], [c.text for c in b.choices])
+        r = oai().completions.create(model="smollm2-135m", prompt="1, 2, 3, 4,", max_tokens=20,
+                                     temperature=0, stop=[" 7"])
+        self.assertEqual(r.choices[0].finish_reason, "stop")
+        self.assertNotIn(" 7", r.choices[0].text)
+        r = oai().chat.completions.create(model="smollm2-135m", max_completion_tokens=5,
+                                          messages=[{"role": "user", "content": "Hi"}],
+                                          extra_body={"ignore_eos": True}, temperature=0)
+        self.assertEqual(r.usage.completion_tokens, 5)
+        self.assertEqual(r.choices[0].finish_reason, "length")
+
+    def test_chat_logprobs(self):
+        r = oai().chat.completions.create(model="gemma3-270m", max_tokens=4, temperature=0,
+                                          messages=[{"role": "user", "content": "Hello"}],
+                                          logprobs=True, top_logprobs=3)
+        content = r.choices[0].logprobs.content
+        self.assertEqual(len(content), r.usage.completion_tokens)
+        for t in content:
+            self.assertEqual(len(t.top_logprobs), 3)
+            self.assertAlmostEqual(t.logprob, t.top_logprobs[0].logprob, delta=1e-4)
+
+    def test_models(self):
+        ids = [m.id for m in oai().models.list().data]
+        self.assertEqual(sorted(ids), sorted(MODELS))
+        self.assertEqual(oai().models.retrieve("gemma3-270m").id, "gemma3-270m")
+        with self.assertRaises(openai.NotFoundError):
+            oai().models.retrieve("no-such-model")
+
+    def test_errors_in_openai_shape(self):
+        with self.assertRaises(openai.NotFoundError) as e:
+            oai().chat.completions.create(model="no-such-model",
+                                          messages=[{"role": "user", "content": "x"}])
+        self.assertEqual(e.exception.body["code"], "model_not_found")
+        with self.assertRaises(openai.BadRequestError) as e:
+            oai().completions.create(model="smollm2-135m", prompt=[1] * 2100, max_tokens=4)
+        self.assertEqual(e.exception.body["code"], "context_length_exceeded")
+        status, body = http("POST", "/v1/chat/completions", None)
+        self.assertEqual(status, 400)
+        self.assertEqual(body["error"]["type"], "invalid_request_error")
+
+    def test_sixteen_concurrent_streams_all_complete(self):
+        def one(i):
+            n, usage = 0, None
+            for chunk in oai().completions.create(
+                    model="smollm2-135m", prompt=f"Story number {i}: once upon a time",
+                    max_tokens=64, temperature=0.7, seed=i, stream=True,
+                    stream_options={"include_usage": True}, extra_body={"ignore_eos": True}):
+                if chunk.usage:
+                    usage = chunk.usage
+                n += sum(1 for c in chunk.choices if c.finish_reason is None)
+            return usage.completion_tokens, n
+
+        with concurrent.futures.ThreadPoolExecutor(16) as ex:
+            results = list(ex.map(one, range(16)))
+        for tokens, chunks in results:
+            self.assertEqual(tokens, 64)
+            self.assertGreater(chunks, 32)
+
+    def test_disconnect_frees_the_sequence(self):
+        before = metric("capy_generated_tokens_total")
+        # alone, this runs for seconds: the server must stop it when the client leaves
+        client = openai.OpenAI(base_url=URL + "/v1", api_key="none", max_retries=0)
+        stream = client.completions.create(model="smollm2-135m", prompt="Count to a million:",
+                                           max_tokens=2000, stream=True,
+                                           extra_body={"ignore_eos": True})
+        got = 0
+        for _ in stream:
+            got += 1
+            if got == 3:
+                break
+        stream.close()
+        client.close()
+        deadline = time.time() + 1
+        while time.time() < deadline and metric("capy_running_sequences") != 0:
+            time.sleep(0.02)
+        self.assertEqual(metric("capy_running_sequences"), 0)
+        self.assertLess(metric("capy_generated_tokens_total") - before, 1000)
+
+
+class OllamaClient(unittest.TestCase):
+    def client(self):
+        if "ollama" not in CLIENTS:
+            CLIENTS["ollama"] = ollama.Client(host=URL)
+        return CLIENTS["ollama"]
+
+    def test_generate_and_chat_streaming_and_not(self):
+        for model in MODELS:
+            with self.subTest(model=model):
+                opts = {"num_predict": 12, "temperature": 0, "top_k": 40, "top_p": 0.9,
+                        "min_p": 0.05, "repeat_penalty": 1.1, "seed": 1, "num_ctx": 1024,
+                        "stop": ["\n\n\n"]}
+                r = self.client().generate(model=model, prompt="Why is the sky blue?",
+                                           options=opts)
+                self.assertTrue(r.done)
+                self.assertTrue(r.response)
+                self.assertLessEqual(r.eval_count, 12)
+                self.assertGreater(r.prompt_eval_count, 0)
+                self.assertGreater(r.total_duration, 0)
+                self.assertTrue(r.context)
+                parts = list(self.client().generate(model=model, prompt="Why is the sky blue?",
+                                                    options=opts, stream=True))
+                self.assertTrue(parts[-1].done)
+                self.assertEqual("".join(p.response for p in parts), r.response)
+
+                msgs = [{"role": "user", "content": "Say hello."}]
+                c = self.client().chat(model=model, messages=msgs, options=opts)
+                self.assertEqual(c.message.role, "assistant")
+                self.assertTrue(c.message.content)
+                parts = list(self.client().chat(model=model, messages=msgs, options=opts,
+                                                stream=True))
+                self.assertTrue(parts[-1].done)
+                self.assertIn(parts[-1].done_reason, ("stop", "length"))
+                self.assertEqual("".join(p.message.content for p in parts), c.message.content)
+
+    def test_list_show_ps_version_pull(self):
+        c = self.client()
+        names = sorted(m.model for m in c.list().models)
+        self.assertEqual(names, sorted(f"{m}:latest" for m in MODELS))
+        s = c.show("gemma3-270m")
+        self.assertEqual(s.details.family, "gemma3")
+        self.assertEqual(s.details.format, "gguf")
+        self.assertIn("general.architecture", s.modelinfo)
+        loaded = [m.model for m in c.ps().models]
+        self.assertIn("smollm2-135m:latest", loaded)
+        status, body = http("GET", "/api/version")
+        self.assertEqual(status, 200)
+        self.assertTrue(body["version"])
+        # already in the store: pull ends at once with success
+        self.assertEqual(c.pull("smollm2-135m").status, "success")
+        steps = [p.status for p in c.pull("smollm2-135m", stream=True)]
+        self.assertEqual(steps[-1], "success")
+
+    def test_errors(self):
+        with self.assertRaises(ollama.ResponseError) as e:
+            self.client().generate(model="no-such-model", prompt="hi")
+        self.assertEqual(e.exception.status_code, 404)
+        with self.assertRaises(ollama.ResponseError) as e:
+            self.client().delete("no-such-model")
+        self.assertEqual(e.exception.status_code, 404)
+
+
+class Plain(unittest.TestCase):
+    def test_health_metrics_tokenize(self):
+        self.assertEqual(http("GET", "/health"), (200, {"status": "ok"}))
+        status, body = http("POST", "/tokenize", {"content": "Hello world",
+                                                  "model": "smollm2-135m"})
+        self.assertEqual(status, 200)
+        self.assertEqual(len(body["tokens"]), 2)
+        status, body = http("POST", "/detokenize", {"tokens": body["tokens"],
+                                                    "model": "smollm2-135m"})
+        self.assertEqual(body["content"], "Hello world")
+        # after the other tests, the histograms have counts
+        oai().completions.create(model="smollm2-135m", prompt="Hi", max_tokens=3)
+        self.assertGreater(metric("capy_time_to_first_token_seconds_count"), 0)
+        self.assertGreater(metric("capy_generated_tokens_total"), 0)
+        self.assertEqual(metric("capy_models_loaded"), 2)
+
+
+if __name__ == "__main__":
+    result = unittest.main(exit=False, verbosity=2).result
+    failed = len(result.failures) + len(result.errors)
+    passed = result.testsRun - failed - len(result.skipped)
+    print(f"test result: {'ok' if failed == 0 else 'FAILED'}. {passed} passed; {failed} failed")
+    sys.exit(1 if failed else 0)
