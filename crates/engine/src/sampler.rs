@@ -76,6 +76,8 @@ pub struct Sampler {
     history: Vec<u32>,
     /// (token, logit) candidates, reused between calls
     cand: Vec<(u32, f32)>,
+    /// logits with penalties applied, reused between calls
+    penalized: Vec<f32>,
 }
 
 impl Sampler {
@@ -91,6 +93,7 @@ impl Sampler {
             rng: Rng::new(seed),
             history: Vec::new(),
             cand: Vec::new(),
+            penalized: Vec::new(),
         }
     }
 
@@ -99,18 +102,24 @@ impl Sampler {
         self.history.push(token);
     }
 
-    fn apply_penalties(&mut self) {
+    fn has_penalties(&self) -> bool {
         let p = &self.params;
-        if p.repeat_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0 {
-            return;
-        }
+        p.repeat_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0
+    }
+
+    /// The logits with the repetition, presence and frequency penalties applied to the
+    /// tokens of the recent history, in `self.penalized`.
+    fn apply_penalties(&mut self, logits: &[f32]) {
+        let p = &self.params;
         let start = self.history.len().saturating_sub(p.repeat_last_n);
         let mut counts: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
         for &t in &self.history[start..] {
             *counts.entry(t).or_insert(0) += 1;
         }
-        for (t, l) in self.cand.iter_mut() {
-            if let Some(&c) = counts.get(t) {
+        self.penalized.clear();
+        self.penalized.extend_from_slice(logits);
+        for (&t, &c) in &counts {
+            if let Some(l) = self.penalized.get_mut(t as usize) {
                 if *l > 0.0 {
                     *l /= p.repeat_penalty;
                 } else {
@@ -123,35 +132,40 @@ impl Sampler {
 
     /// Picks the next token from raw logits.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        self.cand.clear();
-        self.cand
-            .extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
-        self.apply_penalties();
+        if !self.has_penalties() {
+            return self.sample_from(logits);
+        }
+        self.apply_penalties(logits);
+        let penalized = std::mem::take(&mut self.penalized);
+        let id = self.sample_from(&penalized);
+        self.penalized = penalized;
+        id
+    }
+
+    fn sample_from(&mut self, logits: &[f32]) -> u32 {
         let p = self.params.clone();
         if p.temperature <= 0.0 {
-            return self
-                .cand
+            // the first of equal maxima, as a stable argmax
+            return logits
                 .iter()
-                .fold((0u32, f32::NEG_INFINITY), |best, &(t, l)| {
+                .enumerate()
+                .fold((0u32, f32::NEG_INFINITY), |best, (t, &l)| {
                     if l > best.1 {
-                        (t, l)
+                        (t as u32, l)
                     } else {
                         best
                     }
                 })
                 .0;
         }
-        // sort by logit, descending; truncate to top-k first to keep the sort cheap
-        let k = if p.top_k > 0 {
-            p.top_k.min(self.cand.len())
+        self.cand.clear();
+        if p.top_k > 0 && p.top_k < logits.len() {
+            top_k_into(logits, p.top_k, &mut self.cand);
         } else {
-            self.cand.len()
-        };
-        if k < self.cand.len() {
             self.cand
-                .select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
-            self.cand.truncate(k);
+                .extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
         }
+        // sort by logit, descending
         self.cand.sort_by(|a, b| b.1.total_cmp(&a.1));
         // probabilities at temperature 1 for top-p / min-p, as llama.cpp does
         let probs = softmax_of(&self.cand, 1.0);
@@ -182,6 +196,29 @@ impl Sampler {
             }
         }
         self.cand.last().map(|c| c.0).unwrap_or(0)
+    }
+}
+
+/// The `k` largest logits as (token, logit), in no order: one pass that keeps at most
+/// `2k` candidates, pruning to `k` (and raising the bar to the k-th largest) when full, so
+/// most of the vocabulary costs one comparison.
+fn top_k_into(logits: &[f32], k: usize, out: &mut Vec<(u32, f32)>) {
+    let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
+    out.clear();
+    let mut bar = f32::NEG_INFINITY;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > bar || out.len() < k {
+            out.push((i as u32, l));
+            if out.len() == 2 * k {
+                out.select_nth_unstable_by(k - 1, desc);
+                out.truncate(k);
+                bar = out[k - 1].1; // the smallest kept
+            }
+        }
+    }
+    if out.len() > k {
+        out.select_nth_unstable_by(k - 1, desc);
+        out.truncate(k);
     }
 }
 
@@ -301,6 +338,32 @@ mod tests {
         let mut s = Sampler::new(p);
         s.accept(1);
         assert_eq!(s.sample(&logits()), 5);
+    }
+
+    #[test]
+    fn top_k_scan_keeps_the_k_largest() {
+        let mut rng = Rng::new(7);
+        for n in [1usize, 5, 40, 41, 100, 5000] {
+            let logits: Vec<f32> = (0..n)
+                .map(|_| (rng.uniform() * 20.0 - 10.0) as f32)
+                .collect();
+            for k in [1usize, 2, 40, 64] {
+                if k >= n {
+                    continue;
+                }
+                let mut got = Vec::new();
+                top_k_into(&logits, k, &mut got);
+                got.sort_by(|a, b| b.1.total_cmp(&a.1));
+                let mut all: Vec<(u32, f32)> = logits
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &l)| (i as u32, l))
+                    .collect();
+                all.sort_by(|a, b| b.1.total_cmp(&a.1));
+                all.truncate(k);
+                assert_eq!(got, all, "n={n} k={k}");
+            }
+        }
     }
 
     #[test]
