@@ -16,10 +16,12 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use capy_kernels::Isa;
-use capy_model::{Batch, Context, ContextParams, Hparams, KvCache, Model};
+use capy_model::{Batch, Context, ContextParams, Hparams, Model};
 
-use crate::generate::{GenerateParams, PromptLogprob, StopReason, TextStream, TokenOut};
-use crate::sampler::{logprobs, Sampler};
+use crate::generate::{
+    prompt_logprob, sample_next, GenerateParams, PromptLogprob, StopReason, TextStream, TokenOut,
+};
+use crate::sampler::Sampler;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -58,19 +60,21 @@ impl BatchParams {
         (self.n_slots + 16).min(self.n_batch.max(1))
     }
 
+    /// The context the engine runs in.
+    fn context_params(&self) -> ContextParams {
+        ContextParams {
+            n_ctx: self.n_ctx.max(2),
+            n_seq: self.n_slots.max(1),
+            n_batch: self.n_batch.max(1),
+            n_outputs: self.n_outputs(),
+            n_threads: self.n_threads.max(1),
+            isa: self.isa,
+        }
+    }
+
     /// Bytes of the KV cache and the per-step buffers of an engine of these sizes.
     pub fn memory_bytes(&self, hp: &Hparams) -> u64 {
-        let kv = KvCache::bytes_for(
-            hp.n_layer,
-            self.n_slots.max(1),
-            self.n_ctx.max(1),
-            hp.n_embd_k(),
-            hp.n_embd_v(),
-        );
-        let per_token = 3 * hp.n_embd + hp.n_embd_q() + hp.n_embd_k() + hp.n_embd_v() + 2 * hp.n_ff;
-        let scratch = self.n_batch.max(1) * per_token * 4;
-        let logits = self.n_outputs() * (hp.n_vocab + hp.n_embd) * 4;
-        (kv + scratch + logits) as u64
+        self.context_params().memory_bytes(hp)
     }
 }
 
@@ -188,17 +192,7 @@ impl BatchEngine {
         let thread = std::thread::Builder::new()
             .name("capy-batch".into())
             .spawn(move || {
-                let ctx = Context::new(
-                    model,
-                    ContextParams {
-                        n_ctx: p.n_ctx.max(2),
-                        n_seq: p.n_slots.max(1),
-                        n_batch: p.n_batch.max(1),
-                        n_outputs: p.n_outputs(),
-                        n_threads: p.n_threads.max(1),
-                        isa: p.isa,
-                    },
-                );
+                let ctx = Context::new(model, p.context_params());
                 Loop::new(sh, ctx, tokenizer).run();
             })
             .ok();
@@ -573,12 +567,7 @@ impl Loop {
                     if let Some(lp) = a.prompt_lp.as_mut() {
                         if pos + 1 < len {
                             let next = a.prompt[pos + 1];
-                            let (l, top) = logprobs(row, Some(next), a.params.top_logprobs);
-                            lp.push(Some(PromptLogprob {
-                                id: next,
-                                logprob: l.unwrap_or(f32::NEG_INFINITY),
-                                top,
-                            }));
+                            lp.push(Some(prompt_logprob(row, next, a.params.top_logprobs)));
                         }
                     }
                     if pos + 1 == len {
@@ -605,32 +594,16 @@ impl Loop {
 /// is done.
 fn emit(s: &mut Slot, row: &[f32], tok: &Tokenizer, stats: &Stats) {
     let Some(a) = s.active.as_mut() else { return };
-    let id = a.sampler.sample(row);
-    a.sampler.accept(id);
-    let (lp, top) = if a.params.logprobs || a.params.top_logprobs > 0 {
-        logprobs(row, Some(id), a.params.top_logprobs)
-    } else {
-        (None, Vec::new())
+    let Some(stream) = a.text.as_mut() else {
+        return;
     };
-    let eog = tok.is_eog(id) && !a.params.ignore_eos;
-    let bytes = tok.token_bytes(id, false);
-    let (text, hit_stop) = match a.text.as_mut() {
-        Some(t) => t.push(bytes, eog),
-        None => (String::new(), false),
-    };
+    let (token, text, end) = sample_next(&mut a.sampler, row, tok, &a.params, stream);
+    let id = token.id;
     a.n_gen += 1;
     stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-    let token = TokenOut {
-        id,
-        text: String::from_utf8_lossy(bytes).into_owned(),
-        logprob: lp,
-        top,
-    };
     let alive = a.sink.send(Event::Token { token, text });
-    let reason = if eog {
-        Some(StopReason::Eos)
-    } else if hit_stop {
-        Some(StopReason::Stop)
+    let reason = if end.is_some() {
+        end
     } else if !alive {
         Some(StopReason::Cancelled)
     } else if a.n_gen >= a.params.max_tokens {

@@ -177,13 +177,11 @@ impl Session {
             if let Some(lp) = prompt_lp.as_mut() {
                 for (row, p) in logits.chunks_exact(n_vocab).zip(i..end) {
                     if p + 1 < prompt.len() {
-                        let next = prompt[p + 1];
-                        let (l, top) = logprobs(row, Some(next), params.top_logprobs);
-                        lp.push(Some(PromptLogprob {
-                            id: next,
-                            logprob: l.unwrap_or(f32::NEG_INFINITY),
-                            top,
-                        }));
+                        lp.push(Some(prompt_logprob(
+                            row,
+                            prompt[p + 1],
+                            params.top_logprobs,
+                        )));
                     }
                 }
             }
@@ -207,31 +205,18 @@ impl Session {
         let mut text = TextStream::new(&params.stop);
         let mut stop_reason = StopReason::Length;
         while tokens.len() < params.max_tokens {
-            let id = sampler.sample(&last_logits);
-            sampler.accept(id);
-            let want_lp = params.logprobs || params.top_logprobs > 0;
-            let (lp, top) = if want_lp {
-                logprobs(&last_logits, Some(id), params.top_logprobs)
-            } else {
-                (None, Vec::new())
-            };
-            let eog = self.tokenizer.is_eog(id) && !params.ignore_eos;
-            let bytes = self.tokenizer.token_bytes(id, false);
-            let tok = TokenOut {
-                id,
-                text: String::from_utf8_lossy(bytes).into_owned(),
-                logprob: lp,
-                top,
-            };
-            let (new_text, hit_stop) = text.push(bytes, eog);
+            let (tok, new_text, end) = sample_next(
+                &mut sampler,
+                &last_logits,
+                &self.tokenizer,
+                params,
+                &mut text,
+            );
+            let id = tok.id;
             tokens.push(tok);
             let go_on = on_token(tokens.last().expect("just pushed"), &new_text);
-            if eog {
-                stop_reason = StopReason::Eos;
-                break;
-            }
-            if hit_stop {
-                stop_reason = StopReason::Stop;
+            if let Some(r) = end {
+                stop_reason = r;
                 break;
             }
             if !go_on {
@@ -265,6 +250,52 @@ impl Session {
             gen_ms: t1.elapsed().as_secs_f64() * 1e3,
         })
     }
+}
+
+/// What the model gave `next` at a prompt position, from that position's logits.
+pub(crate) fn prompt_logprob(row: &[f32], next: u32, top_k: usize) -> PromptLogprob {
+    let (l, top) = logprobs(row, Some(next), top_k);
+    PromptLogprob {
+        id: next,
+        logprob: l.unwrap_or(f32::NEG_INFINITY),
+        top,
+    }
+}
+
+/// Samples the next token from `logits` (recording it for the penalties), with its
+/// logprobs when asked for, and feeds its text to `text`. Returns the token, the text now
+/// safe to show, and `Eos` or `Stop` when the token ends generation.
+pub(crate) fn sample_next(
+    sampler: &mut Sampler,
+    logits: &[f32],
+    tok: &Tokenizer,
+    params: &GenerateParams,
+    text: &mut TextStream,
+) -> (TokenOut, String, Option<StopReason>) {
+    let id = sampler.sample(logits);
+    sampler.accept(id);
+    let (logprob, top) = if params.logprobs || params.top_logprobs > 0 {
+        logprobs(logits, Some(id), params.top_logprobs)
+    } else {
+        (None, Vec::new())
+    };
+    let eog = tok.is_eog(id) && !params.ignore_eos;
+    let bytes = tok.token_bytes(id, false);
+    let (new_text, hit_stop) = text.push(bytes, eog);
+    let end = if eog {
+        Some(StopReason::Eos)
+    } else if hit_stop {
+        Some(StopReason::Stop)
+    } else {
+        None
+    };
+    let token = TokenOut {
+        id,
+        text: String::from_utf8_lossy(bytes).into_owned(),
+        logprob,
+        top,
+    };
+    (token, new_text, end)
 }
 
 /// Generated text as it grows: cuts it at the first stop string and holds back a tail that

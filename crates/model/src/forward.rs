@@ -92,6 +92,31 @@ impl Default for ContextParams {
     }
 }
 
+impl ContextParams {
+    /// Bytes a context of these sizes allocates for `hp`: the KV cache plus the scratch
+    /// buffers of [`Context::new`] (thread-local attention buffers left out).
+    pub fn memory_bytes(&self, hp: &crate::Hparams) -> u64 {
+        let nb = self.n_batch.max(1);
+        let kv = KvCache::bytes_for(
+            hp.n_layer,
+            self.n_seq.max(1),
+            self.n_ctx.max(1),
+            hp.n_embd_k(),
+            hp.n_embd_v(),
+        );
+        // x, xn, q, k, v, attn, gate, up, and the two RoPE tables of cos and sin
+        let per_token = 2 * hp.n_embd
+            + hp.n_embd_q()
+            + hp.n_embd_k()
+            + hp.n_embd_v()
+            + hp.n_head * hp.head_dim_v
+            + 2 * hp.n_ff
+            + 2 * hp.rope_dim;
+        let outputs = self.n_outputs.max(1) * (hp.n_embd + hp.n_vocab);
+        (kv + (nb * per_token + outputs) * 4) as u64
+    }
+}
+
 /// Per-context scratch, one allocation each, sized for `n_batch` tokens.
 struct Scratch {
     /// `[n_batch, n_embd]` residual stream
