@@ -174,13 +174,17 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             }
         }
     }
+    if !a.json {
+        println!("\nkernels: {}", capy_kernels::kernels().name);
+    }
     if a.json {
         let arr: Vec<_> = rows
             .iter()
             .map(|r| {
                 json!({
                     "model_filename": r.file, "model_type": r.model, "model_size": r.size,
-                    "model_n_params": r.params, "backend": "CPU", "n_threads": r.threads,
+                    "model_n_params": r.params, "backend": "CPU",
+                    "cpu_kernels": capy_kernels::kernels().name, "n_threads": r.threads,
                     "n_prompt": r.n_prompt, "n_gen": r.n_gen, "avg_ts": r.mean(),
                     "stddev_ts": r.stddev(), "samples_ts": r.samples,
                 })

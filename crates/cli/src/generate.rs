@@ -96,6 +96,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         "tokens": tokens,
         "text": r.text,
         "stop_reason": format!("{:?}", r.stop_reason).to_lowercase(),
+        "kernels": capy_kernels::kernels().name,
         "timings": {
             "prompt_n": r.prompt_n,
             "prompt_ms": r.prompt_ms,

@@ -109,14 +109,15 @@ fn answer(
     if verbose {
         let n_gen = r.tokens.len();
         eprintln!(
-            "prompt: {} tokens, {:.1} ms, {:.1} tokens/s | generation: {} tokens, {:.1} ms, {:.1} tokens/s | stop: {:?}",
+            "prompt: {} tokens, {:.1} ms, {:.1} tokens/s | generation: {} tokens, {:.1} ms, {:.1} tokens/s | stop: {:?} | kernels: {}",
             r.prompt_n,
             r.prompt_ms,
             r.prompt_n as f64 / (r.prompt_ms / 1e3).max(1e-9),
             n_gen,
             r.gen_ms,
             n_gen.saturating_sub(1) as f64 / (r.gen_ms / 1e3).max(1e-9),
-            r.stop_reason
+            r.stop_reason,
+            capy_kernels::kernels().name
         );
     }
     Ok(r.text)

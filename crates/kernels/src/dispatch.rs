@@ -58,6 +58,8 @@ impl Isa {
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vl")
             }
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => crate::aarch64::neon_available(),
             _ => false,
         }
     }
@@ -82,6 +84,8 @@ pub type AxpyF16Fn = fn(&mut [f32], f32, &[f16]);
 /// `c[m, n] += a[m, k] · b[k, n]` with an f16 `b`: `(m, n, k, a, lda, b, ldb, c, ldc)`.
 pub type GemmF16bFn = fn(usize, usize, usize, &[f32], usize, &[f16], usize, &mut [f32], usize);
 pub type GatedFn = fn(&mut [f32], &[f32]);
+/// `(x, cos, sin, n_dims, neox)`: one head rotated in place, as [`crate::ops::rope`].
+pub type RopeFn = fn(&mut [f32], &[f32], &[f32], usize, bool);
 pub type RmsNormFn = fn(&mut [f32], &[f32], f32);
 /// `x = exp(x - sub)`, returning the sum.
 pub type ExpSumFn = fn(&mut [f32], f32) -> f32;
@@ -102,6 +106,8 @@ pub type Dot4Fn<W, A> = fn(&[W], [&[A]; 4]) -> [f32; 4];
 #[derive(Clone, Copy)]
 pub struct Kernels {
     pub isa: Isa,
+    /// The level with its optional features, e.g. `avx512+vnni`, `neon+dotprod+i8mm`.
+    pub name: &'static str,
     pub dot_q4_0: DotFn<BlockQ4_0, BlockQ8_0>,
     pub dot_q4_1: DotFn<BlockQ4_1, BlockQ8_1>,
     pub dot_q5_0: DotFn<BlockQ5_0, BlockQ8_0>,
@@ -129,6 +135,7 @@ pub struct Kernels {
     pub gelu_mul: GatedFn,
     /// in place, `x = x / rms(x) * w` (`w` empty: no weight)
     pub rms_norm: RmsNormFn,
+    pub rope: RopeFn,
     pub quantize_q8x: QuantizeFn<crate::repack::BlockQ8x>,
     pub r16_gemm: R16GemmFn,
     /// Whether this level has a fast `r16_gemm` (models repack their weights only then).
@@ -140,7 +147,7 @@ pub struct Kernels {
 
 impl std::fmt::Debug for Kernels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Kernels({})", self.isa.name())
+        write!(f, "Kernels({})", self.name)
     }
 }
 
@@ -148,6 +155,7 @@ impl Kernels {
     /// The scalar reference kernels.
     pub const SCALAR: Kernels = Kernels {
         isa: Isa::Scalar,
+        name: "scalar",
         dot_q4_0: dot::vec_dot_q4_0_q8_0,
         dot_q4_1: dot::vec_dot_q4_1_q8_1,
         dot_q5_0: dot::vec_dot_q5_0_q8_0,
@@ -172,6 +180,7 @@ impl Kernels {
         silu_mul: crate::ops::silu_mul,
         gelu_mul: crate::ops::gelu_mul,
         rms_norm: crate::ops::rms_norm_inplace,
+        rope: crate::ops::rope,
         quantize_q8x: crate::repack::quantize_q8x,
         r16_gemm: crate::repack::gemm_r16_scalar,
         r16_preferred: false,
@@ -191,8 +200,28 @@ impl Kernels {
             Isa::Avx2 => Some(crate::x86::avx2_kernels()),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => Some(crate::x86::avx512_kernels()),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => Some(crate::aarch64::best_neon_kernels()),
             _ => None,
         }
+    }
+
+    /// Every table this CPU can run: each available level and, on aarch64, each NEON
+    /// sub-level (plain, dotprod, i8mm), so tests exercise every dispatched path.
+    pub fn all_variants() -> Vec<Kernels> {
+        let mut out = Vec::new();
+        for isa in Isa::all_available() {
+            match isa {
+                #[cfg(target_arch = "aarch64")]
+                Isa::Neon => out.extend(
+                    crate::aarch64::levels()
+                        .into_iter()
+                        .map(crate::aarch64::neon_kernels),
+                ),
+                _ => out.extend(Kernels::for_isa(isa)),
+            }
+        }
+        out
     }
 }
 
@@ -222,4 +251,41 @@ pub fn kernels() -> &'static Kernels {
         };
         Kernels::for_isa(isa).unwrap_or(Kernels::SCALAR)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_level_the_cpu_has_is_a_variant() {
+        let names: Vec<&str> = Kernels::all_variants().iter().map(|k| k.name).collect();
+        assert_eq!(names.first(), Some(&"scalar"));
+        assert_eq!(
+            Kernels::for_isa(Isa::best()).unwrap().name,
+            *names.last().unwrap()
+        );
+        #[cfg(target_arch = "aarch64")]
+        {
+            let dotprod = std::arch::is_aarch64_feature_detected!("dotprod");
+            let i8mm = dotprod && std::arch::is_aarch64_feature_detected!("i8mm");
+            assert!(names.contains(&"neon"), "{names:?}");
+            assert_eq!(names.contains(&"neon+dotprod"), dotprod, "{names:?}");
+            assert_eq!(names.contains(&"neon+dotprod+i8mm"), i8mm, "{names:?}");
+            assert_eq!(Isa::best(), Isa::Neon);
+            // the repacked layout only where the dot-product instructions make it pay
+            assert_eq!(Kernels::for_isa(Isa::Neon).unwrap().r16_preferred, dotprod);
+            println!("kernel variants on this CPU: {names:?}");
+        }
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(names.contains(&"avx2"), Isa::Avx2.available(), "{names:?}");
+    }
+
+    #[test]
+    fn isa_names_parse_back() {
+        for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon] {
+            assert_eq!(Isa::parse(isa.name()).unwrap(), isa);
+        }
+        assert!(Isa::parse("sve").is_err());
+    }
 }

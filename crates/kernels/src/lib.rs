@@ -4,6 +4,7 @@
 //! * [`quant`]: scalar reference kernels (dequantize, quantize, dot products). They are the
 //!   definition of each format; SIMD paths are tested against them.
 //! * `x86`: AVX2 and AVX-512 paths as `#[target_feature]` functions.
+//! * `aarch64`: NEON paths, with `sdot` (dotprod) and `usmmla` (i8mm) where the CPU has them.
 //! * [`dispatch`]: CPU detection, once, filling a table of function pointers; `CAPY_ISA`
 //!   overrides the choice.
 //! * [`matmul`]: quantized matrix x activations over the thread pool, activations quantized
@@ -16,6 +17,8 @@
 //! This is the only crate with SIMD and most of the project's `unsafe`; every `unsafe` block
 //! carries a `SAFETY:` comment.
 
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
 pub mod attn;
 pub mod blocks;
 pub mod dispatch;

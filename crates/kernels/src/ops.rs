@@ -63,8 +63,20 @@ pub fn rope_cache(
 /// Rotates one head in place. Normal (GPT-J) style pairs `(x[2i], x[2i+1])`; NeoX style
 /// pairs `(x[i], x[i + n_dims/2])`. Dimensions past `n_dims` are left alone.
 pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], n_dims: usize, neox: bool) {
+    rope_pairs(x, cos, sin, n_dims, neox, 0)
+}
+
+/// [`rope`] on the pairs from `first` on (the SIMD paths' tails).
+pub(crate) fn rope_pairs(
+    x: &mut [f32],
+    cos: &[f32],
+    sin: &[f32],
+    n_dims: usize,
+    neox: bool,
+    first: usize,
+) {
     let half = n_dims / 2;
-    for i in 0..half {
+    for i in first..half {
         let (a, b) = if neox {
             (i, i + half)
         } else {
@@ -176,12 +188,9 @@ mod tests {
 
     #[test]
     fn simd_row_kernels_match_the_reference_at_every_length() {
-        use crate::dispatch::{Isa, Kernels};
+        use crate::dispatch::Kernels;
         let mut rng = crate::quant::tests::Rng::new(21);
-        for kern in Isa::all_available()
-            .into_iter()
-            .filter_map(Kernels::for_isa)
-        {
+        for kern in Kernels::all_variants() {
             for n in (1..70).chain([576, 640, 1000]) {
                 let x: Vec<f32> = (0..n).map(|_| rng.f32() * 12.0).collect();
                 let up: Vec<f32> = (0..n).map(|_| rng.f32() * 3.0).collect();
@@ -200,7 +209,7 @@ mod tests {
                         assert!(
                             (g - w).abs() <= 1e-5 * w.abs().max(1.0),
                             "{:?} {name} n={n}: {g} vs {w}",
-                            kern.isa
+                            kern.name
                         );
                     }
                 }
@@ -214,9 +223,44 @@ mod tests {
                         assert!(
                             (g - w).abs() <= 1e-5 * w.abs().max(1.0),
                             "{:?} rms_norm n={n} w={wl}: {g} vs {w}",
-                            kern.isa
+                            kern.name
                         );
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_rope_matches_the_reference_in_both_styles() {
+        use crate::dispatch::Kernels;
+        let mut rng = crate::quant::tests::Rng::new(23);
+        for kern in Kernels::all_variants() {
+            // head sizes with odd pair counts, and partial rotation (n_dims < head size)
+            for (head, n_dims) in [
+                (2, 2),
+                (6, 6),
+                (10, 10),
+                (64, 64),
+                (128, 128),
+                (80, 32),
+                (64, 22),
+            ] {
+                let x: Vec<f32> = (0..head).map(|_| rng.f32() * 4.0).collect();
+                let (mut cos, mut sin) = (vec![0.0; n_dims / 2], vec![0.0; n_dims / 2]);
+                rope_cache(37.0, 10000.0, 1.0, n_dims, &mut cos, &mut sin);
+                for neox in [false, true] {
+                    let (mut got, mut want) = (x.clone(), x.clone());
+                    (kern.rope)(&mut got, &cos, &sin, n_dims, neox);
+                    rope(&mut want, &cos, &sin, n_dims, neox);
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                            "{} rope neox={neox} head={head} n_dims={n_dims} [{i}]: {g} vs {w}",
+                            kern.name
+                        );
+                    }
+                    assert_ne!(got, x, "{} rope changed nothing", kern.name);
                 }
             }
         }

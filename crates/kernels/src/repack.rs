@@ -107,6 +107,36 @@ impl R16Kind {
     }
 }
 
+/// [`R16Kind`]s as numbers, for the SIMD kernels' const generics.
+pub(crate) const KIND_Q4: u8 = 0;
+pub(crate) const KIND_Q5: u8 = 1;
+pub(crate) const KIND_Q8: u8 = 2;
+pub(crate) const KIND_Q4K: u8 = 3;
+pub(crate) const KIND_Q6K: u8 = 4;
+
+/// The kind numbered `k` (see [`KIND_Q4`]).
+pub(crate) const fn kind_of(k: u8) -> R16Kind {
+    match k {
+        KIND_Q4 => R16Kind::Q4,
+        KIND_Q5 => R16Kind::Q5,
+        KIND_Q8 => R16Kind::Q8,
+        KIND_Q4K => R16Kind::Q4K,
+        _ => R16Kind::Q6K,
+    }
+}
+
+/// The blocks an R16 kernel may use: whole units only, and no further than the group and
+/// every activation row reach.
+pub(crate) fn usable_blocks(kind: R16Kind, group: &[u8], nb: usize, acts: &[&[BlockQ8x]]) -> usize {
+    let bpu = kind.blocks_per_unit();
+    acts.iter()
+        .fold(nb.min(group.len() / kind.unit_bytes() * bpu), |n, a| {
+            n.min(a.len())
+        })
+        / bpu
+        * bpu
+}
+
 /// Activation block for repacked weights: f32 scale and sums, as exact as the int8 values.
 #[derive(Clone, Copy, Debug)]
 #[repr(C)]
@@ -618,8 +648,7 @@ mod tests {
                     for g in 0..rows / R16_ROWS {
                         let group = rp.groups(g..g + 1);
                         let want = gemm_r16_scalar(rp.kind, group, nb, refs, n_act);
-                        for isa in crate::Isa::all_available() {
-                            let k = crate::Kernels::for_isa(isa).unwrap();
+                        for k in crate::Kernels::all_variants() {
                             if k.r16_preferred {
                                 fast += 1;
                             }
@@ -630,7 +659,7 @@ mod tests {
                                     assert!(
                                         (gv - wv).abs() <= 1e-4 * wv.abs().max(1.0),
                                         "{ty} {} nb={nb} t={t} r={r}: {gv} vs {wv}",
-                                        isa.name()
+                                        k.name
                                     );
                                 }
                             }
@@ -639,9 +668,9 @@ mod tests {
                 }
             }
         }
-        let any_fast = crate::Isa::all_available()
+        let any_fast = crate::Kernels::all_variants()
             .iter()
-            .any(|&i| crate::Kernels::for_isa(i).is_some_and(|k| k.r16_preferred));
+            .any(|k| k.r16_preferred);
         assert_eq!(fast > 0, any_fast);
     }
 
@@ -677,10 +706,7 @@ mod tests {
             sums: [0; 2],
             qs: [0; 32],
         };
-        for kern in crate::Isa::all_available()
-            .into_iter()
-            .filter_map(crate::Kernels::for_isa)
-        {
+        for kern in crate::Kernels::all_variants() {
             for (nb, scale) in [(1, 1.0), (5, 40.0), (18, 1e-3), (3, 0.0)] {
                 let mut x: Vec<f32> = (0..nb * 32).map(|_| rng.f32() * scale).collect();
                 if nb > 2 {
@@ -697,7 +723,7 @@ mod tests {
                         (g.d, g.s, g.sums, g.qs),
                         (w.d, w.s, w.sums, w.qs),
                         "{:?}",
-                        kern.isa
+                        kern.name
                     );
                 }
             }

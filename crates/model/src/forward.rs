@@ -346,12 +346,12 @@ impl Context {
                 );
                 for h in q[t * hp.n_embd_q()..(t + 1) * hp.n_embd_q()].chunks_exact_mut(hp.head_dim)
                 {
-                    ops::rope(h, c, sn, hp.rope_dim, hp.rope_neox);
+                    (k.rope)(h, c, sn, hp.rope_dim, hp.rope_neox);
                 }
                 for h in
                     kk[t * hp.n_embd_k()..(t + 1) * hp.n_embd_k()].chunks_exact_mut(hp.head_dim)
                 {
-                    ops::rope(h, c, sn, hp.rope_dim, hp.rope_neox);
+                    (k.rope)(h, c, sn, hp.rope_dim, hp.rope_neox);
                 }
             }
 

@@ -73,13 +73,12 @@ fn check<W: Pod, A: Pod>(
         (reference as f64 - exact).abs() <= 1e-4 * mag + 1e-5,
         "{name}: scalar {reference} vs dequantized {exact} (n={n})"
     );
-    for isa in Isa::all_available() {
-        let k = Kernels::for_isa(isa).unwrap();
+    for k in Kernels::all_variants() {
         let got = pick(&k)(w, a);
         assert!(
             (got - reference).abs() <= 1e-5 * mag as f32 + 1e-6,
             "{name} {}: {got} vs scalar {reference} (n={n})",
-            isa.name()
+            k.name
         );
     }
 }
@@ -238,17 +237,16 @@ fn float_dots_every_tail_length() {
         let xh: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
         let r32 = dot::vec_dot_f32(&x, &y);
         let r16 = dot::vec_dot_f16_f32(&xh, &y);
-        for isa in Isa::all_available() {
-            let k = Kernels::for_isa(isa).unwrap();
+        for k in Kernels::all_variants() {
             assert!(
                 ((k.dot_f32)(&x, &y) - r32).abs() < 1e-4,
                 "f32 {} n={n}",
-                isa.name()
+                k.name
             );
             assert!(
                 ((k.dot_f16)(&xh, &y) - r16).abs() < 1e-4,
                 "f16 {} n={n}",
-                isa.name()
+                k.name
             );
         }
     }
@@ -265,12 +263,11 @@ fn axpy_f16_every_tail_length() {
         let y0 = random_acts(&mut rng, n);
         let mut want = y0.clone();
         dot::axpy_f16(&mut want, 0.37, &x);
-        for isa in Isa::all_available() {
-            let k = Kernels::for_isa(isa).unwrap();
+        for k in Kernels::all_variants() {
             let mut got = y0.clone();
             (k.axpy_f16)(&mut got, 0.37, &x);
             for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() < 1e-5, "{} n={n}: {g} vs {w}", isa.name());
+                assert!((g - w).abs() < 1e-5, "{} n={n}: {g} vs {w}", k.name);
             }
         }
     }
@@ -389,8 +386,7 @@ macro_rules! parity4_test {
                     })
                     .collect();
                 let refs: [&[$A]; 4] = std::array::from_fn(|i| acts[i].as_slice());
-                for isa in Isa::all_available() {
-                    let k = Kernels::for_isa(isa).unwrap();
+                for k in Kernels::all_variants() {
                     let Some(dot4) = k.$pick4 else { continue };
                     covered += 1;
                     let got = dot4(&w, refs);
@@ -400,7 +396,7 @@ macro_rules! parity4_test {
                             (got[t] - want).abs() <= 1e-5 * want.abs().max(1.0) * (n as f32).sqrt(),
                             "{} {}: token {t}: {} vs scalar {want} (n={n})",
                             stringify!($test),
-                            isa.name(),
+                            k.name,
                             got[t]
                         );
                     }

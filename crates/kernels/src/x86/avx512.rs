@@ -510,23 +510,10 @@ safe_wrapper4!(dot4_q6k, dot4_q6k_impl, BlockQ6K, BlockQ8K);
 
 // ---- repacked (row-interleaved) weights, AVX-512 VNNI ----------------------------------
 
-use crate::repack::{BlockQ8x, R16Kind, R16_ROWS, R16_TOKENS};
-
-const KIND_Q4: u8 = 0;
-const KIND_Q5: u8 = 1;
-const KIND_Q8: u8 = 2;
-const KIND_Q4K: u8 = 3;
-const KIND_Q6K: u8 = 4;
-
-const fn kind_of(k: u8) -> R16Kind {
-    match k {
-        KIND_Q4 => R16Kind::Q4,
-        KIND_Q5 => R16Kind::Q5,
-        KIND_Q8 => R16Kind::Q8,
-        KIND_Q4K => R16Kind::Q4K,
-        _ => R16Kind::Q6K,
-    }
-}
+use crate::repack::{
+    kind_of, usable_blocks, BlockQ8x, R16Kind, KIND_Q4, KIND_Q4K, KIND_Q5, KIND_Q6K, KIND_Q8,
+    R16_ROWS, R16_TOKENS,
+};
 
 /// The eight 64-byte value vectors (u8) of one repacked block (`body`: its packed values):
 /// vector `k` holds values `4k..4k+4` of each of the sixteen rows.
@@ -740,15 +727,7 @@ fn gemm_r16_impl(
     n_act: usize,
 ) -> [[f32; R16_ROWS]; R16_TOKENS] {
     let n_act = n_act.min(R16_TOKENS);
-    // whole units only, and no further than the group and every activation row reach
-    let bpu = kind.blocks_per_unit();
-    let nb = acts[..n_act]
-        .iter()
-        .fold(nb.min(group.len() / kind.unit_bytes() * bpu), |n, a| {
-            n.min(a.len())
-        })
-        / bpu
-        * bpu;
+    let nb = usable_blocks(kind, group, nb, &acts[..n_act]);
     let mut out = [[0.0f32; R16_ROWS]; R16_TOKENS];
     match kind {
         R16Kind::Q4 => gemm_r16_kind::<KIND_Q4>(group, nb, &acts, n_act, &mut out),

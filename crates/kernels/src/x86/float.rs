@@ -8,7 +8,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use crate::attn::check_gemm;
+use crate::attn::{check_gemm, gemm_f16b_tail};
 
 // e^r = sum r^i / i! on |r| <= ln2/2 (the degree-6 term bounds the error near 1.2e-7)
 const C2: f32 = 1.0 / 2.0;
@@ -135,34 +135,7 @@ fn gemm_f16b_512(
         }
         j0 += 16 * nv;
     }
-    gemm_tail(m, n, k, a, lda, b, ldb, c, ldc, j0);
-}
-
-/// Columns `j0..n` the vector blocks left, scalar.
-#[allow(clippy::too_many_arguments)]
-fn gemm_tail(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    lda: usize,
-    b: &[f16],
-    ldb: usize,
-    c: &mut [f32],
-    ldc: usize,
-    j0: usize,
-) {
-    if j0 >= n {
-        return;
-    }
-    for i in 0..m {
-        for kk in 0..k {
-            let av = a[i * lda + kk];
-            for j in j0..n {
-                c[i * ldc + j] += av * b[kk * ldb + j].to_f32();
-            }
-        }
-    }
+    gemm_f16b_tail(m, n, k, a, lda, b, ldb, c, ldc, j0);
 }
 
 /// The first `min(k, 16)` lanes.
@@ -330,7 +303,7 @@ fn gemm_f16b_256(
         }
         j0 += 8 * nv;
     }
-    gemm_tail(m, n, k, a, lda, b, ldb, c, ldc, j0);
+    gemm_f16b_tail(m, n, k, a, lda, b, ldb, c, ldc, j0);
 }
 
 /// e^x for 8 lanes; 0 below -87.3 (and for -inf).

@@ -20,6 +20,7 @@ use crate::dispatch::{Isa, Kernels};
 pub(crate) fn avx2_kernels() -> Kernels {
     Kernels {
         isa: Isa::Avx2,
+        name: "avx2",
         dot_q4_0: avx2::dot_q4_0,
         dot_q4_1: avx2::dot_q4_1,
         dot_q5_0: avx2::dot_q5_0,
@@ -58,6 +59,7 @@ pub(crate) fn avx512_kernels() -> Kernels {
         },
         r16_preferred: vnni,
         isa: Isa::Avx512,
+        name: if vnni { "avx512+vnni" } else { "avx512" },
         dot_q4_0: avx512::dot_q4_0,
         dot_q4_1: avx512::dot_q4_1,
         dot_q5_0: avx512::dot_q5_0,
