@@ -8,8 +8,9 @@
 # 1. the kernel parity tests (every level the CPU has against the scalar reference);
 # 2. SmolLM2's greedy tokens for the golden prompts (up to llama.cpp's first near-tie) equal
 #    the x86-64 build's, on each CPU and with CAPY_ISA=scalar;
-# 3. the golden teacher-forced test against llama.cpp's logprobs on the dotprod and i8mm
-#    CPUs (the NEON-only CPU is too slow under qemu for it; step 2 covers that level).
+# 3. the golden teacher-forced tests against llama.cpp's logprobs: SmolLM2 on the dotprod
+#    CPU, Gemma 3 on the i8mm CPU (the NEON-only CPU takes ~4 minutes per model under qemu;
+#    steps 1 and 2 cover that level).
 # Needs root for apt on a fresh machine; expects scripts/test.sh to have run (x86-64 build
 # and the pulled models).
 set -euo pipefail
@@ -74,11 +75,14 @@ done
 echo "aarch64 greedy tokens equal x86-64's: $n_tokens tokens over $(echo "$cases" | wc -l) golden prompts"
 passed=$((passed + 1))
 
-for cpu in neoverse-n1 max; do
-  echo "== golden teacher-forced test under qemu, CPU $cpu"
+# SmolLM2 (Q4_1, SwiGLU) on the dotprod CPU, Gemma 3 (Q4_K/Q6_K, GeGLU, sliding window) on
+# the i8mm CPU
+for run in neoverse-n1:smollm2 max:gemma3; do
+  cpu=${run%%:*} model_test=${run#*:}_teacher_forced_matches_llama_cpp
+  echo "== golden teacher-forced test under qemu, CPU $cpu: $model_test"
   QEMU_CPU=$cpu cargo test --release --target $T -p capy-engine --test golden_logprobs \
-    smollm2_teacher_forced_matches_llama_cpp -- --nocapture 2>&1 |
-    grep -E "^test result:|vs llama.cpp|FAILED|panicked"
+    "$model_test" -- --exact --nocapture 2>&1 |
+    grep -E "^test result: .* 1 passed|vs llama.cpp|FAILED|panicked"
   passed=$((passed + 1))
 done
 echo "test result: ok. $passed passed; 0 failed"

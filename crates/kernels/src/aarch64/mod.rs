@@ -20,7 +20,8 @@ use crate::dispatch::{Isa, Kernels};
 /// The levels of the NEON table, each adding to the one before.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Level {
-    /// Plain NEON: 8-bit products widened with `smull`/`sadalp`.
+    /// Plain NEON: 8-bit products widened with `smull`/`sadalp`; multi-token kernels that
+    /// unpack each weight block once for four activation rows.
     Neon,
     /// `sdot` (four 8-bit products summed into each 32-bit lane).
     DotProd,
@@ -70,6 +71,11 @@ pub(crate) fn neon_kernels(level: Level) -> Kernels {
         dot_q4k: quant::dot_q4k_neon,
         dot_q5k: quant::dot_q5k_neon,
         dot_q6k: quant::dot_q6k_neon,
+        dot4_q4_1: Some(quant::dot4_q4_1_neon),
+        dot4_q5_0: Some(quant::dot4_q5_0_neon),
+        dot4_q8_0: Some(quant::dot4_q8_0_neon),
+        dot4_q4k: Some(quant::dot4_q4k_neon),
+        dot4_q6k: Some(quant::dot4_q6k_neon),
         dot_f32: float::dot_f32,
         dot_f16: float::dot_f16,
         dot_bf16: float::dot_bf16,
@@ -100,6 +106,11 @@ pub(crate) fn neon_kernels(level: Level) -> Kernels {
             dot_q4k: quant::dot_q4k_dotprod,
             dot_q5k: quant::dot_q5k_dotprod,
             dot_q6k: quant::dot_q6k_dotprod,
+            dot4_q4_1: Some(quant::dot4_q4_1_dotprod),
+            dot4_q5_0: Some(quant::dot4_q5_0_dotprod),
+            dot4_q8_0: Some(quant::dot4_q8_0_dotprod),
+            dot4_q4k: Some(quant::dot4_q4k_dotprod),
+            dot4_q6k: Some(quant::dot4_q6k_dotprod),
             r16_gemm: r16::gemm_r16_dotprod,
             r16_preferred: true,
             ..base

@@ -78,43 +78,49 @@ fn s8(v: uint8x16_t) -> int8x16_t {
 
 // ---- 32-value formats ---------------------------------------------------------------
 
-/// # Safety
-/// As `D::dot`.
-#[inline(always)]
-unsafe fn q4_0<D: Dot>(x: &[BlockQ4_0], y: &[BlockQ8_0]) -> f32 {
-    let mut sum = vdupq_n_f32(0.0);
-    for (a, b) in x.iter().zip(y) {
-        // SAFETY: 16 packed bytes, 32 activation bytes.
-        let i = unsafe {
-            let (lo, hi) = nibbles(a.qs.as_ptr());
-            let eight = vdupq_n_s8(8);
-            dot32::<D>(
-                vsubq_s8(s8(lo), eight),
-                vsubq_s8(s8(hi), eight),
-                b.qs.as_ptr(),
-            )
-        };
-        sum = vfmaq_n_f32(sum, vcvtq_f32_s32(i), fp16(a.d) * fp16(b.d));
-    }
-    vaddvq_f32(sum)
+/// A 32-value block unpacked: values 0..16 and 16..32 as signed bytes, the scale and (Q4_1,
+/// Q5_1) the min, whose product with the activation block's `s` is added per block.
+struct Unpacked(int8x16_t, int8x16_t, f16, Option<f16>);
+
+/// A 32-value weight block.
+trait Block32 {
+    /// The activation block it pairs with.
+    type Act: Act32;
+    /// # Safety
+    /// NEON (every aarch64 CPU).
+    unsafe fn unpack(&self) -> Unpacked;
 }
 
-/// # Safety
-/// As `D::dot`.
-#[inline(always)]
-unsafe fn q4_1<D: Dot>(x: &[BlockQ4_1], y: &[BlockQ8_1]) -> f32 {
-    let mut sum = vdupq_n_f32(0.0);
-    let mut mins = 0.0f32;
-    for (a, b) in x.iter().zip(y) {
-        // SAFETY: 16 packed bytes, 32 activation bytes.
-        let i = unsafe {
-            let (lo, hi) = nibbles(a.qs.as_ptr());
-            dot32::<D>(s8(lo), s8(hi), b.qs.as_ptr())
-        };
-        sum = vfmaq_n_f32(sum, vcvtq_f32_s32(i), fp16(a.d) * fp16(b.d));
-        mins += fp16(a.m) * fp16(b.s);
+/// A Q8_0/Q8_1 activation block.
+trait Act32 {
+    fn d(&self) -> f16;
+    /// `d * sum(qs)` (Q8_1; never asked of Q8_0, whose partners have no min).
+    fn s(&self) -> f16;
+    fn qs(&self) -> &[i8; 32];
+}
+
+impl Act32 for BlockQ8_0 {
+    fn d(&self) -> f16 {
+        self.d
     }
-    vaddvq_f32(sum) + mins
+    fn s(&self) -> f16 {
+        f16::ZERO
+    }
+    fn qs(&self) -> &[i8; 32] {
+        &self.qs
+    }
+}
+
+impl Act32 for BlockQ8_1 {
+    fn d(&self) -> f16 {
+        self.d
+    }
+    fn s(&self) -> f16 {
+        self.s
+    }
+    fn qs(&self) -> &[i8; 32] {
+        &self.qs
+    }
 }
 
 /// The 5-bit values of a Q5 block: values 0..16 and 16..32.
@@ -132,163 +138,200 @@ unsafe fn q5_values(qh: &[u8; 4], qs: *const u8) -> (uint8x16_t, uint8x16_t) {
     )
 }
 
+/// `(lo - off, hi - off)` as signed bytes.
+///
 /// # Safety
-/// As `D::dot`.
+/// NEON.
 #[inline(always)]
-unsafe fn q5_0<D: Dot>(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
-    let mut sum = vdupq_n_f32(0.0);
-    for (a, b) in x.iter().zip(y) {
-        // SAFETY: 16 packed bytes, 32 activation bytes.
-        let i = unsafe {
-            let (lo, hi) = q5_values(&a.qh, a.qs.as_ptr());
-            let sixteen = vdupq_n_s8(16);
-            dot32::<D>(
-                vsubq_s8(s8(lo), sixteen),
-                vsubq_s8(s8(hi), sixteen),
-                b.qs.as_ptr(),
-            )
-        };
-        sum = vfmaq_n_f32(sum, vcvtq_f32_s32(i), fp16(a.d) * fp16(b.d));
-    }
-    vaddvq_f32(sum)
+unsafe fn minus((lo, hi): (uint8x16_t, uint8x16_t), off: i8) -> (int8x16_t, int8x16_t) {
+    let o = vdupq_n_s8(off);
+    (vsubq_s8(s8(lo), o), vsubq_s8(s8(hi), o))
 }
 
-/// # Safety
-/// As `D::dot`.
-#[inline(always)]
-unsafe fn q5_1<D: Dot>(x: &[BlockQ5_1], y: &[BlockQ8_1]) -> f32 {
-    let mut sum = vdupq_n_f32(0.0);
-    let mut mins = 0.0f32;
-    for (a, b) in x.iter().zip(y) {
-        // SAFETY: 16 packed bytes, 32 activation bytes.
-        let i = unsafe {
-            let (lo, hi) = q5_values(&a.qh, a.qs.as_ptr());
-            dot32::<D>(s8(lo), s8(hi), b.qs.as_ptr())
-        };
-        sum = vfmaq_n_f32(sum, vcvtq_f32_s32(i), fp16(a.d) * fp16(b.d));
-        mins += fp16(a.m) * fp16(b.s);
+impl Block32 for BlockQ4_0 {
+    type Act = BlockQ8_0;
+    #[inline(always)]
+    unsafe fn unpack(&self) -> Unpacked {
+        // SAFETY: 16 packed bytes.
+        let (lo, hi) = unsafe { minus(nibbles(self.qs.as_ptr()), 8) };
+        Unpacked(lo, hi, self.d, None)
     }
-    vaddvq_f32(sum) + mins
 }
 
+impl Block32 for BlockQ4_1 {
+    type Act = BlockQ8_1;
+    #[inline(always)]
+    unsafe fn unpack(&self) -> Unpacked {
+        // SAFETY: 16 packed bytes.
+        let (lo, hi) = unsafe { minus(nibbles(self.qs.as_ptr()), 0) };
+        Unpacked(lo, hi, self.d, Some(self.m))
+    }
+}
+
+impl Block32 for BlockQ5_0 {
+    type Act = BlockQ8_0;
+    #[inline(always)]
+    unsafe fn unpack(&self) -> Unpacked {
+        // SAFETY: 16 packed bytes.
+        let (lo, hi) = unsafe { minus(q5_values(&self.qh, self.qs.as_ptr()), 16) };
+        Unpacked(lo, hi, self.d, None)
+    }
+}
+
+impl Block32 for BlockQ5_1 {
+    type Act = BlockQ8_1;
+    #[inline(always)]
+    unsafe fn unpack(&self) -> Unpacked {
+        // SAFETY: 16 packed bytes.
+        let (lo, hi) = unsafe { minus(q5_values(&self.qh, self.qs.as_ptr()), 0) };
+        Unpacked(lo, hi, self.d, Some(self.m))
+    }
+}
+
+impl Block32 for BlockQ8_0 {
+    type Act = BlockQ8_0;
+    #[inline(always)]
+    unsafe fn unpack(&self) -> Unpacked {
+        let p = self.qs.as_ptr();
+        // SAFETY: 32 bytes.
+        let (lo, hi) = unsafe { (vld1q_s8(p), vld1q_s8(p.add(16))) };
+        Unpacked(lo, hi, self.d, None)
+    }
+}
+
+/// One weight row against `N` activation rows, each weight block unpacked once.
+///
 /// # Safety
 /// As `D::dot`.
 #[inline(always)]
-unsafe fn q8_0<D: Dot>(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
-    let mut sum = vdupq_n_f32(0.0);
-    for (a, b) in x.iter().zip(y) {
-        // SAFETY: 32 bytes in each block.
-        let i = unsafe {
-            let p = a.qs.as_ptr();
-            dot32::<D>(vld1q_s8(p), vld1q_s8(p.add(16)), b.qs.as_ptr())
-        };
-        sum = vfmaq_n_f32(sum, vcvtq_f32_s32(i), fp16(a.d) * fp16(b.d));
+unsafe fn dot32_n<D: Dot, B: Block32, const N: usize>(x: &[B], ys: [&[B::Act]; N]) -> [f32; N] {
+    let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
+    let mut sum = [vdupq_n_f32(0.0); N];
+    let mut mins = [0.0f32; N];
+    for (i, a) in x[..n].iter().enumerate() {
+        // SAFETY: as this function's; every activation row has block i.
+        unsafe {
+            let Unpacked(lo, hi, d, m) = a.unpack();
+            let (d, m) = (fp16(d), m.map(|m| fp16(m)));
+            for t in 0..N {
+                let b = &ys[t][i];
+                let v = dot32::<D>(lo, hi, b.qs().as_ptr());
+                sum[t] = vfmaq_n_f32(sum[t], vcvtq_f32_s32(v), d * fp16(b.d()));
+                if let Some(m) = m {
+                    mins[t] += m * fp16(b.s());
+                }
+            }
+        }
     }
-    vaddvq_f32(sum)
+    // SAFETY: NEON.
+    std::array::from_fn(|t| unsafe { vaddvq_f32(sum[t]) } + mins[t])
 }
 
 // ---- K-quants -------------------------------------------------------------------------
 
-/// `sum(m[s] * (bsums[2s] + bsums[2s+1]))`: the activation sums under Q4_K/Q5_K's mins.
-fn mins_dot(m: &[u8; 8], bsums: &[i16; 16]) -> i32 {
-    (0..8)
-        .map(|s| m[s] as i32 * (bsums[2 * s] as i32 + bsums[2 * s + 1] as i32))
-        .sum()
+/// A K-quant super-block as sixteen groups of sixteen signed values with integer scales
+/// and, for the formats with mins, each group's min (applied to the activation's group sum).
+struct Decoded {
+    v: [int8x16_t; 16],
+    sc: [i32; 16],
+    mins: Option<[i32; 16]>,
+    d: f16,
+    /// The scale of the mins (zero for the formats without).
+    dmin: f16,
 }
 
-/// # Safety
-/// As `D::dot`.
-#[inline(always)]
-unsafe fn q2k<D: Dot>(x: &[BlockQ2K], y: &[BlockQ8K]) -> f32 {
-    let mut sum = 0.0f32;
-    for (a, b) in x.iter().zip(y) {
-        let mut isum = vdupq_n_s32(0);
-        for h in 0..2 {
-            // SAFETY: 32 packed bytes at 32h; 32 activation bytes at 128h + 32j.
-            unsafe {
-                let q0 = vld1q_u8(a.qs.as_ptr().add(32 * h));
-                let q1 = vld1q_u8(a.qs.as_ptr().add(32 * h + 16));
-                for j in 0..4 {
-                    let sh = vdupq_n_s8(-2 * j as i8);
-                    let v0 = vandq_u8(vshlq_u8(q0, sh), vdupq_n_u8(3));
-                    let v1 = vandq_u8(vshlq_u8(q1, sh), vdupq_n_u8(3));
-                    let yp = b.qs.as_ptr().add(128 * h + 32 * j);
-                    let g = 8 * h + 2 * j;
-                    let p0 = D::dot(vdupq_n_s32(0), s8(v0), vld1q_s8(yp));
-                    let p1 = D::dot(vdupq_n_s32(0), s8(v1), vld1q_s8(yp.add(16)));
-                    isum = vmlaq_n_s32(isum, p0, (a.scales[g] & 0xF) as i32);
-                    isum = vmlaq_n_s32(isum, p1, (a.scales[g + 1] & 0xF) as i32);
-                }
-            }
-        }
-        let summs: i32 = (0..16)
-            .map(|g| (a.scales[g] >> 4) as i32 * b.bsums[g] as i32)
-            .sum();
-        sum += b.d * fp16(a.d) * vaddvq_s32(isum) as f32 - b.d * fp16(a.dmin) * summs as f32;
-    }
-    sum
+/// A K-quant weight block.
+trait SuperBlock {
+    /// # Safety
+    /// NEON (every aarch64 CPU).
+    unsafe fn decode(&self) -> Decoded;
 }
 
+/// The four 2-bit fields of 32 bytes (`q0`: bytes 0..16, `q1`: 16..32) at shift `2j`.
+///
 /// # Safety
-/// As `D::dot`.
+/// NEON.
 #[inline(always)]
-unsafe fn q3k<D: Dot>(x: &[BlockQ3K], y: &[BlockQ8K]) -> f32 {
-    let mut sum = 0.0f32;
-    for (a, b) in x.iter().zip(y) {
-        let sc = q3k_scales(&a.scales);
-        let mut isum = vdupq_n_s32(0);
-        // SAFETY: the 32-byte hmask, 32 packed bytes at 32h, 32 activation bytes at
-        // 128h + 32j.
+unsafe fn crumbs(q0: uint8x16_t, q1: uint8x16_t, j: usize) -> (uint8x16_t, uint8x16_t) {
+    let sh = vdupq_n_s8(-2 * j as i8);
+    let m3 = vdupq_n_u8(3);
+    (
+        vandq_u8(vshlq_u8(q0, sh), m3),
+        vandq_u8(vshlq_u8(q1, sh), m3),
+    )
+}
+
+impl SuperBlock for BlockQ2K {
+    #[inline(always)]
+    unsafe fn decode(&self) -> Decoded {
+        let mut v = [vdupq_n_s8(0); 16];
+        // SAFETY: 32 packed bytes at 32h.
         unsafe {
-            let hm0 = vld1q_u8(a.hmask.as_ptr());
-            let hm1 = vld1q_u8(a.hmask.as_ptr().add(16));
             for h in 0..2 {
-                let q0 = vld1q_u8(a.qs.as_ptr().add(32 * h));
-                let q1 = vld1q_u8(a.qs.as_ptr().add(32 * h + 16));
+                let q0 = vld1q_u8(self.qs.as_ptr().add(32 * h));
+                let q1 = vld1q_u8(self.qs.as_ptr().add(32 * h + 16));
                 for j in 0..4 {
-                    let sh = vdupq_n_s8(-2 * j as i8);
-                    let bit = vdupq_n_u8(1 << (4 * h + j));
-                    let four = vdupq_n_u8(4);
-                    // value = low two bits - (4 where the hmask bit is clear)
-                    let v0 = vsubq_s8(
-                        s8(vandq_u8(vshlq_u8(q0, sh), vdupq_n_u8(3))),
-                        s8(vbicq_u8(four, vtstq_u8(hm0, bit))),
-                    );
-                    let v1 = vsubq_s8(
-                        s8(vandq_u8(vshlq_u8(q1, sh), vdupq_n_u8(3))),
-                        s8(vbicq_u8(four, vtstq_u8(hm1, bit))),
-                    );
-                    let yp = b.qs.as_ptr().add(128 * h + 32 * j);
-                    let g = 8 * h + 2 * j;
-                    let p0 = D::dot(vdupq_n_s32(0), v0, vld1q_s8(yp));
-                    let p1 = D::dot(vdupq_n_s32(0), v1, vld1q_s8(yp.add(16)));
-                    isum = vmlaq_n_s32(isum, p0, sc[g] as i32);
-                    isum = vmlaq_n_s32(isum, p1, sc[g + 1] as i32);
+                    let (v0, v1) = crumbs(q0, q1, j);
+                    (v[8 * h + 2 * j], v[8 * h + 2 * j + 1]) = (s8(v0), s8(v1));
                 }
             }
         }
-        sum += b.d * fp16(a.d) * vaddvq_s32(isum) as f32;
+        Decoded {
+            v,
+            sc: self.scales.map(|s| (s & 0xF) as i32),
+            mins: Some(self.scales.map(|s| (s >> 4) as i32)),
+            d: self.d,
+            dmin: self.dmin,
+        }
     }
-    sum
+}
+
+impl SuperBlock for BlockQ3K {
+    #[inline(always)]
+    unsafe fn decode(&self) -> Decoded {
+        let mut v = [vdupq_n_s8(0); 16];
+        // SAFETY: the 32-byte hmask, 32 packed bytes at 32h.
+        unsafe {
+            let hm0 = vld1q_u8(self.hmask.as_ptr());
+            let hm1 = vld1q_u8(self.hmask.as_ptr().add(16));
+            let four = vdupq_n_u8(4);
+            for h in 0..2 {
+                let q0 = vld1q_u8(self.qs.as_ptr().add(32 * h));
+                let q1 = vld1q_u8(self.qs.as_ptr().add(32 * h + 16));
+                for j in 0..4 {
+                    let (v0, v1) = crumbs(q0, q1, j);
+                    // value = low two bits - (4 where the hmask bit is clear)
+                    let bit = vdupq_n_u8(1 << (4 * h + j));
+                    v[8 * h + 2 * j] = vsubq_s8(s8(v0), s8(vbicq_u8(four, vtstq_u8(hm0, bit))));
+                    v[8 * h + 2 * j + 1] = vsubq_s8(s8(v1), s8(vbicq_u8(four, vtstq_u8(hm1, bit))));
+                }
+            }
+        }
+        Decoded {
+            v,
+            sc: q3k_scales(&self.scales).map(|s| s as i32),
+            mins: None,
+            d: self.d,
+            dmin: f16::ZERO,
+        }
+    }
 }
 
 /// Q4_K and Q5_K (with `qh`, the fifth bits): sub-blocks of 32 unsigned values, 6-bit
 /// scales and mins.
 ///
 /// # Safety
-/// As `D::dot`.
+/// NEON.
 #[inline(always)]
-unsafe fn q45k<D: Dot>(
-    d: f16,
-    dmin: f16,
+unsafe fn decode_q45k(
+    (d, dmin): (f16, f16),
     scales: &[u8; K_SCALE_SIZE],
     qs: &[u8; QK_K / 2],
     qh: Option<&[u8; QK_K / 8]>,
-    b: &BlockQ8K,
-) -> f32 {
+) -> Decoded {
     let (sc, m) = unpack_scales_k4(scales);
-    let mut isum = vdupq_n_s32(0);
-    // SAFETY: 32 packed bytes at 32j, the 32-byte qh, 64 activation bytes at 64j.
+    let mut v = [vdupq_n_s8(0); 16];
+    // SAFETY: 32 packed bytes at 32j, the 32-byte qh.
     unsafe {
         let h = qh.map(|h| (vld1q_u8(h.as_ptr()), vld1q_u8(h.as_ptr().add(16))));
         for j in 0..4 {
@@ -302,77 +345,111 @@ unsafe fn q45k<D: Dot>(
                 hi0 = vorrq_u8(hi0, vandq_u8(vtstq_u8(h0, bh), ten));
                 hi1 = vorrq_u8(hi1, vandq_u8(vtstq_u8(h1, bh), ten));
             }
-            let yp = b.qs.as_ptr().add(64 * j);
-            let p_lo = dot32::<D>(s8(lo0), s8(lo1), yp);
-            let p_hi = dot32::<D>(s8(hi0), s8(hi1), yp.add(32));
-            isum = vmlaq_n_s32(isum, p_lo, sc[2 * j] as i32);
-            isum = vmlaq_n_s32(isum, p_hi, sc[2 * j + 1] as i32);
+            // sub-block 2j is values 64j..64j+32 (low nibbles), 2j+1 the next 32 (high)
+            v[4 * j] = s8(lo0);
+            v[4 * j + 1] = s8(lo1);
+            v[4 * j + 2] = s8(hi0);
+            v[4 * j + 3] = s8(hi1);
         }
     }
-    let summ = mins_dot(&m, &b.bsums);
-    b.d * fp16(d) * vaddvq_s32(isum) as f32 - b.d * fp16(dmin) * summ as f32
+    Decoded {
+        v,
+        sc: std::array::from_fn(|g| sc[g / 2] as i32),
+        mins: Some(std::array::from_fn(|g| m[g / 2] as i32)),
+        d,
+        dmin,
+    }
 }
 
-/// # Safety
-/// As `D::dot`.
-#[inline(always)]
-unsafe fn q4k<D: Dot>(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
-    x.iter()
-        .zip(y)
-        // SAFETY: as this function's.
-        .map(|(a, b)| unsafe { q45k::<D>(a.d, a.dmin, &a.scales, &a.qs, None, b) })
-        .sum()
+impl SuperBlock for BlockQ4K {
+    #[inline(always)]
+    unsafe fn decode(&self) -> Decoded {
+        // SAFETY: NEON, as the caller guarantees.
+        unsafe { decode_q45k((self.d, self.dmin), &self.scales, &self.qs, None) }
+    }
 }
 
-/// # Safety
-/// As `D::dot`.
-#[inline(always)]
-unsafe fn q5k<D: Dot>(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
-    x.iter()
-        .zip(y)
-        // SAFETY: as this function's.
-        .map(|(a, b)| unsafe { q45k::<D>(a.d, a.dmin, &a.scales, &a.qs, Some(&a.qh), b) })
-        .sum()
+impl SuperBlock for BlockQ5K {
+    #[inline(always)]
+    unsafe fn decode(&self) -> Decoded {
+        // SAFETY: NEON, as the caller guarantees.
+        unsafe { decode_q45k((self.d, self.dmin), &self.scales, &self.qs, Some(&self.qh)) }
+    }
 }
 
-/// # Safety
-/// As `D::dot`.
-#[inline(always)]
-unsafe fn q6k<D: Dot>(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
-    let mut sum = 0.0f32;
-    for (a, b) in x.iter().zip(y) {
-        let mut isum = vdupq_n_s32(0);
-        // SAFETY: 64 bytes of ql at 64h, 32 of qh at 32h, 128 activation bytes at 128h.
+impl SuperBlock for BlockQ6K {
+    #[inline(always)]
+    unsafe fn decode(&self) -> Decoded {
+        let mut v = [vdupq_n_s8(0); 16];
+        // SAFETY: 64 bytes of ql at 64h, 32 of qh at 32h.
         unsafe {
+            let (m4, m3) = (vdupq_n_u8(0xF), vdupq_n_u8(3));
             for h in 0..2 {
-                let ql = a.ql.as_ptr().add(64 * h);
-                let qh = a.qh.as_ptr().add(32 * h);
+                let ql = self.ql.as_ptr().add(64 * h);
+                let qh = self.qh.as_ptr().add(32 * h);
                 let l: [uint8x16_t; 4] = std::array::from_fn(|i| vld1q_u8(ql.add(16 * i)));
                 let hb = [vld1q_u8(qh), vld1q_u8(qh.add(16))];
-                let m4 = vdupq_n_u8(0xF);
-                let m3 = vdupq_n_u8(3);
-                // the eight groups of sixteen values of this half, in order
-                let low = [
-                    vandq_u8(l[0], m4),
-                    vandq_u8(l[1], m4),
-                    vandq_u8(l[2], m4),
-                    vandq_u8(l[3], m4),
-                    vshrq_n_u8::<4>(l[0]),
-                    vshrq_n_u8::<4>(l[1]),
-                    vshrq_n_u8::<4>(l[2]),
-                    vshrq_n_u8::<4>(l[3]),
-                ];
-                for (i, &lv) in low.iter().enumerate() {
+                // group i of this half: low nibbles of l[i] (i < 4) or high of l[i - 4], and
+                // the bit pair at 2 (i / 2) of hb[i % 2]
+                for i in 0..8 {
+                    let low = if i < 4 {
+                        vandq_u8(l[i], m4)
+                    } else {
+                        vshrq_n_u8::<4>(l[i - 4])
+                    };
                     let sh = vdupq_n_s8(-2 * (i / 2) as i8);
                     let high = vandq_u8(vshlq_u8(hb[i % 2], sh), m3);
-                    let v = vsubq_s8(s8(vorrq_u8(lv, vshlq_n_u8::<4>(high))), vdupq_n_s8(32));
-                    let g = 8 * h + i;
-                    let p = D::dot(vdupq_n_s32(0), v, vld1q_s8(b.qs.as_ptr().add(16 * g)));
-                    isum = vmlaq_n_s32(isum, p, a.scales[g] as i32);
+                    v[8 * h + i] =
+                        vsubq_s8(s8(vorrq_u8(low, vshlq_n_u8::<4>(high))), vdupq_n_s8(32));
                 }
             }
         }
-        sum += b.d * fp16(a.d) * vaddvq_s32(isum) as f32;
+        Decoded {
+            v,
+            sc: self.scales.map(|s| s as i32),
+            mins: None,
+            d: self.d,
+            dmin: f16::ZERO,
+        }
+    }
+}
+
+/// One K-quant weight row against `N` activation rows, each super-block decoded once.
+///
+/// # Safety
+/// As `D::dot`.
+#[inline(always)]
+unsafe fn kquant_n<D: Dot, B: SuperBlock, const N: usize>(
+    x: &[B],
+    ys: [&[BlockQ8K]; N],
+) -> [f32; N] {
+    let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
+    let mut sum = [0.0f32; N];
+    for (i, a) in x[..n].iter().enumerate() {
+        // SAFETY: as this function's; every activation row has block i (QK_K bytes).
+        unsafe {
+            let Decoded {
+                v,
+                sc,
+                mins,
+                d,
+                dmin,
+            } = a.decode();
+            let (d, dmin) = (fp16(d), fp16(dmin));
+            for (s, y) in sum.iter_mut().zip(&ys) {
+                let b = &y[i];
+                let mut isum = vdupq_n_s32(0);
+                for g in 0..16 {
+                    let p = D::dot(vdupq_n_s32(0), v[g], vld1q_s8(b.qs.as_ptr().add(16 * g)));
+                    isum = vmlaq_n_s32(isum, p, sc[g]);
+                }
+                *s += b.d * d * vaddvq_s32(isum) as f32;
+                if let Some(m) = mins {
+                    let summ: i32 = (0..16).map(|g| m[g] * b.bsums[g] as i32).sum();
+                    *s -= b.d * dmin * summ as f32;
+                }
+            }
+        }
     }
     sum
 }
@@ -496,94 +573,103 @@ pub(super) fn quantize_q8k(x: &[f32], y: &mut [BlockQ8K]) {
 
 // ---- entry points for the tables --------------------------------------------------------
 
-/// `$neon` (plain NEON) and `$dp` (dotprod) entry points for kernel `$impl`.
+/// The plain NEON and dotprod entry points (one activation row, and four where `$dot4` names
+/// them) of the generic kernel `$kern` for weight blocks `$W` and activation blocks `$A`.
 macro_rules! dot_entries {
-    ($neon:ident, $dp:ident, $dp_tf:ident = $impl:ident, $W:ty, $A:ty) => {
+    ($kern:ident, $W:ty, $A:ty, $neon:ident, $dp:ident $(, $neon4:ident, $dp4:ident)?) => {
         pub(super) fn $neon(x: &[$W], y: &[$A]) -> f32 {
             // SAFETY: `Widen` needs only NEON, which every table's CPU has.
-            unsafe { $impl::<Widen>(x, y) }
-        }
-
-        #[target_feature(enable = "dotprod")]
-        unsafe fn $dp_tf(x: &[$W], y: &[$A]) -> f32 {
-            // SAFETY: compiled with dotprod; the caller's CPU has it.
-            unsafe { $impl::<SDot>(x, y) }
+            unsafe { $kern::<Widen, $W, 1>(x, [y])[0] }
         }
 
         pub(super) fn $dp(x: &[$W], y: &[$A]) -> f32 {
+            #[target_feature(enable = "dotprod")]
+            unsafe fn dp(x: &[$W], y: &[$A]) -> f32 {
+                // SAFETY: compiled with dotprod; the caller's CPU has it.
+                unsafe { $kern::<SDot, $W, 1>(x, [y])[0] }
+            }
             // SAFETY: only placed in a table after `Level::DotProd.available()` returned true.
-            unsafe { $dp_tf(x, y) }
+            unsafe { dp(x, y) }
         }
+
+        $(
+        pub(super) fn $neon4(x: &[$W], ys: [&[$A]; 4]) -> [f32; 4] {
+            // SAFETY: as the one-row entry.
+            unsafe { $kern::<Widen, $W, 4>(x, ys) }
+        }
+
+        pub(super) fn $dp4(x: &[$W], ys: [&[$A]; 4]) -> [f32; 4] {
+            #[target_feature(enable = "dotprod")]
+            unsafe fn dp(x: &[$W], ys: [&[$A]; 4]) -> [f32; 4] {
+                // SAFETY: compiled with dotprod; the caller's CPU has it.
+                unsafe { $kern::<SDot, $W, 4>(x, ys) }
+            }
+            // SAFETY: only placed in a table after `Level::DotProd.available()` returned true.
+            unsafe { dp(x, ys) }
+        }
+        )?
     };
 }
 
 dot_entries!(
-    dot_q4_0_neon,
-    dot_q4_0_dotprod,
-    q4_0_dp = q4_0,
+    dot32_n,
     BlockQ4_0,
-    BlockQ8_0
+    BlockQ8_0,
+    dot_q4_0_neon,
+    dot_q4_0_dotprod
 );
 dot_entries!(
+    dot32_n,
+    BlockQ4_1,
+    BlockQ8_1,
     dot_q4_1_neon,
     dot_q4_1_dotprod,
-    q4_1_dp = q4_1,
-    BlockQ4_1,
-    BlockQ8_1
+    dot4_q4_1_neon,
+    dot4_q4_1_dotprod
 );
 dot_entries!(
+    dot32_n,
+    BlockQ5_0,
+    BlockQ8_0,
     dot_q5_0_neon,
     dot_q5_0_dotprod,
-    q5_0_dp = q5_0,
-    BlockQ5_0,
-    BlockQ8_0
+    dot4_q5_0_neon,
+    dot4_q5_0_dotprod
 );
 dot_entries!(
-    dot_q5_1_neon,
-    dot_q5_1_dotprod,
-    q5_1_dp = q5_1,
+    dot32_n,
     BlockQ5_1,
-    BlockQ8_1
+    BlockQ8_1,
+    dot_q5_1_neon,
+    dot_q5_1_dotprod
 );
 dot_entries!(
+    dot32_n,
+    BlockQ8_0,
+    BlockQ8_0,
     dot_q8_0_neon,
     dot_q8_0_dotprod,
-    q8_0_dp = q8_0,
-    BlockQ8_0,
-    BlockQ8_0
+    dot4_q8_0_neon,
+    dot4_q8_0_dotprod
 );
+dot_entries!(kquant_n, BlockQ2K, BlockQ8K, dot_q2k_neon, dot_q2k_dotprod);
+dot_entries!(kquant_n, BlockQ3K, BlockQ8K, dot_q3k_neon, dot_q3k_dotprod);
 dot_entries!(
-    dot_q2k_neon,
-    dot_q2k_dotprod,
-    q2k_dp = q2k,
-    BlockQ2K,
-    BlockQ8K
-);
-dot_entries!(
-    dot_q3k_neon,
-    dot_q3k_dotprod,
-    q3k_dp = q3k,
-    BlockQ3K,
-    BlockQ8K
-);
-dot_entries!(
+    kquant_n,
+    BlockQ4K,
+    BlockQ8K,
     dot_q4k_neon,
     dot_q4k_dotprod,
-    q4k_dp = q4k,
-    BlockQ4K,
-    BlockQ8K
+    dot4_q4k_neon,
+    dot4_q4k_dotprod
 );
+dot_entries!(kquant_n, BlockQ5K, BlockQ8K, dot_q5k_neon, dot_q5k_dotprod);
 dot_entries!(
-    dot_q5k_neon,
-    dot_q5k_dotprod,
-    q5k_dp = q5k,
-    BlockQ5K,
-    BlockQ8K
-);
-dot_entries!(
+    kquant_n,
+    BlockQ6K,
+    BlockQ8K,
     dot_q6k_neon,
     dot_q6k_dotprod,
-    q6k_dp = q6k,
-    BlockQ6K,
-    BlockQ8K
+    dot4_q6k_neon,
+    dot4_q6k_dotprod
 );
