@@ -1,9 +1,9 @@
 //! Run-time kernel selection.
 //!
 //! The CPU is probed once; the best instruction set's function pointers fill a [`Kernels`]
-//! table kept in a `OnceLock`. `CAPY_ISA=scalar|avx2|avx512|neon` forces a choice (for bug
-//! reports and tests); asking for one the CPU lacks falls back to the best available, with a
-//! warning on stderr.
+//! table kept in a `OnceLock`. `CAPY_ISA=scalar|avx2|avx2+vnni|avx512|neon` forces a choice
+//! (for bug reports and tests); asking for one the CPU lacks falls back to the best
+//! available, with a warning on stderr.
 
 use std::sync::OnceLock;
 
@@ -16,7 +16,12 @@ use crate::quant::{dot, quantize};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
     Scalar,
+    /// AVX2 with FMA and F16C: what every x86-64 CPU since Haswell and Zen 1 runs. No
+    /// AVX-512 or VNNI instruction anywhere in its table.
     Avx2,
+    /// [`Isa::Avx2`] plus AVX-VNNI (the VEX `vpdpbusd` of Intel's client cores since Alder
+    /// Lake, and of Zen 5) for the repacked-weight kernel.
+    AvxVnni,
     Avx512,
     Neon,
 }
@@ -26,6 +31,7 @@ impl Isa {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
+            Isa::AvxVnni => "avx2+vnni",
             Isa::Avx512 => "avx512",
             Isa::Neon => "neon",
         }
@@ -35,6 +41,7 @@ impl Isa {
         Ok(match s.trim().to_ascii_lowercase().as_str() {
             "scalar" => Isa::Scalar,
             "avx2" => Isa::Avx2,
+            "avx2+vnni" | "avxvnni" | "avx-vnni" => Isa::AvxVnni,
             "avx512" => Isa::Avx512,
             "neon" => Isa::Neon,
             _ => return Err(crate::Error::BadIsa(s.to_string())),
@@ -52,6 +59,8 @@ impl Isa {
                     && is_x86_feature_detected!("f16c")
             }
             #[cfg(target_arch = "x86_64")]
+            Isa::AvxVnni => Isa::Avx2.available() && is_x86_feature_detected!("avxvnni"),
+            #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => {
                 Isa::Avx2.available()
                     && is_x86_feature_detected!("avx512f")
@@ -66,7 +75,7 @@ impl Isa {
 
     /// Every level this CPU can run, best last.
     pub fn all_available() -> Vec<Isa> {
-        [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon]
+        [Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512, Isa::Neon]
             .into_iter()
             .filter(|i| i.available())
             .collect()
@@ -199,6 +208,8 @@ impl Kernels {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => Some(crate::x86::avx2_kernels()),
             #[cfg(target_arch = "x86_64")]
+            Isa::AvxVnni => Some(crate::x86::avxvnni_kernels()),
+            #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => Some(crate::x86::avx512_kernels()),
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => Some(crate::aarch64::best_neon_kernels()),
@@ -278,12 +289,21 @@ mod tests {
             println!("kernel variants on this CPU: {names:?}");
         }
         #[cfg(target_arch = "x86_64")]
-        assert_eq!(names.contains(&"avx2"), Isa::Avx2.available(), "{names:?}");
+        {
+            assert_eq!(names.contains(&"avx2"), Isa::Avx2.available(), "{names:?}");
+            let vnni = Isa::Avx2.available() && is_x86_feature_detected!("avxvnni");
+            assert_eq!(names.contains(&"avx2+vnni"), vnni, "{names:?}");
+            // every x86 SIMD level repacks its weights
+            for k in Kernels::all_variants() {
+                assert_eq!(k.r16_preferred, k.isa != Isa::Scalar, "{}", k.name);
+            }
+            println!("kernel variants on this CPU: {names:?}");
+        }
     }
 
     #[test]
     fn isa_names_parse_back() {
-        for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon] {
+        for isa in [Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512, Isa::Neon] {
             assert_eq!(Isa::parse(isa.name()).unwrap(), isa);
         }
         assert!(Isa::parse("sve").is_err());

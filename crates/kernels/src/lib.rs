@@ -48,7 +48,7 @@ pub enum Error {
     },
     #[error("{op}: tensor data is not aligned for {ty} blocks")]
     Misaligned { op: &'static str, ty: GgmlType },
-    #[error("unknown CAPY_ISA value {0:?} (expected scalar, avx2, avx512 or neon)")]
+    #[error("unknown CAPY_ISA value {0:?} (expected scalar, avx2, avx2+vnni, avx512 or neon)")]
     BadIsa(String),
     #[error("CAPY_ISA={0} is not supported by this CPU")]
     IsaUnavailable(String),

@@ -343,8 +343,36 @@ pub fn matmul_repacked(
     out: &mut [f32],
     scratch: &mut AlignedBuf,
 ) -> Result<()> {
-    let n_cols = w.n_cols;
-    let n_tok = token_count(n_cols, w.n_rows, x, out)?;
+    matmul_repacked_many(k, pool, &mut [(w, out)], x, scratch)
+}
+
+/// [`matmul_repacked`] of several matrices with the same input `x`: `[n_tok, n_cols]` (a
+/// layer's Q, K and V projections; its FFN gate and up), each into its own output
+/// `[n_tok, n_rows]`. The activations are quantized once and the row groups of all the
+/// matrices are shared among the threads in one pass, so there is one quantization and one
+/// wait for the slowest thread instead of one per matrix.
+///
+/// # Errors
+/// [`Error::Shape`] when the matrices differ in `n_cols` or an output's length is not
+/// `n_tok * n_rows`.
+pub fn matmul_repacked_many(
+    k: &Kernels,
+    pool: &ThreadPool,
+    mats: &mut [(&Repacked, &mut [f32])],
+    x: &[f32],
+    scratch: &mut AlignedBuf,
+) -> Result<()> {
+    let Some((first, _)) = mats.first() else {
+        return Ok(());
+    };
+    let n_cols = first.n_cols;
+    let mut n_tok = 0;
+    for (w, out) in mats.iter() {
+        if w.n_cols != n_cols {
+            return Err(shape_err("matmul", n_cols, w.n_cols));
+        }
+        n_tok = token_count(n_cols, w.n_rows, x, out)?;
+    }
     let nb = n_cols / 32;
     let arb = nb * std::mem::size_of::<BlockQ8x>();
     quantize_rows(pool, x, n_tok, arb, scratch, GgmlType::Q8_0, &|src, dst| {
@@ -357,26 +385,51 @@ pub fn matmul_repacked(
         ty: GgmlType::Q8_0,
     };
     let a: &[BlockQ8x] = cast_blocks(scratch.as_slice()).ok_or_else(mis)?;
-    let n_rows = w.n_rows;
-    let out = SharedMut::new(out);
-    pool.run(&|ith, nth| {
-        for g in split_range(n_rows / R16_ROWS, ith, nth) {
-            let group = w.groups(g..g + 1);
-            let mut t = 0;
-            while t < n_tok {
-                let n = (n_tok - t).min(R16_TOKENS);
-                let acts: [&[BlockQ8x]; R16_TOKENS] = std::array::from_fn(|i| {
-                    let row = (t + i).min(n_tok - 1);
-                    &a[row * nb..(row + 1) * nb]
-                });
-                let res = (k.r16_gemm)(w.kind, group, nb, acts, n);
-                for (i, rr) in res.iter().enumerate().take(n) {
-                    let base = (t + i) * n_rows + g * R16_ROWS;
-                    // SAFETY: rows g*16..g*16+16 of every token belong to this thread alone.
-                    let o = unsafe { out.slice(base..base + R16_ROWS) };
-                    o.copy_from_slice(rr);
+    // every matrix's row groups numbered one after the other
+    // (first global group, matrix, output); a fixed array: no allocation per call
+    let mut jobs: [Option<(usize, &Repacked, SharedMut<f32>)>; 4] = [const { None }; 4];
+    if mats.len() > jobs.len() {
+        return Err(shape_err("matmul", "at most 4 matrices", mats.len()));
+    }
+    let mut n_groups = 0;
+    for (job, (w, out)) in jobs.iter_mut().zip(mats.iter_mut()) {
+        *job = Some((n_groups, *w, SharedMut::new(out)));
+        n_groups += w.n_rows / R16_ROWS;
+    }
+    // groups are handed out in chunks from a shared counter, so a thread slowed down (a
+    // busy core, a page fault) does not keep the others waiting at the end
+    let chunk = (n_groups / (8 * pool.n_threads())).clamp(1, 64);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    pool.run(&|_, _| loop {
+        let g0 = next.fetch_add(chunk, std::sync::atomic::Ordering::Relaxed);
+        if g0 >= n_groups {
+            break;
+        }
+        let mine = g0..(g0 + chunk).min(n_groups);
+        for &(start, w, ref out) in jobs.iter().flatten() {
+            let end = start + w.n_rows / R16_ROWS;
+            let n_rows = w.n_rows;
+            for g in mine.start.max(start)..mine.end.min(end) {
+                let g = g - start;
+                let group = w.groups(g..g + 1);
+                let mut t = 0;
+                while t < n_tok {
+                    let n = (n_tok - t).min(R16_TOKENS);
+                    let acts: [&[BlockQ8x]; R16_TOKENS] = std::array::from_fn(|i| {
+                        let row = (t + i).min(n_tok - 1);
+                        &a[row * nb..(row + 1) * nb]
+                    });
+                    let res = (k.r16_gemm)(w.kind, group, nb, acts, n);
+                    for (i, rr) in res.iter().enumerate().take(n) {
+                        let base = (t + i) * n_rows + g * R16_ROWS;
+                        // SAFETY: each group is taken by one thread only (the counter hands
+                        // every group out once), so rows g*16..g*16+16 of every token of
+                        // this matrix are written by that thread alone.
+                        let o = unsafe { out.slice(base..base + R16_ROWS) };
+                        o.copy_from_slice(rr);
+                    }
+                    t += n;
                 }
-                t += n;
             }
         }
     });

@@ -155,7 +155,10 @@ const _: () = assert!(std::mem::size_of::<BlockQ8x>() == 44);
 // SAFETY: repr(C), two f32, two i16 and 32 i8: no padding, every bit pattern valid.
 unsafe impl Pod for BlockQ8x {}
 
-/// Quantizes activations to [`BlockQ8x`] (the values and scale of Q8_0).
+/// Quantizes activations to [`BlockQ8x`] (the values and scale of Q8_0). The values are
+/// taken against the scale as rounded to f16, so they are exact for it, and kept within
+/// -127..=127 (a block whose scale is an f16 subnormal, `amax` below about 2e-3, would
+/// otherwise round past 127); the SIMD kernels rely on that range.
 pub fn quantize_q8x(x: &[f32], y: &mut [BlockQ8x]) {
     for (x, b) in x.chunks_exact(32).zip(y.iter_mut()) {
         let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -163,7 +166,7 @@ pub fn quantize_q8x(x: &[f32], y: &mut [BlockQ8x]) {
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let mut sums = [0i32; 2];
         for (i, (q, &v)) in b.qs.iter_mut().zip(x).enumerate() {
-            let r = crate::quant::quantize::nearest_int(v * id);
+            let r = crate::quant::quantize::nearest_int(v * id).clamp(-127, 127);
             *q = r as i8;
             sums[i / 16] += r;
         }
@@ -473,8 +476,8 @@ pub fn gemv_r16_scalar(w: &Repacked, g: usize, a: &[BlockQ8x]) -> [f32; R16_ROWS
     gemm_r16_scalar(w.kind, w.groups(g..g + 1), nb, [a; R16_TOKENS], 1)[0]
 }
 
-/// Scalar [`crate::dispatch::R16GemmFn`]: each row of the group against each activation row,
-/// block by block.
+/// Scalar [`crate::dispatch::R16GemmFn`]: block by block, each row's values and scales are
+/// read once and dotted with every activation row.
 pub fn gemm_r16_scalar(
     kind: R16Kind,
     group: &[u8],
@@ -482,36 +485,49 @@ pub fn gemm_r16_scalar(
     acts: [&[BlockQ8x]; R16_TOKENS],
     n_act: usize,
 ) -> [[f32; R16_ROWS]; R16_TOKENS] {
-    let (ub, bpu) = (kind.unit_bytes(), kind.blocks_per_unit());
+    let n_act = n_act.min(R16_TOKENS);
+    let nb = usable_blocks(kind, group, nb, &acts[..n_act]);
+    let (ub, bpu, hb, bb) = (
+        kind.unit_bytes(),
+        kind.blocks_per_unit(),
+        kind.header_bytes(),
+        kind.body_bytes(),
+    );
     let mut out = [[0.0f32; R16_ROWS]; R16_TOKENS];
-    for (t, o) in out.iter_mut().enumerate().take(n_act) {
-        for (b, ab) in acts[t].iter().enumerate().take(nb) {
-            let (u, j) = (b / bpu, b % bpu);
-            let Some(unit) = group.get(u * ub..(u + 1) * ub) else {
-                break;
-            };
-            for (r, v) in o.iter_mut().enumerate() {
-                *v += block_row_dot(kind, unit, j, r, ab);
+    for b in 0..nb {
+        let (u, j) = (b / bpu, b % bpu);
+        let unit = &group[u * ub..(u + 1) * ub];
+        let body = &unit[hb + j * bb..hb + (j + 1) * bb];
+        for r in 0..R16_ROWS {
+            let q: [u8; 32] =
+                std::array::from_fn(|i| value(kind, body, 64 * (i / 4) + 4 * r + i % 4));
+            let (scale, offset) = row_scales(kind, unit, j, r);
+            for (o, a) in out.iter_mut().zip(&acts).take(n_act) {
+                o[r] += block_row_dot(kind, &q, scale, offset, &a[b]);
             }
         }
     }
     out
 }
 
-/// Row `r`'s share of block `j` of a repacked unit against one activation block.
-fn block_row_dot(kind: R16Kind, unit: &[u8], j: usize, r: usize, ab: &BlockQ8x) -> f32 {
-    let hb = kind.header_bytes();
-    let body = &unit[hb + j * kind.body_bytes()..];
+/// One row's share of a block: its 32 values `q` (unified, 0..=255) with the block's
+/// `scale` and `offset` per sixteen-value half, against one activation block.
+fn block_row_dot(
+    kind: R16Kind,
+    q: &[u8; 32],
+    scale: [f32; 2],
+    offset: [f32; 2],
+    ab: &BlockQ8x,
+) -> f32 {
     let (mut lo, mut hi) = (0i32, 0i32);
-    for i in 0..32 {
-        let p = value(kind, body, 64 * (i / 4) + 4 * r + i % 4) as i32 * ab.qs[i] as i32;
+    for (i, (&q, &a)) in q.iter().zip(&ab.qs).enumerate() {
+        let p = q as i32 * a as i32;
         if i < 16 {
             lo += p;
         } else {
             hi += p;
         }
     }
-    let (scale, offset) = row_scales(kind, unit, j, r);
     if kind == R16Kind::Q6K {
         // values are q + 32: the offset comes off in integers, exactly
         let lo = lo - 32 * ab.sums[0] as i32;
@@ -630,6 +646,26 @@ mod tests {
         }
     }
 
+    /// The first `n_act` token rows of two R16 kernel outputs agree within 1e-4 (relative,
+    /// or absolute below 1).
+    fn assert_outputs_close(
+        got: &[[f32; R16_ROWS]; R16_TOKENS],
+        want: &[[f32; R16_ROWS]; R16_TOKENS],
+        n_act: usize,
+        what: impl Fn() -> String,
+    ) {
+        for t in 0..n_act {
+            for r in 0..R16_ROWS {
+                let (gv, wv) = (got[t][r], want[t][r]);
+                assert!(
+                    (gv - wv).abs() <= 1e-4 * wv.abs().max(1.0),
+                    "{} t={t} r={r}: {gv} vs {wv}",
+                    what()
+                );
+            }
+        }
+    }
+
     #[test]
     fn simd_r16_gemm_matches_the_scalar_kernel() {
         let mut rng = Rng::new(9);
@@ -653,16 +689,9 @@ mod tests {
                                 fast += 1;
                             }
                             let got = (k.r16_gemm)(rp.kind, group, nb, refs, n_act);
-                            for t in 0..R16_TOKENS {
-                                for r in 0..R16_ROWS {
-                                    let (gv, wv) = (got[t][r], want[t][r]);
-                                    assert!(
-                                        (gv - wv).abs() <= 1e-4 * wv.abs().max(1.0),
-                                        "{ty} {} nb={nb} t={t} r={r}: {gv} vs {wv}",
-                                        k.name
-                                    );
-                                }
-                            }
+                            assert_outputs_close(&got, &want, R16_TOKENS, || {
+                                format!("{ty} {} nb={nb}", k.name)
+                            });
                         }
                     }
                 }
@@ -672,6 +701,88 @@ mod tests {
             .iter()
             .any(|k| k.r16_preferred);
         assert_eq!(fast > 0, any_fast);
+    }
+
+    /// A matrix whose every byte is `fill`, with small finite scales: the extremes of each
+    /// format's value range (all 15 for 4-bit, 31 for 5-bit, 63 for Q6_K, -128 or 127 for
+    /// Q8_0).
+    fn filled_matrix(ty: GgmlType, rows: usize, cols: usize, fill: u8) -> Vec<u8> {
+        let mut buf = AlignedBuf::new();
+        buf.resize(rows * cols / ty.block_size() * ty.type_size());
+        let out = buf.as_mut_slice();
+        out.fill(fill);
+        let (d, m) = (f16::from_f32(0.01), f16::from_f32(-0.05));
+        match ty {
+            GgmlType::Q4_0 => cast_blocks_mut::<BlockQ4_0>(out)
+                .unwrap()
+                .iter_mut()
+                .for_each(|b| b.d = d),
+            GgmlType::Q4_1 => cast_blocks_mut::<BlockQ4_1>(out)
+                .unwrap()
+                .iter_mut()
+                .for_each(|b| (b.d, b.m) = (d, m)),
+            GgmlType::Q5_0 => cast_blocks_mut::<BlockQ5_0>(out)
+                .unwrap()
+                .iter_mut()
+                .for_each(|b| b.d = d),
+            GgmlType::Q5_1 => cast_blocks_mut::<BlockQ5_1>(out)
+                .unwrap()
+                .iter_mut()
+                .for_each(|b| (b.d, b.m) = (d, m)),
+            GgmlType::Q8_0 => cast_blocks_mut::<BlockQ8_0>(out)
+                .unwrap()
+                .iter_mut()
+                .for_each(|b| b.d = d),
+            GgmlType::Q4_K => cast_blocks_mut::<BlockQ4K>(out)
+                .unwrap()
+                .iter_mut()
+                .for_each(|b| (b.d, b.dmin) = (d, d)),
+            _ => cast_blocks_mut::<BlockQ6K>(out)
+                .unwrap()
+                .iter_mut()
+                .for_each(|b| b.d = d),
+        }
+        out.to_vec()
+    }
+
+    /// Regression guard for the 16-bit partial sums of the AVX2 kernel: the largest values
+    /// of every format against activations of +-127 in every position must not overflow.
+    #[test]
+    fn r16_gemm_at_the_extremes_of_every_format() {
+        let cols = 512;
+        let nb = cols / 32;
+        let signs: [fn(usize) -> f32; 4] = [
+            |_| 1.0,
+            |_| -1.0,
+            |i| if i % 2 == 0 { 1.0 } else { -1.0 },
+            |i| if (i / 4) % 3 == 0 { -1.0 } else { 1.0 },
+        ];
+        let rows_of_acts: Vec<Vec<BlockQ8x>> = (0..R16_TOKENS)
+            .map(|t| {
+                let x: Vec<f32> = (0..cols).map(|i| signs[t % 4](i)).collect();
+                let mut a = acts(&mut Rng::new(1), cols, 1.0);
+                quantize_q8x(&x, &mut a);
+                assert!(a[0].qs.iter().all(|q| q.abs() == 127));
+                a
+            })
+            .collect();
+        let refs: [&[BlockQ8x]; R16_TOKENS] = std::array::from_fn(|i| rows_of_acts[i].as_slice());
+        for ty in R16_TYPES {
+            for fill in [0xFF, 0x80, 0x7F, 0x00] {
+                let bytes = filled_matrix(ty, 16, cols, fill);
+                let (_, rp) = weight_and_repacked(ty, &bytes, 16, cols);
+                let group = rp.groups(0..1);
+                for n_act in [1, 4, R16_TOKENS] {
+                    let want = gemm_r16_scalar(rp.kind, group, nb, refs, n_act);
+                    for k in crate::Kernels::all_variants() {
+                        let got = (k.r16_gemm)(rp.kind, group, nb, refs, n_act);
+                        assert_outputs_close(&got, &want, n_act, || {
+                            format!("{ty} fill {fill:#x} {}", k.name)
+                        });
+                    }
+                }
+            }
+        }
     }
 
     #[test]
@@ -715,8 +826,19 @@ mod tests {
                     x[64..96].fill(0.25);
                     x[70] = -1000.0;
                 }
+                if nb > 4 {
+                    // a block so small its scale is an f16 subnormal, rounded down: the
+                    // largest values would round to 129 without the clamp
+                    for (i, v) in x[128..160].iter_mut().enumerate() {
+                        *v = if i % 2 == 0 { 1e-4 } else { -1e-4 };
+                    }
+                }
                 let (mut want, mut got) = (vec![blank; nb], vec![blank; nb]);
                 quantize_q8x(&x, &mut want);
+                if nb > 4 {
+                    assert_eq!(want[4].qs[0], 127, "{:?}", want[4]);
+                    assert_eq!(want[4].qs[1], -127, "{:?}", want[4]);
+                }
                 (kern.quantize_q8x)(&x, &mut got);
                 for (g, w) in got.iter().zip(&want) {
                     assert_eq!(

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use capy_kernels::blocks::AlignedBuf;
+use capy_kernels::matmul::matmul_repacked_many;
 use capy_kernels::ops;
 use capy_kernels::pool::{split_range, SharedMut};
 use capy_kernels::{kernels, matmul, Isa, Kernels, ThreadPool};
@@ -324,9 +325,18 @@ impl Context {
             let q = &mut s.q[..n_tok * hp.n_embd_q()];
             let kk = &mut s.k[..n_tok * hp.n_embd_k()];
             let v = &mut s.v[..n_tok * hp.n_embd_v()];
-            mm(k, &self.pool, &model, &layer.wq, xn, q, &mut s.qbuf)?;
-            mm(k, &self.pool, &model, &layer.wk, xn, kk, &mut s.qbuf)?;
-            mm(k, &self.pool, &model, &layer.wv, xn, v, &mut s.qbuf)?;
+            mm_same_input(
+                k,
+                &self.pool,
+                &model,
+                &mut [
+                    (&layer.wq, &mut *q),
+                    (&layer.wk, &mut *kk),
+                    (&layer.wv, &mut *v),
+                ],
+                xn,
+                &mut s.qbuf,
+            )?;
             if let (Some(bq), Some(bk), Some(bv)) = (&layer.bq, &layer.bk, &layer.bv) {
                 add_rows(q, bq);
                 add_rows(kk, bk);
@@ -393,16 +403,14 @@ impl Context {
             rms_norm_rows(k, x, xn, &layer.ffn_norm, hp.rms_eps, n_embd);
             let gate = &mut s.gate[..n_tok * hp.n_ff];
             let up = &mut s.up[..n_tok * hp.n_ff];
-            mm(
+            mm_same_input(
                 k,
                 &self.pool,
                 &model,
-                &layer.ffn_gate,
+                &mut [(&layer.ffn_gate, &mut *gate), (&layer.ffn_up, &mut *up)],
                 xn,
-                gate,
                 &mut s.qbuf,
             )?;
-            mm(k, &self.pool, &model, &layer.ffn_up, xn, up, &mut s.qbuf)?;
             gated_activation(k, &self.pool, hp.activation, gate, up);
             mm(
                 k,
@@ -471,6 +479,40 @@ fn mm(
     match &w.repacked {
         Some(rp) => capy_kernels::matmul::matmul_repacked(k, pool, rp, x, out, qbuf)?,
         None => matmul(k, pool, model.weight(w), x, out, qbuf)?,
+    }
+    Ok(())
+}
+
+/// [`mm`] of several matrices with the same input: one activation quantization and one pass
+/// over the pool for all of them when they are all repacked, else one [`mm`] each.
+fn mm_same_input(
+    k: &Kernels,
+    pool: &ThreadPool,
+    model: &Model,
+    mats: &mut [(&Tensor, &mut [f32])],
+    x: &[f32],
+    qbuf: &mut AlignedBuf,
+) -> Result<()> {
+    fn rp(w: &Tensor) -> Option<&capy_kernels::repack::Repacked> {
+        w.repacked.as_deref()
+    }
+    match mats {
+        [(a, oa), (b, ob)] => {
+            if let (Some(a), Some(b)) = (rp(a), rp(b)) {
+                let mut m = [(a, &mut **oa), (b, &mut **ob)];
+                return Ok(matmul_repacked_many(k, pool, &mut m, x, qbuf)?);
+            }
+        }
+        [(a, oa), (b, ob), (c, oc)] => {
+            if let (Some(a), Some(b), Some(c)) = (rp(a), rp(b), rp(c)) {
+                let mut m = [(a, &mut **oa), (b, &mut **ob), (c, &mut **oc)];
+                return Ok(matmul_repacked_many(k, pool, &mut m, x, qbuf)?);
+            }
+        }
+        _ => {}
+    }
+    for (w, out) in mats.iter_mut() {
+        mm(k, pool, model, w, x, out, qbuf)?;
     }
     Ok(())
 }

@@ -483,8 +483,10 @@ unsafe fn round32(x: *const f32, id: f32, q: *mut i8) -> [i32; 2] {
     // SAFETY: the caller guarantees 32 floats and 32 bytes.
     unsafe {
         for (half, s) in sums.iter_mut().enumerate() {
+            // within -127..=127, as the reference keeps them
             let v: [int32x4_t; 4] = std::array::from_fn(|i| {
-                vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(x.add(16 * half + 4 * i)), id))
+                let r = vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(x.add(16 * half + 4 * i)), id));
+                vmaxq_s32(vminq_s32(r, vdupq_n_s32(127)), vdupq_n_s32(-127))
             });
             let w0 = vcombine_s16(vqmovn_s32(v[0]), vqmovn_s32(v[1]));
             let w1 = vcombine_s16(vqmovn_s32(v[2]), vqmovn_s32(v[3]));

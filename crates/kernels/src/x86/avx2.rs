@@ -626,3 +626,63 @@ safe_wrapper4!(dot4_q4_1, dot4_q4_1_impl, BlockQ4_1, BlockQ8_1);
 safe_wrapper4!(dot4_q5_0, dot4_q5_0_impl, BlockQ5_0, BlockQ8_0);
 safe_wrapper4!(dot4_q4k, dot4_q4k_impl, BlockQ4K, BlockQ8K);
 safe_wrapper4!(dot4_q6k, dot4_q6k_impl, BlockQ6K, BlockQ8K);
+
+// ---- activations for repacked weights ----------------------------------------------------
+
+/// Sum of the eight i32 lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum_epi32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s));
+    _mm_cvtsi128_si32(s)
+}
+
+/// [`crate::repack::quantize_q8x`]: per block, the absolute maximum, the scale rounded to
+/// f16, values rounded to nearest-even (the default MXCSR mode, as `nearest_int`) and kept
+/// within -127..=127.
+#[target_feature(enable = "avx2,f16c")]
+fn quantize_q8x_impl(x: &[f32], y: &mut [crate::repack::BlockQ8x]) {
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
+    for (x, b) in x.chunks_exact(32).zip(y.iter_mut()) {
+        // SAFETY: a chunk is 32 floats; the block's `qs` is 32 bytes.
+        unsafe {
+            let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(x.as_ptr().add(8 * i)));
+            let m = _mm256_max_ps(
+                _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+                _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)),
+            );
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+            let amax = _mm_cvtss_f32(m);
+            let dh = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(amax / 127.0));
+            let d = _mm_cvtss_f32(_mm_cvtph_ps(dh));
+            let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+            let q: [__m256i; 4] = std::array::from_fn(|i| {
+                let r = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id));
+                _mm256_max_epi32(_mm256_min_epi32(r, hi), lo)
+            });
+            // i32 -> i16 -> i8 packs work per 128-bit lane: restore the order after
+            let w0 = _mm256_packs_epi32(q[0], q[1]);
+            let w1 = _mm256_packs_epi32(q[2], q[3]);
+            let bytes = _mm256_packs_epi16(w0, w1);
+            let bytes =
+                _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(b.qs.as_mut_ptr() as *mut __m256i, bytes);
+            let s0 = hsum_epi32(_mm256_add_epi32(q[0], q[1]));
+            let s1 = hsum_epi32(_mm256_add_epi32(q[2], q[3]));
+            b.d = d;
+            b.s = d * (s0 + s1) as f32;
+            b.sums = [s0 as i16, s1 as i16];
+        }
+    }
+}
+
+pub(super) fn quantize_q8x(x: &[f32], y: &mut [crate::repack::BlockQ8x]) {
+    // SAFETY: only placed in a kernel table after `Isa::Avx2.available()` confirmed AVX2, FMA
+    // and F16C.
+    unsafe { quantize_q8x_impl(x, y) }
+}

@@ -757,8 +757,11 @@ fn quantize_q8x_impl(x: &[f32], y: &mut [BlockQ8x]) {
             let dh = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(amax / 127.0));
             let d = _mm_cvtss_f32(_mm_cvtph_ps(dh));
             let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
-            let q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id));
-            let q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+            // within -127..=127, as the reference keeps them
+            let (lo, hi) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127));
+            let clamp = |q: __m512i| _mm512_max_epi32(_mm512_min_epi32(q, hi), lo);
+            let q0 = clamp(_mm512_cvtps_epi32(_mm512_mul_ps(v0, id)));
+            let q1 = clamp(_mm512_cvtps_epi32(_mm512_mul_ps(v1, id)));
             _mm_storeu_si128(b.qs.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(q0));
             _mm_storeu_si128(
                 b.qs.as_mut_ptr().add(16) as *mut __m128i,

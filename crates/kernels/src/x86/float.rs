@@ -481,6 +481,96 @@ fn gated_mul_256<const GELU: bool>(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+#[target_feature(enable = "avx2,fma")]
+fn rms_norm_256(x: &mut [f32], w: &[f32], eps: f32) {
+    let n = x.len();
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut chunks = x.chunks_exact(8);
+    for (i, ch) in (&mut chunks).enumerate() {
+        // SAFETY: a chunk is 8 floats.
+        let v = unsafe { _mm256_loadu_ps(ch.as_ptr()) };
+        acc[i % 4] = _mm256_fmadd_ps(v, v, acc[i % 4]);
+    }
+    let mut lanes = [0.0f32; 8];
+    let a = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    // SAFETY: `lanes` is 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), a) };
+    let sum = lanes.iter().sum::<f32>() + chunks.remainder().iter().map(|v| v * v).sum::<f32>();
+    let scale = 1.0 / (sum / n as f32 + eps).sqrt();
+    let vs = _mm256_set1_ps(scale);
+    // the weighted part: full chunks of both `x` and `w`
+    let m = n.min(w.len()) / 8 * 8;
+    for i in (0..m).step_by(8) {
+        // SAFETY: i + 8 <= m <= both lengths.
+        unsafe {
+            let v = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i)), vs);
+            let g = _mm256_loadu_ps(w.as_ptr().add(i));
+            _mm256_storeu_ps(x.as_mut_ptr().add(i), _mm256_mul_ps(v, g));
+        }
+    }
+    for (i, v) in x.iter_mut().enumerate().skip(m) {
+        *v *= scale * w.get(i).copied().unwrap_or(1.0);
+    }
+}
+
+/// `(x0 c - x1 s, x0 s + x1 c)` on 8 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn rotate256(x0: __m256, x1: __m256, c: __m256, s: __m256) -> (__m256, __m256) {
+    (
+        _mm256_fmsub_ps(x0, c, _mm256_mul_ps(x1, s)),
+        _mm256_fmadd_ps(x0, s, _mm256_mul_ps(x1, c)),
+    )
+}
+
+/// [`crate::ops::rope`]: NeoX pairs `(x[i], x[i + n_dims/2])` eight at a time; GPT-J pairs
+/// `(x[2i], x[2i+1])` four at a time, each cos/sin duplicated to its pair's two lanes and the
+/// partner taken by swapping neighbours (`x c +- swap(x) s`, one `vfmaddsub`).
+#[target_feature(enable = "avx2,fma")]
+fn rope_256(x: &mut [f32], cos: &[f32], sin: &[f32], n_dims: usize, neox: bool) {
+    let half = n_dims / 2;
+    assert!(
+        n_dims <= x.len() && half <= cos.len() && half <= sin.len(),
+        "rope: slices too short"
+    );
+    let mut i = 0;
+    if neox {
+        while i + 8 <= half {
+            // SAFETY: i + 8 <= half: elements i..i+8 and half+i..half+i+8 are below n_dims
+            // <= x.len(); cos/sin lanes below half (asserted above).
+            unsafe {
+                let c = _mm256_loadu_ps(cos.as_ptr().add(i));
+                let s = _mm256_loadu_ps(sin.as_ptr().add(i));
+                let (p0, p1) = (x.as_mut_ptr().add(i), x.as_mut_ptr().add(i + half));
+                let (r0, r1) = rotate256(_mm256_loadu_ps(p0), _mm256_loadu_ps(p1), c, s);
+                _mm256_storeu_ps(p0, r0);
+                _mm256_storeu_ps(p1, r1);
+            }
+            i += 8;
+        }
+    } else {
+        while i + 4 <= half {
+            // SAFETY: i + 4 <= half: elements 2i..2i+8 are below n_dims <= x.len(); cos/sin
+            // lanes below half (asserted above).
+            unsafe {
+                let dup = |p: *const f32| {
+                    let v = _mm_loadu_ps(p);
+                    _mm256_set_m128(_mm_unpackhi_ps(v, v), _mm_unpacklo_ps(v, v))
+                };
+                let (c, s) = (dup(cos.as_ptr().add(i)), dup(sin.as_ptr().add(i)));
+                let p = x.as_mut_ptr().add(2 * i);
+                let v = _mm256_loadu_ps(p);
+                let swapped = _mm256_permute_ps::<0b10_11_00_01>(v);
+                // even lanes x0 c - x1 s, odd lanes x1 c + x0 s
+                let r = _mm256_fmaddsub_ps(v, c, _mm256_mul_ps(swapped, s));
+                _mm256_storeu_ps(p, r);
+            }
+            i += 4;
+        }
+    }
+    crate::ops::rope_pairs(x, cos, sin, n_dims, neox, i);
+}
+
 // ---- safe entry points for the kernel tables ------------------------------------------
 
 /// A safe wrapper `$name` of the `#[target_feature]` function `$impl` for level `$isa`.
@@ -506,3 +596,6 @@ entry!("Avx512", gelu_mul_avx512 = gated_mul_512::<true>, (gate: &mut [f32], up:
 entry!("Avx2", silu_mul_avx2 = gated_mul_256::<false>, (gate: &mut [f32], up: &[f32]));
 entry!("Avx2", gelu_mul_avx2 = gated_mul_256::<true>, (gate: &mut [f32], up: &[f32]));
 entry!("Avx512", rms_norm_avx512 = rms_norm_512, (x: &mut [f32], w: &[f32], eps: f32));
+entry!("Avx2", rms_norm_avx2 = rms_norm_256, (x: &mut [f32], w: &[f32], eps: f32));
+entry!("Avx2", rope_avx2 = rope_256, (x: &mut [f32], cos: &[f32], sin: &[f32], n_dims: usize,
+    neox: bool));

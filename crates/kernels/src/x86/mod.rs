@@ -1,8 +1,9 @@
-//! x86-64 SIMD kernels: AVX2 (+FMA, F16C) and AVX-512 (F, BW, VL).
+//! x86-64 SIMD kernels: AVX2 (+FMA, F16C), AVX-VNNI and AVX-512 (F, BW, VL).
 
 mod avx2;
 mod avx512;
 mod float;
+mod r16;
 
 use std::arch::x86_64::{_mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtss_f32};
 
@@ -43,21 +44,43 @@ pub(crate) fn avx2_kernels() -> Kernels {
         dot4_q8_0: Some(avx2::dot4_q8_0),
         dot4_q4k: Some(avx2::dot4_q4k),
         dot4_q6k: Some(avx2::dot4_q6k),
+        r16_gemm: r16::gemm_r16_avx2,
+        r16_preferred: true,
+        quantize_q8x: avx2::quantize_q8x,
+        rms_norm: float::rms_norm_avx2,
+        rope: float::rope_avx2,
         ..Kernels::SCALAR
     }
 }
 
-/// The AVX-512 table: the AVX2 table with the AVX-512 kernels on top (and the repacked
-/// weight kernel where the CPU has VNNI).
+/// The AVX-VNNI table: the AVX2 table with the repacked-weight kernel's multiply-adds done
+/// by the VEX `vpdpbusd`.
+pub(crate) fn avxvnni_kernels() -> Kernels {
+    Kernels {
+        isa: Isa::AvxVnni,
+        name: "avx2+vnni",
+        r16_gemm: r16::gemm_r16_avxvnni,
+        ..avx2_kernels()
+    }
+}
+
+/// The AVX-512 table: the AVX2 table with the AVX-512 kernels on top; the repacked-weight
+/// kernel is AVX-512 VNNI's where the CPU has it, else the 256-bit one of the best lower
+/// level (AVX-VNNI or AVX2).
 pub(crate) fn avx512_kernels() -> Kernels {
     let vnni = is_x86_feature_detected!("avx512vnni");
+    let below = if crate::Isa::AvxVnni.available() {
+        avxvnni_kernels()
+    } else {
+        avx2_kernels()
+    };
     Kernels {
         r16_gemm: if vnni {
             avx512::gemm_r16
         } else {
-            crate::repack::gemm_r16_scalar
+            below.r16_gemm
         },
-        r16_preferred: vnni,
+        r16_preferred: true,
         isa: Isa::Avx512,
         name: if vnni { "avx512+vnni" } else { "avx512" },
         dot_q4_0: avx512::dot_q4_0,
@@ -81,6 +104,6 @@ pub(crate) fn avx512_kernels() -> Kernels {
         dot4_q8_0: Some(avx512::dot4_q8_0),
         dot4_q4k: Some(avx512::dot4_q4k),
         dot4_q6k: Some(avx512::dot4_q6k),
-        ..avx2_kernels()
+        ..below
     }
 }

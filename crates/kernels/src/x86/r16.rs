@@ -1,0 +1,576 @@
+//! The repacked-weight GEMM ([`crate::repack`]'s R16 layout) with 256-bit registers, in two
+//! forms that share everything but the integer multiply-add: AVX2 (`vpmaddubsw` +
+//! `vpmaddwd`) and AVX-VNNI (`vpdpbusd` in its VEX form, Intel's client cores since Alder
+//! Lake and AMD's since Zen 5).
+//!
+//! A 64-byte chunk of the layout holds four values of sixteen rows; its two 32-byte halves
+//! are rows 0..8 and 8..16 ("octs"), so one 256-bit register holds four values of eight rows
+//! and the layout needs no AVX2 variant. Per block, oct and token, the activation's bytes
+//! `4k..4k+4` are broadcast to the eight 32-bit lanes and multiplied with value register `k`:
+//!
+//! * AVX2: `vpmaddubsw` gives, per row, two 16-bit sums of two products each. Those are
+//!   added in 16 bits for as many registers as the values' range allows without overflow
+//!   (activations are within -127..=127): all eight for 4-bit values (16 x 15 x 127 <
+//!   2^15), four for 5-bit, two for Q6_K's 0..=63; then one `vpmaddwd` by ones per group
+//!   widens to 32 bits. Q8's 0..=255 values would saturate `vpmaddubsw`, so they are taken
+//!   back to the signed bytes and multiplied as `|w| * (a * sign w)` (at most 2 x 128 x 127),
+//!   each register widened on its own.
+//! * AVX-VNNI: `vpdpbusd` sums four u8 x i8 products into each 32-bit lane without
+//!   intermediate saturation, so every kind takes eight instructions in two chains.
+//!
+//! Scales are applied per block in f32 exactly as [`crate::repack::gemm_r16_scalar`] does.
+
+use std::arch::x86_64::*;
+
+use crate::repack::{
+    kind_of, usable_blocks, BlockQ8x, R16Kind, KIND_Q4, KIND_Q4K, KIND_Q5, KIND_Q6K, KIND_Q8,
+    R16_ROWS, R16_TOKENS,
+};
+
+/// The integer multiply-add of one level.
+trait Mac {
+    /// Whether Q8's values are used as the signed bytes (`q - 128`) with their magnitudes.
+    const SIGNED_Q8: bool;
+
+    /// Per row of an oct: the sums of `v[k] · a[4k..4k+4]` over `k` in 0..4 (values 0..16)
+    /// and 4..8 (values 16..32). For Q8 with [`Mac::SIGNED_Q8`], `v` are the magnitudes and
+    /// `s` the signed values; otherwise `s` is unused.
+    ///
+    /// # Safety
+    /// The CPU has the level's features.
+    unsafe fn dot<const KIND: u8>(
+        v: &[__m256i; 8],
+        s: &[__m256i; 8],
+        a: &[__m256i; 8],
+    ) -> (__m256i, __m256i);
+}
+
+/// AVX2: `vpmaddubsw`, 16-bit sums while they cannot overflow, `vpmaddwd` by ones.
+struct Avx2;
+/// AVX-VNNI: `vpdpbusd` (VEX).
+struct AvxVnni;
+
+/// The 32-bit sums of pairs of 16-bit lanes.
+///
+/// # Safety
+/// The CPU has AVX2.
+#[inline(always)]
+unsafe fn widen(x: __m256i) -> __m256i {
+    // SAFETY: AVX2 by the caller's contract.
+    unsafe { _mm256_madd_epi16(x, _mm256_set1_epi16(1)) }
+}
+
+impl Mac for Avx2 {
+    const SIGNED_Q8: bool = true;
+
+    #[inline(always)]
+    unsafe fn dot<const KIND: u8>(
+        v: &[__m256i; 8],
+        s: &[__m256i; 8],
+        a: &[__m256i; 8],
+    ) -> (__m256i, __m256i) {
+        // SAFETY: AVX2 by the caller's contract.
+        unsafe {
+            let m = |k: usize| _mm256_maddubs_epi16(v[k], a[k]);
+            let add = _mm256_add_epi16;
+            match KIND {
+                KIND_Q8 => {
+                    // |w| * (a * sign w): one register at a time (2 x 128 x 127 < 2^15)
+                    let p =
+                        |k: usize| widen(_mm256_maddubs_epi16(v[k], _mm256_sign_epi8(a[k], s[k])));
+                    let lo = _mm256_add_epi32(
+                        _mm256_add_epi32(p(0), p(1)),
+                        _mm256_add_epi32(p(2), p(3)),
+                    );
+                    let hi = _mm256_add_epi32(
+                        _mm256_add_epi32(p(4), p(5)),
+                        _mm256_add_epi32(p(6), p(7)),
+                    );
+                    (lo, hi)
+                }
+                KIND_Q6K => {
+                    // values 0..=63: two registers per 16-bit sum (4 x 63 x 127 < 2^15)
+                    let lo = _mm256_add_epi32(widen(add(m(0), m(1))), widen(add(m(2), m(3))));
+                    let hi = _mm256_add_epi32(widen(add(m(4), m(5))), widen(add(m(6), m(7))));
+                    (lo, hi)
+                }
+                KIND_Q5 => {
+                    // values 0..=31: four registers per 16-bit sum (8 x 31 x 127 < 2^15)
+                    let lo = add(add(m(0), m(1)), add(m(2), m(3)));
+                    let hi = add(add(m(4), m(5)), add(m(6), m(7)));
+                    (
+                        _mm256_add_epi32(widen(lo), widen(hi)),
+                        _mm256_setzero_si256(),
+                    )
+                }
+                _ => {
+                    // 4-bit values: all eight in one 16-bit sum (16 x 15 x 127 < 2^15)
+                    let lo = add(add(m(0), m(1)), add(m(2), m(3)));
+                    let hi = add(add(m(4), m(5)), add(m(6), m(7)));
+                    (widen(add(lo, hi)), _mm256_setzero_si256())
+                }
+            }
+        }
+    }
+}
+
+impl Mac for AvxVnni {
+    const SIGNED_Q8: bool = false;
+
+    #[inline(always)]
+    unsafe fn dot<const KIND: u8>(
+        v: &[__m256i; 8],
+        _s: &[__m256i; 8],
+        a: &[__m256i; 8],
+    ) -> (__m256i, __m256i) {
+        // SAFETY: AVX-VNNI by the caller's contract.
+        unsafe {
+            let z = _mm256_setzero_si256();
+            let mut lo = _mm256_dpbusd_avx_epi32(z, v[0], a[0]);
+            let mut hi = _mm256_dpbusd_avx_epi32(z, v[4], a[4]);
+            for k in 1..4 {
+                lo = _mm256_dpbusd_avx_epi32(lo, v[k], a[k]);
+                hi = _mm256_dpbusd_avx_epi32(hi, v[k + 4], a[k + 4]);
+            }
+            (lo, hi)
+        }
+    }
+}
+
+/// The eight value registers of oct `h` (rows `8h..8h+8`) of one block: register `k` holds
+/// values `4k..4k+4` of the oct's rows, unsigned (`q` of [`crate::repack`]).
+///
+/// # Safety
+/// The CPU has AVX2; `body` points to the kind's `body_bytes()` readable bytes; `h < 2`.
+#[inline(always)]
+unsafe fn oct_values<const KIND: u8>(body: *const u8, h: usize) -> [__m256i; 8] {
+    // SAFETY: every offset below is inside the body (see `R16Kind`'s packing).
+    unsafe {
+        let ld = |o: usize| _mm256_loadu_si256(body.add(o) as *const __m256i);
+        if KIND == KIND_Q8 {
+            return std::array::from_fn(|k| ld(64 * k + 32 * h));
+        }
+        let low4 = _mm256_set1_epi8(0x0F);
+        let p = [
+            ld(32 * h),
+            ld(64 + 32 * h),
+            ld(128 + 32 * h),
+            ld(192 + 32 * h),
+        ];
+        let mut v: [__m256i; 8] = std::array::from_fn(|k| {
+            if k < 4 {
+                _mm256_and_si256(p[k], low4)
+            } else {
+                _mm256_and_si256(_mm256_srli_epi16::<4>(p[k - 4]), low4)
+            }
+        });
+        if KIND == KIND_Q5 {
+            // the fifth bits of value bytes 64k + 32h .. +32: four bytes of the bit string
+            let bit4 = _mm256_set1_epi8(0x10);
+            for (k, x) in v.iter_mut().enumerate() {
+                let bits = (body.add(256 + 8 * k + 4 * h) as *const u32).read_unaligned();
+                let set = super::avx2::bits_to_bytes(bits);
+                *x = _mm256_or_si256(*x, _mm256_and_si256(set, bit4));
+            }
+        } else if KIND == KIND_Q6K {
+            // the high bit pairs of value byte j sit in byte j % 128 at bit 2 (j / 128)
+            let three = _mm256_set1_epi8(3);
+            let hb = [ld(256 + 32 * h), ld(256 + 64 + 32 * h)];
+            for (k, x) in v.iter_mut().enumerate() {
+                let s = match k / 2 {
+                    0 => hb[k % 2],
+                    1 => _mm256_srli_epi16::<2>(hb[k % 2]),
+                    2 => _mm256_srli_epi16::<4>(hb[k % 2]),
+                    _ => _mm256_srli_epi16::<6>(hb[k % 2]),
+                };
+                let s = _mm256_slli_epi16::<4>(_mm256_and_si256(s, three));
+                *x = _mm256_or_si256(*x, s);
+            }
+        }
+        v
+    }
+}
+
+/// Eight f16 at `p` as f32.
+///
+/// # Safety
+/// The CPU has F16C; `p` points to 16 readable bytes.
+#[inline(always)]
+unsafe fn f16x8(p: *const u8) -> __m256 {
+    // SAFETY: the caller guarantees 16 bytes.
+    unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+}
+
+/// Eight bytes at `p` as f32, unsigned or signed.
+///
+/// # Safety
+/// The CPU has AVX2; `p` points to 8 readable bytes.
+#[inline(always)]
+unsafe fn bytes8<const SIGNED: bool>(p: *const u8) -> __m256 {
+    // SAFETY: the caller guarantees 8 bytes.
+    unsafe {
+        let b = _mm_loadl_epi64(p as *const __m128i);
+        _mm256_cvtepi32_ps(if SIGNED {
+            _mm256_cvtepi8_epi32(b)
+        } else {
+            _mm256_cvtepu8_epi32(b)
+        })
+    }
+}
+
+/// Per-row scales of block `j` of a unit for oct `h`: those of the two sixteen-value halves
+/// and the offset `c` (Q6_K's offset is taken off in integers). `d`, `d2`: the unit's `d`
+/// and second header value (`c`, `dmin`, or `-128 d` for Q8).
+///
+/// # Safety
+/// The CPU has AVX2; `hp` points to the unit's header.
+#[inline(always)]
+unsafe fn block_scales<const KIND: u8>(
+    hp: *const u8,
+    j: usize,
+    h: usize,
+    d: __m256,
+    d2: __m256,
+) -> (__m256, __m256, __m256) {
+    // SAFETY: header reads inside the kind's header bytes.
+    unsafe {
+        match KIND {
+            KIND_Q4K => {
+                let sc = _mm256_mul_ps(d, bytes8::<false>(hp.add(64 + 16 * j + 8 * h)));
+                let m = _mm256_mul_ps(d2, bytes8::<false>(hp.add(192 + 16 * j + 8 * h)));
+                (sc, sc, _mm256_sub_ps(_mm256_setzero_ps(), m))
+            }
+            KIND_Q6K => {
+                let sa = _mm256_mul_ps(d, bytes8::<true>(hp.add(32 + 32 * j + 8 * h)));
+                let sb = _mm256_mul_ps(d, bytes8::<true>(hp.add(48 + 32 * j + 8 * h)));
+                (sa, sb, _mm256_setzero_ps())
+            }
+            _ => (d, d, d2),
+        }
+    }
+}
+
+/// Bytes ahead of the block in use that the kernel asks the cache for.
+const PF_DIST: usize = 1024;
+
+/// One token's contribution of one block to the accumulator of one oct: the integer dot
+/// product, then the block's scales (`da`, `db`, `c` from [`block_scales`]).
+///
+/// # Safety
+/// As [`Mac::dot`]; the CPU also has FMA.
+#[inline(always)]
+unsafe fn block_token<M: Mac, const KIND: u8>(
+    v: &[__m256i; 8],
+    s: &[__m256i; 8],
+    (da, db, c): (__m256, __m256, __m256),
+    a: &BlockQ8x,
+    acc: __m256,
+) -> __m256 {
+    // SAFETY: features by the caller's contract; the activation's 32 bytes are read as eight
+    // unaligned i32.
+    unsafe {
+        // activation bytes 4k..4k+4 in every lane
+        let q = a.qs.as_ptr() as *const i32;
+        let ab: [__m256i; 8] =
+            std::array::from_fn(|k| _mm256_set1_epi32(q.add(k).read_unaligned()));
+        let (i0, i1) = M::dot::<KIND>(v, s, &ab);
+        let ad = _mm256_set1_ps(a.d);
+        if KIND == KIND_Q6K {
+            // values are q + 32: take 32 * sum(a) off each half, exactly
+            let i0 = _mm256_sub_epi32(i0, _mm256_set1_epi32(32 * a.sums[0] as i32));
+            let i1 = _mm256_sub_epi32(i1, _mm256_set1_epi32(32 * a.sums[1] as i32));
+            let both = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(i0),
+                da,
+                _mm256_mul_ps(_mm256_cvtepi32_ps(i1), db),
+            );
+            _mm256_fmadd_ps(both, ad, acc)
+        } else {
+            let mut i = _mm256_add_epi32(i0, i1);
+            if KIND == KIND_Q8 && M::SIGNED_Q8 {
+                // back from the signed values to q = value + 128
+                let s = a.sums[0] as i32 + a.sums[1] as i32;
+                i = _mm256_add_epi32(i, _mm256_set1_epi32(128 * s));
+            }
+            let f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(da, ad), acc);
+            _mm256_fmadd_ps(c, _mm256_set1_ps(a.s), f)
+        }
+    }
+}
+
+/// The value registers of oct `h` of one block as [`Mac::dot`] takes them (for AVX2's Q8:
+/// magnitudes and signed values).
+///
+/// # Safety
+/// As [`oct_values`].
+#[inline(always)]
+unsafe fn oct_operands<M: Mac, const KIND: u8>(
+    body: *const u8,
+    h: usize,
+) -> ([__m256i; 8], [__m256i; 8]) {
+    // SAFETY: as this function's.
+    unsafe {
+        let mut v = oct_values::<KIND>(body, h);
+        let mut s = v;
+        if KIND == KIND_Q8 && M::SIGNED_Q8 {
+            for (x, y) in v.iter_mut().zip(s.iter_mut()) {
+                *y = _mm256_xor_si256(*x, _mm256_set1_epi8(-128));
+                *x = _mm256_abs_epi8(*y);
+            }
+        }
+        (v, s)
+    }
+}
+
+/// A unit's per-row `d` and second header value (`c`, `dmin`, or `-128 d` for Q8) for oct
+/// `h`.
+///
+/// # Safety
+/// The CPU has AVX2 and F16C; `hp` points to the unit's header.
+#[inline(always)]
+unsafe fn unit_scales<const KIND: u8>(hp: *const u8, h: usize) -> (__m256, __m256) {
+    // SAFETY: header reads inside the kind's header bytes.
+    unsafe {
+        let d = f16x8(hp.add(16 * h));
+        let d2 = match KIND {
+            KIND_Q8 => _mm256_mul_ps(d, _mm256_set1_ps(-128.0)),
+            KIND_Q6K => _mm256_setzero_ps(),
+            _ => f16x8(hp.add(32 + 16 * h)),
+        };
+        (d, d2)
+    }
+}
+
+/// `N` activation rows against the sixteen rows of a group, block by block with both octs
+/// inside: each block's bytes are used once and, for one row (decoding), its activation
+/// registers serve both octs. Accumulators `[oct][token]` (in memory beyond a few tokens).
+///
+/// # Safety
+/// The CPU has AVX2, FMA, F16C and `M`'s features; `group` holds the `nb` blocks (whole
+/// units) of kind `KIND` and every row of `acts` at least `nb` blocks; `acts.len() >= N`.
+#[inline(always)]
+unsafe fn gemm_blocks<M: Mac, const N: usize, const KIND: u8>(
+    group: &[u8],
+    nb: usize,
+    acts: &[&[BlockQ8x]],
+) -> [[__m256; N]; 2] {
+    let kind = kind_of(KIND);
+    let (ub, hb, bb, bpu) = (
+        kind.unit_bytes(),
+        kind.header_bytes(),
+        kind.body_bytes(),
+        kind.blocks_per_unit(),
+    );
+    let mut facc = [[_mm256_setzero_ps(); N]; 2];
+    // SAFETY: header and body reads inside each unit (`ub` bytes); activation blocks below
+    // `nb` exist; features by the caller's contract.
+    unsafe {
+        for u in 0..nb / bpu {
+            let hp = group.as_ptr().add(u * ub);
+            let us = [unit_scales::<KIND>(hp, 0), unit_scales::<KIND>(hp, 1)];
+            for j in 0..bpu {
+                let b = u * bpu + j;
+                let body = hp.add(hb + j * bb);
+                let pf = body.wrapping_add(PF_DIST);
+                for off in (0..bb).step_by(64) {
+                    // a prefetch is a hint: it never faults, even past the end
+                    _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(off) as *const i8);
+                }
+                for (h, facc) in facc.iter_mut().enumerate() {
+                    let sc = block_scales::<KIND>(hp, j, h, us[h].0, us[h].1);
+                    let (v, s) = oct_operands::<M, KIND>(body, h);
+                    for (t, acc) in facc.iter_mut().enumerate() {
+                        let a = acts.get_unchecked(t).get_unchecked(b);
+                        *acc = block_token::<M, KIND>(&v, &s, sc, a, *acc);
+                    }
+                }
+            }
+        }
+    }
+    facc
+}
+
+/// `N` (at most four) activation rows against oct `h` of a group (prompt processing): the
+/// accumulators stay in registers beside the eight value registers, and each block's values
+/// are unpacked once for the `N` tokens.
+///
+/// # Safety
+/// As [`gemm_blocks`]; `h < 2`.
+#[inline(always)]
+unsafe fn gemm_oct<M: Mac, const N: usize, const KIND: u8>(
+    group: &[u8],
+    nb: usize,
+    h: usize,
+    acts: &[&[BlockQ8x]],
+) -> [__m256; N] {
+    let kind = kind_of(KIND);
+    let (ub, hb, bb, bpu) = (
+        kind.unit_bytes(),
+        kind.header_bytes(),
+        kind.body_bytes(),
+        kind.blocks_per_unit(),
+    );
+    let mut facc = [_mm256_setzero_ps(); N];
+    // SAFETY: as `gemm_blocks`'.
+    unsafe {
+        for u in 0..nb / bpu {
+            let hp = group.as_ptr().add(u * ub);
+            let (d, d2) = unit_scales::<KIND>(hp, h);
+            for j in 0..bpu {
+                let b = u * bpu + j;
+                let body = hp.add(hb + j * bb);
+                let sc = block_scales::<KIND>(hp, j, h, d, d2);
+                let (v, s) = oct_operands::<M, KIND>(body, h);
+                for (t, acc) in facc.iter_mut().enumerate() {
+                    let a = acts.get_unchecked(t).get_unchecked(b);
+                    *acc = block_token::<M, KIND>(&v, &s, sc, a, *acc);
+                }
+            }
+        }
+    }
+    facc
+}
+
+/// All token counts of one kind. One row, and every row of the kinds whose values take
+/// more work or registers to unpack (Q5, Q8, Q6_K), by [`gemm_blocks`]; several rows of the
+/// 4-bit kinds by [`gemm_oct`], per oct, in one or two passes of at most four tokens (their
+/// values unpack in a few instructions, and register accumulators pay more).
+///
+/// # Safety
+/// As [`gemm_blocks`], for the first `n_act` rows of `acts`.
+#[inline(always)]
+unsafe fn gemm_kind<M: Mac, const KIND: u8>(
+    group: &[u8],
+    nb: usize,
+    acts: &[&[BlockQ8x]; R16_TOKENS],
+    n_act: usize,
+    out: &mut [[f32; R16_ROWS]; R16_TOKENS],
+) {
+    let mut put = |t0: usize, h: usize, accs: &[__m256]| {
+        for (o, a) in out[t0..].iter_mut().zip(accs) {
+            // SAFETY: storing eight f32 at 8h < 16 of an array of sixteen.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * h), *a) };
+        }
+    };
+    let mut put2 = |accs: &[[__m256; 8]; 2], n: usize| {
+        for (h, acc) in accs.iter().enumerate() {
+            put(0, h, &acc[..n]);
+        }
+    };
+    /// Pads `[oct][token]` accumulators of `n` tokens to eight.
+    fn pad<const N: usize>(a: [[__m256; N]; 2]) -> [[__m256; 8]; 2] {
+        // SAFETY: an all-zero __m256 is a valid value.
+        let z = unsafe { std::mem::zeroed::<__m256>() };
+        a.map(|x| std::array::from_fn(|t| if t < N { x[t] } else { z }))
+    }
+    // SAFETY: as this function's.
+    unsafe {
+        if n_act == 1 || !matches!(KIND, KIND_Q4 | KIND_Q4K) {
+            let a = &acts[..];
+            match n_act {
+                8 => put2(&gemm_blocks::<M, 8, KIND>(group, nb, a), 8),
+                7 => put2(&pad(gemm_blocks::<M, 7, KIND>(group, nb, a)), 7),
+                6 => put2(&pad(gemm_blocks::<M, 6, KIND>(group, nb, a)), 6),
+                5 => put2(&pad(gemm_blocks::<M, 5, KIND>(group, nb, a)), 5),
+                4 => put2(&pad(gemm_blocks::<M, 4, KIND>(group, nb, a)), 4),
+                3 => put2(&pad(gemm_blocks::<M, 3, KIND>(group, nb, a)), 3),
+                2 => put2(&pad(gemm_blocks::<M, 2, KIND>(group, nb, a)), 2),
+                1 => put2(&pad(gemm_blocks::<M, 1, KIND>(group, nb, a)), 1),
+                _ => {}
+            }
+            return;
+        }
+        // passes of at most four tokens, as even as possible
+        let first = if n_act > 4 { n_act.div_ceil(2) } else { n_act };
+        for (t0, n) in [(0, first), (first, n_act - first)] {
+            let a = &acts[t0..];
+            for h in 0..2 {
+                match n {
+                    4 => put(t0, h, &gemm_oct::<M, 4, KIND>(group, nb, h, a)),
+                    3 => put(t0, h, &gemm_oct::<M, 3, KIND>(group, nb, h, a)),
+                    2 => put(t0, h, &gemm_oct::<M, 2, KIND>(group, nb, h, a)),
+                    1 => put(t0, h, &gemm_oct::<M, 1, KIND>(group, nb, h, a)),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// Every kind.
+///
+/// # Safety
+/// The CPU has AVX2, FMA, F16C and `M`'s features.
+#[inline(always)]
+unsafe fn gemm<M: Mac>(
+    kind: R16Kind,
+    group: &[u8],
+    nb: usize,
+    acts: [&[BlockQ8x]; R16_TOKENS],
+    n_act: usize,
+) -> [[f32; R16_ROWS]; R16_TOKENS] {
+    let n_act = n_act.min(R16_TOKENS);
+    let nb = usable_blocks(kind, group, nb, &acts[..n_act]);
+    let mut out = [[0.0f32; R16_ROWS]; R16_TOKENS];
+    // SAFETY: `nb` from `usable_blocks`; features by the caller's contract.
+    unsafe {
+        match kind {
+            R16Kind::Q4 => gemm_kind::<M, KIND_Q4>(group, nb, &acts, n_act, &mut out),
+            R16Kind::Q5 => gemm_kind::<M, KIND_Q5>(group, nb, &acts, n_act, &mut out),
+            R16Kind::Q8 => gemm_kind::<M, KIND_Q8>(group, nb, &acts, n_act, &mut out),
+            R16Kind::Q4K => gemm_kind::<M, KIND_Q4K>(group, nb, &acts, n_act, &mut out),
+            R16Kind::Q6K => gemm_kind::<M, KIND_Q6K>(group, nb, &acts, n_act, &mut out),
+        }
+    }
+    out
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn gemm_avx2(
+    kind: R16Kind,
+    group: &[u8],
+    nb: usize,
+    acts: [&[BlockQ8x]; R16_TOKENS],
+    n_act: usize,
+) -> [[f32; R16_ROWS]; R16_TOKENS] {
+    // SAFETY: this function's features are the AVX2 form's.
+    unsafe { gemm::<Avx2>(kind, group, nb, acts, n_act) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+fn gemm_avxvnni(
+    kind: R16Kind,
+    group: &[u8],
+    nb: usize,
+    acts: [&[BlockQ8x]; R16_TOKENS],
+    n_act: usize,
+) -> [[f32; R16_ROWS]; R16_TOKENS] {
+    // SAFETY: this function's features are the AVX-VNNI form's.
+    unsafe { gemm::<AvxVnni>(kind, group, nb, acts, n_act) }
+}
+
+/// [`crate::dispatch::R16GemmFn`] with AVX2.
+pub(super) fn gemm_r16_avx2(
+    kind: R16Kind,
+    group: &[u8],
+    nb: usize,
+    acts: [&[BlockQ8x]; R16_TOKENS],
+    n_act: usize,
+) -> [[f32; R16_ROWS]; R16_TOKENS] {
+    // SAFETY: only placed in a kernel table after `Isa::Avx2.available()` (AVX2, FMA, F16C)
+    // returned true.
+    unsafe { gemm_avx2(kind, group, nb, acts, n_act) }
+}
+
+/// [`crate::dispatch::R16GemmFn`] with AVX-VNNI.
+pub(super) fn gemm_r16_avxvnni(
+    kind: R16Kind,
+    group: &[u8],
+    nb: usize,
+    acts: [&[BlockQ8x]; R16_TOKENS],
+    n_act: usize,
+) -> [[f32; R16_ROWS]; R16_TOKENS] {
+    // SAFETY: only placed in a kernel table after `Isa::AvxVnni.available()` (AVX2, FMA,
+    // F16C and AVX-VNNI) returned true.
+    unsafe { gemm_avxvnni(kind, group, nb, acts, n_act) }
+}
