@@ -226,23 +226,31 @@ pub fn q3k_scales(packed: &[u8; 12]) -> [i8; 16] {
     out
 }
 
+/// One cache line of a [`AlignedBuf`].
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Line([u64; 8]);
+
 /// Heap buffer of bytes aligned to 64 (cache line / zmm), for activation blocks.
 #[derive(Default)]
 pub struct AlignedBuf {
-    words: Vec<[u64; 8]>,
+    words: Vec<Line>,
     len: usize,
 }
 
 impl AlignedBuf {
-    pub fn new() -> AlignedBuf {
-        AlignedBuf::default()
+    pub const fn new() -> AlignedBuf {
+        AlignedBuf {
+            words: Vec::new(),
+            len: 0,
+        }
     }
 
     /// Makes the buffer exactly `len` bytes long, growing the allocation if needed.
     pub fn resize(&mut self, len: usize) {
         let words = len.div_ceil(64);
         if self.words.len() < words {
-            self.words.resize(words, [0; 8]);
+            self.words.resize(words, Line::default());
         }
         self.len = len;
     }
@@ -253,7 +261,7 @@ impl AlignedBuf {
 
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         let len = self.len;
-        // SAFETY: [u64; 8] has no padding and any byte pattern is valid for it.
+        // SAFETY: a line is [u64; 8] without padding; any byte pattern is valid for it.
         let all = unsafe {
             std::slice::from_raw_parts_mut(
                 self.words.as_mut_ptr() as *mut u8,
@@ -264,8 +272,8 @@ impl AlignedBuf {
     }
 }
 
-fn as_bytes_u64(w: &[[u64; 8]]) -> &[u8] {
-    // SAFETY: plain integers without padding.
+fn as_bytes_u64(w: &[Line]) -> &[u8] {
+    // SAFETY: plain integers without padding (a line is 64 bytes, its alignment).
     unsafe { std::slice::from_raw_parts(w.as_ptr() as *const u8, w.len() * 64) }
 }
 
@@ -276,10 +284,11 @@ mod tests {
     #[test]
     fn cast_checks_length_and_alignment() {
         let buf = AlignedBuf {
-            words: vec![[0; 8]; 4],
+            words: vec![Line::default(); 4],
             len: 256,
         };
         let b = buf.as_slice();
+        assert_eq!(b.as_ptr() as usize % 64, 0);
         assert!(cast_blocks::<BlockQ4_0>(&b[..36]).is_some());
         assert!(cast_blocks::<BlockQ4_0>(&b[..35]).is_none());
         assert!(cast_blocks::<BlockQ4_0>(&b[1..37]).is_none());

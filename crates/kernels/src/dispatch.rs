@@ -107,6 +107,27 @@ pub type R16GemmFn = fn(
     [&[crate::repack::BlockQ8x]; crate::repack::R16_TOKENS],
     usize,
 ) -> [[f32; crate::repack::R16_ROWS]; crate::repack::R16_TOKENS];
+/// A level's prompt-processing form of the repacked-weight kernel: `unpack` expands one
+/// group (`nb` blocks) into `dst` once (values one byte each, per-block scales as f32, in a
+/// layout of the level's own) and returns the blocks unpacked; `gemm` then runs up to
+/// `R16_TOKENS` activation rows at a time against it, computing what
+/// [`R16GemmFn`] computes on the packed group (the same scalar reference defines both).
+/// A prompt's tokens share one unpacking instead of unpacking every block per eight tokens.
+#[derive(Clone, Copy)]
+pub struct R16Unpacked {
+    /// The kinds for which this form is the faster one (it trades unpacking work for loads;
+    /// `r16_bench` measures both). Every kind is supported and tested.
+    pub kinds: &'static [crate::repack::R16Kind],
+    pub unpack: fn(crate::repack::R16Kind, &[u8], usize, &mut crate::blocks::AlignedBuf) -> usize,
+    pub gemm: fn(
+        crate::repack::R16Kind,
+        &[u8],
+        usize,
+        [&[crate::repack::BlockQ8x]; crate::repack::R16_TOKENS],
+        usize,
+    ) -> [[f32; crate::repack::R16_ROWS]; crate::repack::R16_TOKENS],
+}
+
 /// One weight row against four activation rows at once (the weight is unpacked once).
 /// Its definition is four calls of the matching [`DotFn`].
 pub type Dot4Fn<W, A> = fn(&[W], [&[A]; 4]) -> [f32; 4];
@@ -147,6 +168,8 @@ pub struct Kernels {
     pub rope: RopeFn,
     pub quantize_q8x: QuantizeFn<crate::repack::BlockQ8x>,
     pub r16_gemm: R16GemmFn,
+    /// The unpack-once form for many activation rows, where a level has one.
+    pub r16_unpacked: Option<R16Unpacked>,
     /// Whether this level has a fast `r16_gemm` (models repack their weights only then).
     pub r16_preferred: bool,
     pub quantize_q8_0: QuantizeFn<BlockQ8_0>,
@@ -192,6 +215,7 @@ impl Kernels {
         rope: crate::ops::rope,
         quantize_q8x: crate::repack::quantize_q8x,
         r16_gemm: crate::repack::gemm_r16_scalar,
+        r16_unpacked: None,
         r16_preferred: false,
         quantize_q8_0: quantize::quantize_q8_0,
         quantize_q8_1: quantize::quantize_q8_1,

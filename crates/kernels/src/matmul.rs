@@ -125,6 +125,9 @@ fn token_count(n_cols: usize, n_rows: usize, x: &[f32], out: &[f32]) -> Result<u
     Ok(n_tok)
 }
 
+/// Activation values up to which [`quantize_rows`] works on the calling thread alone.
+const SERIAL_QUANTIZE_MAX: usize = 16 * 1024;
+
 /// Quantizes the activation rows of `x` into `scratch` (`row_bytes` each), the rows split
 /// over the pool; `quant` returns false when it cannot (misaligned destination).
 fn quantize_rows(
@@ -138,6 +141,13 @@ fn quantize_rows(
 ) -> Result<()> {
     let n_cols = x.len() / n_tok.max(1);
     scratch.resize(row_bytes * n_tok);
+    if x.len() <= SERIAL_QUANTIZE_MAX {
+        // a few rows (decoding): quicker here than a round trip through the pool
+        return match quant(x, scratch.as_mut_slice()) {
+            true => Ok(()),
+            false => Err(Error::Misaligned { op: "matmul", ty }),
+        };
+    }
     let q = SharedMut::new(scratch.as_mut_slice());
     let failed = std::sync::atomic::AtomicBool::new(false);
     pool.run(&|ith, nth| {
@@ -333,6 +343,14 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
     Ok(())
 }
 
+/// Tokens from which a level's unpack-once kernel ([`crate::dispatch::R16Unpacked`]) is used.
+const R16_UNPACK_MIN_TOKENS: usize = 16;
+
+thread_local! {
+    /// The group unpacked by this thread (grown to the largest group, then reused).
+    static UNPACKED: std::cell::RefCell<AlignedBuf> = const { std::cell::RefCell::new(AlignedBuf::new()) };
+}
+
 /// [`matmul`] for a repacked matrix: activations go to [`BlockQ8x`] once, then each thread
 /// takes whole groups of sixteen rows and runs every token through them, `R16_TOKENS` at a time.
 pub fn matmul_repacked(
@@ -412,6 +430,13 @@ pub fn matmul_repacked_many(
             for g in mine.start.max(start)..mine.end.min(end) {
                 let g = g - start;
                 let group = w.groups(g..g + 1);
+                // many tokens: unpack the group once for all of them where the level can
+                let unpacked = k
+                    .r16_unpacked
+                    .filter(|u| n_tok >= R16_UNPACK_MIN_TOKENS && u.kinds.contains(&w.kind));
+                if let Some(u) = unpacked {
+                    UNPACKED.with_borrow_mut(|buf| (u.unpack)(w.kind, group, nb, buf));
+                }
                 let mut t = 0;
                 while t < n_tok {
                     let n = (n_tok - t).min(R16_TOKENS);
@@ -419,7 +444,11 @@ pub fn matmul_repacked_many(
                         let row = (t + i).min(n_tok - 1);
                         &a[row * nb..(row + 1) * nb]
                     });
-                    let res = (k.r16_gemm)(w.kind, group, nb, acts, n);
+                    let res = match unpacked {
+                        Some(u) => UNPACKED
+                            .with_borrow(|buf| (u.gemm)(w.kind, buf.as_slice(), nb, acts, n)),
+                        None => (k.r16_gemm)(w.kind, group, nb, acts, n),
+                    };
                     for (i, rr) in res.iter().enumerate().take(n) {
                         let base = (t + i) * n_rows + g * R16_ROWS;
                         // SAFETY: each group is taken by one thread only (the counter hands

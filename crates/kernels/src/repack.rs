@@ -646,6 +646,25 @@ mod tests {
         }
     }
 
+    /// A level's results for one group: the packed kernel's, and the unpack-once kernel's
+    /// where the level has one.
+    fn every_form(
+        k: &crate::Kernels,
+        kind: R16Kind,
+        group: &[u8],
+        nb: usize,
+        acts: [&[BlockQ8x]; R16_TOKENS],
+        n_act: usize,
+    ) -> Vec<(&'static str, [[f32; R16_ROWS]; R16_TOKENS])> {
+        let mut out = vec![("packed", (k.r16_gemm)(kind, group, nb, acts, n_act))];
+        if let Some(u) = k.r16_unpacked {
+            let mut buf = AlignedBuf::new();
+            assert_eq!((u.unpack)(kind, group, nb, &mut buf), nb);
+            out.push(("unpacked", (u.gemm)(kind, buf.as_slice(), nb, acts, n_act)));
+        }
+        out
+    }
+
     /// The first `n_act` token rows of two R16 kernel outputs agree within 1e-4 (relative,
     /// or absolute below 1).
     fn assert_outputs_close(
@@ -688,10 +707,11 @@ mod tests {
                             if k.r16_preferred {
                                 fast += 1;
                             }
-                            let got = (k.r16_gemm)(rp.kind, group, nb, refs, n_act);
-                            assert_outputs_close(&got, &want, R16_TOKENS, || {
-                                format!("{ty} {} nb={nb}", k.name)
-                            });
+                            for (form, got) in every_form(&k, rp.kind, group, nb, refs, n_act) {
+                                assert_outputs_close(&got, &want, R16_TOKENS, || {
+                                    format!("{ty} {} {form} nb={nb}", k.name)
+                                });
+                            }
                         }
                     }
                 }
@@ -775,10 +795,11 @@ mod tests {
                 for n_act in [1, 4, R16_TOKENS] {
                     let want = gemm_r16_scalar(rp.kind, group, nb, refs, n_act);
                     for k in crate::Kernels::all_variants() {
-                        let got = (k.r16_gemm)(rp.kind, group, nb, refs, n_act);
-                        assert_outputs_close(&got, &want, n_act, || {
-                            format!("{ty} fill {fill:#x} {}", k.name)
-                        });
+                        for (form, got) in every_form(&k, rp.kind, group, nb, refs, n_act) {
+                            assert_outputs_close(&got, &want, n_act, || {
+                                format!("{ty} fill {fill:#x} {} {form}", k.name)
+                            });
+                        }
                     }
                 }
             }

@@ -45,6 +45,7 @@ pub(crate) fn avx2_kernels() -> Kernels {
         dot4_q4k: Some(avx2::dot4_q4k),
         dot4_q6k: Some(avx2::dot4_q6k),
         r16_gemm: r16::gemm_r16_avx2,
+        r16_unpacked: Some(r16::UNPACKED_AVX2),
         r16_preferred: true,
         quantize_q8x: avx2::quantize_q8x,
         rms_norm: float::rms_norm_avx2,
@@ -60,6 +61,7 @@ pub(crate) fn avxvnni_kernels() -> Kernels {
         isa: Isa::AvxVnni,
         name: "avx2+vnni",
         r16_gemm: r16::gemm_r16_avxvnni,
+        r16_unpacked: Some(r16::UNPACKED_AVXVNNI),
         ..avx2_kernels()
     }
 }
@@ -80,6 +82,7 @@ pub(crate) fn avx512_kernels() -> Kernels {
         } else {
             below.r16_gemm
         },
+        r16_unpacked: if vnni { None } else { below.r16_unpacked },
         r16_preferred: true,
         isa: Isa::Avx512,
         name: if vnni { "avx512+vnni" } else { "avx512" },

@@ -22,10 +22,41 @@
 
 use std::arch::x86_64::*;
 
+use crate::blocks::AlignedBuf;
+
 use crate::repack::{
     kind_of, usable_blocks, BlockQ8x, R16Kind, KIND_Q4, KIND_Q4K, KIND_Q5, KIND_Q6K, KIND_Q8,
     R16_ROWS, R16_TOKENS,
 };
+
+/// Evaluates `$e` with `$K` the const kind number of `$kind` (so each kind gets its own
+/// monomorphized code).
+macro_rules! by_kind {
+    ($kind:expr, $K:ident => $e:expr) => {
+        match $kind {
+            R16Kind::Q4 => {
+                const $K: u8 = KIND_Q4;
+                $e
+            }
+            R16Kind::Q5 => {
+                const $K: u8 = KIND_Q5;
+                $e
+            }
+            R16Kind::Q8 => {
+                const $K: u8 = KIND_Q8;
+                $e
+            }
+            R16Kind::Q4K => {
+                const $K: u8 = KIND_Q4K;
+                $e
+            }
+            R16Kind::Q6K => {
+                const $K: u8 = KIND_Q6K;
+                $e
+            }
+        }
+    };
+}
 
 /// The integer multiply-add of one level.
 trait Mac {
@@ -341,6 +372,34 @@ unsafe fn unit_scales<const KIND: u8>(hp: *const u8, h: usize) -> (__m256, __m25
     }
 }
 
+/// Calls `f(b, hp, j, body)` for each of the first `nb` blocks of a group: block `b` is
+/// block `j` of its unit, whose header starts at `hp`; `body` points to its packed values.
+///
+/// # Safety
+/// `group` holds the `nb` blocks (whole units) of kind `KIND`.
+#[inline(always)]
+unsafe fn for_blocks<const KIND: u8>(
+    group: &[u8],
+    nb: usize,
+    mut f: impl FnMut(usize, *const u8, usize, *const u8),
+) {
+    let kind = kind_of(KIND);
+    let (ub, hb, bb, bpu) = (
+        kind.unit_bytes(),
+        kind.header_bytes(),
+        kind.body_bytes(),
+        kind.blocks_per_unit(),
+    );
+    for u in 0..nb / bpu {
+        // SAFETY: unit `u` and its blocks lie inside the group (the caller's contract).
+        let hp = unsafe { group.as_ptr().add(u * ub) };
+        for j in 0..bpu {
+            // SAFETY: as above.
+            f(u * bpu + j, hp, j, unsafe { hp.add(hb + j * bb) });
+        }
+    }
+}
+
 /// `N` activation rows against the sixteen rows of a group, block by block with both octs
 /// inside: each block's bytes are used once and, for one row (decoding), its activation
 /// registers serve both octs. Accumulators `[oct][token]` (in memory beyond a few tokens).
@@ -354,38 +413,27 @@ unsafe fn gemm_blocks<M: Mac, const N: usize, const KIND: u8>(
     nb: usize,
     acts: &[&[BlockQ8x]],
 ) -> [[__m256; N]; 2] {
-    let kind = kind_of(KIND);
-    let (ub, hb, bb, bpu) = (
-        kind.unit_bytes(),
-        kind.header_bytes(),
-        kind.body_bytes(),
-        kind.blocks_per_unit(),
-    );
+    let bb = kind_of(KIND).body_bytes();
     let mut facc = [[_mm256_setzero_ps(); N]; 2];
-    // SAFETY: header and body reads inside each unit (`ub` bytes); activation blocks below
+    // SAFETY: header and body reads inside each unit (`for_blocks`); activation blocks below
     // `nb` exist; features by the caller's contract.
     unsafe {
-        for u in 0..nb / bpu {
-            let hp = group.as_ptr().add(u * ub);
-            let us = [unit_scales::<KIND>(hp, 0), unit_scales::<KIND>(hp, 1)];
-            for j in 0..bpu {
-                let b = u * bpu + j;
-                let body = hp.add(hb + j * bb);
-                let pf = body.wrapping_add(PF_DIST);
-                for off in (0..bb).step_by(64) {
-                    // a prefetch is a hint: it never faults, even past the end
-                    _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(off) as *const i8);
-                }
-                for (h, facc) in facc.iter_mut().enumerate() {
-                    let sc = block_scales::<KIND>(hp, j, h, us[h].0, us[h].1);
-                    let (v, s) = oct_operands::<M, KIND>(body, h);
-                    for (t, acc) in facc.iter_mut().enumerate() {
-                        let a = acts.get_unchecked(t).get_unchecked(b);
-                        *acc = block_token::<M, KIND>(&v, &s, sc, a, *acc);
-                    }
+        for_blocks::<KIND>(group, nb, |b, hp, j, body| {
+            let pf = body.wrapping_add(PF_DIST);
+            for off in (0..bb).step_by(64) {
+                // a prefetch is a hint: it never faults, even past the end
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(off) as *const i8);
+            }
+            for (h, facc) in facc.iter_mut().enumerate() {
+                let (d, d2) = unit_scales::<KIND>(hp, h);
+                let sc = block_scales::<KIND>(hp, j, h, d, d2);
+                let (v, s) = oct_operands::<M, KIND>(body, h);
+                for (t, acc) in facc.iter_mut().enumerate() {
+                    let a = acts.get_unchecked(t).get_unchecked(b);
+                    *acc = block_token::<M, KIND>(&v, &s, sc, a, *acc);
                 }
             }
-        }
+        });
     }
     facc
 }
@@ -403,30 +451,18 @@ unsafe fn gemm_oct<M: Mac, const N: usize, const KIND: u8>(
     h: usize,
     acts: &[&[BlockQ8x]],
 ) -> [__m256; N] {
-    let kind = kind_of(KIND);
-    let (ub, hb, bb, bpu) = (
-        kind.unit_bytes(),
-        kind.header_bytes(),
-        kind.body_bytes(),
-        kind.blocks_per_unit(),
-    );
     let mut facc = [_mm256_setzero_ps(); N];
     // SAFETY: as `gemm_blocks`'.
     unsafe {
-        for u in 0..nb / bpu {
-            let hp = group.as_ptr().add(u * ub);
+        for_blocks::<KIND>(group, nb, |b, hp, j, body| {
             let (d, d2) = unit_scales::<KIND>(hp, h);
-            for j in 0..bpu {
-                let b = u * bpu + j;
-                let body = hp.add(hb + j * bb);
-                let sc = block_scales::<KIND>(hp, j, h, d, d2);
-                let (v, s) = oct_operands::<M, KIND>(body, h);
-                for (t, acc) in facc.iter_mut().enumerate() {
-                    let a = acts.get_unchecked(t).get_unchecked(b);
-                    *acc = block_token::<M, KIND>(&v, &s, sc, a, *acc);
-                }
+            let sc = block_scales::<KIND>(hp, j, h, d, d2);
+            let (v, s) = oct_operands::<M, KIND>(body, h);
+            for (t, acc) in facc.iter_mut().enumerate() {
+                let a = acts.get_unchecked(t).get_unchecked(b);
+                *acc = block_token::<M, KIND>(&v, &s, sc, a, *acc);
             }
-        }
+        });
     }
     facc
 }
@@ -497,6 +533,157 @@ unsafe fn gemm_kind<M: Mac, const KIND: u8>(
     }
 }
 
+// ---- prompt processing over a group unpacked once ------------------------------------------
+
+/// Bytes of one block's oct in the unpacked form: eight value registers, for AVX2's Q8 also
+/// the signed values, then the f32 scales `da`, `db`, `c` (eight each).
+const fn unpacked_oct_bytes<M: Mac>(kind: R16Kind) -> usize {
+    let signed = M::SIGNED_Q8 && matches!(kind, R16Kind::Q8);
+    256 + if signed { 256 } else { 0 } + 96
+}
+
+/// Unpacks the `nb` blocks (whole units) of a group into `dst`: per block and oct, in that
+/// order, the registers [`oct_operands`] gives and the scales [`block_scales`] gives, so a
+/// prompt's tokens read them with plain loads instead of unpacking every block again.
+///
+/// # Safety
+/// The CPU has AVX2, FMA, F16C and `M`'s features; `group` holds the `nb` blocks;
+/// `dst` holds `2 * nb * unpacked_oct_bytes::<M>(kind)` bytes, 32-byte aligned.
+#[inline(always)]
+unsafe fn unpack_group<M: Mac, const KIND: u8>(group: &[u8], nb: usize, dst: &mut [u8]) {
+    let ob = unpacked_oct_bytes::<M>(kind_of(KIND));
+    let signed = KIND == KIND_Q8 && M::SIGNED_Q8;
+    // SAFETY: reads inside each unit (`for_blocks`); writes inside `dst` (its size and
+    // alignment are the caller's contract).
+    unsafe {
+        for_blocks::<KIND>(group, nb, |b, hp, j, body| {
+            for h in 0..2 {
+                let o = dst.as_mut_ptr().add((2 * b + h) * ob);
+                let (d, d2) = unit_scales::<KIND>(hp, h);
+                let (da, db, c) = block_scales::<KIND>(hp, j, h, d, d2);
+                let (v, sv) = oct_operands::<M, KIND>(body, h);
+                let vp = o as *mut __m256i;
+                for k in 0..8 {
+                    _mm256_store_si256(vp.add(k), v[k]);
+                    if signed {
+                        _mm256_store_si256(vp.add(8 + k), sv[k]);
+                    }
+                }
+                let fp = o.add(ob - 96) as *mut f32;
+                _mm256_store_ps(fp, da);
+                _mm256_store_ps(fp.add(8), db);
+                _mm256_store_ps(fp.add(16), c);
+            }
+        });
+    }
+}
+
+/// `N` (at most four) activation rows against oct `h` of an unpacked group, accumulators in
+/// registers.
+///
+/// # Safety
+/// The CPU has AVX2, FMA, F16C and `M`'s features; `unpacked` was filled by
+/// [`unpack_group`] for the same `M`, kind and `nb`; every row of `acts` holds `nb` blocks;
+/// `acts.len() >= N`; `h < 2`.
+#[inline(always)]
+unsafe fn gemm_unpacked_oct<M: Mac, const N: usize, const KIND: u8>(
+    unpacked: &[u8],
+    nb: usize,
+    h: usize,
+    acts: &[&[BlockQ8x]],
+) -> [__m256; N] {
+    let ob = unpacked_oct_bytes::<M>(kind_of(KIND));
+    let signed = KIND == KIND_Q8 && M::SIGNED_Q8;
+    let mut facc = [_mm256_setzero_ps(); N];
+    // SAFETY: reads inside `unpacked` (the caller's contract) and below `nb` in `acts`.
+    unsafe {
+        for b in 0..nb {
+            let o = unpacked.as_ptr().add((2 * b + h) * ob);
+            let vp = o as *const __m256i;
+            let v: [__m256i; 8] = std::array::from_fn(|k| _mm256_load_si256(vp.add(k)));
+            let fp = o.add(ob - 96) as *const f32;
+            let sc = (
+                _mm256_load_ps(fp),
+                _mm256_load_ps(fp.add(8)),
+                _mm256_load_ps(fp.add(16)),
+            );
+            for (t, acc) in facc.iter_mut().enumerate() {
+                let s: [__m256i; 8] = if signed {
+                    std::array::from_fn(|k| _mm256_load_si256(vp.add(8 + k)))
+                } else {
+                    v
+                };
+                let a = acts.get_unchecked(t).get_unchecked(b);
+                *acc = block_token::<M, KIND>(&v, &s, sc, a, *acc);
+            }
+        }
+    }
+    facc
+}
+
+/// [`gemm_unpacked_oct`] for every kind and token count: per oct, one or two passes of at
+/// most four tokens.
+///
+/// # Safety
+/// As [`gemm_unpacked_oct`], for the first `n_act` rows of `acts`.
+#[inline(always)]
+unsafe fn gemm_unpacked<M: Mac>(
+    kind: R16Kind,
+    unpacked: &[u8],
+    nb: usize,
+    acts: [&[BlockQ8x]; R16_TOKENS],
+    n_act: usize,
+) -> [[f32; R16_ROWS]; R16_TOKENS] {
+    let mut out = [[0.0f32; R16_ROWS]; R16_TOKENS];
+    let mut put = |t0: usize, h: usize, accs: &[__m256]| {
+        for (o, a) in out[t0..].iter_mut().zip(accs) {
+            // SAFETY: storing eight f32 at 8h < 16 of an array of sixteen.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * h), *a) };
+        }
+    };
+    let n_act = n_act.min(R16_TOKENS);
+    let first = if n_act > 4 { n_act.div_ceil(2) } else { n_act };
+    for (t0, n) in [(0, first), (first, n_act - first)] {
+        let a = &acts[t0..];
+        for h in 0..2 {
+            // SAFETY: as this function's.
+            unsafe {
+                by_kind!(kind, K => match n {
+                    4 => put(t0, h, &gemm_unpacked_oct::<M, 4, K>(unpacked, nb, h, a)),
+                    3 => put(t0, h, &gemm_unpacked_oct::<M, 3, K>(unpacked, nb, h, a)),
+                    2 => put(t0, h, &gemm_unpacked_oct::<M, 2, K>(unpacked, nb, h, a)),
+                    1 => put(t0, h, &gemm_unpacked_oct::<M, 1, K>(unpacked, nb, h, a)),
+                    _ => {}
+                })
+            }
+        }
+    }
+    out
+}
+
+/// [`unpack_group`] for every kind, after checking the sizes: returns the blocks unpacked.
+///
+/// # Safety
+/// The CPU has AVX2, FMA, F16C and `M`'s features.
+#[inline(always)]
+unsafe fn unpack<M: Mac>(kind: R16Kind, group: &[u8], nb: usize, dst: &mut AlignedBuf) -> usize {
+    let nb = usable_blocks(kind, group, nb, &[]);
+    dst.resize(2 * nb * unpacked_oct_bytes::<M>(kind));
+    let d = dst.as_mut_slice();
+    // SAFETY: `nb` whole units lie in `group`; `dst` is sized for them and 64-byte aligned
+    // (`AlignedBuf`); features by the caller's contract.
+    unsafe { by_kind!(kind, K => unpack_group::<M, K>(group, nb, d)) }
+    nb
+}
+
+/// The blocks an unpacked group of `bytes` bytes holds, limited by every activation row.
+fn unpacked_blocks<M: Mac>(kind: R16Kind, bytes: usize, nb: usize, acts: &[&[BlockQ8x]]) -> usize {
+    acts.iter().fold(
+        nb.min(bytes / (2 * unpacked_oct_bytes::<M>(kind))),
+        |n, a| n.min(a.len()),
+    )
+}
+
 /// Every kind.
 ///
 /// # Safety
@@ -513,64 +700,84 @@ unsafe fn gemm<M: Mac>(
     let nb = usable_blocks(kind, group, nb, &acts[..n_act]);
     let mut out = [[0.0f32; R16_ROWS]; R16_TOKENS];
     // SAFETY: `nb` from `usable_blocks`; features by the caller's contract.
-    unsafe {
-        match kind {
-            R16Kind::Q4 => gemm_kind::<M, KIND_Q4>(group, nb, &acts, n_act, &mut out),
-            R16Kind::Q5 => gemm_kind::<M, KIND_Q5>(group, nb, &acts, n_act, &mut out),
-            R16Kind::Q8 => gemm_kind::<M, KIND_Q8>(group, nb, &acts, n_act, &mut out),
-            R16Kind::Q4K => gemm_kind::<M, KIND_Q4K>(group, nb, &acts, n_act, &mut out),
-            R16Kind::Q6K => gemm_kind::<M, KIND_Q6K>(group, nb, &acts, n_act, &mut out),
-        }
-    }
+    unsafe { by_kind!(kind, K => gemm_kind::<M, K>(group, nb, &acts, n_act, &mut out)) }
     out
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-fn gemm_avx2(
-    kind: R16Kind,
-    group: &[u8],
-    nb: usize,
-    acts: [&[BlockQ8x]; R16_TOKENS],
-    n_act: usize,
-) -> [[f32; R16_ROWS]; R16_TOKENS] {
-    // SAFETY: this function's features are the AVX2 form's.
-    unsafe { gemm::<Avx2>(kind, group, nb, acts, n_act) }
+/// The entry points of one level `$M` (its features `$features`, checked by
+/// `Isa::$isa.available()` before the table that holds them is made): the packed kernel
+/// `$gemm` ([`crate::dispatch::R16GemmFn`]) and the unpack-once pair `$unpacked`.
+macro_rules! level {
+    ($M:ty, $features:literal, $isa:literal, $gemm:ident, $unpacked:ident) => {
+        /// [`crate::dispatch::R16GemmFn`] of this level.
+        pub(super) fn $gemm(
+            kind: R16Kind,
+            group: &[u8],
+            nb: usize,
+            acts: [&[BlockQ8x]; R16_TOKENS],
+            n_act: usize,
+        ) -> [[f32; R16_ROWS]; R16_TOKENS] {
+            #[target_feature(enable = $features)]
+            fn inner(
+                kind: R16Kind,
+                group: &[u8],
+                nb: usize,
+                acts: [&[BlockQ8x]; R16_TOKENS],
+                n_act: usize,
+            ) -> [[f32; R16_ROWS]; R16_TOKENS] {
+                // SAFETY: this function's features are the level's.
+                unsafe { gemm::<$M>(kind, group, nb, acts, n_act) }
+            }
+            // SAFETY: only placed in a kernel table after `Isa::$isa.available()` (which
+            // covers `$features`) returned true.
+            unsafe { inner(kind, group, nb, acts, n_act) }
+        }
+
+        /// [`crate::dispatch::R16Unpacked`] of this level.
+        pub(super) const $unpacked: crate::dispatch::R16Unpacked = {
+            #[target_feature(enable = $features)]
+            fn unpack_impl(kind: R16Kind, group: &[u8], nb: usize, dst: &mut AlignedBuf) -> usize {
+                // SAFETY: this function's features are the level's.
+                unsafe { unpack::<$M>(kind, group, nb, dst) }
+            }
+            #[target_feature(enable = $features)]
+            fn gemm_impl(
+                kind: R16Kind,
+                unpacked: &[u8],
+                nb: usize,
+                acts: [&[BlockQ8x]; R16_TOKENS],
+                n_act: usize,
+            ) -> [[f32; R16_ROWS]; R16_TOKENS] {
+                let n_act = n_act.min(R16_TOKENS);
+                let nb = unpacked_blocks::<$M>(kind, unpacked.len(), nb, &acts[..n_act]);
+                // SAFETY: `nb` blocks lie in `unpacked` and in every activation row
+                // (`unpacked_blocks`); the table pairs this with `unpack_impl` of the same
+                // level, whose output is an `AlignedBuf` (64-byte aligned); this
+                // function's features are the level's.
+                unsafe { gemm_unpacked::<$M>(kind, unpacked, nb, acts, n_act) }
+            }
+            crate::dispatch::R16Unpacked {
+                // the 5-bit values take the most work to unpack; the other kinds are as
+                // fast or faster packed (the unpacked form trades that work for loads)
+                kinds: &[R16Kind::Q5],
+                unpack: |kind, group, nb, dst| {
+                    // SAFETY: as `$gemm`'s.
+                    unsafe { unpack_impl(kind, group, nb, dst) }
+                },
+                gemm: |kind, unpacked, nb, acts, n_act| {
+                    // SAFETY: as `$gemm`'s.
+                    unsafe { gemm_impl(kind, unpacked, nb, acts, n_act) }
+                },
+            }
+        };
+    };
 }
 
-#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-fn gemm_avxvnni(
-    kind: R16Kind,
-    group: &[u8],
-    nb: usize,
-    acts: [&[BlockQ8x]; R16_TOKENS],
-    n_act: usize,
-) -> [[f32; R16_ROWS]; R16_TOKENS] {
-    // SAFETY: this function's features are the AVX-VNNI form's.
-    unsafe { gemm::<AvxVnni>(kind, group, nb, acts, n_act) }
-}
-
-/// [`crate::dispatch::R16GemmFn`] with AVX2.
-pub(super) fn gemm_r16_avx2(
-    kind: R16Kind,
-    group: &[u8],
-    nb: usize,
-    acts: [&[BlockQ8x]; R16_TOKENS],
-    n_act: usize,
-) -> [[f32; R16_ROWS]; R16_TOKENS] {
-    // SAFETY: only placed in a kernel table after `Isa::Avx2.available()` (AVX2, FMA, F16C)
-    // returned true.
-    unsafe { gemm_avx2(kind, group, nb, acts, n_act) }
-}
-
-/// [`crate::dispatch::R16GemmFn`] with AVX-VNNI.
-pub(super) fn gemm_r16_avxvnni(
-    kind: R16Kind,
-    group: &[u8],
-    nb: usize,
-    acts: [&[BlockQ8x]; R16_TOKENS],
-    n_act: usize,
-) -> [[f32; R16_ROWS]; R16_TOKENS] {
-    // SAFETY: only placed in a kernel table after `Isa::AvxVnni.available()` (AVX2, FMA,
-    // F16C and AVX-VNNI) returned true.
-    unsafe { gemm_avxvnni(kind, group, nb, acts, n_act) }
-}
+level!(Avx2, "avx2,fma,f16c", "Avx2", gemm_r16_avx2, UNPACKED_AVX2);
+level!(
+    AvxVnni,
+    "avx2,fma,f16c,avxvnni",
+    "AvxVnni",
+    gemm_r16_avxvnni,
+    UNPACKED_AVXVNNI
+);
