@@ -8,7 +8,8 @@
 #   capy-avx2       capy with CAPY_ISA=avx2 (what an AVX2-only CPU runs)
 #   llama.cpp       llama.cpp built for every x86 feature of this CPU
 #   llama.cpp-avx2  llama.cpp built for AVX2 only (no AVX-512, no VNNI)
-#   ik_llama.cpp    ik_llama.cpp, its best of -fa 0/1 and -rtr 0/1
+#   ik_llama.cpp    ik_llama.cpp, its best of -fa 0/1 and -rtr 0/1 (IK_FLAGS overrides
+#                   those flags, e.g. IK_FLAGS="-fa 1 -rtr 0,1" for shorter runs)
 # Where capy's best level is AVX2 (or llama.cpp's build is the AVX2 one), the two are the
 # same program and run once. Two tables follow: the AVX2 level against AVX2-only llama.cpp,
 # and the best level against both peers at their best.
@@ -52,7 +53,7 @@ run_engine() { # engine model-path round
         > "$f" 2>/dev/null ;;
     ik_llama.cpp)
       "$PEERS/ik_llama.cpp/bin/llama-bench" -m "$path" -p 512 -n 128 -t "$threads" -r "$reps" \
-        -fa 0,1 -rtr 0,1 -o json > "$f" 2>/dev/null ;;
+        ${IK_FLAGS:--fa 0,1 -rtr 0,1} -o json > "$f" 2>/dev/null ;;
     *) echo "unknown engine $e" >&2; exit 2 ;;
   esac
 }
@@ -67,9 +68,9 @@ for m in "${models[@]}"; do
   done
 done
 
-python3 - "$out" "$threads" "$best_isa" "$same_llama" "$rounds" <<'PY'
+python3 - "$out" "$threads" "$best_isa" "$same_llama" "$rounds" "${IK_FLAGS:--fa 0,1 -rtr 0,1}" <<'PY'
 import json, os, sys, collections
-d, threads, best_isa, same_llama, rounds = sys.argv[1:6]
+d, threads, best_isa, same_llama, rounds, ik_flags = sys.argv[1:7]
 best = collections.defaultdict(float)   # (engine, model, test) -> best mean t/s over rounds/configs
 for f in sorted(os.listdir(d)):
     engine, _, model = f[: -len(".json")].split("@")
@@ -88,7 +89,7 @@ ratio = lambda a, b: f"{a / b:.2f}" if a and b else "-"
 models = sorted({k[1] for k in best})
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 print(f"CPU: {cpu}; capy's best kernels: {best_isa or '?'}; threads: {threads}; "
-      f"best mean tokens/s over {rounds} interleaved rounds (ik_llama.cpp: best of -fa 0/1, -rtr 0/1)\n")
+      f"best mean tokens/s over {rounds} interleaved rounds (ik_llama.cpp: best of {ik_flags})\n")
 print("AVX2 level: `CAPY_ISA=avx2` capy against llama.cpp built for AVX2 only\n")
 print("| model | test | llama.cpp AVX2 | capy AVX2 | capy / llama.cpp |")
 print("|---|---|---:|---:|---:|")

@@ -282,7 +282,7 @@ unsafe fn block_scales<const KIND: u8>(
 }
 
 /// Bytes ahead of the block in use that the kernel asks the cache for.
-const PF_DIST: usize = 1024;
+const PF_DIST: usize = 2048;
 
 /// One token's contribution of one block to the accumulator of one oct: the integer dot
 /// product, then the block's scales (`da`, `db`, `c` from [`block_scales`]).
