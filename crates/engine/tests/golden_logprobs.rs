@@ -138,6 +138,26 @@ fn gemma3_teacher_forced_matches_llama_cpp() {
     run_model(MODELS[1].0, MODELS[1].1, None);
 }
 
+/// Gemma 3 with every SIMD level below this CPU's best (`CAPY_ISA=avx2` on an AVX-512
+/// machine, say); the test above runs the best one.
+#[test]
+fn gemma3_teacher_forced_at_every_lower_simd_level() {
+    use capy_kernels::Isa;
+    let best = Isa::best();
+    let lower: Vec<Isa> = Isa::all_available()
+        .into_iter()
+        .filter(|&i| i != Isa::Scalar && i != best)
+        .collect();
+    if lower.is_empty() {
+        // the best level is this CPU's only SIMD level: the test above ran it
+        let simd = Isa::all_available().len() - 1;
+        assert!(simd <= 1, "{simd} SIMD levels but none below the best");
+    }
+    for isa in lower {
+        run_model(MODELS[1].0, MODELS[1].1, Some(isa));
+    }
+}
+
 /// The scalar reference kernels (and every SIMD level) meet the same tolerances.
 #[test]
 fn smollm2_teacher_forced_with_every_isa() {
