@@ -1,12 +1,16 @@
 //! A small fork-join thread pool for the forward pass.
 //!
-//! Workers are spawned once. `run(f)` hands `f(ith, nth)` to every worker, runs `f(0, nth)`
-//! on the caller and returns when all are done: no allocation and no thread spawn per call.
-//! Idle workers spin briefly (a decode step issues hundreds of small jobs back to back), then
-//! sleep on a condition variable so an idle server burns no CPU.
+//! Workers are spawned once. `run(f)` runs `f(ith, nth)` once for every `ith` in `0..nth`
+//! and returns when all are done: no allocation and no thread spawn per call. The indices
+//! are claimed from a shared counter by whichever thread gets there first, the caller
+//! included, so a worker that is descheduled (another process on its core, a busy VM host)
+//! or still asleep does not hold the call up: the caller runs its share, and waits only
+//! for indices some thread has started. Idle workers spin briefly (a decode step issues
+//! hundreds of small jobs back to back), then sleep on a condition variable so an idle
+//! server burns no CPU.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -15,11 +19,19 @@ type Job<'a> = &'a (dyn Fn(usize, usize) + Sync);
 /// Spin iterations before a worker goes to sleep (roughly 50-100 µs).
 const SPIN_LIMIT: u32 = 1 << 14;
 
+/// Bits of [`Shared::claim`] that hold the next index (the rest hold the call's epoch).
+const INDEX_BITS: u32 = 16;
+
 struct Shared {
-    /// Points at a `Job` on the stack of the thread inside `run`; valid while `pending > 0`.
+    /// Points at a `Job` on the stack of the thread inside `run`; read only after claiming
+    /// an index of the current call, and the call does not return before that index is done.
     job: AtomicPtr<()>,
+    /// `epoch << INDEX_BITS | next index to claim` of the current call.
+    claim: AtomicU64,
+    /// Bumped once per call; workers wait for it to change.
     epoch: AtomicUsize,
-    pending: AtomicUsize,
+    /// Indices of the current call finished.
+    done: AtomicUsize,
     panicked: AtomicBool,
     shutdown: AtomicBool,
     /// Workers asleep on `wake` (changed under `lock`), so `run` skips the wake-up system
@@ -27,6 +39,29 @@ struct Shared {
     sleepers: AtomicUsize,
     lock: Mutex<()>,
     wake: Condvar,
+}
+
+impl Shared {
+    /// The next unclaimed index of call `epoch` (with `nth` indices), if any is left.
+    fn try_claim(&self, epoch: usize, nth: usize) -> Option<usize> {
+        let mask = (1u64 << INDEX_BITS) - 1;
+        let mut cur = self.claim.load(Ordering::Acquire);
+        loop {
+            let i = (cur & mask) as usize;
+            if cur >> INDEX_BITS != epoch as u64 || i >= nth {
+                return None;
+            }
+            match self.claim.compare_exchange_weak(
+                cur,
+                cur + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some(i),
+                Err(now) => cur = now,
+            }
+        }
+    }
 }
 
 pub struct ThreadPool {
@@ -44,13 +79,15 @@ impl std::fmt::Debug for ThreadPool {
 }
 
 impl ThreadPool {
-    /// A pool of `n_threads` (the caller counts as one; `n_threads - 1` are spawned).
+    /// A pool of `n_threads` (the caller counts as one; `n_threads - 1` are spawned; at most
+    /// 65535).
     pub fn new(n_threads: usize) -> ThreadPool {
-        let n_threads = n_threads.max(1);
+        let n_threads = n_threads.clamp(1, (1 << INDEX_BITS) - 1);
         let shared = Arc::new(Shared {
             job: AtomicPtr::new(std::ptr::null_mut()),
+            claim: AtomicU64::new(0),
             epoch: AtomicUsize::new(0),
-            pending: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
             sleepers: AtomicUsize::new(0),
@@ -62,7 +99,7 @@ impl ThreadPool {
                 let shared = Arc::clone(&shared);
                 std::thread::Builder::new()
                     .name(format!("capy-worker-{ith}"))
-                    .spawn(move || worker(shared, ith, n_threads))
+                    .spawn(move || worker(shared, n_threads))
                     .expect("spawning a worker thread")
             })
             .collect();
@@ -79,9 +116,11 @@ impl ThreadPool {
         self.n_threads
     }
 
-    /// Runs `f(ith, nth)` for every `ith` in `0..nth` in parallel and waits for all.
+    /// Runs `f(ith, nth)` once for every `ith` in `0..nth` in parallel and waits for all.
+    /// Which thread runs which index is not fixed (the caller may run several).
     pub fn run(&self, f: &(dyn Fn(usize, usize) + Sync)) {
-        if self.n_threads == 1 {
+        let nth = self.n_threads;
+        if nth == 1 {
             f(0, 1);
             return;
         }
@@ -90,19 +129,32 @@ impl ThreadPool {
         let sh = &*self.shared;
         sh.job
             .store(&job as *const Job<'_> as *mut (), Ordering::Relaxed);
-        sh.pending.store(self.n_threads - 1, Ordering::Relaxed);
+        sh.done.store(0, Ordering::Relaxed);
+        let epoch = sh.epoch.load(Ordering::Relaxed).wrapping_add(1) & ((1 << 40) - 1);
+        // publishes the job pointer to whoever claims an index (Release / Acquire)
+        sh.claim
+            .store((epoch as u64) << INDEX_BITS, Ordering::Release);
         {
             let _g = sh.lock.lock().unwrap_or_else(|e| e.into_inner());
-            sh.epoch.fetch_add(1, Ordering::Release);
+            sh.epoch.store(epoch, Ordering::Release);
         }
         // a worker that counted itself asleep did so under the lock, before this call's
         // critical section (then it is seen here) or after (then it saw the new epoch)
         if sh.sleepers.load(Ordering::Relaxed) > 0 {
             sh.wake.notify_all();
         }
-        let mine = catch_unwind(AssertUnwindSafe(|| f(0, self.n_threads)));
+        // the caller claims indices too, until none is left; a panic is kept for later (the
+        // job lives on this stack: every claimed index must finish first)
+        let mut mine = Ok(());
+        while let Some(i) = sh.try_claim(epoch, nth) {
+            let r = catch_unwind(AssertUnwindSafe(|| f(i, nth)));
+            if mine.is_ok() {
+                mine = r;
+            }
+            sh.done.fetch_add(1, Ordering::Release);
+        }
         let mut spins = 0u32;
-        while sh.pending.load(Ordering::Acquire) != 0 {
+        while sh.done.load(Ordering::Acquire) != nth {
             if spins < SPIN_LIMIT {
                 spins += 1;
                 std::hint::spin_loop();
@@ -119,7 +171,7 @@ impl ThreadPool {
     }
 }
 
-fn worker(shared: Arc<Shared>, ith: usize, nth: usize) {
+fn worker(shared: Arc<Shared>, nth: usize) {
     let mut seen = 0usize;
     loop {
         let mut spins = 0u32;
@@ -149,15 +201,22 @@ fn worker(shared: Arc<Shared>, ith: usize, nth: usize) {
         if shared.shutdown.load(Ordering::Relaxed) {
             return;
         }
-        let ptr = shared.job.load(Ordering::Relaxed) as *const Job<'_>;
-        // SAFETY: `run` stored a pointer to a live `Job` before bumping the epoch (Release,
-        // observed by our Acquire load) and does not return, so the job stays alive, until
-        // `pending` reaches zero, which happens only after this call.
-        let job: Job<'_> = unsafe { *ptr };
-        if catch_unwind(AssertUnwindSafe(|| job(ith, nth))).is_err() {
-            shared.panicked.store(true, Ordering::Relaxed);
+        #[cfg(test)]
+        if tests::WORKERS_PAUSED.load(Ordering::SeqCst) {
+            continue;
         }
-        shared.pending.fetch_sub(1, Ordering::AcqRel);
+        // a call that has already returned has no index left to claim
+        while let Some(i) = shared.try_claim(seen, nth) {
+            let ptr = shared.job.load(Ordering::Relaxed) as *const Job<'_>;
+            // SAFETY: `run` stored a pointer to a live `Job` before publishing this call's
+            // claims (Release, observed by the claim's Acquire), and does not return before
+            // the claimed index `i` is counted done, which happens only after this call.
+            let job: Job<'_> = unsafe { *ptr };
+            if catch_unwind(AssertUnwindSafe(|| job(i, nth))).is_err() {
+                shared.panicked.store(true, Ordering::Relaxed);
+            }
+            shared.done.fetch_add(1, Ordering::Release);
+        }
     }
 }
 
@@ -266,6 +325,37 @@ mod tests {
             }
         });
         assert!(v.iter().enumerate().all(|(i, &x)| x == 2 * i));
+    }
+
+    /// Workers of every pool skip the calls made while this is set, as if descheduled.
+    pub(super) static WORKERS_PAUSED: AtomicBool = AtomicBool::new(false);
+
+    /// Regression guard for the fork-join wait: a call must not wait for a worker that does
+    /// not start (descheduled, another process on its core); the caller runs the unclaimed
+    /// indices itself. (Before, `run` waited for every worker: on a 2-core machine with the
+    /// other core busy, decoding fell from ~127 to ~6 tokens/s.)
+    #[test]
+    fn a_call_does_not_wait_for_a_worker_that_does_not_start() {
+        let pool = ThreadPool::new(3);
+        WORKERS_PAUSED.store(true, Ordering::SeqCst);
+        let by_caller = [const { AtomicUsize::new(0) }; 3];
+        let caller = std::thread::current().id();
+        pool.run(&|ith, nth| {
+            assert_eq!(nth, 3);
+            if std::thread::current().id() == caller {
+                by_caller[ith].fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        WORKERS_PAUSED.store(false, Ordering::SeqCst);
+        assert!(by_caller.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+        // and the workers take part again afterwards
+        let hits = [const { AtomicUsize::new(0) }; 3];
+        for _ in 0..100 {
+            pool.run(&|ith, _| {
+                hits[ith].fetch_add(1, Ordering::Relaxed);
+            });
+        }
+        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 100));
     }
 
     #[test]
