@@ -22,6 +22,12 @@ pub use generate::{
 pub use sampler::{Sampler, SamplerParams};
 pub use tokenizer::Tokenizer;
 
+/// The kernel level this process runs (`avx2`, `avx512+vnni`, `neon+dotprod`, ...: the
+/// best the CPU has, or `CAPY_ISA`'s).
+pub fn kernels_name() -> &'static str {
+    capy_kernels::kernels().name
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]

@@ -7,15 +7,17 @@
 //! cargo run --release -p capy-kernels --example r16_bench [-- ROWS COLS]
 //! ```
 //!
-//! `R16_TYPE=Q4_0` times one type, `R16_TOKENS=1,8` those token counts, `R16_THREADS=2`
-//! runs on a pool of that many threads.
+//! ROWS (a multiple of 16, default 2048) and COLS (a multiple of 256, default 2048) give the
+//! weight matrix's shape. `R16_TYPE=Q4_0` times one type (any case; one of Q4_0, Q4_1, Q5_0,
+//! Q5_1, Q8_0, Q4_K, Q6_K), `R16_TOKENS=1,8` those token counts (default 1,8,64),
+//! `R16_THREADS=2` runs on a pool of that many threads.
 
 use std::time::Instant;
 
 use capy_kernels::blocks::{cast_blocks_mut, AlignedBuf, BlockQ4K, BlockQ6K};
 use capy_kernels::matmul::matmul_repacked;
 use capy_kernels::quant::quantize;
-use capy_kernels::repack::repack;
+use capy_kernels::repack::{repack, R16_TYPES};
 use capy_kernels::{GgmlType, Kernels, ThreadPool, WeightRef};
 
 /// A small deterministic generator (xorshift).
@@ -60,19 +62,55 @@ fn matrix(ty: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> AlignedBuf {
     buf
 }
 
-fn main() {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    let (rows, cols) = (
-        args.first().copied().unwrap_or(2048),
-        args.get(1).copied().unwrap_or(2048),
+/// Prints `msg` and the usage line, and exits with status 2.
+fn usage(msg: &str) -> ! {
+    eprintln!("r16_bench: {msg}");
+    eprintln!(
+        "usage: [R16_TYPE=Q4_0] [R16_TOKENS=1,8,64] [R16_THREADS=1] r16_bench [ROWS COLS] \
+         (ROWS a multiple of 16, COLS a multiple of 256)"
     );
-    let threads = std::env::var("R16_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+    std::process::exit(2)
+}
+
+/// The value of environment variable `name` parsed as a list of positive integers.
+fn env_counts(name: &str) -> Option<Vec<usize>> {
+    let v = std::env::var(name).ok()?;
+    let parsed: Result<Vec<usize>, _> = v.split(',').map(|x| x.trim().parse::<usize>()).collect();
+    match parsed {
+        Ok(n) if !n.is_empty() && n.iter().all(|&x| x > 0) => Some(n),
+        _ => usage(&format!("{name}={v:?} is not a list of positive integers")),
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let dims: Vec<usize> = args
+        .iter()
+        .map(|a| {
+            a.parse()
+                .unwrap_or_else(|_| usage(&format!("{a:?} is not a number")))
+        })
+        .collect();
+    if dims.len() == 1 || dims.len() > 2 {
+        usage("give both ROWS and COLS, or neither");
+    }
+    let (rows, cols) = (
+        dims.first().copied().unwrap_or(2048),
+        dims.get(1).copied().unwrap_or(2048),
+    );
+    if rows == 0 || rows % 16 != 0 || cols == 0 || cols % 256 != 0 {
+        usage(&format!(
+            "{rows} x {cols}: ROWS must be a multiple of 16, COLS of 256"
+        ));
+    }
+    let only = std::env::var("R16_TYPE").ok().map(|v| {
+        R16_TYPES
+            .into_iter()
+            .find(|t| t.to_string().eq_ignore_ascii_case(v.trim()))
+            .unwrap_or_else(|| usage(&format!("R16_TYPE={v:?} is not a repacked type")))
+    });
+    let toks = env_counts("R16_TOKENS").unwrap_or_else(|| vec![1, 8, 64]);
+    let threads = env_counts("R16_THREADS").map_or(1, |t| t[0]);
     let pool = ThreadPool::new(threads);
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     println!("{rows} x {cols} weights, {threads} thread(s); G products/s (higher is better)");
@@ -82,14 +120,10 @@ fn main() {
         print!("{:>14}", k.name);
     }
     println!();
-    for ty in [
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q8_0,
-        GgmlType::Q4_K,
-        GgmlType::Q6_K,
-    ] {
+    for ty in R16_TYPES {
+        if only.is_some_and(|o| o != ty) {
+            continue;
+        }
         let bytes = matrix(ty, rows, cols, &mut rng);
         let w = WeightRef {
             ty,
@@ -97,17 +131,12 @@ fn main() {
             n_rows: rows,
             n_cols: cols,
         };
-        if let Ok(only) = std::env::var("R16_TYPE") {
-            if only != ty.to_string() {
-                continue;
-            }
-        }
-        let rp = repack(w).expect("repack").expect("an R16 type");
-        let toks: Vec<usize> = match std::env::var("R16_TOKENS") {
-            Ok(v) => v.split(',').filter_map(|x| x.parse().ok()).collect(),
-            Err(_) => vec![1, 8, 64],
+        let rp = match repack(w) {
+            Ok(Some(rp)) => rp,
+            Ok(None) => usage(&format!("{ty} is not repacked on this build")),
+            Err(e) => usage(&format!("{rows} x {cols} {ty}: {e}")),
         };
-        for n_tok in toks {
+        for &n_tok in &toks {
             let x: Vec<f32> = (0..n_tok * cols).map(|_| rng.f32()).collect();
             let mut scratch = AlignedBuf::new();
             let mut want = vec![0.0f32; n_tok * rows];
@@ -123,7 +152,7 @@ fn main() {
                         k.name
                     );
                 }
-                if k.name == "scalar" && (n_tok > 8 || std::env::var("R16_TYPE").is_ok()) {
+                if k.name == "scalar" && (n_tok > 8 || only.is_some()) {
                     print!("{:>14}", "-");
                     continue;
                 }

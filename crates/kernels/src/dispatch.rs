@@ -2,8 +2,9 @@
 //!
 //! The CPU is probed once; the best instruction set's function pointers fill a [`Kernels`]
 //! table kept in a `OnceLock`. `CAPY_ISA=scalar|avx2|avx2+vnni|avx512|neon` forces a choice
-//! (for bug reports and tests); asking for one the CPU lacks falls back to the best
-//! available, with a warning on stderr.
+//! (for bug reports and tests; case does not matter, `avx512+vnni` is `avx512`, which uses
+//! VNNI wherever the CPU has it, as `neon` uses the best NEON level); asking for one the CPU
+//! lacks falls back to the best available, with a warning on stderr.
 
 use std::sync::OnceLock;
 
@@ -42,7 +43,8 @@ impl Isa {
             "scalar" => Isa::Scalar,
             "avx2" => Isa::Avx2,
             "avx2+vnni" | "avxvnni" | "avx-vnni" => Isa::AvxVnni,
-            "avx512" => Isa::Avx512,
+            // AVX-512 takes VNNI wherever the CPU has it; the name of the level it shows
+            "avx512" | "avx512+vnni" => Isa::Avx512,
             "neon" => Isa::Neon,
             _ => return Err(crate::Error::BadIsa(s.to_string())),
         })
@@ -331,5 +333,8 @@ mod tests {
             assert_eq!(Isa::parse(isa.name()).unwrap(), isa);
         }
         assert!(Isa::parse("sve").is_err());
+        assert_eq!(Isa::parse(" AVX2+VNNI ").unwrap(), Isa::AvxVnni);
+        // the name the AVX-512 level shows with VNNI parses back to it
+        assert_eq!(Isa::parse("avx512+vnni").unwrap(), Isa::Avx512);
     }
 }

@@ -60,6 +60,17 @@ pub enum R16Kind {
     Q6K,
 }
 
+/// The weight types repacked into R16 blocks (those [`R16Kind::for_type`] maps).
+pub const R16_TYPES: [GgmlType; 7] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q6_K,
+];
+
 impl R16Kind {
     pub fn for_type(ty: GgmlType) -> Option<R16Kind> {
         match ty {
@@ -572,16 +583,6 @@ mod tests {
         }
         out.to_vec()
     }
-
-    const R16_TYPES: [GgmlType; 7] = [
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q8_0,
-        GgmlType::Q4_K,
-        GgmlType::Q6_K,
-    ];
 
     /// Random activations of `cols` values (scaled by `scale`) quantized to `BlockQ8x`.
     fn acts(rng: &mut Rng, cols: usize, scale: f32) -> Vec<BlockQ8x> {

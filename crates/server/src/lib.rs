@@ -292,7 +292,10 @@ pub async fn serve(cfg: Config, store: capy_store::Store) -> Result<(), String> 
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    eprintln!("capy: listening on http://{addr}");
+    eprintln!(
+        "capy: listening on http://{addr} (kernels: {})",
+        capy_engine::kernels_name()
+    );
     // a warm set that cannot load stops the server with its error
     let failed = Arc::new(tokio::sync::Notify::new());
     let warm_error = Arc::new(std::sync::Mutex::new(None::<String>));
