@@ -234,6 +234,21 @@ impl Gguf {
             }
         }
 
+        // a tensor's data must not run into the next one's (a wrong type or shape would)
+        let mut by_offset: Vec<&TensorInfo> = tensors.iter().collect();
+        by_offset.sort_by_key(|t| t.offset);
+        for w in by_offset.windows(2) {
+            if w[0].offset + w[0].n_bytes > w[1].offset {
+                return Err(Error::BadTensor {
+                    tensor: w[0].name.clone(),
+                    reason: format!(
+                        "data [{} + {}, {} bytes] overlaps tensor \"{}\" at {}",
+                        data_offset, w[0].offset, w[0].n_bytes, w[1].name, w[1].offset
+                    ),
+                });
+            }
+        }
+
         Ok(Gguf {
             storage,
             version,
@@ -685,8 +700,22 @@ mod tests {
         let mut b = bytes.clone();
         b[off_at..off_at + 8].copy_from_slice(&(u64::MAX - 31).to_le_bytes());
         assert!(matches!(Gguf::from_bytes(b), Err(Error::BadTensor { .. })));
-        let mut b = bytes;
+        let mut b = bytes.clone();
         b[off_at..off_at + 8].copy_from_slice(&3u64.to_le_bytes());
+        assert!(matches!(Gguf::from_bytes(b), Err(Error::BadTensor { .. })));
+        // aligned and inside the file, but on top of t0's data
+        let mut b = bytes.clone();
+        b[off_at..off_at + 8].copy_from_slice(&0u64.to_le_bytes());
+        match Gguf::from_bytes(b) {
+            Err(Error::BadTensor { reason, .. }) => {
+                assert!(reason.contains("overlaps"), "{reason}")
+            }
+            other => panic!("overlapping tensors accepted: {:?}", other.map(|_| ())),
+        }
+        // t0 twice as long (a wrong shape or type) runs into t1
+        let dim_at = bytes.windows(2).position(|w| w == b"t0").unwrap() + 2 + 4;
+        let mut b = bytes;
+        b[dim_at..dim_at + 8].copy_from_slice(&8u64.to_le_bytes());
         assert!(matches!(Gguf::from_bytes(b), Err(Error::BadTensor { .. })));
     }
 

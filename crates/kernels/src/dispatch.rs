@@ -284,6 +284,14 @@ pub fn kernels() -> &'static Kernels {
                     best
                 }
             },
+            Err(std::env::VarError::NotUnicode(v)) => {
+                eprintln!(
+                    "capy: {}; using {}",
+                    crate::Error::BadIsa(v.to_string_lossy().into_owned()),
+                    best.name()
+                );
+                best
+            }
             _ => best,
         };
         Kernels::for_isa(isa).unwrap_or(Kernels::SCALAR)
