@@ -14,7 +14,8 @@
 //!   2^15), four for 5-bit, two for Q6_K's 0..=63; then one `vpmaddwd` by ones per group
 //!   widens to 32 bits. Q8's 0..=255 values would saturate `vpmaddubsw`, so they are taken
 //!   back to the signed bytes and multiplied as `|w| * (a * sign w)` (at most 2 x 128 x 127),
-//!   each register widened on its own.
+//!   each register widened on its own; their sum is the signed dot itself, so Q8 skips the
+//!   `-128 d * sum(a)` term the unsigned values need.
 //! * AVX-VNNI: `vpdpbusd` sums four u8 x i8 products into each 32-bit lane without
 //!   intermediate saturation, so every kind takes eight instructions in two chains.
 //!
@@ -316,13 +317,13 @@ unsafe fn block_token<M: Mac, const KIND: u8>(
                 _mm256_mul_ps(_mm256_cvtepi32_ps(i1), db),
             );
             _mm256_fmadd_ps(both, ad, acc)
+        } else if KIND == KIND_Q8 && M::SIGNED_Q8 {
+            // the signed values' products are the dot itself: no offset to take off (the
+            // `-128 d` of `c` would only cancel a `128 sum(a)` added back)
+            let i = _mm256_add_epi32(i0, i1);
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(da, ad), acc)
         } else {
-            let mut i = _mm256_add_epi32(i0, i1);
-            if KIND == KIND_Q8 && M::SIGNED_Q8 {
-                // back from the signed values to q = value + 128
-                let s = a.sums[0] as i32 + a.sums[1] as i32;
-                i = _mm256_add_epi32(i, _mm256_set1_epi32(128 * s));
-            }
+            let i = _mm256_add_epi32(i0, i1);
             let f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(da, ad), acc);
             _mm256_fmadd_ps(c, _mm256_set1_ps(a.s), f)
         }
