@@ -116,6 +116,17 @@ impl R16Kind {
     pub fn unit_bytes(self) -> usize {
         self.header_bytes() + self.blocks_per_unit() * self.body_bytes()
     }
+
+    /// `(unit_bytes, header_bytes, body_bytes, blocks_per_unit)`: what a kernel walking a
+    /// group unit by unit needs.
+    pub fn layout(self) -> (usize, usize, usize, usize) {
+        (
+            self.unit_bytes(),
+            self.header_bytes(),
+            self.body_bytes(),
+            self.blocks_per_unit(),
+        )
+    }
 }
 
 /// [`R16Kind`]s as numbers, for the SIMD kernels' const generics.
@@ -498,12 +509,7 @@ pub fn gemm_r16_scalar(
 ) -> [[f32; R16_ROWS]; R16_TOKENS] {
     let n_act = n_act.min(R16_TOKENS);
     let nb = usable_blocks(kind, group, nb, &acts[..n_act]);
-    let (ub, bpu, hb, bb) = (
-        kind.unit_bytes(),
-        kind.blocks_per_unit(),
-        kind.header_bytes(),
-        kind.body_bytes(),
-    );
+    let (ub, hb, bb, bpu) = kind.layout();
     let mut out = [[0.0f32; R16_ROWS]; R16_TOKENS];
     for b in 0..nb {
         let (u, j) = (b / bpu, b % bpu);

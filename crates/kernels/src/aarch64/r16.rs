@@ -159,12 +159,7 @@ unsafe fn for_blocks<const KIND: u8>(
     mut f: impl FnMut(usize, [uint8x16_t; 8], (float32x4_t, float32x4_t, float32x4_t)),
 ) {
     let kind = kind_of(KIND);
-    let (ub, hb, bb, bpu) = (
-        kind.unit_bytes(),
-        kind.header_bytes(),
-        kind.body_bytes(),
-        kind.blocks_per_unit(),
-    );
+    let (ub, hb, bb, bpu) = kind.layout();
     for u in 0..nb / bpu {
         let unit = &group[u * ub..(u + 1) * ub];
         let hp = unit.as_ptr();

@@ -597,12 +597,7 @@ fn gemm_r16_n<const N: usize, const KIND: u8>(
     acts: &[&[BlockQ8x]; R16_TOKENS],
 ) -> [__m512; N] {
     let kind = kind_of(KIND);
-    let (ub, hb, bb, bpu) = (
-        kind.unit_bytes(),
-        kind.header_bytes(),
-        kind.body_bytes(),
-        kind.blocks_per_unit(),
-    );
+    let (ub, hb, bb, bpu) = kind.layout();
     let mut facc = [_mm512_setzero_ps(); N];
     for u in 0..nb / bpu {
         let unit = &group[u * ub..(u + 1) * ub];

@@ -385,12 +385,7 @@ unsafe fn for_blocks<const KIND: u8>(
     mut f: impl FnMut(usize, *const u8, usize, *const u8),
 ) {
     let kind = kind_of(KIND);
-    let (ub, hb, bb, bpu) = (
-        kind.unit_bytes(),
-        kind.header_bytes(),
-        kind.body_bytes(),
-        kind.blocks_per_unit(),
-    );
+    let (ub, hb, bb, bpu) = kind.layout();
     for u in 0..nb / bpu {
         // SAFETY: unit `u` and its blocks lie inside the group (the caller's contract).
         let hp = unsafe { group.as_ptr().add(u * ub) };
