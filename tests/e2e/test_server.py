@@ -180,6 +180,22 @@ class OpenAIClient(unittest.TestCase):
             self.assertEqual(len(t.top_logprobs), 3)
             self.assertAlmostEqual(t.logprob, t.top_logprobs[0].logprob, delta=1e-4)
 
+    def test_none_arguments_mean_defaults(self):
+        # the client sends explicit None as JSON null; capy answered 400 invalid_json
+        r = oai().chat.completions.create(model="smollm2-135m", max_tokens=3, temperature=0,
+                                          messages=[{"role": "user", "content": "Hi"}],
+                                          logprobs=None, top_logprobs=None, stream=None,
+                                          seed=None, stop=None, n=None)
+        self.assertEqual(r.choices[0].message.refusal, None)
+        self.assertTrue(r.choices[0].message.content)
+        c = oai().completions.create(model="smollm2-135m", prompt="Hello", max_tokens=3,
+                                     echo=None, logprobs=None, stream=None, suffix=None)
+        self.assertEqual(c.usage.completion_tokens, 3)
+        with self.assertRaises(openai.BadRequestError) as e:
+            oai().chat.completions.create(model="smollm2-135m", max_tokens=-1,
+                                          messages=[{"role": "user", "content": "Hi"}])
+        self.assertEqual(e.exception.body["param"], "max_tokens")
+
     def test_models(self):
         ids = [m.id for m in oai().models.list().data]
         self.assertEqual(sorted(ids), sorted(MODELS))

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use capy_engine::SamplerParams;
+use capy_engine::{params, SamplerParams};
 use capy_store::{ModelRef, Store};
 
 use crate::progress::Bar;
@@ -39,45 +39,62 @@ pub fn default_threads() -> usize {
         .unwrap_or(1)
 }
 
-/// Sampling flags shared by `run` and `generate` (llama.cpp's defaults).
+/// Sampling flags shared by `run` and `generate` (llama.cpp's defaults), checked against
+/// the engine's ranges ([`capy_engine::params`]) as the server checks request fields.
 #[derive(clap::Args, Clone, Debug)]
 pub struct SamplingArgs {
-    /// Temperature; 0 = greedy.
-    #[arg(long, default_value_t = 0.8)]
+    /// Temperature, 0 to 100; 0 = greedy.
+    #[arg(long, default_value_t = 0.8, value_parser = float(&params::TEMPERATURE))]
     pub temp: f32,
-    /// Top-k (0 = off).
-    #[arg(long, default_value_t = 40)]
-    pub top_k: usize,
-    /// Top-p (1.0 = off).
-    #[arg(long, default_value_t = 0.95)]
+    /// Top-k (0 or -1 = off).
+    #[arg(long, default_value_t = 40, allow_negative_numbers = true,
+          value_parser = int(&params::TOP_K))]
+    pub top_k: i64,
+    /// Top-p, 0 to 1 (1.0 = off).
+    #[arg(long, default_value_t = 0.95, value_parser = float(&params::TOP_P))]
     pub top_p: f32,
-    /// Min-p (0 = off).
-    #[arg(long, default_value_t = 0.05)]
+    /// Min-p, 0 to 1 (0 = off).
+    #[arg(long, default_value_t = 0.05, value_parser = float(&params::MIN_P))]
     pub min_p: f32,
-    /// Repetition penalty (1.0 = off).
-    #[arg(long, default_value_t = 1.0)]
+    /// Repetition penalty, above 0 and at most 10 (1.0 = off).
+    #[arg(long, default_value_t = 1.0, value_parser = float(&params::REPEAT_PENALTY))]
     pub repeat_penalty: f32,
-    /// Tokens the repetition penalties look back over.
-    #[arg(long, default_value_t = 64)]
-    pub repeat_last_n: usize,
-    #[arg(long, default_value_t = 0.0)]
+    /// Tokens the repetition penalties look back over (-1 = the whole context, 0 = off).
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true,
+          value_parser = int(&params::REPEAT_LAST_N))]
+    pub repeat_last_n: i64,
+    /// -2 to 2 (0 = off).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true,
+          value_parser = float(&params::PRESENCE_PENALTY))]
     pub presence_penalty: f32,
-    #[arg(long, default_value_t = 0.0)]
+    /// -2 to 2 (0 = off).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true,
+          value_parser = float(&params::FREQUENCY_PENALTY))]
     pub frequency_penalty: f32,
     /// Random seed (default: from the clock).
     #[arg(long)]
     pub seed: Option<u64>,
 }
 
+/// A clap value parser for a float parameter, through the engine's range.
+fn float(p: &'static params::Param) -> impl Fn(&str) -> Result<f32, String> + Clone {
+    move |s| p.parse(s).map(|v| v as f32)
+}
+
+/// A clap value parser for an integer parameter, through the engine's range.
+fn int(p: &'static params::Param) -> impl Fn(&str) -> Result<i64, String> + Clone {
+    move |s| p.parse(s).map(|v| v as i64)
+}
+
 impl SamplingArgs {
     pub fn params(&self) -> SamplerParams {
         SamplerParams {
             temperature: self.temp,
-            top_k: self.top_k,
+            top_k: SamplerParams::top_k_from(self.top_k),
             top_p: self.top_p,
             min_p: self.min_p,
             repeat_penalty: self.repeat_penalty,
-            repeat_last_n: self.repeat_last_n,
+            repeat_last_n: SamplerParams::last_n_from(self.repeat_last_n),
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
             seed: self.seed,

@@ -608,7 +608,8 @@ fn emit(s: &mut Slot, row: &[f32], tok: &Tokenizer, stats: &Stats) {
         Some(StopReason::Cancelled)
     } else if a.n_gen >= a.params.max_tokens {
         Some(StopReason::Length)
-    } else if s.cached.len() >= a.n_ctx {
+    } else if s.cached.len() + 1 >= a.n_ctx {
+        // prompt + answer fill the context (the token just sampled takes the last place)
         Some(StopReason::Context)
     } else {
         None

@@ -227,7 +227,8 @@ impl Session {
                 break;
             }
             let pos = self.cached.len();
-            if pos >= n_ctx {
+            // prompt + answer fill the context: the token just sampled was the last place
+            if pos + 1 >= n_ctx {
                 stop_reason = StopReason::Context;
                 break;
             }

@@ -6,6 +6,7 @@
 pub mod batch;
 pub mod chat;
 pub mod generate;
+pub mod params;
 pub mod sampler;
 pub mod spm;
 pub mod tokenizer;

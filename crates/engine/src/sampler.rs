@@ -14,7 +14,7 @@ pub struct SamplerParams {
     pub min_p: f32,
     /// 1.0 = off; divides positive logits (multiplies negative ones) of recent tokens.
     pub repeat_penalty: f32,
-    /// How many recent tokens the penalties look at.
+    /// How many recent tokens the penalties look at; `usize::MAX` = the whole context.
     pub repeat_last_n: usize,
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
@@ -39,6 +39,16 @@ impl Default for SamplerParams {
 }
 
 impl SamplerParams {
+    /// `top_k` as requests give it: 0 and -1 (vLLM's "off") both turn it off.
+    pub fn top_k_from(k: i64) -> usize {
+        usize::try_from(k).unwrap_or(0)
+    }
+
+    /// `repeat_last_n` as requests give it: -1 is the whole context (Ollama's meaning).
+    pub fn last_n_from(n: i64) -> usize {
+        usize::try_from(n).unwrap_or(usize::MAX)
+    }
+
     pub fn greedy() -> SamplerParams {
         SamplerParams {
             temperature: 0.0,
@@ -265,6 +275,29 @@ mod tests {
 
     fn logits() -> Vec<f32> {
         vec![1.0, 3.0, 2.5, -1.0, 0.0, 2.9]
+    }
+
+    /// `repeat_last_n: -1` turned the penalty off (it was clamped to 0); Ollama means the
+    /// whole context by it.
+    #[test]
+    fn repeat_last_n_minus_one_penalizes_the_whole_history() {
+        let run = |last_n: i64| {
+            let mut s = Sampler::new(SamplerParams {
+                repeat_penalty: 2.0,
+                repeat_last_n: SamplerParams::last_n_from(last_n),
+                ..SamplerParams::greedy()
+            });
+            // token 1 (the argmax) was seen 100 tokens ago only
+            s.accept(1);
+            for _ in 0..100 {
+                s.accept(3);
+            }
+            s.sample(&logits())
+        };
+        assert_eq!(run(64), 1, "out of the window: not penalized");
+        assert_eq!(run(0), 1, "0 = off");
+        assert_eq!(run(-1), 5, "-1 = everything: 3.0 / 2 falls below 2.9");
+        assert_eq!(SamplerParams::top_k_from(-1), 0);
     }
 
     #[test]

@@ -14,40 +14,61 @@ pub enum KeepAlive {
 }
 
 impl KeepAlive {
+    /// The longest finite keep-alive, ten years; longer is an error (use -1 for forever).
+    pub const MAX_SECS: f64 = 10.0 * 365.0 * 86_400.0;
+
     /// Ollama's forms: a duration string ("5m", "1h30m", "90s", "500ms"), a number of
     /// seconds, "0" to unload at once, anything negative to keep forever.
+    ///
+    /// # Errors
+    /// Not a duration, not finite ("NaN", "inf"), or longer than [`KeepAlive::MAX_SECS`].
     pub fn parse(s: &str) -> Result<KeepAlive, String> {
         let s = s.trim();
-        if s.starts_with('-') {
+        if let Ok(secs) = s.parse::<f64>() {
+            return KeepAlive::from_secs(secs);
+        }
+        if s.starts_with('-') && parse_duration(&s[1..]).is_some() {
             return Ok(KeepAlive::Forever);
         }
-        if let Ok(secs) = s.parse::<f64>() {
-            return Ok(KeepAlive::For(Duration::from_secs_f64(secs)));
-        }
         parse_duration(s)
-            .map(KeepAlive::For)
             .ok_or_else(|| format!("bad duration {s:?} (examples: 5m, 30s, 1h, 0, -1)"))
+            .and_then(KeepAlive::from_secs)
+    }
+
+    /// A number of seconds: negative keeps forever.
+    ///
+    /// # Errors
+    /// Not finite, or longer than [`KeepAlive::MAX_SECS`].
+    pub fn from_secs(secs: f64) -> Result<KeepAlive, String> {
+        if !secs.is_finite() {
+            return Err(format!("keep_alive must be a finite duration, got {secs}"));
+        }
+        if secs < 0.0 {
+            return Ok(KeepAlive::Forever);
+        }
+        if secs > Self::MAX_SECS {
+            return Err(format!(
+                "keep_alive of {secs} s is longer than ten years; use -1 to keep the model loaded"
+            ));
+        }
+        Ok(KeepAlive::For(Duration::from_secs_f64(secs)))
     }
 
     /// From a JSON value: a string as [`KeepAlive::parse`], or a number of seconds.
+    ///
+    /// # Errors
+    /// As [`KeepAlive::parse`], or a value that is neither a string nor a number.
     pub fn from_json(v: &serde_json::Value) -> Result<KeepAlive, String> {
         match v {
             serde_json::Value::String(s) => KeepAlive::parse(s),
-            serde_json::Value::Number(n) => {
-                let secs = n.as_f64().unwrap_or(0.0);
-                if secs < 0.0 {
-                    Ok(KeepAlive::Forever)
-                } else {
-                    Ok(KeepAlive::For(Duration::from_secs_f64(secs)))
-                }
-            }
+            serde_json::Value::Number(n) => KeepAlive::from_secs(n.as_f64().unwrap_or(f64::NAN)),
             _ => Err(format!("keep_alive must be a duration or seconds, got {v}")),
         }
     }
 }
 
-/// "1h30m", "5m", "90s", "250ms".
-fn parse_duration(s: &str) -> Option<Duration> {
+/// "1h30m", "5m", "90s", "250ms", in seconds.
+fn parse_duration(s: &str) -> Option<f64> {
     let mut total = 0.0f64;
     let mut rest = s;
     if rest.is_empty() {
@@ -72,7 +93,7 @@ fn parse_duration(s: &str) -> Option<Duration> {
         total += value * scale;
         rest = &rest[u..];
     }
-    Some(Duration::from_secs_f64(total))
+    Some(total).filter(|t| t.is_finite())
 }
 
 /// "8GiB", "512MiB", "2GB", "1500000000".
@@ -257,6 +278,47 @@ mod tests {
         assert_eq!(parse_bytes("1000"), Ok(1000));
         assert!(parse_bytes("lots").is_err());
         assert!(parse_bytes("3 parsecs").is_err());
+    }
+
+    /// `keep_alive: "NaN"`, `"inf"` and `1e300` panicked the handler, `1e19` left the model
+    /// held forever and `9.2233720368547e18` made `/api/ps` panic: durations are finite and
+    /// bounded, with a clear error.
+    #[test]
+    fn keep_alive_nan_inf_and_huge_are_errors_not_panics() {
+        use serde_json::json;
+        for s in [
+            "NaN",
+            "nan",
+            "inf",
+            "-inf",
+            "Infinity",
+            "1e300",
+            "99999999999999999999h",
+            "1e19",
+        ] {
+            let r = KeepAlive::parse(s);
+            assert!(r.is_err() || s.starts_with('-'), "{s}: {r:?}");
+        }
+        assert_eq!(
+            KeepAlive::parse("-inf"),
+            Err("keep_alive must be a finite duration, got -inf".into())
+        );
+        for v in [
+            json!(1e300),
+            json!(1e19),
+            json!(9.2233720368547e18),
+            json!(u64::MAX),
+        ] {
+            let e = KeepAlive::from_json(&v).unwrap_err();
+            assert!(e.contains("longer than ten years"), "{v}: {e}");
+        }
+        let ten_years = KeepAlive::MAX_SECS as u64;
+        assert_eq!(
+            KeepAlive::from_json(&json!(ten_years)),
+            Ok(KeepAlive::For(Duration::from_secs(ten_years)))
+        );
+        assert_eq!(KeepAlive::from_json(&json!(-5)), Ok(KeepAlive::Forever));
+        assert!(KeepAlive::from_json(&json!(true)).is_err());
     }
 
     #[test]

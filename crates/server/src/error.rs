@@ -18,7 +18,7 @@ pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
     pub code: Option<&'static str>,
-    pub param: Option<&'static str>,
+    pub param: Option<String>,
     pub retry_after: Option<u64>,
     pub flavor: Flavor,
 }
@@ -52,8 +52,8 @@ impl ApiError {
         self
     }
 
-    pub fn param(mut self, param: &'static str) -> ApiError {
-        self.param = Some(param);
+    pub fn param(mut self, param: impl Into<String>) -> ApiError {
+        self.param = Some(param.into());
         self
     }
 
@@ -133,15 +133,12 @@ impl From<capy_engine::Error> for ApiError {
     }
 }
 
-/// Parses a JSON request body, answering malformed input with a 400 that says what is
-/// wrong (axum's own extractor answers in plain text).
+/// Parses a JSON request body of a route without a field table: nulls mean "not given",
+/// malformed input is a 400 that says what is wrong (axum's own extractor answers in plain
+/// text).
 pub fn parse_json<T: serde::de::DeserializeOwned>(
     body: &[u8],
     flavor: Flavor,
 ) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(format!("invalid JSON body: {e}"))
-            .code("invalid_json")
-            .flavor(flavor)
-    })
+    crate::params::parse(body, &[], flavor)
 }

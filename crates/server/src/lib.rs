@@ -11,6 +11,7 @@ pub mod gen;
 pub mod metrics;
 pub mod ollama;
 pub mod openai;
+pub mod params;
 pub mod registry;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,7 +30,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::config::{Checked, Config};
-use crate::error::{parse_json, ApiError, Flavor};
+use crate::error::{ApiError, Flavor};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryConfig};
 
@@ -82,7 +83,7 @@ impl AppState {
 }
 
 /// Sampling settings as requests give them (the same names in both APIs); unset ones keep
-/// llama.cpp's defaults.
+/// llama.cpp's defaults. Their ranges were checked by [`params::SAMPLING`].
 #[derive(Deserialize, Default, Clone)]
 pub(crate) struct Knobs {
     pub temperature: Option<f32>,
@@ -93,48 +94,31 @@ pub(crate) struct Knobs {
     pub repeat_last_n: Option<i64>,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
-    pub seed: Option<i64>,
+    /// any 64-bit integer, signed or not
+    pub seed: Option<serde_json::Number>,
 }
 
 impl Knobs {
     /// The sampler settings; `choice` varies the seed between the choices of a request.
-    pub fn sampler(&self, choice: usize) -> Result<SamplerParams, ApiError> {
+    pub fn sampler(&self, choice: usize) -> SamplerParams {
         let d = SamplerParams::default();
-        let bad =
-            |what: &'static str, msg: &str| Err(ApiError::bad_request(msg.to_string()).param(what));
-        if self
-            .temperature
-            .is_some_and(|t| !(0.0..=100.0).contains(&t))
-        {
-            return bad("temperature", "temperature must be between 0 and 100");
-        }
-        if self.top_p.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
-            return bad("top_p", "top_p must be between 0 and 1");
-        }
-        if self.min_p.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
-            return bad("min_p", "min_p must be between 0 and 1");
-        }
-        for (name, v) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ] {
-            if v.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
-                return bad(name, "penalties must be between -2 and 2");
-            }
-        }
-        Ok(SamplerParams {
+        let seed = self
+            .seed
+            .as_ref()
+            .and_then(|n| n.as_u64().or_else(|| n.as_i64().map(|s| s as u64)));
+        SamplerParams {
             temperature: self.temperature.unwrap_or(d.temperature),
-            top_k: self.top_k.map_or(d.top_k, |k| k.max(0) as usize),
+            top_k: self.top_k.map_or(d.top_k, SamplerParams::top_k_from),
             top_p: self.top_p.unwrap_or(d.top_p),
             min_p: self.min_p.unwrap_or(d.min_p),
             repeat_penalty: self.repeat_penalty.unwrap_or(d.repeat_penalty),
             repeat_last_n: self
                 .repeat_last_n
-                .map_or(d.repeat_last_n, |n| n.max(0) as usize),
+                .map_or(d.repeat_last_n, SamplerParams::last_n_from),
             presence_penalty: self.presence_penalty.unwrap_or(d.presence_penalty),
             frequency_penalty: self.frequency_penalty.unwrap_or(d.frequency_penalty),
-            seed: self.seed.map(|s| (s as u64).wrapping_add(choice as u64)),
-        })
+            seed: seed.map(|s| s.wrapping_add(choice as u64)),
+        }
     }
 }
 
@@ -157,13 +141,40 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .route("/api/embed", post(not_yet))
+        .route("/api/embeddings", post(not_yet))
+        .route("/v1/embeddings", post(not_yet))
         .route("/", get(|| async { "capy is running" }))
-        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .fallback(no_route)
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             count_requests,
         ))
         .with_state(state)
+}
+
+/// The error shape of a path: Ollama's under `/api/`, OpenAI's elsewhere.
+fn flavor_of(path: &str) -> Flavor {
+    if path == "/api" || path.starts_with("/api/") {
+        Flavor::Ollama
+    } else {
+        Flavor::OpenAi
+    }
+}
+
+/// Routes capy does not have: 404 in the shape of the API the path belongs to.
+async fn no_route(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!("no such endpoint: {}", uri.path())).flavor(flavor_of(uri.path()))
+}
+
+/// Embeddings are not built yet: 501 rather than a 404 that looks like a typo.
+async fn not_yet(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        "embeddings are not supported yet: capy serves text generation only",
+    )
+    .code("not_implemented")
+    .flavor(flavor_of(uri.path()))
 }
 
 /// Counts requests by route and status for `/metrics`.
@@ -214,23 +225,31 @@ fn default_model(st: &AppState, named: Option<&str>) -> Result<String, ApiError>
         .ok_or_else(|| ApiError::not_found("no model to tokenize with"))
 }
 
+/// llama-server's `/tokenize`: `add_special` (BOS) off and `parse_special` (control-token
+/// text becomes control tokens) on unless given.
 #[derive(Deserialize)]
 struct TokenizeRequest {
     content: String,
     #[serde(default)]
     add_special: bool,
+    #[serde(default = "yes")]
+    parse_special: bool,
     #[serde(default)]
     with_pieces: bool,
     model: Option<String>,
 }
 
+fn yes() -> bool {
+    true
+}
+
 async fn tokenize(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
     let r = async {
-        let req: TokenizeRequest = parse_json(&body, Flavor::OpenAi)?;
+        let req: TokenizeRequest = params::parse(&body, params::TOKENIZE, Flavor::OpenAi)?;
         let model = default_model(&st, req.model.as_deref())?;
         let lease = st.registry.acquire(&model, None).await?;
         let tok = &lease.engine.tokenizer;
-        let ids = tok.encode(&req.content, req.add_special, true)?;
+        let ids = tok.encode(&req.content, req.add_special, req.parse_special)?;
         let tokens: Vec<serde_json::Value> = if req.with_pieces {
             ids.iter()
                 .map(|&id| {
@@ -257,7 +276,7 @@ struct DetokenizeRequest {
 
 async fn detokenize(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
     let r = async {
-        let req: DetokenizeRequest = parse_json(&body, Flavor::OpenAi)?;
+        let req: DetokenizeRequest = params::parse(&body, params::DETOKENIZE, Flavor::OpenAi)?;
         let model = default_model(&st, req.model.as_deref())?;
         let lease = st.registry.acquire(&model, None).await?;
         let tok = &lease.engine.tokenizer;
@@ -267,7 +286,8 @@ async fn detokenize(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
                 n_vocab: tok.n_vocab(),
             }));
         }
-        Ok(Json(json!({"content": tok.decode(&req.tokens, false)})).into_response())
+        // as llama-server: control tokens keep their text
+        Ok(Json(json!({"content": tok.decode(&req.tokens, true)})).into_response())
     };
     r.await.unwrap_or_else(|e| e.into_response())
 }

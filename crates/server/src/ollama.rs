@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use crate::config::KeepAlive;
 use crate::error::{parse_json, ApiError, Flavor};
 use crate::gen::{rfc3339, stream_response, Gens};
+use crate::params;
 use crate::registry::Lease;
 use crate::{AppState, Knobs};
 
@@ -37,10 +38,7 @@ impl Options {
                 Some(n) if n >= 0 => n as usize,
                 _ => usize::MAX,
             },
-            sampler: self
-                .knobs
-                .sampler(0)
-                .map_err(|e| e.flavor(Flavor::Ollama))?,
+            sampler: self.knobs.sampler(0),
             stop: self.stop.clone().unwrap_or_default(),
             ..Default::default()
         })
@@ -77,7 +75,8 @@ fn finals(v: &mut Value, s: &capy_engine::Summary, t0: Instant, load_ms: f64) {
     v["done_reason"] = json!(done_reason(s.stop_reason));
     v["total_duration"] = json!(t0.elapsed().as_nanos() as u64);
     v["load_duration"] = json!(ns(load_ms));
-    v["prompt_eval_count"] = json!(s.prompt_tokens - s.cached_tokens);
+    // the whole prompt, as Ollama reports it; the duration is what was computed
+    v["prompt_eval_count"] = json!(s.prompt_tokens);
     v["prompt_eval_duration"] = json!(ns(s.prompt_ms));
     v["eval_count"] = json!(s.completion_tokens);
     v["eval_duration"] = json!(ns(s.gen_ms));
@@ -135,7 +134,7 @@ pub async fn generate(State(st): State<Arc<AppState>>, body: Bytes) -> Response 
 
 async fn generate_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let t0 = Instant::now();
-    let req: GenerateRequest = parse_json(&body, Flavor::Ollama)?;
+    let req: GenerateRequest = params::parse(&body, params::GENERATE, Flavor::Ollama)?;
     let ka = keep_alive(&req.keep_alive)?;
     if !req.images.is_empty() {
         return Err(ApiError::bad_request(
@@ -216,7 +215,7 @@ pub async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
 
 async fn chat_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let t0 = Instant::now();
-    let req: ChatRequest = parse_json(&body, Flavor::Ollama)?;
+    let req: ChatRequest = params::parse(&body, params::CHAT, Flavor::Ollama)?;
     let ka = keep_alive(&req.keep_alive)?;
     if req.messages.is_empty() {
         return load_only(&st, &req.model, ka, true).await;
@@ -408,7 +407,9 @@ pub async fn ps(State(st): State<Arc<AppState>>) -> Response {
             let m = &l.model;
             let name = format!("{}:latest", m.name);
             let expires = match l.expires {
-                Some(t) => SystemTime::now() + t.saturating_duration_since(now),
+                Some(t) => SystemTime::now()
+                    .checked_add(t.saturating_duration_since(now))
+                    .unwrap_or(SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799)),
                 // never: Ollama shows a far-future time
                 None => SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799),
             };

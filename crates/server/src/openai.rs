@@ -11,8 +11,9 @@ use capy_engine::{GenerateParams, Message, StopReason, TokenOut, Tokenizer};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::error::{parse_json, ApiError, Flavor};
+use crate::error::{ApiError, Flavor};
 use crate::gen::{new_id, stream_response, unix_now, Gens, Outcome};
+use crate::params;
 use crate::{AppState, Knobs};
 
 #[derive(Deserialize)]
@@ -28,7 +29,8 @@ struct StreamOptions {
     include_usage: bool,
 }
 
-/// What chat and completion requests share.
+/// What chat and completion requests share; every field was checked by
+/// [`params::OPENAI_COMMON`] and [`params::SAMPLING`] first.
 #[derive(Deserialize)]
 struct Common {
     model: String,
@@ -49,13 +51,26 @@ struct Common {
 }
 
 impl Common {
-    fn n(&self) -> Result<usize, ApiError> {
-        match self.n.unwrap_or(1) {
-            n @ 1..=16 => Ok(n),
-            n => Err(
-                ApiError::bad_request(format!("n must be between 1 and 16, got {n}")).param("n"),
-            ),
+    /// Checks what the field tables cannot see alone: `stream_options` needs `stream`.
+    fn check(&self) -> Result<(), ApiError> {
+        if self.stream_options.is_some() && !self.stream {
+            return Err(ApiError::bad_request(
+                "stream_options is only allowed when stream is true",
+            )
+            .param("stream_options"));
         }
+        Ok(())
+    }
+
+    fn n(&self) -> usize {
+        self.n.unwrap_or(1)
+    }
+
+    /// The answer length a request asks for, if it names one.
+    fn max_tokens(&self) -> Option<usize> {
+        self.max_completion_tokens
+            .or(self.max_tokens)
+            .map(|m| m.min(usize::MAX as u64) as usize)
     }
 
     fn include_usage(&self) -> bool {
@@ -65,37 +80,36 @@ impl Common {
     }
 
     /// Generation settings; `choice` varies the seed between the `n` choices.
-    fn params(
-        &self,
-        logprobs: bool,
-        top: usize,
-        choice: usize,
-    ) -> Result<GenerateParams, ApiError> {
-        if top > 20 {
-            return Err(
-                ApiError::bad_request("top_logprobs must be at most 20").param("top_logprobs")
-            );
-        }
+    fn params(&self, logprobs: bool, top: usize, choice: usize) -> GenerateParams {
         let stop = match &self.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s.clone()],
             Some(Stop::Many(v)) => v.clone(),
         };
-        if stop.len() > 16 {
-            return Err(ApiError::bad_request("at most 16 stop strings").param("stop"));
-        }
-        Ok(GenerateParams {
-            max_tokens: self
-                .max_completion_tokens
-                .or(self.max_tokens)
-                .map_or(usize::MAX, |m| m.min(usize::MAX as u64) as usize),
-            sampler: self.knobs.sampler(choice)?,
+        GenerateParams {
+            max_tokens: self.max_tokens().unwrap_or(usize::MAX),
+            sampler: self.knobs.sampler(choice),
             stop,
             logprobs,
             top_logprobs: top,
             echo: false,
             ignore_eos: self.ignore_eos,
-        })
+        }
+    }
+
+    /// A prompt of `n_prompt` tokens and an explicit `max_tokens` must fit the context
+    /// together (OpenAI and vLLM answer 400); without `max_tokens` the answer runs to the end
+    /// of the context with `finish_reason: "length"`.
+    fn check_fits(&self, n_prompt: usize, n_ctx: usize, param: &str) -> Result<(), ApiError> {
+        match self.max_tokens() {
+            Some(m) if n_prompt.saturating_add(m) > n_ctx => Err(ApiError::bad_request(format!(
+                "this model's context is {n_ctx} tokens, but {n_prompt} tokens of prompt and \
+                 {m} of max_tokens were asked for; shorten the prompt or lower max_tokens"
+            ))
+            .code("context_length_exceeded")
+            .param(param)),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -196,7 +210,14 @@ pub async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
 
 async fn chat_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let t0 = Instant::now();
-    let req: ChatRequest = parse_json(&body, Flavor::OpenAi)?;
+    let req: ChatRequest = params::parse(&body, params::CHAT_COMPLETIONS, Flavor::OpenAi)?;
+    req.common.check()?;
+    if req.top_logprobs.is_some() && !req.logprobs {
+        return Err(
+            ApiError::bad_request("top_logprobs requires logprobs to be true")
+                .param("top_logprobs"),
+        );
+    }
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty").param("messages"));
     }
@@ -206,19 +227,14 @@ async fn chat_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError
         .map(to_message)
         .collect::<Result<Vec<_>, _>>()?;
     let c = &req.common;
-    let n = c.n()?;
-    let want_lp = req.logprobs || req.top_logprobs.is_some_and(|k| k > 0);
-    let top = if req.logprobs {
-        req.top_logprobs.unwrap_or(0)
-    } else {
-        0
-    };
-    let choices_params = (0..n)
-        .map(|i| c.params(want_lp, top, i))
-        .collect::<Result<Vec<_>, _>>()?;
+    let n = c.n();
+    let want_lp = req.logprobs;
+    let top = req.top_logprobs.unwrap_or(0);
+    let choices_params: Vec<_> = (0..n).map(|i| c.params(want_lp, top, i)).collect();
     let lease = st.registry.acquire(&c.model, None).await?;
     let prompt = lease.engine.chat_tokens(&messages)?;
     let n_prompt = prompt.len();
+    c.check_fits(n_prompt, lease.batch.params.n_ctx, "messages")?;
     let (model, tok) = (lease.name.clone(), Arc::clone(&lease.engine.tokenizer));
     let choices = choices_params
         .into_iter()
@@ -244,9 +260,10 @@ async fn chat_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError
                 }
                 json!({
                     "index": i,
-                    "message": {"role": "assistant", "content": o.text},
+                    "message": {"role": "assistant", "content": o.text, "refusal": null},
                     "logprobs": want_lp.then(|| json!({
-                        "content": o.tokens.iter().map(|t| chat_logprob(&tok, t)).collect::<Vec<_>>()
+                        "content": o.tokens.iter().map(|t| chat_logprob(&tok, t)).collect::<Vec<_>>(),
+                        "refusal": null,
                     })),
                     "finish_reason": s.map(|s| finish_reason(s.stop_reason)),
                 })
@@ -294,7 +311,9 @@ async fn chat_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError
                             continue;
                         }
                         json!({"index": i, "delta": {"content": text},
-                           "logprobs": want_lp.then(|| json!({"content": [chat_logprob(&tok, &token)]})),
+                           "logprobs": want_lp.then(|| json!({
+                               "content": [chat_logprob(&tok, &token)], "refusal": null
+                           })),
                            "finish_reason": null})
                     }
                     capy_engine::Event::Done(s) => {
@@ -457,17 +476,18 @@ pub async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Respon
 
 async fn completions_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let t0 = Instant::now();
-    let req: CompletionRequest = parse_json(&body, Flavor::OpenAi)?;
+    let req: CompletionRequest = params::parse(&body, params::COMPLETIONS, Flavor::OpenAi)?;
+    req.common.check()?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::bad_request("suffix is not supported").param("suffix"));
     }
     let c = &req.common;
-    let n = c.n()?;
+    let n = c.n();
     let want_lp = req.logprobs.is_some();
     let top = req.logprobs.unwrap_or(0);
     let mut base = Vec::with_capacity(n);
     for i in 0..n {
-        let mut p = c.params(want_lp, top, i)?;
+        let mut p = c.params(want_lp, top, i);
         // prompt logprobs are computed only when echo and logprobs are both asked for
         p.echo = req.echo && want_lp;
         base.push(p);
@@ -475,6 +495,9 @@ async fn completions_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, A
     let lease = st.registry.acquire(&c.model, None).await?;
     let tok = Arc::clone(&lease.engine.tokenizer);
     let prompts = prompts(&req.prompt, &tok)?;
+    for p in &prompts {
+        c.check_fits(p.tokens.len(), lease.batch.params.n_ctx, "prompt")?;
+    }
     let model = lease.name.clone();
     let mut choices = Vec::new();
     for p in &prompts {
@@ -482,7 +505,13 @@ async fn completions_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, A
             choices.push((p.tokens.clone(), b.clone()));
         }
     }
-    let gens = Gens::start(&st, lease, choices, None, t0)?;
+    let gens = Gens::start(&st, lease, choices, None, t0).map_err(|e| {
+        if e.code == Some("context_length_exceeded") {
+            e.param("prompt")
+        } else {
+            e
+        }
+    })?;
     let id = new_id("cmpl");
     let created = unix_now();
     let n_prompt: usize = prompts.iter().map(|p| p.tokens.len()).sum();

@@ -90,6 +90,8 @@ impl Drop for Lease {
             let mut unload = false;
             if let Some(e) = map.get_mut(&self.model.name) {
                 if Arc::ptr_eq(&e.model, &self.model) {
+                    // released first, so nothing below can leave the model held forever
+                    let idle = self.model.active.fetch_sub(1, Ordering::AcqRel) == 1;
                     e.last_used = Instant::now();
                     let ka = self.keep_alive.unwrap_or(if e.warm {
                         KeepAlive::Forever
@@ -98,9 +100,8 @@ impl Drop for Lease {
                     });
                     e.expires = match ka {
                         KeepAlive::Forever => None,
-                        KeepAlive::For(d) => Some(Instant::now() + d),
+                        KeepAlive::For(d) => Instant::now().checked_add(d),
                     };
-                    let idle = self.model.active.fetch_sub(1, Ordering::AcqRel) == 1;
                     unload = idle && ka == KeepAlive::For(Default::default());
                 }
             }

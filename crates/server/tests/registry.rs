@@ -1,56 +1,19 @@
 //! The model registry under a memory budget, and the HTTP layer's errors, with the real
 //! SmolLM2 model served under several names from a temporary store.
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use capy_engine::BatchParams;
+use capy_server::app;
 use capy_server::config::KeepAlive;
 use capy_server::registry::{Registry, RegistryConfig};
-use capy_server::{app, AppState};
-use capy_store::{Manifest, Store};
-use serde_json::Value;
+use capy_store::Store;
+use common::{call, small_batch, temp_store};
 use tower::ServiceExt;
-
-/// A store in a fresh temporary directory holding SmolLM2 under each of `names`.
-fn temp_store(tag: &str, names: &[&str]) -> Store {
-    let real = Store::open_default()
-        .resolve("smollm2-135m")
-        .expect("the tests need the real model: run `capy pull smollm2-135m`");
-    let root: PathBuf =
-        std::env::temp_dir().join(format!("capy-registry-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    let store = Store::at(&root);
-    std::fs::create_dir_all(root.join("models")).expect("mkdir");
-    std::fs::create_dir_all(root.join("manifests")).expect("mkdir");
-    for n in names {
-        std::os::unix::fs::symlink(&real, store.model_path(n)).expect("symlink");
-        let m = Manifest {
-            name: n.to_string(),
-            source: "test".into(),
-            sha256: String::new(),
-            size: 0,
-            pulled_at: 0,
-        };
-        let text = serde_json::to_string(&m).expect("json");
-        std::fs::write(root.join("manifests").join(format!("{n}.json")), text).expect("write");
-    }
-    store
-}
-
-fn small_batch() -> BatchParams {
-    BatchParams {
-        n_slots: 2,
-        n_ctx: 256,
-        n_batch: 64,
-        n_threads: 1,
-        max_queue: 4,
-        isa: None,
-    }
-}
 
 fn registry(tag: &str, budget_models: Option<f64>, max_loaded: usize) -> Arc<Registry> {
     let store = temp_store(tag, &["m1", "m2", "m3"]);
@@ -149,52 +112,12 @@ async fn max_loaded_models_and_keep_alive() {
     assert_eq!(e.status, StatusCode::NOT_FOUND);
 }
 
-async fn call(
-    app: &axum::Router,
-    method: &str,
-    uri: &str,
-    body: &str,
-) -> (StatusCode, Value, Option<String>) {
-    let req = Request::builder()
-        .method(method)
-        .uri(uri)
-        .header("content-type", "application/json")
-        .body(Body::from(body.to_string()))
-        .expect("request");
-    let resp = app.clone().oneshot(req).await.expect("response");
-    let status = resp.status();
-    let retry = resp
-        .headers()
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
-        .await
-        .expect("body");
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        retry,
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_errors_health_and_a_full_queue() {
-    let store = temp_store("http", &["m1"]);
     let mut batch = small_batch();
     batch.n_slots = 1;
     batch.max_queue = 1;
-    let reg = Registry::new(
-        RegistryConfig {
-            batch,
-            keep_alive: KeepAlive::Forever,
-            max_loaded: 2,
-            memory_budget: None,
-        },
-        store,
-        vec!["m1".into()],
-    );
-    let state = AppState::new(reg);
+    let state = common::state("http", batch);
     let app = app(Arc::clone(&state));
     let (s, _, retry) = call(&app, "GET", "/health", "").await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);

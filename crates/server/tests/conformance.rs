@@ -1,0 +1,288 @@
+//! API conformance faults found by replaying public bug reports of llama.cpp, Ollama and vLLM
+//! against capy, one regression test per kind, over the HTTP layer with the real SmolLM2
+//! (context 256). The per-field tables are covered field by field in `params.rs`'s tests.
+
+mod common;
+
+use axum::http::StatusCode;
+use common::{call, served, small_batch};
+use serde_json::{json, Value};
+
+fn chat(extra: Value) -> String {
+    let mut v = json!({"model": "m1", "max_tokens": 3, "temperature": 0,
+                       "messages": [{"role": "user", "content": "Hi"}]});
+    for (k, x) in extra.as_object().expect("object") {
+        v[k] = x.clone();
+    }
+    v.to_string()
+}
+
+fn param(v: &Value) -> Option<&str> {
+    v["error"]["param"].as_str()
+}
+
+/// `{"logprobs": null}` was a 400 `invalid_json`: the openai client sends nulls for unset
+/// arguments, and Ollama's clients send `null` options, images, format.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nullable_fields_mean_default_on_every_route() {
+    let (app, _st) = served("nulls", small_batch()).await;
+    let nulls = json!({"logprobs": null, "top_logprobs": null, "stream": null,
+                       "stream_options": null, "n": null, "stop": null, "seed": null,
+                       "temperature": null, "top_p": null, "user": null, "max_tokens": 3,
+                       "presence_penalty": null, "frequency_penalty": null});
+    let (s, v, _) = call(&app, "POST", "/v1/chat/completions", &chat(nulls.clone())).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["logprobs"], Value::Null);
+    let mut c = nulls;
+    c["prompt"] = json!("Hello");
+    c["echo"] = Value::Null;
+    c["suffix"] = Value::Null;
+    c["model"] = json!("m1");
+    let (s, v, _) = call(&app, "POST", "/v1/completions", &c.to_string()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/api/generate",
+        r#"{"model":"m1","prompt":"Hi","stream":false,
+        "options":{"temperature":null,"num_predict":3,"stop":null},"images":null,"format":null,
+        "raw":null,"suffix":null,"system":null,"keep_alive":null,"context":null,"template":null}"#,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/api/chat",
+        r#"{"model":"m1","stream":false,"tools":null,
+        "options":{"num_predict":3},"messages":[{"role":"user","content":"Hi","images":null}]}"#,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}
+
+/// `{"max_tokens": -1}` and `{"n": -1}` were reported as bad JSON with a serde message and
+/// `param: null`; `repeat_penalty` 0 or below was accepted and degenerated the output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_json_with_an_invalid_value_names_the_field() {
+    let (app, _st) = served("values", small_batch()).await;
+    for (field, bad) in [
+        ("max_tokens", json!(-1)),
+        ("n", json!(-1)),
+        ("n", json!(17)),
+        ("repeat_penalty", json!(0)),
+        ("repeat_penalty", json!(-1.5)),
+        ("temperature", json!("hot")),
+        ("top_logprobs", json!(21)),
+        ("seed", json!(1.5)),
+    ] {
+        let (s, v, _) = call(
+            &app,
+            "POST",
+            "/v1/chat/completions",
+            &chat(json!({ field: bad })),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{field}={bad}: {v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{field}");
+        assert_ne!(v["error"]["code"], "invalid_json", "{field}");
+        assert_eq!(param(&v), Some(field), "{field}={bad}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap_or("");
+        assert!(
+            msg.contains(field) && !msg.contains("line 1 column"),
+            "{msg}"
+        );
+    }
+    for body in [
+        r#"{"model":"m1","prompt":"Hi","options":{"repeat_penalty":0}}"#,
+        r#"{"model":"m1","prompt":"Hi","options":{"num_ctx":"big"}}"#,
+        r#"{"model":"m1","prompt":"Hi","keep_alive":"NaN"}"#,
+        r#"{"model":"m1","prompt":"Hi","keep_alive":1e300}"#,
+        r#"{"model":"m1","prompt":"Hi","keep_alive":1e19}"#,
+    ] {
+        let (s, v, _) = call(&app, "POST", "/api/generate", body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert!(v["error"].is_string(), "Ollama's shape: {v}");
+    }
+    // the model is not held by any of those: it can still be unloaded
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/api/generate",
+        r#"{"model":"m1","keep_alive":0}"#,
+    )
+    .await;
+    assert_eq!(
+        (s, v["done_reason"].as_str()),
+        (StatusCode::OK, Some("unload")),
+        "{v}"
+    );
+    let (s, _, _) = call(&app, "GET", "/api/ps", "").await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+/// `top_logprobs` without `logprobs: true` returned empty top lists, and `stream_options`
+/// without `stream: true` was accepted: OpenAI and vLLM answer 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn option_pairs_that_need_each_other() {
+    let (app, _st) = served("pairs", small_batch()).await;
+    for (extra, field) in [
+        (json!({"top_logprobs": 2}), "top_logprobs"),
+        (
+            json!({"top_logprobs": 2, "logprobs": false}),
+            "top_logprobs",
+        ),
+        (
+            json!({"stream_options": {"include_usage": true}}),
+            "stream_options",
+        ),
+        (
+            json!({"stream_options": {"include_usage": true}, "stream": false}),
+            "stream_options",
+        ),
+    ] {
+        let (s, v, _) = call(&app, "POST", "/v1/chat/completions", &chat(extra.clone())).await;
+        assert_eq!(
+            (s, param(&v)),
+            (StatusCode::BAD_REQUEST, Some(field)),
+            "{extra}: {v}"
+        );
+    }
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        &chat(json!({"top_logprobs": 2, "logprobs": true})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let content = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("logprobs");
+    assert!(content
+        .iter()
+        .all(|t| t["top_logprobs"].as_array().map(Vec::len) == Some(2)));
+    // OpenAI's schema requires refusal fields, null when there is none
+    assert_eq!(v["choices"][0]["message"]["refusal"], Value::Null);
+    assert!(v["choices"][0]["message"]
+        .as_object()
+        .expect("message")
+        .contains_key("refusal"));
+    assert!(v["choices"][0]["logprobs"]
+        .as_object()
+        .expect("lp")
+        .contains_key("refusal"));
+}
+
+/// A repeated `/api/chat` reported `prompt_eval_count: 1` (only the uncached tokens);
+/// Ollama reports the whole prompt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ollama_prompt_eval_count_is_the_whole_prompt_when_cached() {
+    let (app, _st) = served("evalcount", small_batch()).await;
+    let body = r#"{"model":"m1","stream":false,"options":{"num_predict":2,"temperature":0},
+        "messages":[{"role":"user","content":"What is the capital of France?"}]}"#;
+    let (_, first, _) = call(&app, "POST", "/api/chat", body).await;
+    let (_, second, _) = call(&app, "POST", "/api/chat", body).await;
+    let n = first["prompt_eval_count"].as_u64().expect("count");
+    assert!(n > 10, "{first}");
+    assert_eq!(second["prompt_eval_count"].as_u64(), Some(n), "{second}");
+}
+
+/// Prompt + `max_tokens` beyond the context was silently capped (200 with `total_tokens`
+/// above the context); the completions route named `messages` in its context error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_tokens_that_cannot_fit_is_a_context_error() {
+    let (app, _st) = served("ctxfit", small_batch()).await;
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        &chat(json!({"max_tokens": 250})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+    assert_eq!(param(&v), Some("messages"));
+    let body = r#"{"model":"m1","prompt":"Once upon a time","max_tokens":256}"#;
+    let (s, v, _) = call(&app, "POST", "/v1/completions", body).await;
+    assert_eq!(
+        (s, param(&v)),
+        (StatusCode::BAD_REQUEST, Some("prompt")),
+        "{v}"
+    );
+    let long = format!(
+        r#"{{"model":"m1","prompt":[{}]}}"#,
+        vec!["1"; 300].join(",")
+    );
+    let (s, v, _) = call(&app, "POST", "/v1/completions", &long).await;
+    assert_eq!(
+        (s, param(&v)),
+        (StatusCode::BAD_REQUEST, Some("prompt")),
+        "{v}"
+    );
+    // without max_tokens: to the end of the context, finish_reason "length"
+    let body = r#"{"model":"m1","prompt":"Once upon a time","ignore_eos":true,"temperature":0}"#;
+    let (s, v, _) = call(&app, "POST", "/v1/completions", body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(
+        v["usage"]["total_tokens"].as_u64(),
+        Some(256),
+        "{}",
+        v["usage"]
+    );
+}
+
+/// Unknown `/api/...` routes answered in OpenAI's shape; embeddings were plain 404s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_shapes_follow_the_api_of_the_route() {
+    let (app, _st) = served("shapes", small_batch()).await;
+    let (s, v, _) = call(&app, "POST", "/api/nothing", "{}").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(v["error"].is_string(), "{v}");
+    let (s, v, _) = call(&app, "GET", "/v1/nothing", "").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(v["error"]["message"].is_string(), "{v}");
+    for path in ["/api/embed", "/api/embeddings"] {
+        let (s, v, _) = call(&app, "POST", path, r#"{"model":"m1","input":"x"}"#).await;
+        assert_eq!(s, StatusCode::NOT_IMPLEMENTED, "{path}");
+        assert!(
+            v["error"].as_str().unwrap_or("").contains("embeddings"),
+            "{v}"
+        );
+    }
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/v1/embeddings",
+        r#"{"model":"m1","input":"x"}"#,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_IMPLEMENTED);
+    assert_eq!(v["error"]["code"], "not_implemented", "{v}");
+    let (s, v, _) = call(&app, "POST", "/api/generate", r#"[1,2]"#).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(v["error"].is_string(), "{v}");
+}
+
+/// `/tokenize` ignored `parse_special: false`; `/detokenize` dropped control tokens' text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenize_parse_special_and_detokenize_keep_control_text() {
+    let (app, _st) = served("tokenize", small_batch()).await;
+    let tok = |b: &'static str| {
+        let app = app.clone();
+        async move { call(&app, "POST", "/tokenize", b).await.1["tokens"].clone() }
+    };
+    let special = tok(r#"{"model":"m1","content":"<|im_start|>user"}"#).await;
+    let literal = tok(r#"{"model":"m1","content":"<|im_start|>user","parse_special":false}"#).await;
+    let n_special = special.as_array().map_or(0, Vec::len);
+    let n_literal = literal.as_array().map_or(0, Vec::len);
+    assert_eq!(n_special, 2, "{special}");
+    assert!(n_literal > 2, "as text: {literal}");
+    let body = json!({"model": "m1", "tokens": special}).to_string();
+    let (_, v, _) = call(&app, "POST", "/detokenize", &body).await;
+    assert_eq!(v["content"], "<|im_start|>user");
+    let body = json!({"model": "m1", "tokens": literal}).to_string();
+    let (_, v, _) = call(&app, "POST", "/detokenize", &body).await;
+    assert_eq!(v["content"], "<|im_start|>user");
+}
