@@ -1,6 +1,8 @@
 //! Chat templates: the GGUF's `tokenizer.chat_template` rendered with minijinja, or a
 //! built-in format when the file has none (Gemma's turn format for Gemma, ChatML otherwise).
 
+use std::ops::Range;
+
 use minijinja::{context, Environment};
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +57,73 @@ impl ChatTemplate {
             eos_token: eos_token.to_string(),
             from_model,
         }
+    }
+
+    /// Renders a conversation and says which bytes of the result came from message content,
+    /// so that only the template's own markup may become control tokens
+    /// ([`crate::Tokenizer::encode_chat`]): a message that contains `<|im_end|>` must not end
+    /// its turn.
+    ///
+    /// How: each content is rendered as a marker padded with an em space on both sides, and
+    /// the marker is then replaced by the content. A template that trims content strips the
+    /// padding with it, which tells how much of the content to trim. Returns the text (equal
+    /// to [`ChatTemplate::render`]'s for templates that print content as is or trimmed) and
+    /// the content byte ranges, in order.
+    ///
+    /// # Errors
+    /// As [`ChatTemplate::render`].
+    pub fn render_marked(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<(String, Vec<Range<usize>>)> {
+        const PAD: char = '\u{2003}';
+        let marker = |i: usize| format!("\u{F8F0}capy{i}\u{F8F1}");
+        let marked: Vec<Message> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Message::new(&m.role, &format!("{PAD}{}{PAD}", marker(i))))
+            .collect();
+        let rendered = self.render(&marked, add_generation_prompt)?;
+        let mut out = String::with_capacity(rendered.len());
+        let mut spans = Vec::new();
+        let mut rest = rendered.as_str();
+        // markers are found in order of appearance, whichever message they belong to
+        while let Some(at) = rest.find('\u{F8F0}') {
+            let tail = &rest[at + '\u{F8F0}'.len_utf8()..];
+            let parsed = tail.strip_prefix("capy").and_then(|t| {
+                let end = t.find('\u{F8F1}')?;
+                let i: usize = t[..end].parse().ok()?;
+                Some((i, &t[end + '\u{F8F1}'.len_utf8()..]))
+            });
+            let Some((i, after)) = parsed.filter(|(i, _)| *i < messages.len()) else {
+                out.push_str(&rest[..at + '\u{F8F0}'.len_utf8()]);
+                rest = tail;
+                continue;
+            };
+            let before = &rest[..at];
+            let (before, lead) = match before.strip_suffix(PAD) {
+                Some(b) => (b, true),
+                None => (before, false),
+            };
+            let (after, trail) = match after.strip_prefix(PAD) {
+                Some(a) => (a, true),
+                None => (after, false),
+            };
+            let content = messages[i].content.as_str();
+            let content = match (lead, trail) {
+                (true, true) => content,
+                (false, true) => content.trim_start(),
+                (true, false) => content.trim_end(),
+                (false, false) => content.trim(),
+            };
+            out.push_str(before);
+            spans.push(out.len()..out.len() + content.len());
+            out.push_str(content);
+            rest = after;
+        }
+        out.push_str(rest);
+        Ok((out, spans))
     }
 
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {

@@ -108,12 +108,37 @@ impl Engine {
         )
     }
 
-    /// Renders a conversation and tokenizes it (special tokens parsed, BOS added only if
-    /// the template did not already put it there).
+    /// Renders a conversation and tokenizes it: the template's markup becomes control
+    /// tokens, message content is text even where it spells a control token (no forged
+    /// turns); BOS is added only if the template did not already put it there.
+    ///
+    /// # Errors
+    /// A template that fails to render, or the tokenizer's errors.
     pub fn chat_tokens(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        let text = self.template.render(messages, true)?;
+        let (text, literal) = self.template.render_marked(messages, true)?;
         let starts_with_bos =
             !self.template.bos_token.is_empty() && text.starts_with(&self.template.bos_token);
-        self.tokenizer.encode(&text, !starts_with_bos, true)
+        self.tokenizer
+            .encode_chat(&text, !starts_with_bos, &literal)
+    }
+
+    /// The tokens of a follow-up turn, to append to an earlier conversation's tokens (Ollama's
+    /// `context`): as [`Engine::chat_tokens`], without a BOS.
+    ///
+    /// # Errors
+    /// As [`Engine::chat_tokens`].
+    pub fn chat_turn_tokens(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        let (text, literal) = self.template.render_marked(messages, true)?;
+        let bos = self.template.bos_token.as_str();
+        let skip = if !bos.is_empty() && text.starts_with(bos) {
+            bos.len()
+        } else {
+            0
+        };
+        let shifted: Vec<_> = literal
+            .iter()
+            .map(|r| r.start.saturating_sub(skip)..r.end.saturating_sub(skip))
+            .collect();
+        self.tokenizer.encode_chat(&text[skip..], false, &shifted)
     }
 }

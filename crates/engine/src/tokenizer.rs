@@ -352,6 +352,33 @@ impl Tokenizer {
     /// Text to token ids. `add_special` adds BOS/EOS as the model wants; `parse_special`
     /// turns control-token text into the token.
     pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>> {
+        self.encode_where(text, add_special, parse_special, &[])
+    }
+
+    /// A rendered chat prompt to token ids: control-token text becomes the token only outside
+    /// `literal` (the byte ranges that came from message content, as
+    /// [`crate::ChatTemplate::render_marked`] gives them), so a message cannot forge the
+    /// template's markup. Text around the ranges is tokenized as [`Tokenizer::encode`] would,
+    /// so a prompt whose messages hold no control text gets the same ids.
+    ///
+    /// # Errors
+    /// As [`Tokenizer::encode`].
+    pub fn encode_chat(
+        &self,
+        text: &str,
+        add_special: bool,
+        literal: &[std::ops::Range<usize>],
+    ) -> Result<Vec<u32>> {
+        self.encode_where(text, add_special, true, literal)
+    }
+
+    fn encode_where(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+        literal: &[std::ops::Range<usize>],
+    ) -> Result<Vec<u32>> {
         let mut out = Vec::new();
         if add_special && self.add_bos {
             if let Some(b) = self.bos {
@@ -359,7 +386,7 @@ impl Tokenizer {
             }
         }
         let mut prev_special = true;
-        for frag in self.partition(text, parse_special) {
+        for frag in self.partition(text, parse_special, literal) {
             match frag {
                 Fragment::Token(id) => {
                     out.push(id);
@@ -396,16 +423,29 @@ impl Tokenizer {
         Ok(out)
     }
 
-    /// Splits text around special tokens, longest token text first (llama.cpp's rule).
-    fn partition<'a>(&self, text: &'a str, parse_special: bool) -> Vec<Fragment<'a>> {
+    /// Splits text around special tokens, longest token text first (llama.cpp's rule). A
+    /// control token's match that overlaps a `literal` byte range stays text.
+    fn partition<'a>(
+        &self,
+        text: &'a str,
+        parse_special: bool,
+        literal: &[std::ops::Range<usize>],
+    ) -> Vec<Fragment<'a>> {
         let mut frags = vec![Fragment::Text(text)];
         if text.is_empty() {
             return Vec::new();
         }
+        let base = text.as_ptr() as usize;
         for (sp, id, ty) in &self.specials {
-            if !parse_special && matches!(ty, TokenType::Control | TokenType::Unknown) {
+            // user-defined tokens (Gemma's runs of spaces) match everywhere, as in llama.cpp;
+            // control text only where special parsing is on, and never inside `literal`
+            let control = matches!(ty, TokenType::Control | TokenType::Unknown);
+            if !parse_special && control {
                 continue;
             }
+            let allowed = |start: usize, end: usize| {
+                !control || !literal.iter().any(|r| r.start < end && start < r.end)
+            };
             if !frags
                 .iter()
                 .any(|f| matches!(f, Fragment::Text(t) if t.contains(sp.as_str())))
@@ -416,16 +456,25 @@ impl Tokenizer {
             for f in frags {
                 match f {
                     Fragment::Text(t) => {
-                        let mut rest = t;
-                        while let Some(at) = rest.find(sp.as_str()) {
-                            if at > 0 {
-                                next.push(Fragment::Text(&rest[..at]));
+                        // offset of t in text: fragments are slices of it
+                        let off = t.as_ptr() as usize - base;
+                        let (mut start, mut from) = (0, 0);
+                        while let Some(rel) = t[from..].find(sp.as_str()) {
+                            let at = from + rel;
+                            if allowed(off + at, off + at + sp.len()) {
+                                if at > start {
+                                    next.push(Fragment::Text(&t[start..at]));
+                                }
+                                next.push(Fragment::Token(*id));
+                                start = at + sp.len();
+                                from = start;
+                            } else {
+                                // past this match's first character
+                                from = at + t[at..].chars().next().map_or(1, char::len_utf8);
                             }
-                            next.push(Fragment::Token(*id));
-                            rest = &rest[at + sp.len()..];
                         }
-                        if !rest.is_empty() {
-                            next.push(Fragment::Text(rest));
+                        if start < t.len() {
+                            next.push(Fragment::Text(&t[start..]));
                         }
                     }
                     tok => next.push(tok),

@@ -165,11 +165,7 @@ async fn generate_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiE
             prompt = e.chat_tokens(&msgs)?;
         } else {
             // a follow-up turn: the template's rendering of this turn alone, no new BOS
-            let text = e.template.render(&msgs, true)?;
-            let text = text
-                .strip_prefix(e.template.bos_token.as_str())
-                .unwrap_or(&text);
-            prompt.extend(e.tokenizer.encode(text, false, true)?);
+            prompt.extend(e.chat_turn_tokens(&msgs)?);
         }
     }
     run(
