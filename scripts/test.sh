@@ -14,9 +14,10 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --release --workspace --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log"
 venv=target/e2e-venv
-if [ ! -x "$venv/bin/python" ]; then
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import jsonschema" 2>/dev/null; then
   python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check "openai==3.54.0" "ollama==0.6.3"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check "openai==3.54.0" "ollama==0.6.3" \
+    "jsonschema==4.23.0"
 fi
 CAPY_BIN=target/release/capy "$venv/bin/python" -W ignore::ResourceWarning tests/e2e/test_server.py 2>&1 | tee -a "$log"
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

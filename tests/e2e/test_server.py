@@ -18,6 +18,7 @@ import unittest
 import urllib.error
 import urllib.request
 
+import jsonschema
 import ollama
 import openai
 
@@ -252,6 +253,101 @@ class OpenAIClient(unittest.TestCase):
             time.sleep(0.02)
         self.assertEqual(metric("capy_running_sequences"), 0)
         self.assertLess(metric("capy_generated_tokens_total") - before, 1000)
+
+
+def sse(path, body):
+    """The JSON events of a streamed response, without the final [DONE]."""
+    req = urllib.request.Request(URL + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    events, done = [], False
+    with urllib.request.urlopen(req, timeout=60) as r:
+        for line in r:
+            line = line.decode().strip()
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    assert done, "the stream ends with [DONE]"
+    return events
+
+
+SCHEMAS = json.load(open(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                      "openai-schemas.json")))
+
+
+def _completion_chunk_schema():
+    """OpenAI's spec has no schema of its own for streamed completions and uses the response's,
+    whose `finish_reason` is not nullable, yet its API sends null until a choice ends; and its
+    legacy echo logprobs carry null for the first prompt token, which the spec's
+    `token_logprobs`/`top_logprobs` items do not allow. The streamed chunks are checked against
+    the response schema with exactly those two nulls allowed."""
+    s = json.loads(json.dumps(SCHEMAS["components"]["schemas"]["CreateCompletionResponse"]))
+    choice = s["properties"]["choices"]["items"]["properties"]
+    choice["finish_reason"] = {"anyOf": [choice["finish_reason"], {"type": "null"}]}
+    for lp in choice["logprobs"]["anyOf"]:
+        if lp.get("type") == "object":
+            for k in ("token_logprobs", "top_logprobs"):
+                items = lp["properties"][k]["items"]
+                lp["properties"][k]["items"] = {"anyOf": [items, {"type": "null"}]}
+    return s
+
+
+SCHEMAS["components"]["schemas"]["CompletionChunk (capy)"] = _completion_chunk_schema()
+
+
+def check_schema(name, value):
+    """Validates a response against a schema of OpenAI's own OpenAPI spec (vendored)."""
+    schema = {"$ref": f"#/components/schemas/{name}", "components": SCHEMAS["components"]}
+    jsonschema.Draft202012Validator(schema).validate(value)
+
+
+class OpenAISchemas(unittest.TestCase):
+    """Every response and stream chunk of the OpenAI routes against OpenAI's spec: chat
+    responses lacked the required `message.refusal` and `logprobs.refusal`."""
+
+    def test_chat_responses_and_chunks(self):
+        base = {"model": "smollm2-135m", "max_tokens": 4, "temperature": 0,
+                "messages": [{"role": "user", "content": "Hello"}]}
+        for extra in [{}, {"logprobs": True, "top_logprobs": 2}, {"n": 2, "seed": 3,
+                                                                   "temperature": 0.7}]:
+            with self.subTest(**extra):
+                status, body = http("POST", "/v1/chat/completions", {**base, **extra})
+                self.assertEqual(status, 200, body)
+                check_schema("CreateChatCompletionResponse", body)
+                chunks = sse("/v1/chat/completions", {**base, **extra, "stream": True,
+                                                      "stream_options": {"include_usage": True}})
+                self.assertGreater(len(chunks), 2)
+                for c in chunks:
+                    check_schema("CreateChatCompletionStreamResponse", c)
+                self.assertTrue(chunks[-1]["usage"])
+
+    def test_completion_responses_and_chunks(self):
+        base = {"model": "smollm2-135m", "max_tokens": 4, "temperature": 0, "prompt": "Hello"}
+        for extra in [{}, {"logprobs": 2, "echo": True}, {"prompt": ["A", "B"], "n": 2}]:
+            with self.subTest(**extra):
+                status, body = http("POST", "/v1/completions", {**base, **extra})
+                self.assertEqual(status, 200, body)
+                # echo's first prompt token has no logprob (null, as OpenAI's legacy API)
+                check_schema("CompletionChunk (capy)" if "echo" in extra
+                             else "CreateCompletionResponse", body)
+                chunks = sse("/v1/completions", {**base, **extra, "stream": True})
+                self.assertGreater(len(chunks), 2)
+                for c in chunks:
+                    check_schema("CompletionChunk (capy)", c)
+
+    def test_models_and_errors(self):
+        status, body = http("GET", "/v1/models")
+        check_schema("ListModelsResponse", body)
+        status, body = http("GET", "/v1/models/smollm2-135m")
+        check_schema("Model", body)
+        for path, req in [("/v1/chat/completions", {"model": "nope", "messages": []}),
+                          ("/v1/chat/completions", {"model": "smollm2-135m", "max_tokens": -1,
+                                                    "messages": [{"role": "user", "content": "x"}]}),
+                          ("/v1/completions", {"model": "smollm2-135m", "prompt": "x", "n": 99}),
+                          ("/v1/nothing", {})]:
+            status, body = http("POST", path, req)
+            self.assertGreaterEqual(status, 400)
+            check_schema("ErrorResponse", body)
 
 
 class OllamaClient(unittest.TestCase):
