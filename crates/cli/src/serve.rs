@@ -53,9 +53,30 @@ pub struct ServeArgs {
     /// Requests that may wait per model before 429 [default: 64].
     #[arg(long, env = "CAPY_MAX_QUEUE")]
     pub max_queue: Option<usize>,
+    /// Largest request body; larger ones get 413 (16MiB, 512KiB) [default: 16MiB].
+    #[arg(long, env = "CAPY_MAX_BODY_SIZE")]
+    pub max_body_size: Option<String>,
+    /// Open connections at most; more are answered 503 [default: 512].
+    #[arg(long, env = "CAPY_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Time to send a request's headers (and an idle keep-alive connection's lifetime), and
+    /// separately its body [default: 30s].
+    #[arg(long, env = "CAPY_READ_TIMEOUT")]
+    pub read_timeout: Option<String>,
+    /// How long Ctrl-C or SIGTERM waits for requests in flight before closing them
+    /// [default: 30s].
+    #[arg(long, env = "CAPY_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: Option<String>,
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
+    // the server's log (errors with their request ids) on stderr; CAPY_LOG=debug for more
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CAPY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
     let mut cfg = match &a.config {
         Some(p) => Config::from_file(p).map_err(|e| anyhow!(e))?,
         None => Config::default(),
@@ -72,6 +93,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         parallel: a.parallel,
         batch_size: a.batch_size,
         max_queue: a.max_queue,
+        max_body_size: a.max_body_size,
+        max_connections: a.max_connections,
+        read_timeout: a.read_timeout,
+        shutdown_timeout: a.shutdown_timeout,
     });
     cfg.validate().map_err(|e| anyhow!(e))?;
     // the warm set must be on disk before the server starts: pull built-ins now

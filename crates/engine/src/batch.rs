@@ -211,7 +211,51 @@ impl BatchEngine {
     /// Queues a request. Checks it first: an empty prompt, a token outside the vocabulary
     /// or a prompt that leaves no room to generate is refused here, as is a request that
     /// finds the queue full.
+    ///
+    /// # Errors
+    /// As [`BatchEngine::submit_all`].
     pub fn submit(&self, req: Request) -> Result<()> {
+        self.submit_all(vec![req])
+    }
+
+    /// Queues the choices of one request together, or none of them: each is checked as
+    /// [`BatchEngine::submit`] says, and they enter the queue only if all fit in it now.
+    ///
+    /// # Errors
+    /// [`Error::EmptyPrompt`], [`Error::BadToken`], [`Error::PromptTooLong`] for a bad choice;
+    /// [`Error::TooManyChoices`] when there are more than the queue can ever hold (retrying
+    /// cannot help); [`Error::QueueFull`] when they do not fit now; [`Error::Stopped`].
+    pub fn submit_all(&self, reqs: Vec<Request>) -> Result<()> {
+        for req in &reqs {
+            self.check(req)?;
+        }
+        if reqs.len() > self.params.max_queue {
+            return Err(Error::TooManyChoices {
+                n: reqs.len(),
+                max: self.params.max_queue,
+            });
+        }
+        let mut q = lock(&self.shared.queue);
+        if self.thread.is_none() || q.shutdown {
+            return Err(Error::Stopped);
+        }
+        if q.pending.len() + reqs.len() > self.params.max_queue {
+            return Err(Error::QueueFull {
+                max: self.params.max_queue,
+            });
+        }
+        let now = Instant::now();
+        q.pending.extend(reqs.into_iter().map(|r| (r, now)));
+        self.shared
+            .stats
+            .queued
+            .store(q.pending.len(), Ordering::Relaxed);
+        drop(q);
+        self.shared.wake.notify_all();
+        Ok(())
+    }
+
+    fn check(&self, req: &Request) -> Result<()> {
         if req.prompt.is_empty() {
             return Err(Error::EmptyPrompt);
         }
@@ -221,29 +265,13 @@ impl BatchEngine {
                 n_vocab: self.n_vocab,
             });
         }
-        let n_ctx = self.n_ctx_for(&req);
+        let n_ctx = self.n_ctx_for(req);
         if req.prompt.len() >= n_ctx {
             return Err(Error::PromptTooLong {
                 n_prompt: req.prompt.len(),
                 n_ctx,
             });
         }
-        let mut q = lock(&self.shared.queue);
-        if self.thread.is_none() || q.shutdown {
-            return Err(Error::Stopped);
-        }
-        if q.pending.len() >= self.params.max_queue {
-            return Err(Error::QueueFull {
-                max: self.params.max_queue,
-            });
-        }
-        q.pending.push_back((req, Instant::now()));
-        self.shared
-            .stats
-            .queued
-            .store(q.pending.len(), Ordering::Relaxed);
-        drop(q);
-        self.shared.wake.notify_one();
         Ok(())
     }
 

@@ -47,6 +47,8 @@ pub enum Error {
     BadToken { token: u32, n_vocab: usize },
     #[error("too many requests waiting (queue of {max}); try again shortly")]
     QueueFull { max: usize },
+    #[error("{n} choices in one request, but the queue holds at most {max}: ask for fewer (n x prompts)")]
+    TooManyChoices { n: usize, max: usize },
     #[error("the engine has stopped")]
     Stopped,
 }

@@ -146,6 +146,15 @@ pub struct Config {
     pub batch_size: usize,
     /// Requests that may wait per model; more get 429.
     pub max_queue: usize,
+    /// Largest request body ("16MiB"); larger ones get 413.
+    pub max_body_size: String,
+    /// Open connections at most; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers (also how long an idle keep-alive
+    /// connection stays open) and, separately, its body ("30s").
+    pub read_timeout: String,
+    /// How long a shutdown waits for requests in flight before closing them ("30s").
+    pub shutdown_timeout: String,
 }
 
 impl Default for Config {
@@ -164,6 +173,10 @@ impl Default for Config {
             parallel: 16,
             batch_size: 512,
             max_queue: 64,
+            max_body_size: "16MiB".into(),
+            max_connections: 512,
+            read_timeout: "30s".into(),
+            shutdown_timeout: "30s".into(),
         }
     }
 }
@@ -183,6 +196,10 @@ pub struct Overrides {
     pub parallel: Option<usize>,
     pub batch_size: Option<usize>,
     pub max_queue: Option<usize>,
+    pub max_body_size: Option<String>,
+    pub max_connections: Option<usize>,
+    pub read_timeout: Option<String>,
+    pub shutdown_timeout: Option<String>,
 }
 
 impl Config {
@@ -215,6 +232,10 @@ impl Config {
         set(&mut self.parallel, o.parallel);
         set(&mut self.batch_size, o.batch_size);
         set(&mut self.max_queue, o.max_queue);
+        set(&mut self.max_body_size, o.max_body_size);
+        set(&mut self.max_connections, o.max_connections);
+        set(&mut self.read_timeout, o.read_timeout);
+        set(&mut self.shutdown_timeout, o.shutdown_timeout);
     }
 
     /// Checks the values and turns the strings into numbers.
@@ -225,22 +246,40 @@ impl Config {
         } else {
             Some(parse_bytes(&self.memory_budget)?)
         };
-        for (name, v) in [
-            ("threads", self.threads),
-            ("max_loaded_models", self.max_loaded_models),
-            ("parallel", self.parallel),
-            ("batch_size", self.batch_size),
+        for (name, v, max) in [
+            ("threads", self.threads, 1024),
+            ("max_loaded_models", self.max_loaded_models, 1024),
+            ("parallel", self.parallel, 4096),
+            ("batch_size", self.batch_size, 1 << 20),
+            ("max_queue", self.max_queue, 1 << 20),
+            ("max_connections", self.max_connections, 1 << 20),
+            ("ctx_size", self.ctx_size, 1 << 24),
         ] {
-            if v == 0 {
-                return Err(format!("{name} must be at least 1"));
+            if v == 0 || v > max {
+                return Err(format!("{name} must be between 1 and {max}, got {v}"));
             }
         }
         if self.ctx_size < 16 {
             return Err("ctx_size must be at least 16".into());
         }
+        let max_body = parse_bytes(&self.max_body_size)?;
+        if max_body < 1024 {
+            return Err(format!(
+                "max_body_size must be at least 1KiB, got {max_body} bytes"
+            ));
+        }
+        let duration = |name: &str, s: &str| match KeepAlive::parse(s) {
+            Ok(KeepAlive::For(d)) if !d.is_zero() => Ok(d),
+            _ => Err(format!(
+                "{name} must be a positive duration such as 30s, got {s:?}"
+            )),
+        };
         Ok(Checked {
             keep_alive,
             memory_budget,
+            max_body: usize::try_from(max_body).unwrap_or(usize::MAX),
+            read_timeout: duration("read_timeout", &self.read_timeout)?,
+            shutdown_timeout: duration("shutdown_timeout", &self.shutdown_timeout)?,
         })
     }
 }
@@ -250,6 +289,10 @@ impl Config {
 pub struct Checked {
     pub keep_alive: KeepAlive,
     pub memory_budget: Option<u64>,
+    /// Bytes.
+    pub max_body: usize,
+    pub read_timeout: Duration,
+    pub shutdown_timeout: Duration,
 }
 
 #[cfg(test)]

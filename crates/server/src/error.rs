@@ -100,10 +100,28 @@ impl std::fmt::Display for ApiError {
     }
 }
 
+impl ApiError {
+    /// The error as a client may see it: a server-side failure (500) is
+    /// logged with its detail (file paths, engine messages) under a new request id, and the
+    /// client gets a generic message naming that id; other errors pass unchanged.
+    pub fn for_client(self) -> ApiError {
+        if self.status != StatusCode::INTERNAL_SERVER_ERROR {
+            return self;
+        }
+        let id = crate::gen::new_id("req");
+        tracing::error!(request_id = %id, status = self.status.as_u16(), "{}", self.message);
+        ApiError {
+            message: format!("internal server error (request id {id}; details in the server log)"),
+            ..self
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut r = (self.status, axum::Json(self.body())).into_response();
-        if let Some(s) = self.retry_after {
+        let e = self.for_client();
+        let mut r = (e.status, axum::Json(e.body())).into_response();
+        if let Some(s) = e.retry_after {
             if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
                 r.headers_mut().insert(header::RETRY_AFTER, v);
             }
@@ -119,6 +137,9 @@ impl From<capy_engine::Error> for ApiError {
             E::PromptTooLong { .. } => ApiError::bad_request(e.to_string())
                 .code("context_length_exceeded")
                 .param("messages"),
+            E::TooManyChoices { .. } => ApiError::bad_request(e.to_string())
+                .code("too_many_choices")
+                .param("n"),
             E::EmptyPrompt | E::BadToken { .. } | E::Template(_) | E::Tokenizer(_) => {
                 ApiError::bad_request(e.to_string())
             }

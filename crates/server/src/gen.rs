@@ -61,26 +61,27 @@ impl Gens {
     ) -> Result<Gens, ApiError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let n = choices.len();
-        for (index, (prompt, params)) in choices.into_iter().enumerate() {
-            let sink = ChannelSink {
-                tx: tx.clone(),
-                index,
-            };
-            let r = lease.batch.submit(Request {
+        let reqs = choices
+            .into_iter()
+            .enumerate()
+            .map(|(index, (prompt, params))| Request {
                 prompt,
                 params,
                 n_ctx,
-                sink: Box::new(sink),
-            });
-            if let Err(e) = r {
-                if matches!(e, capy_engine::Error::QueueFull { .. }) {
-                    state
-                        .metrics
-                        .rejected
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                return Err(e.into());
+                sink: Box::new(ChannelSink {
+                    tx: tx.clone(),
+                    index,
+                }),
+            })
+            .collect();
+        if let Err(e) = lease.batch.submit_all(reqs) {
+            if matches!(e, capy_engine::Error::QueueFull { .. }) {
+                state
+                    .metrics
+                    .rejected
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
+            return Err(e.into());
         }
         Ok(Gens {
             rx,

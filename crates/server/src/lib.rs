@@ -39,14 +39,38 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Set once the warm set is loaded; `/health` answers 503 before.
     pub ready: AtomicBool,
+    pub limits: Limits,
+}
+
+/// What one request may take of the server.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Largest request body, bytes; larger ones get 413.
+    pub max_body: usize,
+    /// Time to receive a request's body; slower ones get 408.
+    pub body_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_body: 16 << 20,
+            body_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 impl AppState {
     pub fn new(registry: Arc<Registry>) -> Arc<AppState> {
+        AppState::with_limits(registry, Limits::default())
+    }
+
+    pub fn with_limits(registry: Arc<Registry>, limits: Limits) -> Arc<AppState> {
         Arc::new(AppState {
             registry,
             metrics: Metrics::default(),
             ready: AtomicBool::new(false),
+            limits,
         })
     }
 
@@ -69,7 +93,13 @@ impl AppState {
             store,
             cfg.models.clone(),
         );
-        AppState::new(registry)
+        AppState::with_limits(
+            registry,
+            Limits {
+                max_body: checked.max_body,
+                body_timeout: checked.read_timeout,
+            },
+        )
     }
 
     /// Loads the warm set, then marks the server ready.
@@ -148,9 +178,70 @@ pub fn app(state: Arc<AppState>) -> Router {
         .fallback(no_route)
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
+            read_body,
+        ))
+        // read_body enforces the limit, in each API's error shape
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
             count_requests,
         ))
         .with_state(state)
+}
+
+/// Reads a request's body whole before the handler runs: larger than
+/// [`Limits::max_body`] is a 413 (at once when `Content-Length` says so), slower than
+/// [`Limits::body_timeout`] a 408, both in the API's error shape.
+async fn read_body(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let flavor = flavor_of(req.uri().path());
+    let limit = st.limits.max_body;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is larger than the server's limit of {limit} bytes (max_body_size)"),
+        )
+        .code("request_too_large")
+        .flavor(flavor)
+        .into_response()
+    };
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return too_large();
+    }
+    let (parts, body) = req.into_parts();
+    let bytes =
+        match tokio::time::timeout(st.limits.body_timeout, axum::body::to_bytes(body, limit)).await
+        {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                let over = std::error::Error::source(&e)
+                    .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                    || e.to_string().contains("length limit exceeded");
+                if over {
+                    return too_large();
+                }
+                return ApiError::bad_request(format!("reading the request body: {e}"))
+                    .flavor(flavor)
+                    .into_response();
+            }
+            Err(_) => {
+                return ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the request body did not arrive within {} s (read_timeout)",
+                        st.limits.body_timeout.as_secs_f64()
+                    ),
+                )
+                .flavor(flavor)
+                .into_response()
+            }
+        };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 /// The error shape of a path: Ollama's under `/api/`, OpenAI's elsewhere.
@@ -349,19 +440,127 @@ pub async fn serve(cfg: Config, store: capy_store::Store) -> Result<(), String> 
             }
         }
     });
-    axum::serve(listener, app(Arc::clone(&state)))
-        .with_graceful_shutdown(async move {
-            tokio::select! {
-                _ = shutdown_signal() => {}
-                _ = failed.notified() => {}
-            }
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+    raise_fd_limit();
+    let net = Net {
+        max_connections: cfg.max_connections,
+        read_timeout: checked.read_timeout,
+        shutdown_timeout: checked.shutdown_timeout,
+    };
+    serve_connections(listener, app(Arc::clone(&state)), net, async move {
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = failed.notified() => {}
+        }
+    })
+    .await;
     let err = warm_error.lock().unwrap_or_else(|p| p.into_inner()).take();
     match err {
         Some(e) => Err(format!("loading the warm set: {e}")),
         None => Ok(()),
+    }
+}
+
+/// How connections are held.
+#[derive(Clone, Copy, Debug)]
+pub struct Net {
+    /// Open connections at most; more get a 503 and are closed.
+    pub max_connections: usize,
+    /// Time to send a request's headers, and to idle between requests of a keep-alive
+    /// connection (hyper's header read timeout runs in both).
+    pub read_timeout: Duration,
+    /// How long a shutdown waits for requests in flight.
+    pub shutdown_timeout: Duration,
+}
+
+/// Accepts HTTP/1.1 connections for `app` until `stop` resolves, then stops accepting,
+/// lets requests in flight finish for at most [`Net::shutdown_timeout`], and returns
+/// (closing whatever is left). A slow or idle client loses its connection after
+/// [`Net::read_timeout`]; beyond [`Net::max_connections`] a client gets a 503 at once.
+pub async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    net: Net,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let permits = Arc::new(tokio::sync::Semaphore::new(net.max_connections));
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // out of file descriptors, say: wait rather than spin
+                    tracing::warn!("accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            tokio::spawn(async move {
+                let body = r#"{"error":{"message":"too many open connections; try again shortly","type":"unavailable_error","param":null,"code":"too_many_connections"}}"#;
+                let head = format!(
+                    "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+                     retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+                    body.len()
+                );
+                let mut stream = stream;
+                let write = async {
+                    stream.write_all(head.as_bytes()).await?;
+                    stream.write_all(body.as_bytes()).await?;
+                    stream.shutdown().await
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+            });
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(net.read_timeout)
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(net.shutdown_timeout) => {
+            tracing::warn!(
+                "requests still running {} s after the shutdown began: closing them",
+                net.shutdown_timeout.as_secs_f64()
+            );
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit, so connections, not the
+/// default 1,024 descriptors, are what [`Net::max_connections`] bounds.
+fn raise_fd_limit() {
+    #[cfg(unix)]
+    // SAFETY: getrlimit/setrlimit only read and write the rlimit struct passed by pointer,
+    // which lives on this stack frame for the duration of the calls.
+    unsafe {
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+                tracing::warn!("could not raise the open-file limit above {}", r.rlim_cur);
+            }
+        }
     }
 }
 

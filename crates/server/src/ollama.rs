@@ -315,7 +315,8 @@ async fn run(
                         return;
                     }
                     Event::Failed(m) => {
-                        let _ = out.line(&json!({"error": m})).await;
+                        let e = ApiError::internal(m).for_client();
+                        let _ = out.line(&json!({"error": e.message})).await;
                         return;
                     }
                     _ => {}

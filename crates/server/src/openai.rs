@@ -333,7 +333,7 @@ async fn chat_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError
                            "finish_reason": finish_reason(s.stop_reason)})
                     }
                     capy_engine::Event::Failed(m) => {
-                        let _ = out.sse(&ApiError::internal(m).body()).await;
+                        let _ = out.sse(&ApiError::internal(m).for_client().body()).await;
                         return;
                     }
                     _ => continue,
@@ -617,7 +617,7 @@ async fn completions_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, A
                            "finish_reason": finish_reason(s.stop_reason)})
                     }
                     capy_engine::Event::Failed(m) => {
-                        let _ = out.sse(&ApiError::internal(m).body()).await;
+                        let _ = out.sse(&ApiError::internal(m).for_client().body()).await;
                         return;
                     }
                     capy_engine::Event::Started { .. } => continue,

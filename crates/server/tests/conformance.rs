@@ -286,3 +286,66 @@ async fn tokenize_parse_special_and_detokenize_keep_control_text() {
     let (_, v, _) = call(&app, "POST", "/detokenize", &body).await;
     assert_eq!(v["content"], "<|im_start|>user");
 }
+
+/// 16 prompts x `n=16` can never fit the queue yet got 429 + `Retry-After`, so a client
+/// retrying it starved everyone: a request larger than the queue can ever hold is a 400, and
+/// the choices of a request enter the queue together or not at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_larger_than_the_queue_is_a_400_not_a_429() {
+    let (app, st) = served("impossible", small_batch()).await; // queue of 4
+    let body = r#"{"model":"m1","prompt":["a","b","c"],"n":2,"max_tokens":2}"#;
+    let (s, v, retry) = call(&app, "POST", "/v1/completions", body).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!((param(&v), retry), (Some("n"), None));
+    assert_eq!(v["error"]["code"], "too_many_choices");
+    let model = st.registry.loaded().remove(0).model;
+    let queued = model
+        .batch
+        .stats()
+        .queued
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(queued, 0, "nothing of it was queued");
+    let body = r#"{"model":"m1","prompt":["a","b"],"n":2,"max_tokens":2}"#;
+    let (s, v, _) = call(&app, "POST", "/v1/completions", body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"].as_array().map(Vec::len), Some(4));
+}
+
+/// Internal errors reached clients as raw text with server file paths: the client gets a
+/// generic message with a request id, the detail goes to the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_errors_hide_server_paths() {
+    let store = common::temp_store("internal", &["m1"]);
+    let bad = store.model_path("broken");
+    std::fs::write(&bad, b"GGUF\x03\x00\x00\x00garbage").expect("write");
+    let manifest = store.root.join("manifests").join("broken.json");
+    let text = std::fs::read_to_string(store.root.join("manifests").join("m1.json"))
+        .expect("manifest")
+        .replace("\"m1\"", "\"broken\"");
+    std::fs::write(manifest, text).expect("write");
+    let root = store.root.display().to_string();
+    let reg = capy_server::registry::Registry::new(
+        capy_server::registry::RegistryConfig {
+            batch: small_batch(),
+            keep_alive: capy_server::config::KeepAlive::Forever,
+            max_loaded: 2,
+            memory_budget: None,
+        },
+        store,
+        vec![],
+    );
+    let app = capy_server::app(capy_server::AppState::new(reg));
+    for (path, body) in [
+        ("/v1/chat/completions", chat(json!({"model": "broken"}))),
+        (
+            "/api/generate",
+            r#"{"model":"broken","prompt":"hi"}"#.to_string(),
+        ),
+    ] {
+        let (s, v, _) = call(&app, "POST", path, &body).await;
+        assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{v}");
+        let text = v.to_string();
+        assert!(!text.contains(&root) && !text.contains(".gguf"), "{text}");
+        assert!(text.contains("request id req-"), "{text}");
+    }
+}
