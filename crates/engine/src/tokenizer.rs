@@ -318,6 +318,18 @@ impl Tokenizer {
         })
     }
 
+    /// The most bytes of text one token stands for: a text of `n` bytes has at least
+    /// `n / max_token_bytes()` tokens, so an over-long prompt can be refused before it is
+    /// tokenized.
+    pub fn max_token_bytes(&self) -> usize {
+        self.offsets
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(1)
+            .max(1)
+    }
+
     pub fn kind(&self) -> VocabKind {
         self.kind
     }

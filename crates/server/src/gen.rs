@@ -32,6 +32,19 @@ impl Sink for ChannelSink {
     }
 }
 
+/// Runs a request's CPU work (tokenizing, parsing a model file) on tokio's blocking
+/// threads, so the async workers keep answering other requests (`/health` among them).
+///
+/// # Errors
+/// `f`'s, or a 500 when the blocking task panicked.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("a blocking task failed: {e}")))?
+}
+
 /// The running choices of one request.
 pub struct Gens {
     rx: mpsc::UnboundedReceiver<(usize, Event)>,

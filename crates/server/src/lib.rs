@@ -8,6 +8,7 @@
 pub mod config;
 pub mod error;
 pub mod gen;
+pub mod info;
 pub mod metrics;
 pub mod ollama;
 pub mod openai;
@@ -340,7 +341,10 @@ async fn tokenize(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
         let model = default_model(&st, req.model.as_deref())?;
         let lease = st.registry.acquire(&model, None).await?;
         let tok = &lease.engine.tokenizer;
-        let ids = tok.encode(&req.content, req.add_special, req.parse_special)?;
+        let ids = lease
+            .model
+            .encode(req.content, req.add_special, req.parse_special)
+            .await?;
         let tokens: Vec<serde_json::Value> = if req.with_pieces {
             ids.iter()
                 .map(|&id| {

@@ -151,22 +151,24 @@ async fn generate_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiE
     }
     let params = req.options.params()?;
     let lease = st.registry.acquire(&req.model, ka).await?;
-    let e = &lease.engine;
+    let m = &lease.model;
     let mut prompt = req.context.clone().unwrap_or_default();
+    m.check_text(
+        req.prompt.len() + req.system.as_ref().map_or(0, String::len),
+        "prompt",
+    )?;
     if req.raw {
-        prompt.extend(e.tokenizer.encode(&req.prompt, prompt.is_empty(), true)?);
+        let first = prompt.is_empty();
+        prompt.extend(m.encode(req.prompt.clone(), first, true).await?);
     } else {
         let mut msgs = Vec::new();
         if let Some(s) = &req.system {
             msgs.push(Message::new("system", s));
         }
         msgs.push(Message::new("user", &req.prompt));
-        if prompt.is_empty() {
-            prompt = e.chat_tokens(&msgs)?;
-        } else {
-            // a follow-up turn: the template's rendering of this turn alone, no new BOS
-            prompt.extend(e.chat_turn_tokens(&msgs)?);
-        }
+        // a follow-up turn: the template's rendering of this turn alone, no new BOS
+        let turn = !prompt.is_empty();
+        prompt.extend(m.chat_tokens(msgs, turn).await?);
     }
     run(
         st,
@@ -231,7 +233,7 @@ async fn chat_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError
         .iter()
         .map(|m| Message::new(&m.role, &m.content))
         .collect();
-    let prompt = lease.engine.chat_tokens(&msgs)?;
+    let prompt = lease.model.chat_tokens(msgs, false).await?;
     run(
         st,
         lease,
@@ -326,37 +328,6 @@ async fn run(
     ))
 }
 
-/// What Ollama calls a model's details, from its GGUF header.
-fn details(path: &std::path::Path) -> (Value, Option<capy_gguf::Gguf>) {
-    match capy_gguf::Gguf::open(path) {
-        Ok(g) => {
-            let arch = g
-                .get_str("general.architecture")
-                .ok()
-                .flatten()
-                .unwrap_or("unknown")
-                .to_string();
-            let params = g.n_params() as f64;
-            let size = if params >= 1e9 {
-                format!("{:.1}B", params / 1e9)
-            } else {
-                format!("{:.0}M", params / 1e6)
-            };
-            let quant = g
-                .file_type_name()
-                .replace(" - Medium", "_M")
-                .replace(" - Small", "_S")
-                .replace(" - Large", "_L");
-            (
-                json!({"parent_model": "", "format": "gguf", "family": arch, "families": [arch],
-                       "parameter_size": size, "quantization_level": quant}),
-                Some(g),
-            )
-        }
-        Err(_) => (json!({"format": "gguf"}), None),
-    }
-}
-
 fn digest(st: &AppState, name: &str) -> String {
     st.registry
         .store
@@ -367,40 +338,36 @@ fn digest(st: &AppState, name: &str) -> String {
         .unwrap_or_default()
 }
 
-fn modified(path: &std::path::Path) -> String {
-    rfc3339(
-        std::fs::metadata(path)
-            .and_then(|m| m.modified())
-            .unwrap_or(SystemTime::UNIX_EPOCH),
-    )
+/// A model's `details`, or `{"format": "gguf"}` for a file that cannot be read.
+async fn details(st: &AppState, path: &std::path::Path) -> Value {
+    match st.registry.info.get(path).await {
+        Ok(i) => i.details.clone(),
+        Err(_) => json!({"format": "gguf"}),
+    }
 }
 
 pub async fn tags(State(st): State<Arc<AppState>>) -> Response {
-    let models: Vec<Value> = st
-        .registry
-        .served()
-        .iter()
-        .map(|r| {
-            let name = format!("{}:latest", r.name);
-            json!({
-                "name": name, "model": name,
-                "modified_at": modified(&r.path),
-                "size": std::fs::metadata(&r.path).map(|m| m.len()).unwrap_or(0),
-                "digest": digest(&st, &r.name),
-                "details": details(&r.path).0,
-            })
-        })
-        .collect();
+    let mut models = Vec::new();
+    for r in st.registry.served() {
+        let name = format!("{}:latest", r.name);
+        let info = st.registry.info.get(&r.path).await.ok();
+        models.push(json!({
+            "name": name, "model": name,
+            "modified_at": rfc3339(info.as_ref().map_or(SystemTime::UNIX_EPOCH, |i| i.modified)),
+            "size": info.as_ref().map_or(0, |i| i.size),
+            "digest": digest(&st, &r.name),
+            "details": info.map_or_else(|| json!({"format": "gguf"}), |i| i.details.clone()),
+        }));
+    }
     Json(json!({"models": models})).into_response()
 }
 
 pub async fn ps(State(st): State<Arc<AppState>>) -> Response {
     let now = Instant::now();
-    let models: Vec<Value> = st
-        .registry
-        .loaded()
-        .iter()
-        .map(|l| {
+    let mut models = Vec::new();
+    for l in st.registry.loaded() {
+        let details = details(&st, &l.model.path).await;
+        models.push({
             let m = &l.model;
             let name = format!("{}:latest", m.name);
             let expires = match l.expires {
@@ -413,12 +380,12 @@ pub async fn ps(State(st): State<Arc<AppState>>) -> Response {
             json!({
                 "name": name, "model": name, "size": m.bytes, "size_vram": 0,
                 "digest": digest(&st, &m.name),
-                "details": details(&m.path).0,
+                "details": details,
                 "expires_at": rfc3339(expires),
                 "context_length": m.batch.params.n_ctx,
             })
-        })
-        .collect();
+        });
+    }
     Json(json!({"models": models})).into_response()
 }
 
@@ -440,43 +407,24 @@ impl NameRequest {
 }
 
 pub async fn show(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
-    let r = (|| -> Result<Response, ApiError> {
+    let r = async {
         let req: NameRequest = parse_json(&body, Flavor::Ollama)?;
         let r = st.registry.resolve(req.model()?).map_err(ollama)?;
-        let (details, g) = details(&r.path);
-        let g = g.ok_or_else(|| ollama(ApiError::internal("cannot read the model file")))?;
-        let mut info = serde_json::Map::new();
-        for (k, v) in g.metadata() {
-            let v = match v {
-                capy_gguf::Value::String(s) => json!(s),
-                capy_gguf::Value::Bool(b) => json!(b),
-                capy_gguf::Value::F32(x) => json!(x),
-                capy_gguf::Value::F64(x) => json!(x),
-                capy_gguf::Value::Array(_) => Value::Null,
-                other => json!(other.as_i64()),
-            };
-            if !v.is_null() && k != "tokenizer.chat_template" {
-                info.insert(k.clone(), v);
-            }
-        }
-        info.insert("general.parameter_count".into(), json!(g.n_params()));
-        let template = g
-            .get_str("tokenizer.chat_template")
-            .ok()
-            .flatten()
-            .unwrap_or("");
-        Ok(Json(json!({
-            "modelfile": format!("# capy model {}\nFROM {}\n", r.name, r.path.display()),
-            "parameters": "",
-            "template": template,
-            "details": details,
-            "model_info": info,
-            "capabilities": ["completion"],
-            "modified_at": modified(&r.path),
-        }))
-        .into_response())
-    })();
-    r.unwrap_or_else(|e| ollama(e).into_response())
+        let info = st.registry.info.get(&r.path).await.map_err(ollama)?;
+        Ok::<_, ApiError>(
+            Json(json!({
+                "modelfile": format!("# capy model {}\nFROM {}\n", r.name, r.path.display()),
+                "parameters": "",
+                "template": info.template,
+                "details": info.details,
+                "model_info": info.metadata,
+                "capabilities": ["completion"],
+                "modified_at": rfc3339(info.modified),
+            }))
+            .into_response(),
+        )
+    };
+    r.await.unwrap_or_else(|e| ollama(e).into_response())
 }
 
 /// Reports pull progress as NDJSON lines.

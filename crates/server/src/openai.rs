@@ -232,7 +232,7 @@ async fn chat_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError
     let top = req.top_logprobs.unwrap_or(0);
     let choices_params: Vec<_> = (0..n).map(|i| c.params(want_lp, top, i)).collect();
     let lease = st.registry.acquire(&c.model, None).await?;
-    let prompt = lease.engine.chat_tokens(&messages)?;
+    let prompt = lease.model.chat_tokens(messages, false).await?;
     let n_prompt = prompt.len();
     c.check_fits(n_prompt, lease.batch.params.n_ctx, "messages")?;
     let (model, tok) = (lease.name.clone(), Arc::clone(&lease.engine.tokenizer));
@@ -423,6 +423,16 @@ fn prompts(v: &Value, tok: &Tokenizer) -> Result<Vec<Prompt>, ApiError> {
     Ok(out)
 }
 
+/// Bytes of text in a completion prompt (the longest of its strings), for
+/// [`crate::registry::Loaded::check_text`].
+fn prompt_text_bytes(v: &Value) -> usize {
+    match v {
+        Value::String(s) => s.len(),
+        Value::Array(a) => a.iter().map(prompt_text_bytes).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 /// The legacy logprobs object of a completion choice.
 fn completion_logprobs(
     tok: &Tokenizer,
@@ -494,7 +504,12 @@ async fn completions_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, A
     }
     let lease = st.registry.acquire(&c.model, None).await?;
     let tok = Arc::clone(&lease.engine.tokenizer);
-    let prompts = prompts(&req.prompt, &tok)?;
+    let text_bytes = prompt_text_bytes(&req.prompt);
+    lease.model.check_text(text_bytes, "prompt")?;
+    let prompts = {
+        let (v, tok) = (req.prompt.clone(), Arc::clone(&tok));
+        crate::gen::blocking(move || prompts(&v, &tok)).await?
+    };
     for p in &prompts {
         c.check_fits(p.tokens.len(), lease.batch.params.n_ctx, "prompt")?;
     }

@@ -10,11 +10,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
 use axum::http::StatusCode;
-use capy_engine::{BatchEngine, BatchParams, Engine};
+use capy_engine::{BatchEngine, BatchParams, Engine, Message};
 use capy_store::Store;
 
 use crate::config::KeepAlive;
 use crate::error::ApiError;
+use crate::gen::blocking;
 
 pub struct RegistryConfig {
     pub batch: BatchParams,
@@ -39,6 +40,69 @@ pub struct Loaded {
 }
 
 impl Loaded {
+    /// Refuses a text of `bytes` bytes that cannot fit the context whatever it says (each
+    /// token stands for at most [`capy_engine::Tokenizer::max_token_bytes`]), before any
+    /// time goes into tokenizing it.
+    ///
+    /// # Errors
+    /// 400 `context_length_exceeded` naming `param`.
+    pub fn check_text(&self, bytes: usize, param: &str) -> Result<(), ApiError> {
+        let n_ctx = self.batch.params.n_ctx;
+        let at_least = bytes / self.engine.tokenizer.max_token_bytes();
+        if at_least >= n_ctx {
+            return Err(ApiError::bad_request(format!(
+                "the prompt has at least {at_least} tokens, more than the context of {n_ctx}"
+            ))
+            .code("context_length_exceeded")
+            .param(param));
+        }
+        Ok(())
+    }
+
+    /// A conversation's prompt tokens ([`Engine::chat_tokens`], or with `turn` the tokens
+    /// of a follow-up turn), checked for size first and tokenized on a blocking thread so
+    /// the async workers keep answering.
+    ///
+    /// # Errors
+    /// [`Loaded::check_text`]'s, the template's and the tokenizer's.
+    pub async fn chat_tokens(
+        self: &Arc<Self>,
+        messages: Vec<Message>,
+        turn: bool,
+    ) -> Result<Vec<u32>, ApiError> {
+        self.check_text(messages.iter().map(|m| m.content.len()).sum(), "messages")?;
+        let me = Arc::clone(self);
+        blocking(move || {
+            let e = &me.engine;
+            Ok(if turn {
+                e.chat_turn_tokens(&messages)?
+            } else {
+                e.chat_tokens(&messages)?
+            })
+        })
+        .await
+    }
+
+    /// Text to tokens ([`capy_engine::Tokenizer::encode`]) on a blocking thread.
+    ///
+    /// # Errors
+    /// The tokenizer's.
+    pub async fn encode(
+        self: &Arc<Self>,
+        text: String,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<u32>, ApiError> {
+        let me = Arc::clone(self);
+        blocking(move || {
+            Ok(me
+                .engine
+                .tokenizer
+                .encode(&text, add_special, parse_special)?)
+        })
+        .await
+    }
+
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Acquire)
     }
@@ -61,6 +125,8 @@ pub struct LoadedInfo {
 pub struct Registry {
     pub cfg: RegistryConfig,
     pub store: Store,
+    /// What the listing routes say of each file.
+    pub info: crate::info::InfoCache,
     /// The warm set as given (names or .gguf paths); empty: serve the store.
     warm: Vec<String>,
     loaded: Mutex<HashMap<String, Entry>>,
@@ -126,6 +192,7 @@ impl Registry {
         Arc::new(Registry {
             cfg,
             store,
+            info: Default::default(),
             warm,
             loaded: Mutex::new(HashMap::new()),
             load_lock: tokio::sync::Mutex::new(()),
@@ -218,7 +285,8 @@ impl Registry {
         if let Some(l) = self.lease_loaded(&r.name, keep_alive) {
             return Ok(l);
         }
-        let need = self.estimate(&r.path)?;
+        let (me, path) = (Arc::clone(self), r.path.clone());
+        let need = blocking(move || me.estimate(&path)).await?;
         let evicted = self.make_room(need)?;
         drop(evicted);
         let (path, params) = (r.path.clone(), self.cfg.batch.clone());

@@ -202,3 +202,69 @@ async fn shutdown_ends_within_its_deadline_with_idle_and_half_sent_requests() {
         t.elapsed()
     );
 }
+
+/// One plain HTTP/1.1 request on its own connection: (status line, body).
+async fn request(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    read_all(&mut s, Duration::from_secs(60)).await
+}
+
+/// Four concurrent 2 MB `/tokenize` requests pushed `/health` to 2.95 s: tokenizing runs on
+/// blocking threads, and a prompt that cannot fit is refused before it is tokenized.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_work_does_not_block_other_requests() {
+    let (addr, stop, task) =
+        start("net-cpu", Limits::default(), net(Duration::from_secs(30))).await;
+    let text = "Hello world, this is a long text. ".repeat(60_000); // 2 MB
+    let body = serde_json::json!({"model": "m1", "content": text}).to_string();
+    let mut busy = Vec::new();
+    for _ in 0..4 {
+        let b = body.clone();
+        busy.push(tokio::spawn(async move {
+            request(addr, "POST", "/tokenize", &b).await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut worst = Duration::ZERO;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let r = request(addr, "GET", "/health", "").await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        worst = worst.max(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let still_busy = busy.iter().filter(|h| !h.is_finished()).count();
+    for h in busy {
+        let r = h.await.expect("tokenize");
+        assert!(r.starts_with("HTTP/1.1 200"), "{}", &r[..r.len().min(300)]);
+    }
+    assert!(
+        still_busy > 0,
+        "the tokenize requests ended before /health was timed"
+    );
+    assert!(
+        worst < Duration::from_millis(500),
+        "/health took {worst:?} while tokenizing"
+    );
+    // 2 MB of chat cannot fit 256 positions: refused at once, not after tokenizing
+    let chat = serde_json::json!({"model": "m1", "messages": [{"role": "user", "content": text}]});
+    let t = Instant::now();
+    let r = request(addr, "POST", "/v1/chat/completions", &chat.to_string()).await;
+    assert!(
+        r.starts_with("HTTP/1.1 400") && r.contains("context_length_exceeded"),
+        "{}",
+        &r[..r.len().min(300)]
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(300),
+        "took {:?}",
+        t.elapsed()
+    );
+    let _ = stop.send(());
+    task.await.expect("server ends");
+}
