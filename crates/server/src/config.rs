@@ -155,6 +155,12 @@ pub struct Config {
     pub read_timeout: String,
     /// How long a shutdown waits for requests in flight before closing them ("30s").
     pub shutdown_timeout: String,
+    /// Whether clients may pull models through `/api/pull`.
+    pub api_pull: bool,
+    /// Hosts pulls may reach (and be redirected to), subdomains included; empty: any.
+    pub pull_hosts: Vec<String>,
+    /// Most bytes one pull may download ("20GiB"); empty: the free disk space.
+    pub max_pull_size: String,
 }
 
 impl Default for Config {
@@ -177,6 +183,9 @@ impl Default for Config {
             max_connections: 512,
             read_timeout: "30s".into(),
             shutdown_timeout: "30s".into(),
+            api_pull: true,
+            pull_hosts: Vec::new(),
+            max_pull_size: String::new(),
         }
     }
 }
@@ -200,6 +209,9 @@ pub struct Overrides {
     pub max_connections: Option<usize>,
     pub read_timeout: Option<String>,
     pub shutdown_timeout: Option<String>,
+    pub api_pull: Option<bool>,
+    pub pull_hosts: Vec<String>,
+    pub max_pull_size: Option<String>,
 }
 
 impl Config {
@@ -236,6 +248,11 @@ impl Config {
         set(&mut self.max_connections, o.max_connections);
         set(&mut self.read_timeout, o.read_timeout);
         set(&mut self.shutdown_timeout, o.shutdown_timeout);
+        set(&mut self.api_pull, o.api_pull);
+        if !o.pull_hosts.is_empty() {
+            self.pull_hosts = o.pull_hosts;
+        }
+        set(&mut self.max_pull_size, o.max_pull_size);
     }
 
     /// Checks the values and turns the strings into numbers.
@@ -274,9 +291,15 @@ impl Config {
                 "{name} must be a positive duration such as 30s, got {s:?}"
             )),
         };
+        let max_pull = if self.max_pull_size.trim().is_empty() {
+            None
+        } else {
+            Some(parse_bytes(&self.max_pull_size)?)
+        };
         Ok(Checked {
             keep_alive,
             memory_budget,
+            max_pull,
             max_body: usize::try_from(max_body).unwrap_or(usize::MAX),
             read_timeout: duration("read_timeout", &self.read_timeout)?,
             shutdown_timeout: duration("shutdown_timeout", &self.shutdown_timeout)?,
@@ -285,10 +308,12 @@ impl Config {
 }
 
 /// The parsed forms of [`Config`]'s strings.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Checked {
     pub keep_alive: KeepAlive,
     pub memory_budget: Option<u64>,
+    /// Bytes one pull may download; `None`: the free disk.
+    pub max_pull: Option<u64>,
     /// Bytes.
     pub max_body: usize,
     pub read_timeout: Duration,

@@ -41,6 +41,8 @@ pub struct AppState {
     /// Set once the warm set is loaded; `/health` answers 503 before.
     pub ready: AtomicBool,
     pub limits: Limits,
+    /// What `/api/pull` may do; `None`: pulls through the API are refused.
+    pub pull: Option<capy_store::PullPolicy>,
 }
 
 /// What one request may take of the server.
@@ -72,6 +74,7 @@ impl AppState {
             metrics: Metrics::default(),
             ready: AtomicBool::new(false),
             limits,
+            pull: Some(capy_store::PullPolicy::default()),
         })
     }
 
@@ -94,13 +97,20 @@ impl AppState {
             store,
             cfg.models.clone(),
         );
-        AppState::with_limits(
+        let mut st = AppState::with_limits(
             registry,
             Limits {
                 max_body: checked.max_body,
                 body_timeout: checked.read_timeout,
             },
-        )
+        );
+        if let Some(s) = Arc::get_mut(&mut st) {
+            s.pull = cfg.api_pull.then(|| capy_store::PullPolicy {
+                max_bytes: checked.max_pull,
+                hosts: cfg.pull_hosts.clone(),
+            });
+        }
+        st
     }
 
     /// Loads the warm set, then marks the server ready.
@@ -402,7 +412,7 @@ pub fn run(cfg: Config, store: capy_store::Store) -> Result<(), String> {
 /// while the warm set loads), unloads idle models in the background.
 pub async fn serve(cfg: Config, store: capy_store::Store) -> Result<(), String> {
     let checked = cfg.validate()?;
-    let state = AppState::from_config(&cfg, checked, store);
+    let state = AppState::from_config(&cfg, checked.clone(), store);
     let addr = format!("{}:{}", cfg.host, cfg.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await

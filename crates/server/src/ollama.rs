@@ -458,6 +458,10 @@ impl capy_store::Progress for PullProgress {
             .tx
             .send(json!({"status": s.0, "total": s.1, "completed": s.1.unwrap_or(s.2)}));
     }
+    /// The client left (its response, which holds the receiver, was dropped).
+    fn cancelled(&self) -> bool {
+        self.tx.is_closed()
+    }
 }
 
 pub async fn pull(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
@@ -469,8 +473,19 @@ pub async fn pull(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
         Ok(n) => n.strip_suffix(":latest").unwrap_or(n).to_string(),
         Err(e) => return e.into_response(),
     };
+    let Some(policy) = st.pull.clone() else {
+        return ollama(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "pulling models through the API is disabled on this server (capy serve --no-api-pull)",
+        ))
+        .into_response();
+    };
+    if let Err(e) = capy_store::ModelRef::parse(&name) {
+        return ollama(ApiError::bad_request(e.to_string())).into_response();
+    }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let root = st.registry.store.root.clone();
+    // stops by itself once the client is gone (the receiver dropped with the response)
     let task = tokio::task::spawn_blocking(move || {
         let p = PullProgress {
             tx: tx.clone(),
@@ -478,7 +493,7 @@ pub async fn pull(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
         };
         let _ = tx.send(json!({"status": "pulling manifest"}));
         capy_store::Store::at(root)
-            .pull(&name, &p)
+            .pull_with(&name, &p, &policy)
             .map_err(|e| e.to_string())
     });
     if req.stream == Some(false) {
@@ -509,6 +524,18 @@ pub async fn delete(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
         let req: NameRequest = parse_json(&body, Flavor::Ollama)?;
         let name = req.model()?;
         let name = name.strip_suffix(":latest").unwrap_or(name);
+        // a store name as /api/tags lists it, never a URL or path whose file name happens
+        // to match a stored model
+        let known = st.registry.store.list().unwrap_or_default();
+        if !known.iter().any(|m| m.name == name) {
+            let listed = capy_store::ModelRef::parse(name)
+                .is_ok_and(|r| matches!(r, capy_store::ModelRef::Builtin(_)));
+            if !listed || st.registry.store.get(name).ok().flatten().is_none() {
+                return Err(ApiError::not_found(format!(
+                    "model '{name}' not found (delete takes a name as /api/tags lists it)"
+                )));
+            }
+        }
         if st.registry.loaded_names().iter().any(|n| n == name) && !st.registry.unload(name) {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,

