@@ -77,6 +77,10 @@ pub struct ServeArgs {
     /// Most bytes one pull may download (20GiB) [default: the free disk space].
     #[arg(long, env = "CAPY_MAX_PULL_SIZE")]
     pub max_pull_size: Option<String>,
+    /// How long a request waits for busy models to make room for its model before 503
+    /// [default: 5m].
+    #[arg(long, env = "CAPY_LOAD_TIMEOUT")]
+    pub load_timeout: Option<String>,
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
@@ -110,6 +114,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         api_pull: a.no_api_pull.then_some(false),
         pull_hosts: a.pull_hosts,
         max_pull_size: a.max_pull_size,
+        load_timeout: a.load_timeout,
     });
     cfg.validate().map_err(|e| anyhow!(e))?;
     // the warm set must be on disk before the server starts: pull built-ins now

@@ -161,6 +161,8 @@ pub struct Config {
     pub pull_hosts: Vec<String>,
     /// Most bytes one pull may download ("20GiB"); empty: the free disk space.
     pub max_pull_size: String,
+    /// How long a request waits for a busy model to make room for its own ("5m").
+    pub load_timeout: String,
 }
 
 impl Default for Config {
@@ -186,6 +188,7 @@ impl Default for Config {
             api_pull: true,
             pull_hosts: Vec::new(),
             max_pull_size: String::new(),
+            load_timeout: "5m".into(),
         }
     }
 }
@@ -212,6 +215,7 @@ pub struct Overrides {
     pub api_pull: Option<bool>,
     pub pull_hosts: Vec<String>,
     pub max_pull_size: Option<String>,
+    pub load_timeout: Option<String>,
 }
 
 impl Config {
@@ -253,6 +257,7 @@ impl Config {
             self.pull_hosts = o.pull_hosts;
         }
         set(&mut self.max_pull_size, o.max_pull_size);
+        set(&mut self.load_timeout, o.load_timeout);
     }
 
     /// Checks the values and turns the strings into numbers.
@@ -303,6 +308,7 @@ impl Config {
             max_body: usize::try_from(max_body).unwrap_or(usize::MAX),
             read_timeout: duration("read_timeout", &self.read_timeout)?,
             shutdown_timeout: duration("shutdown_timeout", &self.shutdown_timeout)?,
+            load_timeout: duration("load_timeout", &self.load_timeout)?,
         })
     }
 }
@@ -318,6 +324,7 @@ pub struct Checked {
     pub max_body: usize,
     pub read_timeout: Duration,
     pub shutdown_timeout: Duration,
+    pub load_timeout: Duration,
 }
 
 #[cfg(test)]

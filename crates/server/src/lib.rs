@@ -93,6 +93,7 @@ impl AppState {
                 keep_alive: checked.keep_alive,
                 max_loaded: cfg.max_loaded_models,
                 memory_budget: checked.memory_budget,
+                load_timeout: checked.load_timeout,
             },
             store,
             cfg.models.clone(),

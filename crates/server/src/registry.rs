@@ -22,6 +22,9 @@ pub struct RegistryConfig {
     pub keep_alive: KeepAlive,
     pub max_loaded: usize,
     pub memory_budget: Option<u64>,
+    /// How long a request for a model that has no room waits for busy models to become
+    /// idle (and evictable) before it gets 503; Ollama's `OLLAMA_LOAD_TIMEOUT`.
+    pub load_timeout: std::time::Duration,
 }
 
 /// A model in memory with its engine loop.
@@ -132,6 +135,10 @@ pub struct Registry {
     loaded: Mutex<HashMap<String, Entry>>,
     /// One load at a time, so two first requests for a model load it once.
     load_lock: tokio::sync::Mutex<()>,
+    /// Woken whenever a lease ends (a model may have become evictable).
+    released: tokio::sync::Notify,
+    /// Requests waiting for room, at most `batch.max_queue`.
+    waiting: AtomicUsize,
 }
 
 /// A request's hold on a loaded model: the model is not evicted while held, and its
@@ -178,6 +185,7 @@ impl Drop for Lease {
             }
         };
         drop(unload_now); // the engine stops outside the lock
+        self.registry.released.notify_waiters();
     }
 }
 
@@ -196,6 +204,8 @@ impl Registry {
             warm,
             loaded: Mutex::new(HashMap::new()),
             load_lock: tokio::sync::Mutex::new(()),
+            released: tokio::sync::Notify::new(),
+            waiting: AtomicUsize::new(0),
         })
     }
 
@@ -287,7 +297,7 @@ impl Registry {
         }
         let (me, path) = (Arc::clone(self), r.path.clone());
         let need = blocking(move || me.estimate(&path)).await?;
-        let evicted = self.make_room(need)?;
+        let evicted = self.wait_for_room(need).await?;
         drop(evicted);
         let (path, params) = (r.path.clone(), self.cfg.batch.clone());
         let t0 = Instant::now();
@@ -347,6 +357,48 @@ impl Registry {
     /// Unloads idle models (not warm ones first, then the least recently used) until
     /// `need` more bytes and one more model fit. Returns the unloaded models, to be
     /// dropped by the caller outside the lock.
+    /// [`Registry::make_room`], waiting while busy models hold the room: each ended lease
+    /// tries again, until [`RegistryConfig::load_timeout`] passes (then 503). At most
+    /// `batch.max_queue` requests wait; more get 503 at once.
+    async fn wait_for_room(&self, need: u64) -> Result<Vec<Arc<Loaded>>, ApiError> {
+        /// Counts a waiter while it waits, whether it ends or is dropped.
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let deadline = tokio::time::Instant::now() + self.cfg.load_timeout;
+        let mut waiting = None;
+        loop {
+            let notified = self.released.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let e = match self.make_room(need) {
+                Ok(v) => return Ok(v),
+                Err(e) if e.code == Some("no_room") => e,
+                Err(e) => return Err(e),
+            };
+            if waiting.is_none() {
+                if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.cfg.batch.max_queue {
+                    self.waiting.fetch_sub(1, Ordering::AcqRel);
+                    return Err(e);
+                }
+                waiting = Some(Waiting(&self.waiting));
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(ApiError {
+                    message: format!(
+                        "{} (waited {} s for a busy model to become idle)",
+                        e.message,
+                        self.cfg.load_timeout.as_secs_f64()
+                    ),
+                    ..e
+                });
+            }
+        }
+    }
+
     fn make_room(&self, need: u64) -> Result<Vec<Arc<Loaded>>, ApiError> {
         if let Some(budget) = self.cfg.memory_budget {
             if need > budget {

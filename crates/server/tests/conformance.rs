@@ -330,6 +330,7 @@ async fn internal_errors_hide_server_paths() {
             keep_alive: capy_server::config::KeepAlive::Forever,
             max_loaded: 2,
             memory_budget: None,
+            load_timeout: std::time::Duration::from_secs(2),
         },
         store,
         vec![],

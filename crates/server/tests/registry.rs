@@ -23,6 +23,7 @@ fn registry(tag: &str, budget_models: Option<f64>, max_loaded: usize) -> Arc<Reg
             keep_alive: KeepAlive::Forever,
             max_loaded,
             memory_budget: None,
+            load_timeout: std::time::Duration::from_secs(2),
         },
         Store::at(&store.root),
         vec![],
@@ -34,6 +35,7 @@ fn registry(tag: &str, budget_models: Option<f64>, max_loaded: usize) -> Arc<Reg
             keep_alive: KeepAlive::Forever,
             max_loaded,
             memory_budget: budget_models.map(|k| (k * one) as u64),
+            load_timeout: std::time::Duration::from_secs(2),
         },
         store,
         vec![],
@@ -56,21 +58,33 @@ async fn a_third_model_evicts_the_least_recently_used_idle_one() {
     assert_eq!(r.loaded_names(), ["m1", "m2"]);
 }
 
+/// Two models under a budget that fits one: a request for the second waited for nothing
+/// and got 503 while the first was busy. It waits until the busy model is idle, then
+/// evicts it and loads (Ollama's behavior); 503 only after the load timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn busy_models_are_not_evicted_and_the_request_is_refused() {
+async fn a_request_waits_for_a_busy_model_then_swaps_or_times_out() {
     let r = registry("busy", Some(1.5), 8);
     let held = r.acquire("m1", None).await.expect("m1 loads");
+    // nobody releases m1 within the load timeout (2 s): 503 with Retry-After
+    let t = std::time::Instant::now();
     let e = r.acquire("m2", None).await.err().expect("no room");
+    assert!(t.elapsed() >= Duration::from_secs(2), "{:?}", t.elapsed());
     assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(e.code, Some("no_room"));
     assert!(e.retry_after.is_some());
     assert_eq!(r.loaded_names(), ["m1"]);
+    // m1 is released while m2's request waits: m2 gets it
+    let waiter = {
+        let r = Arc::clone(&r);
+        tokio::spawn(async move { r.acquire("m2", None).await.map(drop) })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished(), "it waits rather than failing");
     drop(held);
-    drop(
-        r.acquire("m2", None)
-            .await
-            .expect("m1 is idle now and gives way"),
-    );
+    waiter
+        .await
+        .expect("join")
+        .expect("m1 is idle now and gives way");
     assert_eq!(r.loaded_names(), ["m2"]);
 }
 

@@ -62,6 +62,7 @@ pub fn state(tag: &str, batch: BatchParams) -> Arc<AppState> {
             keep_alive: KeepAlive::Forever,
             max_loaded: 2,
             memory_budget: None,
+            load_timeout: std::time::Duration::from_secs(2),
         },
         store,
         vec!["m1".into()],
