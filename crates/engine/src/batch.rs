@@ -157,11 +157,15 @@ struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
     stats: Stats,
+    /// Set by [`BatchEngine::inject_failure`]: the loop panics at its next step.
+    inject: std::sync::atomic::AtomicBool,
 }
 
 struct Queue {
     pending: VecDeque<(Request, Instant)>,
     shutdown: bool,
+    /// Why the loop died (a panic in a kernel or a pool worker); it takes no more requests.
+    failed: Option<String>,
 }
 
 /// A model's engine loop. Dropping it stops the loop; requests still waiting or running
@@ -183,19 +187,44 @@ impl BatchEngine {
             queue: Mutex::new(Queue {
                 pending: VecDeque::new(),
                 shutdown: false,
+                failed: None,
             }),
             wake: Condvar::new(),
             stats: Stats::default(),
+            inject: std::sync::atomic::AtomicBool::new(false),
         });
         let n_vocab = model.hp.n_vocab;
         let (sh, p) = (Arc::clone(&shared), params.clone());
         let thread = std::thread::Builder::new()
             .name("capy-batch".into())
             .spawn(move || {
-                let ctx = Context::new(model, p.context_params());
-                Loop::new(sh, ctx, tokenizer).run();
+                let run = std::panic::AssertUnwindSafe(|| {
+                    let ctx = Context::new(model, p.context_params());
+                    Loop::new(Arc::clone(&sh), ctx, tokenizer).run();
+                });
+                // a panic (a kernel, a pool worker) ends the loop: its running requests'
+                // sinks were dropped with it; fail the waiting ones and refuse new ones
+                if let Err(panic) = std::panic::catch_unwind(run) {
+                    let why = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".into());
+                    let why = format!("the engine loop failed: {why}");
+                    let pending: Vec<_> = {
+                        let mut q = lock(&sh.queue);
+                        q.failed = Some(why.clone());
+                        q.pending.drain(..).collect()
+                    };
+                    for (mut r, _) in pending {
+                        r.sink.send(Event::Failed(why.clone()));
+                    }
+                }
             })
             .ok();
+        if thread.is_none() {
+            lock(&shared.queue).failed = Some("the engine thread could not be started".into());
+        }
         BatchEngine {
             params,
             shared,
@@ -206,6 +235,21 @@ impl BatchEngine {
 
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
+    }
+
+    /// Why the engine loop is dead, if it is: it then answers nothing, and the model must
+    /// be loaded again.
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.shared.queue).failed.clone()
+    }
+
+    /// Makes the loop panic at its next step, as a kernel or pool worker failure would:
+    /// for tests and fault drills of what depends on the engine.
+    pub fn inject_failure(&self) {
+        self.shared
+            .inject
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.shared.wake.notify_all();
     }
 
     /// Queues a request. Checks it first: an empty prompt, a token outside the vocabulary
@@ -236,6 +280,9 @@ impl BatchEngine {
             });
         }
         let mut q = lock(&self.shared.queue);
+        if let Some(why) = &q.failed {
+            return Err(Error::Failed(why.clone()));
+        }
         if self.thread.is_none() || q.shutdown {
             return Err(Error::Stopped);
         }
@@ -511,6 +558,13 @@ impl Loop {
     /// One forward pass: every generating sequence's next token, then prompt chunks in
     /// admission order while the batch has room.
     fn step(&mut self) {
+        if self
+            .shared
+            .inject
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            panic!("injected failure");
+        }
         self.step += 1;
         self.batch.clear();
         self.rows.clear();

@@ -51,6 +51,8 @@ pub enum Error {
     TooManyChoices { n: usize, max: usize },
     #[error("the engine has stopped")]
     Stopped,
+    #[error("{0}")]
+    Failed(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

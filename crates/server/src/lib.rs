@@ -296,7 +296,25 @@ async fn count_requests(State(st): State<Arc<AppState>>, req: Request, next: Nex
 }
 
 async fn health(State(st): State<Arc<AppState>>) -> Response {
-    if st.ready.load(Ordering::Acquire) {
+    let failed: Vec<String> = st
+        .registry
+        .loaded()
+        .iter()
+        .filter(|l| l.model.batch.failure().is_some())
+        .map(|l| l.model.name.clone())
+        .collect();
+    if !failed.is_empty() {
+        // until the dead engines are unloaded (the next request for each reloads it)
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the engine of {} failed; it is being unloaded",
+                failed.join(", ")
+            ),
+        )
+        .retry_after(1)
+        .into_response()
+    } else if st.ready.load(Ordering::Acquire) {
         Json(json!({"status": "ok"})).into_response()
     } else {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "loading models")

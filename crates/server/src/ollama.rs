@@ -324,6 +324,9 @@ async fn run(
                     _ => {}
                 }
             }
+            // the engine went away before the answer ended
+            let e = ApiError::internal("the engine stopped during the request").for_client();
+            let _ = out.line(&json!({"error": e.message})).await;
         },
     ))
 }
@@ -383,6 +386,7 @@ pub async fn ps(State(st): State<Arc<AppState>>) -> Response {
                 "details": details,
                 "expires_at": rfc3339(expires),
                 "context_length": m.batch.params.n_ctx,
+                "status": if m.batch.failure().is_some() { "failed" } else { "ok" },
             })
         });
     }

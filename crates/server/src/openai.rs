@@ -303,7 +303,10 @@ async fn chat_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError
             let (mut left, mut completion, mut cached) = (n, 0, 0);
             while left > 0 {
                 let Some((i, ev)) = gens.next().await else {
-                    break;
+                    // the engine went away before every choice ended: say so, no [DONE]
+                    let e = ApiError::internal("the engine stopped during the request");
+                    let _ = out.sse(&e.for_client().body()).await;
+                    return;
                 };
                 let frame = match ev {
                     capy_engine::Event::Token { token, text } => {
@@ -595,7 +598,10 @@ async fn completions_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, A
             let (mut left, mut completion, mut cached) = (n_choices, 0, 0);
             while left > 0 {
                 let Some((i, ev)) = gens.next().await else {
-                    break;
+                    // the engine went away before every choice ended: say so, no [DONE]
+                    let e = ApiError::internal("the engine stopped during the request");
+                    let _ = out.sse(&e.for_client().body()).await;
+                    return;
                 };
                 let frame = match ev {
                     capy_engine::Event::PromptLogprobs(lp) => {

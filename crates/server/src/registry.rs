@@ -344,6 +344,13 @@ impl Registry {
 
     fn lease_loaded(self: &Arc<Self>, name: &str, keep_alive: Option<KeepAlive>) -> Option<Lease> {
         let mut map = self.lock();
+        if map.get(name)?.model.batch.failure().is_some() {
+            // its engine loop died: unload it so this request loads it again
+            let dead = map.remove(name);
+            drop(map);
+            drop(dead);
+            return None;
+        }
         let e = map.get_mut(name)?;
         e.model.active.fetch_add(1, Ordering::AcqRel);
         e.last_used = Instant::now();
@@ -354,9 +361,6 @@ impl Registry {
         })
     }
 
-    /// Unloads idle models (not warm ones first, then the least recently used) until
-    /// `need` more bytes and one more model fit. Returns the unloaded models, to be
-    /// dropped by the caller outside the lock.
     /// [`Registry::make_room`], waiting while busy models hold the room: each ended lease
     /// tries again, until [`RegistryConfig::load_timeout`] passes (then 503). At most
     /// `batch.max_queue` requests wait; more get 503 at once.
@@ -399,6 +403,9 @@ impl Registry {
         }
     }
 
+    /// Unloads idle models (not warm ones first, then the least recently used) until
+    /// `need` more bytes and one more model fit. Returns the unloaded models, to be
+    /// dropped by the caller outside the lock.
     fn make_room(&self, need: u64) -> Result<Vec<Arc<Loaded>>, ApiError> {
         if let Some(budget) = self.cfg.memory_budget {
             if need > budget {
@@ -452,13 +459,19 @@ impl Registry {
     }
 
     /// Unloads models whose keep-alive has passed and that no request holds.
+    /// Also unloads models whose engine loop died and that no request holds (the next
+    /// request for one loads it again).
     pub fn unload_expired(&self) -> Vec<String> {
         let now = Instant::now();
         let gone: Vec<Entry> = {
             let mut map = self.lock();
             let names: Vec<String> = map
                 .iter()
-                .filter(|(_, e)| e.model.active() == 0 && e.expires.is_some_and(|t| t <= now))
+                .filter(|(_, e)| {
+                    e.model.active() == 0
+                        && (e.expires.is_some_and(|t| t <= now)
+                            || e.model.batch.failure().is_some())
+                })
                 .map(|(k, _)| k.clone())
                 .collect();
             names.iter().filter_map(|n| map.remove(n)).collect()

@@ -395,3 +395,33 @@ async fn deletes_take_store_names_and_pulls_can_be_disabled() {
         "{v}"
     );
 }
+
+/// An engine loop that died (a worker panic) left the model taking requests it never
+/// answered. Its running and queued requests fail with a 500, `/health` and `/api/ps` say
+/// so, and the next request loads the model again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_engine_fails_its_requests_and_is_reloaded() {
+    let (app, st) = served("dead", small_batch()).await; // 2 slots
+    let model = st.registry.loaded().remove(0).model;
+    model.batch.inject_failure();
+    // four choices: two run, two wait in the queue; all of them fail
+    let body = r#"{"model":"m1","prompt":"Hello","n":4,"max_tokens":50,"ignore_eos":true}"#;
+    let t = std::time::Instant::now();
+    let (s, v, _) = call(&app, "POST", "/v1/completions", body).await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{v}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "answered, not hung"
+    );
+    assert!(model.batch.failure().is_some());
+    let (s, _, _) = call(&app, "GET", "/health", "").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    let (_, v, _) = call(&app, "GET", "/api/ps", "").await;
+    assert_eq!(v["models"][0]["status"], "failed", "{v}");
+    // the next request reloads it
+    let (s, v, _) = call(&app, "POST", "/v1/chat/completions", &chat(json!({}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, _, _) = call(&app, "GET", "/health", "").await;
+    assert_eq!(s, StatusCode::OK);
+    drop(model);
+}
