@@ -553,8 +553,8 @@ impl Utf8Stream {
             },
         };
         let rest = self.pending.split_off(valid);
-        let s = String::from_utf8(std::mem::replace(&mut self.pending, rest)).unwrap_or_default();
-        s
+
+        String::from_utf8(std::mem::replace(&mut self.pending, rest)).unwrap_or_default()
     }
 
     /// Whatever is left, lossily.

@@ -71,7 +71,7 @@ impl GgufWriter {
         let expected = ty
             .bytes_for(n)
             .ok_or_else(|| bad(format!("{n} elements is not whole {ty} blocks")))?;
-        if dims[0] % ty.block_size() as u64 != 0 {
+        if !dims[0].is_multiple_of(ty.block_size() as u64) {
             return Err(bad(format!(
                 "row length {} not a multiple of the block",
                 dims[0]

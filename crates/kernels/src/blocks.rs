@@ -169,7 +169,9 @@ pod!(
 /// pointer is not aligned for `T`.
 pub fn cast_blocks<T: Pod>(bytes: &[u8]) -> Option<&[T]> {
     let size = std::mem::size_of::<T>();
-    if bytes.len() % size != 0 || (bytes.as_ptr() as usize) % std::mem::align_of::<T>() != 0 {
+    if !bytes.len().is_multiple_of(size)
+        || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
+    {
         return None;
     }
     // SAFETY: length and alignment checked above; T is Pod so any bytes are a valid T;
@@ -180,7 +182,9 @@ pub fn cast_blocks<T: Pod>(bytes: &[u8]) -> Option<&[T]> {
 /// Mutable version of [`cast_blocks`].
 pub fn cast_blocks_mut<T: Pod>(bytes: &mut [u8]) -> Option<&mut [T]> {
     let size = std::mem::size_of::<T>();
-    if bytes.len() % size != 0 || (bytes.as_ptr() as usize) % std::mem::align_of::<T>() != 0 {
+    if !bytes.len().is_multiple_of(size)
+        || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
+    {
         return None;
     }
     // SAFETY: as in cast_blocks; the exclusive borrow of `bytes` is carried over.

@@ -87,7 +87,7 @@ fn shape_err(op: &'static str, expected: impl ToString, got: impl ToString) -> E
 pub fn quantize_acts(k: &Kernels, act: ActType, x: &[f32], n: usize, out: &mut [u8]) -> Result<()> {
     let rb = act.row_bytes(n);
     let n_tok = x.len() / n.max(1);
-    if n % act.block_size() != 0 || out.len() < rb * n_tok {
+    if !n.is_multiple_of(act.block_size()) || out.len() < rb * n_tok {
         return Err(shape_err(
             "quantize_acts",
             format!("{n} a multiple of {}", act.block_size()),
@@ -111,7 +111,7 @@ pub fn quantize_acts(k: &Kernels, act: ActType, x: &[f32], n: usize, out: &mut [
 
 /// Checks `x`: `[n_tok, n_cols]` against `out`: `[n_tok, n_rows]` and returns `n_tok`.
 fn token_count(n_cols: usize, n_rows: usize, x: &[f32], out: &[f32]) -> Result<usize> {
-    if n_cols == 0 || x.len() % n_cols != 0 {
+    if n_cols == 0 || !x.len().is_multiple_of(n_cols) {
         return Err(shape_err(
             "matmul",
             format!("x a multiple of {n_cols}"),
@@ -179,7 +179,7 @@ pub fn matmul(
 ) -> Result<()> {
     let n_cols = w.n_cols;
     let n_tok = token_count(n_cols, w.n_rows, x, out)?;
-    if n_cols % w.ty.block_size() != 0 || w.data.len() != w.row_bytes() * w.n_rows {
+    if !n_cols.is_multiple_of(w.ty.block_size()) || w.data.len() != w.row_bytes() * w.n_rows {
         return Err(shape_err(
             "matmul",
             format!(

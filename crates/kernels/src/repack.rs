@@ -372,7 +372,7 @@ pub fn repack_releasing(
     let Some(kind) = R16Kind::for_type(w.ty) else {
         return Ok(None);
     };
-    if w.n_rows % R16_ROWS != 0 || w.n_cols % w.ty.block_size() != 0 {
+    if !w.n_rows.is_multiple_of(R16_ROWS) || !w.n_cols.is_multiple_of(w.ty.block_size()) {
         return Ok(None);
     }
     if w.data.len() != w.row_bytes() * w.n_rows {

@@ -243,7 +243,7 @@ fn tensor(g: &Gguf, name: &str, dims: &[u64]) -> Result<Tensor> {
         .into());
     }
     let data = g.tensor_data(info);
-    if (data.as_ptr() as usize) % 4 != 0 {
+    if !(data.as_ptr() as usize).is_multiple_of(4) {
         return Err(capy_kernels::Error::Misaligned {
             op: "load",
             ty: info.ty,

@@ -410,7 +410,8 @@ unsafe fn gemm_blocks<M: Mac, const N: usize, const KIND: u8>(
     acts: &[&[BlockQ8x]],
 ) -> [[__m256; N]; 2] {
     let bb = kind_of(KIND).body_bytes();
-    let mut facc = [[_mm256_setzero_ps(); N]; 2];
+    // SAFETY: AVX is enabled on this function (the caller's contract).
+    let mut facc = [[unsafe { _mm256_setzero_ps() }; N]; 2];
     // SAFETY: header and body reads inside each unit (`for_blocks`); activation blocks below
     // `nb` exist; features by the caller's contract.
     unsafe {
@@ -447,7 +448,8 @@ unsafe fn gemm_oct<M: Mac, const N: usize, const KIND: u8>(
     h: usize,
     acts: &[&[BlockQ8x]],
 ) -> [__m256; N] {
-    let mut facc = [_mm256_setzero_ps(); N];
+    // SAFETY: AVX is enabled on this function (the caller's contract).
+    let mut facc = [unsafe { _mm256_setzero_ps() }; N];
     // SAFETY: as `gemm_blocks`'.
     unsafe {
         for_blocks::<KIND>(group, nb, |b, hp, j, body| {
@@ -590,7 +592,8 @@ unsafe fn gemm_unpacked_oct<M: Mac, const N: usize, const KIND: u8>(
 ) -> [__m256; N] {
     let ob = unpacked_oct_bytes::<M>(kind_of(KIND));
     let signed = KIND == KIND_Q8 && M::SIGNED_Q8;
-    let mut facc = [_mm256_setzero_ps(); N];
+    // SAFETY: AVX is enabled on this function (the caller's contract).
+    let mut facc = [unsafe { _mm256_setzero_ps() }; N];
     // SAFETY: reads inside `unpacked` (the caller's contract) and below `nb` in `acts`.
     unsafe {
         for b in 0..nb {
