@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use capy_engine::{params, SamplerParams};
+use capy_engine::{params, Engine, SamplingOptions};
 use capy_store::{ModelRef, Store};
 
 use crate::progress::Bar;
@@ -39,39 +39,37 @@ pub fn default_threads() -> usize {
         .unwrap_or(1)
 }
 
-/// Sampling flags shared by `run` and `generate` (llama.cpp's defaults), checked against
-/// the engine's ranges ([`capy_engine::params`]) as the server checks request fields.
+/// Sampling flags shared by `run` and `generate`, checked against the engine's ranges
+/// ([`capy_engine::params`]) as the server checks request fields. Unset ones take the
+/// model's recommended settings (a built-in model's card, the GGUF's `general.sampling.*`),
+/// then llama.cpp's defaults (shown in brackets).
 #[derive(clap::Args, Clone, Debug)]
 pub struct SamplingArgs {
-    /// Temperature, 0 to 100; 0 = greedy.
-    #[arg(long, default_value_t = 0.8, value_parser = float(&params::TEMPERATURE))]
-    pub temp: f32,
-    /// Top-k (0 or -1 = off).
-    #[arg(long, default_value_t = 40, allow_negative_numbers = true,
-          value_parser = int(&params::TOP_K))]
-    pub top_k: i64,
-    /// Top-p, 0 to 1 (1.0 = off).
-    #[arg(long, default_value_t = 0.95, value_parser = float(&params::TOP_P))]
-    pub top_p: f32,
-    /// Min-p, 0 to 1 (0 = off).
-    #[arg(long, default_value_t = 0.05, value_parser = float(&params::MIN_P))]
-    pub min_p: f32,
-    /// Repetition penalty, above 0 and at most 10 (1.0 = off).
-    #[arg(long, default_value_t = 1.0, value_parser = float(&params::REPEAT_PENALTY))]
-    pub repeat_penalty: f32,
-    /// Tokens the repetition penalties look back over (-1 = the whole context, 0 = off).
-    #[arg(long, default_value_t = 64, allow_negative_numbers = true,
-          value_parser = int(&params::REPEAT_LAST_N))]
-    pub repeat_last_n: i64,
-    /// -2 to 2 (0 = off).
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true,
-          value_parser = float(&params::PRESENCE_PENALTY))]
-    pub presence_penalty: f32,
-    /// -2 to 2 (0 = off).
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true,
-          value_parser = float(&params::FREQUENCY_PENALTY))]
-    pub frequency_penalty: f32,
-    /// Random seed (default: from the clock).
+    /// Temperature, 0 to 100; 0 = greedy [0.8].
+    #[arg(long, value_parser = float(&params::TEMPERATURE))]
+    pub temp: Option<f32>,
+    /// Top-k (0 or -1 = off) [40].
+    #[arg(long, allow_negative_numbers = true, value_parser = int(&params::TOP_K))]
+    pub top_k: Option<i64>,
+    /// Top-p, 0 to 1 (1.0 = off) [0.95].
+    #[arg(long, value_parser = float(&params::TOP_P))]
+    pub top_p: Option<f32>,
+    /// Min-p, 0 to 1 (0 = off) [0.05].
+    #[arg(long, value_parser = float(&params::MIN_P))]
+    pub min_p: Option<f32>,
+    /// Repetition penalty, above 0 and at most 10 (1.0 = off) [1.0].
+    #[arg(long, value_parser = float(&params::REPEAT_PENALTY))]
+    pub repeat_penalty: Option<f32>,
+    /// Tokens the repetition penalties look back over (-1 = the whole context, 0 = off) [64].
+    #[arg(long, allow_negative_numbers = true, value_parser = int(&params::REPEAT_LAST_N))]
+    pub repeat_last_n: Option<i64>,
+    /// -2 to 2 (0 = off) [0].
+    #[arg(long, allow_negative_numbers = true, value_parser = float(&params::PRESENCE_PENALTY))]
+    pub presence_penalty: Option<f32>,
+    /// -2 to 2 (0 = off) [0].
+    #[arg(long, allow_negative_numbers = true, value_parser = float(&params::FREQUENCY_PENALTY))]
+    pub frequency_penalty: Option<f32>,
+    /// Random seed [from the clock].
     #[arg(long)]
     pub seed: Option<u64>,
 }
@@ -87,17 +85,27 @@ fn int(p: &'static params::Param) -> impl Fn(&str) -> Result<i64, String> + Clon
 }
 
 impl SamplingArgs {
-    pub fn params(&self) -> SamplerParams {
-        SamplerParams {
+    /// The flags given, as options.
+    pub fn options(&self) -> SamplingOptions {
+        SamplingOptions {
             temperature: self.temp,
-            top_k: SamplerParams::top_k_from(self.top_k),
+            top_k: self.top_k,
             top_p: self.top_p,
             min_p: self.min_p,
             repeat_penalty: self.repeat_penalty,
-            repeat_last_n: SamplerParams::last_n_from(self.repeat_last_n),
+            repeat_last_n: self.repeat_last_n,
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
             seed: self.seed,
         }
     }
+}
+
+/// A model's recommended sampling: a built-in model's card (by the name it was run with),
+/// over its GGUF's `general.sampling.*` keys.
+pub fn model_sampling(name: &str, engine: &Engine) -> SamplingOptions {
+    let card = capy_store::builtin(name)
+        .and_then(|b| SamplingOptions::from_pairs(b.sampling).ok())
+        .unwrap_or_default();
+    card.or(&engine.sampling)
 }

@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use capy_engine::{ContextParams, Engine, GenerateParams};
 use serde_json::{json, Value};
 
-use crate::common::{default_threads, model_path, SamplingArgs};
+use crate::common::{default_threads, model_path, model_sampling, SamplingArgs};
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
@@ -68,7 +68,11 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     });
     let params = GenerateParams {
         max_tokens: a.n_predict,
-        sampler: a.sampling.params(),
+        sampler: a
+            .sampling
+            .options()
+            .or(&model_sampling(&a.model, &engine))
+            .params(),
         stop: a.stop.clone(),
         logprobs: true,
         top_logprobs: a.top_logprobs,

@@ -1,11 +1,18 @@
-//! `capy run`: chat with a model in the terminal.
+//! `capy run`: chat with a model in the terminal, as `ollama run` does: line editing and
+//! history (rustyline), `"""` for multi-line input, `/set`, `/show`, `/clear`, `/bye`;
+//! Ctrl-C stops an answer and returns to the prompt, Ctrl-C or Ctrl-D at an empty prompt
+//! exits. Piped input is read line by line with the same commands, without editing.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
-use capy_engine::{ContextParams, Engine, GenerateParams, Message, Session};
+use capy_engine::{
+    params, ContextParams, Engine, GenerateParams, Message, SamplingOptions, Session,
+};
+use rustyline::error::ReadlineError;
 
-use crate::common::{default_threads, model_path, SamplingArgs};
+use crate::common::{default_threads, model_path, model_sampling, SamplingArgs};
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -31,94 +38,326 @@ pub struct RunArgs {
     pub sampling: SamplingArgs,
 }
 
+/// Set by Ctrl-C while an answer streams (the terminal is not in raw mode then); the
+/// answer stops at its next token.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// One conversation.
+struct Chat {
+    name: String,
+    engine: Engine,
+    session: Session,
+    messages: Vec<Message>,
+    system: Option<String>,
+    /// The model's recommended settings, under the flags and `/set`.
+    model_options: SamplingOptions,
+    options: SamplingOptions,
+    max_tokens: usize,
+    verbose: bool,
+}
+
+const HELP: &str = "Available commands:
+  /set parameter NAME VALUE   set a sampling parameter (temperature, top_k, top_p, min_p,
+                              repeat_penalty, repeat_last_n, presence_penalty,
+                              frequency_penalty, seed, num_predict)
+  /set system TEXT            set the system message (clears the conversation)
+  /set verbose | /set quiet   show or hide token counts and speeds
+  /show [info|parameters|system|template]
+  /clear                      forget the conversation
+  /bye                        exit
+  /?, /help                   this help
+Use \"\"\" to begin and end a multi-line message. Ctrl-C stops an answer; Ctrl-D or Ctrl-C
+at an empty prompt exits.";
+
+impl Chat {
+    /// Handles one input: a command or a message. `Ok(false)` means the user asked to quit.
+    fn input(&mut self, text: &str) -> Result<bool> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(true);
+        }
+        if !text.starts_with('/') {
+            self.ask(text)?;
+            return Ok(true);
+        }
+        let mut words = text.split_whitespace();
+        let cmd = words.next().unwrap_or("");
+        let rest: Vec<&str> = words.collect();
+        match (cmd, rest.as_slice()) {
+            ("/bye" | "/exit" | "/quit", _) => return Ok(false),
+            ("/clear", _) => {
+                self.clear();
+                eprintln!("Cleared session context");
+            }
+            ("/?" | "/help", _) => eprintln!("{HELP}"),
+            ("/set", ["parameter", name, value]) => self.set_parameter(name, value),
+            ("/set", ["system", ..]) => {
+                let s = text
+                    .splitn(3, char::is_whitespace)
+                    .nth(2)
+                    .unwrap_or("")
+                    .trim();
+                self.system = (!s.is_empty()).then(|| s.to_string());
+                self.clear();
+                eprintln!("Set system message.");
+            }
+            ("/set", ["verbose"]) => self.verbose = true,
+            ("/set", ["quiet"]) => self.verbose = false,
+            ("/show", what) => self.show(what.first().copied().unwrap_or("")),
+            _ => eprintln!("Unknown command '{text}'. Type /? for help"),
+        }
+        Ok(true)
+    }
+
+    fn clear(&mut self) {
+        self.messages.clear();
+        self.session.reset();
+    }
+
+    fn set_parameter(&mut self, name: &str, value: &str) {
+        let r = if name == "num_predict" {
+            params::NUM_PREDICT.parse(value).map(|v| {
+                self.max_tokens = usize::try_from(v as i64).unwrap_or(usize::MAX);
+            })
+        } else {
+            value
+                .parse::<f64>()
+                .map_err(|_| format!("{name} must be a number, got {value:?}"))
+                .and_then(|v| self.options.set(name, v))
+        };
+        match r {
+            Ok(()) => eprintln!("Set parameter '{name}' to '{value}'"),
+            Err(e) => eprintln!("Couldn't set parameter: {e}"),
+        }
+    }
+
+    fn show(&self, what: &str) {
+        let p = self.options.or(&self.model_options).params();
+        let hp = &self.engine.model.hp;
+        match what {
+            "" | "info" => {
+                eprintln!("  Model");
+                eprintln!("    name                {}", self.name);
+                eprintln!("    architecture        {}", hp.arch.name());
+                eprintln!(
+                    "    parameters          {:.0}M",
+                    self.engine.model.gguf.n_params() as f64 / 1e6
+                );
+                eprintln!("    context length      {}", self.session.n_ctx());
+                eprintln!(
+                    "    quantization        {}",
+                    self.engine.model.gguf.file_type_name()
+                );
+                if what == "info" {
+                    return;
+                }
+                self.show("parameters");
+            }
+            "parameters" => {
+                eprintln!("  Parameters");
+                eprintln!("    temperature         {}", p.temperature);
+                eprintln!("    top_k               {}", p.top_k);
+                eprintln!("    top_p               {}", p.top_p);
+                eprintln!("    min_p               {}", p.min_p);
+                eprintln!("    repeat_penalty      {}", p.repeat_penalty);
+                eprintln!("    repeat_last_n       {}", p.repeat_last_n as i64);
+                eprintln!("    presence_penalty    {}", p.presence_penalty);
+                eprintln!("    frequency_penalty   {}", p.frequency_penalty);
+                eprintln!("    num_predict         {}", self.max_tokens);
+                if let Some(s) = p.seed {
+                    eprintln!("    seed                {s}");
+                }
+            }
+            "system" => eprintln!(
+                "{}",
+                self.system
+                    .as_deref()
+                    .unwrap_or("No system message was specified.")
+            ),
+            "template" => eprintln!("{}", self.engine.template.source),
+            _ => eprintln!("Unknown /show topic '{what}': info, parameters, system or template"),
+        }
+    }
+
+    /// Streams one answer to stdout; Ctrl-C stops it. The exchange joins the conversation.
+    fn ask(&mut self, text: &str) -> Result<()> {
+        self.messages.push(Message::new("user", text));
+        let mut all = Vec::with_capacity(self.messages.len() + 1);
+        if let Some(s) = &self.system {
+            all.push(Message::new("system", s));
+        }
+        all.extend(self.messages.iter().cloned());
+        let prompt = self.engine.chat_tokens(&all)?;
+        let params = GenerateParams {
+            max_tokens: self.max_tokens,
+            sampler: self.options.or(&self.model_options).params(),
+            ..Default::default()
+        };
+        let mut out = std::io::stdout();
+        STOP.store(false, Ordering::SeqCst);
+        let r = self.session.generate(&prompt, &params, |_, text| {
+            let _ = out.write_all(text.as_bytes());
+            let _ = out.flush();
+            !STOP.load(Ordering::SeqCst)
+        })?;
+        println!();
+        if STOP.swap(false, Ordering::SeqCst) {
+            eprintln!("(stopped)");
+        }
+        if self.verbose {
+            let n_gen = r.tokens.len();
+            eprintln!(
+                "prompt: {} tokens, {:.1} ms, {:.1} tokens/s | generation: {} tokens, {:.1} ms, {:.1} tokens/s | stop: {:?} | kernels: {}",
+                r.prompt_n,
+                r.prompt_ms,
+                r.prompt_n as f64 / (r.prompt_ms / 1e3).max(1e-9),
+                n_gen,
+                r.gen_ms,
+                n_gen.saturating_sub(1) as f64 / (r.gen_ms / 1e3).max(1e-9),
+                r.stop_reason,
+                capy_kernels::kernels().name
+            );
+        }
+        self.messages.push(Message::new("assistant", &r.text));
+        Ok(())
+    }
+}
+
 pub fn run(a: RunArgs) -> Result<()> {
     let path = model_path(&a.model, true)?;
     let engine = Engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
     let n_ctx = a.ctx_size.min(engine.model.hp.n_ctx_train).max(16);
-    let mut session = engine.session(ContextParams {
+    let session = engine.session(ContextParams {
         n_ctx,
         n_threads: a.threads,
         ..Default::default()
     });
-    let params = GenerateParams {
+    let mut chat = Chat {
+        name: a.model.clone(),
+        model_options: model_sampling(&a.model, &engine),
+        engine,
+        session,
+        messages: Vec::new(),
+        system: a.system.clone(),
+        options: a.sampling.options(),
         max_tokens: a.max_tokens,
-        sampler: a.sampling.params(),
-        ..Default::default()
+        verbose: a.verbose,
     };
-    let mut messages = Vec::new();
-    if let Some(s) = &a.system {
-        messages.push(Message::new("system", s));
-    }
     if let Some(prompt) = &a.prompt {
-        messages.push(Message::new("user", prompt));
-        answer(&engine, &mut session, &messages, &params, a.verbose)?;
-        return Ok(());
+        return chat.ask(prompt);
     }
-    let stdin = std::io::stdin();
-    let interactive = std::io::IsTerminal::is_terminal(&stdin);
-    if interactive {
-        eprintln!(
-            "Chatting with {} (type /bye or press Ctrl-D to quit, /clear to start over)",
-            a.model
-        );
+    if std::io::stdin().is_terminal() {
+        interactive(&mut chat)
+    } else {
+        piped(&mut chat)
     }
-    let mut line = String::new();
-    loop {
-        if interactive {
-            eprint!(">>> ");
-            std::io::stderr().flush().ok();
-        }
-        line.clear();
-        if stdin.lock().read_line(&mut line)? == 0 {
+}
+
+/// Reads piped input: a message per line, `"""` blocks, commands.
+fn piped(chat: &mut Chat) -> Result<()> {
+    let mut lines = std::io::stdin().lock().lines();
+    while let Some(line) = lines.next() {
+        let line = line?;
+        let text = match line.trim_start().strip_prefix("\"\"\"") {
+            Some(first) => {
+                let mut buf = vec![first.to_string()];
+                for l in lines.by_ref() {
+                    let l = l?;
+                    let end = l.trim_end().strip_suffix("\"\"\"").map(str::to_string);
+                    let done = end.is_some();
+                    buf.push(end.unwrap_or(l));
+                    if done {
+                        break;
+                    }
+                }
+                buf.join("\n")
+            }
+            None => line,
+        };
+        if !chat.input(&text)? {
             break;
         }
-        let text = line.trim();
-        match text {
-            "" => continue,
-            "/bye" | "/exit" | "/quit" => break,
-            "/clear" => {
-                messages.retain(|m: &Message| m.role == "system");
-                session.reset();
-                continue;
-            }
-            _ => {}
-        }
-        messages.push(Message::new("user", text));
-        let reply = answer(&engine, &mut session, &messages, &params, a.verbose)?;
-        messages.push(Message::new("assistant", &reply));
     }
     Ok(())
 }
 
-/// Streams one answer to stdout and returns its text.
-fn answer(
-    engine: &Engine,
-    session: &mut Session,
-    messages: &[Message],
-    params: &GenerateParams,
-    verbose: bool,
-) -> Result<String> {
-    let prompt = engine.chat_tokens(messages)?;
-    let mut out = std::io::stdout();
-    let r = session.generate(&prompt, params, |_, text| {
-        let _ = out.write_all(text.as_bytes());
-        let _ = out.flush();
-        true
-    })?;
-    println!();
-    if verbose {
-        let n_gen = r.tokens.len();
-        eprintln!(
-            "prompt: {} tokens, {:.1} ms, {:.1} tokens/s | generation: {} tokens, {:.1} ms, {:.1} tokens/s | stop: {:?} | kernels: {}",
-            r.prompt_n,
-            r.prompt_ms,
-            r.prompt_n as f64 / (r.prompt_ms / 1e3).max(1e-9),
-            n_gen,
-            r.gen_ms,
-            n_gen.saturating_sub(1) as f64 / (r.gen_ms / 1e3).max(1e-9),
-            r.stop_reason,
-            capy_kernels::kernels().name
-        );
+/// Ctrl-C at the prompt: exit on an empty line, else clear the line (as a shell does).
+struct CtrlC;
+
+impl rustyline::ConditionalEventHandler for CtrlC {
+    fn handle(
+        &self,
+        _: &rustyline::Event,
+        _: rustyline::RepeatCount,
+        _: bool,
+        ctx: &rustyline::EventContext,
+    ) -> Option<rustyline::Cmd> {
+        if ctx.line().is_empty() {
+            Some(rustyline::Cmd::Interrupt)
+        } else {
+            Some(rustyline::Cmd::Kill(rustyline::Movement::WholeBuffer))
+        }
     }
-    Ok(r.text)
+}
+
+fn interactive(chat: &mut Chat) -> Result<()> {
+    let mut ed = rustyline::DefaultEditor::new().context("starting the line editor")?;
+    // after the editor (which must not take SIGINT): while an answer streams the terminal is
+    // in its normal mode and Ctrl-C is a signal; at the prompt it is a key (CtrlC below)
+    ctrlc::set_handler(|| STOP.store(true, Ordering::SeqCst))
+        .context("installing the Ctrl-C handler")?;
+    ed.bind_sequence(
+        rustyline::KeyEvent::ctrl('C'),
+        rustyline::EventHandler::Conditional(Box::new(CtrlC)),
+    );
+    let history = capy_store::Store::open_default().root.join("history");
+    let _ = ed.load_history(&history);
+    eprintln!(
+        "Chatting with {} (/? for help, /bye or Ctrl-D to quit; \"\"\" for several lines)",
+        chat.name
+    );
+    loop {
+        let line = match ed.readline(">>> ") {
+            Ok(l) => l,
+            Err(ReadlineError::Interrupted | ReadlineError::Eof) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let text = match line.trim_start().strip_prefix("\"\"\"") {
+            Some(first) => {
+                let mut buf = vec![first.to_string()];
+                loop {
+                    match ed.readline("... ") {
+                        Ok(l) => {
+                            let end = l.trim_end().strip_suffix("\"\"\"").map(str::to_string);
+                            let done = end.is_some();
+                            buf.push(end.unwrap_or(l));
+                            if done {
+                                break;
+                            }
+                        }
+                        Err(ReadlineError::Interrupted) => {
+                            buf.clear();
+                            break;
+                        }
+                        Err(ReadlineError::Eof) => break,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                buf.join("\n")
+            }
+            None => line,
+        };
+        if text.trim().is_empty() {
+            continue;
+        }
+        let _ = ed.add_history_entry(text.as_str());
+        if let Some(dir) = history.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = ed.save_history(&history);
+        if !chat.input(&text)? {
+            break;
+        }
+    }
+    Ok(())
 }

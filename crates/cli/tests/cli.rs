@@ -182,3 +182,42 @@ fn show_and_list_describe_the_models() {
         "{out}"
     );
 }
+
+/// `capy run smollm2-135m` with "Write a haiku about rust programming." looped for 512
+/// tokens on llama.cpp's defaults: built-in models chat with their model card's settings,
+/// flags win over them, and piped input takes the interactive commands.
+#[test]
+fn run_uses_the_model_card_settings_and_flags_win() {
+    use std::io::Write;
+    let show = |extra: &[&str]| {
+        let mut c = common::capy();
+        c.args(["run", "smollm2-135m", "-n", "8"]).args(extra);
+        c.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().expect("runs");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"/show parameters\n/set parameter top_k 7\n/set parameter top_k lots\n/show parameters\n/bye\n")
+            .expect("write");
+        let out = child.wait_with_output().expect("exits");
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let card = show(&[]);
+    assert!(card.contains("temperature         0.2"), "{card}");
+    assert!(card.contains("repeat_penalty      1.1"), "{card}");
+    assert!(
+        card.contains("top_k               7"),
+        "/set parameter: {card}"
+    );
+    assert!(
+        card.contains("Couldn't set parameter: top_k must be a number"),
+        "{card}"
+    );
+    let flags = show(&["--temp", "0.7", "--repeat-penalty", "1.3"]);
+    assert!(flags.contains("temperature         0.7"), "{flags}");
+    assert!(flags.contains("repeat_penalty      1.3"), "{flags}");
+}

@@ -20,7 +20,7 @@ pub use chat::{ChatTemplate, Message};
 pub use generate::{
     GenerateParams, GenerateResult, PromptLogprob, Session, StopReason, TextStream, TokenOut,
 };
-pub use sampler::{Sampler, SamplerParams};
+pub use sampler::{Sampler, SamplerParams, SamplingOptions};
 pub use tokenizer::Tokenizer;
 
 /// The kernel level this process runs (`avx2`, `avx512+vnni`, `neon+dotprod`, ...: the
@@ -74,6 +74,8 @@ pub struct Engine {
     pub model: Arc<Model>,
     pub tokenizer: Arc<Tokenizer>,
     pub template: ChatTemplate,
+    /// The model file's recommended sampling (`general.sampling.*`), if it has any.
+    pub sampling: SamplingOptions,
 }
 
 impl Engine {
@@ -96,8 +98,10 @@ impl Engine {
             &piece(tokenizer.bos),
             &piece(tokenizer.eos),
         );
+        let sampling = SamplingOptions::from_gguf(&model.gguf);
         Ok(Engine {
             path: path.to_path_buf(),
+            sampling,
             model,
             tokenizer: Arc::new(tokenizer),
             template,

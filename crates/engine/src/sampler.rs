@@ -57,6 +57,149 @@ impl SamplerParams {
     }
 }
 
+/// Sampling settings some of which are given: a model's recommendations (its GGUF's
+/// `general.sampling.*` keys, a built-in model's card), a config file's, a command line's or
+/// a request's. Layers are merged with [`SamplingOptions::or`] and applied over llama.cpp's
+/// defaults with [`SamplingOptions::params`]. Values are as requests give them (`top_k` and
+/// `repeat_last_n` may be -1) and are expected to be in [`crate::params`]' ranges.
+///
+/// Deserializes from a request's fields (the same names in OpenAI requests and Ollama's
+/// `options`); `seed` takes any 64-bit integer, negative ones wrapping.
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+pub struct SamplingOptions {
+    pub temperature: Option<f32>,
+    pub top_k: Option<i64>,
+    pub top_p: Option<f32>,
+    pub min_p: Option<f32>,
+    pub repeat_penalty: Option<f32>,
+    pub repeat_last_n: Option<i64>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    #[serde(default, deserialize_with = "any_u64")]
+    pub seed: Option<u64>,
+}
+
+/// An optional 64-bit integer, signed or not (negative values wrap).
+fn any_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Int {
+        U(u64),
+        I(i64),
+    }
+    Ok(
+        <Option<Int> as serde::Deserialize>::deserialize(d)?.map(|i| match i {
+            Int::U(u) => u,
+            Int::I(i) => i as u64,
+        }),
+    )
+}
+
+impl SamplingOptions {
+    /// The GGUF's `general.sampling.*` keys (llama.cpp's names: `temp`, `top_k`, `top_p`,
+    /// `min_p`, `penalty_repeat`, `penalty_last_n`); values outside capy's ranges are
+    /// ignored.
+    pub fn from_gguf(g: &capy_gguf::Gguf) -> SamplingOptions {
+        use crate::params as p;
+        let num = |key: &str, param: &p::Param| -> Option<f64> {
+            let v = g
+                .metadata()
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v)?;
+            let x = match v {
+                capy_gguf::Value::F32(x) => f64::from(*x),
+                capy_gguf::Value::F64(x) => *x,
+                other => other.as_i64()? as f64,
+            };
+            param.check(x).ok().map(|()| x)
+        };
+        SamplingOptions {
+            temperature: num("general.sampling.temp", &p::TEMPERATURE).map(|x| x as f32),
+            top_k: num("general.sampling.top_k", &p::TOP_K).map(|x| x as i64),
+            top_p: num("general.sampling.top_p", &p::TOP_P).map(|x| x as f32),
+            min_p: num("general.sampling.min_p", &p::MIN_P).map(|x| x as f32),
+            repeat_penalty: num("general.sampling.penalty_repeat", &p::REPEAT_PENALTY)
+                .map(|x| x as f32),
+            repeat_last_n: num("general.sampling.penalty_last_n", &p::REPEAT_LAST_N)
+                .map(|x| x as i64),
+            ..Default::default()
+        }
+    }
+
+    /// Settings by request field name, such as a built-in model's `[("temperature", 0.2)]`.
+    ///
+    /// # Errors
+    /// An unknown name or a value outside its range.
+    pub fn from_pairs(pairs: &[(&str, f64)]) -> Result<SamplingOptions, String> {
+        let mut o = SamplingOptions::default();
+        for &(name, v) in pairs {
+            o.set(name, v)?;
+        }
+        Ok(o)
+    }
+
+    /// Sets one setting by its request field name (Ollama's `/set parameter` too; `temp`
+    /// is taken for `temperature`).
+    ///
+    /// # Errors
+    /// An unknown name or a value outside its range.
+    pub fn set(&mut self, name: &str, v: f64) -> Result<(), String> {
+        use crate::params as p;
+        let name = if name == "temp" { "temperature" } else { name };
+        let param = p::SAMPLING
+            .iter()
+            .find(|q| q.name == name)
+            .ok_or_else(|| format!("unknown sampling parameter {name:?}"))?;
+        param.check(v)?;
+        match name {
+            "temperature" => self.temperature = Some(v as f32),
+            "top_k" => self.top_k = Some(v as i64),
+            "top_p" => self.top_p = Some(v as f32),
+            "min_p" => self.min_p = Some(v as f32),
+            "repeat_penalty" => self.repeat_penalty = Some(v as f32),
+            "repeat_last_n" => self.repeat_last_n = Some(v as i64),
+            "presence_penalty" => self.presence_penalty = Some(v as f32),
+            "frequency_penalty" => self.frequency_penalty = Some(v as f32),
+            _ => self.seed = Some(if v < 0.0 { v as i64 as u64 } else { v as u64 }),
+        }
+        Ok(())
+    }
+
+    /// These settings, with `base`'s where these have none.
+    pub fn or(&self, base: &SamplingOptions) -> SamplingOptions {
+        SamplingOptions {
+            temperature: self.temperature.or(base.temperature),
+            top_k: self.top_k.or(base.top_k),
+            top_p: self.top_p.or(base.top_p),
+            min_p: self.min_p.or(base.min_p),
+            repeat_penalty: self.repeat_penalty.or(base.repeat_penalty),
+            repeat_last_n: self.repeat_last_n.or(base.repeat_last_n),
+            presence_penalty: self.presence_penalty.or(base.presence_penalty),
+            frequency_penalty: self.frequency_penalty.or(base.frequency_penalty),
+            seed: self.seed.or(base.seed),
+        }
+    }
+
+    /// The sampler's settings: these, then llama.cpp's defaults for the rest.
+    pub fn params(&self) -> SamplerParams {
+        let d = SamplerParams::default();
+        SamplerParams {
+            temperature: self.temperature.unwrap_or(d.temperature),
+            top_k: self.top_k.map_or(d.top_k, SamplerParams::top_k_from),
+            top_p: self.top_p.unwrap_or(d.top_p),
+            min_p: self.min_p.unwrap_or(d.min_p),
+            repeat_penalty: self.repeat_penalty.unwrap_or(d.repeat_penalty),
+            repeat_last_n: self
+                .repeat_last_n
+                .map_or(d.repeat_last_n, SamplerParams::last_n_from),
+            presence_penalty: self.presence_penalty.unwrap_or(d.presence_penalty),
+            frequency_penalty: self.frequency_penalty.unwrap_or(d.frequency_penalty),
+            seed: self.seed,
+        }
+    }
+}
+
 /// splitmix64 -> xoshiro-style generator; small, seedable, good enough for sampling.
 #[derive(Clone, Debug)]
 pub struct Rng(u64);
@@ -298,6 +441,38 @@ mod tests {
         assert_eq!(run(0), 1, "0 = off");
         assert_eq!(run(-1), 5, "-1 = everything: 3.0 / 2 falls below 2.9");
         assert_eq!(SamplerParams::top_k_from(-1), 0);
+    }
+
+    /// Models recommend settings in `general.sampling.*` (llama.cpp reads them); values
+    /// outside capy's ranges are ignored, and later layers win.
+    #[test]
+    fn gguf_sampling_keys_are_read_and_layers_merge() {
+        use capy_gguf::{Gguf, GgufWriter, Value};
+        let mut w = GgufWriter::new();
+        w.add_metadata("general.architecture", Value::String("llama".into()));
+        w.add_metadata("general.sampling.temp", Value::F32(0.6));
+        w.add_metadata("general.sampling.top_k", Value::U32(20));
+        w.add_metadata("general.sampling.penalty_repeat", Value::F32(-3.0));
+        w.add_metadata("general.sampling.penalty_last_n", Value::I32(-1));
+        let mut bytes = Vec::new();
+        w.write_to(&mut bytes).unwrap();
+        let g = Gguf::from_bytes(bytes).unwrap();
+        let o = SamplingOptions::from_gguf(&g);
+        assert_eq!(o.temperature, Some(0.6));
+        assert_eq!(o.top_k, Some(20));
+        assert_eq!(o.repeat_penalty, None, "out of range: ignored");
+        assert_eq!(o.repeat_last_n, Some(-1));
+        let card = SamplingOptions::from_pairs(&[("temperature", 0.2), ("top_p", 0.9)]).unwrap();
+        let flags = SamplingOptions {
+            top_p: Some(0.5),
+            ..Default::default()
+        };
+        let p = flags.or(&card.or(&o)).params();
+        assert_eq!((p.temperature, p.top_p, p.top_k), (0.2, 0.5, 20));
+        assert_eq!(p.repeat_last_n, usize::MAX);
+        assert_eq!(p.min_p, SamplerParams::default().min_p);
+        assert!(SamplingOptions::from_pairs(&[("warmth", 1.0)]).is_err());
+        assert!(SamplingOptions::from_pairs(&[("top_p", 2.0)]).is_err());
     }
 
     #[test]

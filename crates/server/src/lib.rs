@@ -26,7 +26,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use capy_engine::SamplerParams;
+use capy_engine::{SamplerParams, SamplingOptions};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -124,44 +124,22 @@ impl AppState {
     }
 }
 
-/// Sampling settings as requests give them (the same names in both APIs); unset ones keep
-/// llama.cpp's defaults. Their ranges were checked by [`params::SAMPLING`].
-#[derive(Deserialize, Default, Clone)]
-pub(crate) struct Knobs {
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<i64>,
-    pub min_p: Option<f32>,
-    pub repeat_penalty: Option<f32>,
-    pub repeat_last_n: Option<i64>,
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
-    /// any 64-bit integer, signed or not
-    pub seed: Option<serde_json::Number>,
-}
+/// Sampling settings as requests give them (the same names in both APIs), their ranges
+/// checked by [`params::SAMPLING`].
+pub(crate) type Knobs = SamplingOptions;
 
-impl Knobs {
-    /// The sampler settings; `choice` varies the seed between the choices of a request.
-    pub fn sampler(&self, choice: usize) -> SamplerParams {
-        let d = SamplerParams::default();
-        let seed = self
-            .seed
-            .as_ref()
-            .and_then(|n| n.as_u64().or_else(|| n.as_i64().map(|s| s as u64)));
-        SamplerParams {
-            temperature: self.temperature.unwrap_or(d.temperature),
-            top_k: self.top_k.map_or(d.top_k, SamplerParams::top_k_from),
-            top_p: self.top_p.unwrap_or(d.top_p),
-            min_p: self.min_p.unwrap_or(d.min_p),
-            repeat_penalty: self.repeat_penalty.unwrap_or(d.repeat_penalty),
-            repeat_last_n: self
-                .repeat_last_n
-                .map_or(d.repeat_last_n, SamplerParams::last_n_from),
-            presence_penalty: self.presence_penalty.unwrap_or(d.presence_penalty),
-            frequency_penalty: self.frequency_penalty.unwrap_or(d.frequency_penalty),
-            seed: seed.map(|s| s.wrapping_add(choice as u64)),
-        }
-    }
+/// The sampler settings of a request: its own, then the model's recommended ones, then
+/// llama.cpp's defaults; `choice` varies the seed between the choices of a request.
+pub(crate) fn sampler(knobs: &Knobs, choice: usize, model: &SamplingOptions) -> SamplerParams {
+    let mine = SamplingOptions {
+        seed: knobs.seed.map(|s| s.wrapping_add(choice as u64)),
+        ..knobs.clone()
+    };
+    mine.or(&SamplingOptions {
+        seed: None,
+        ..model.clone()
+    })
+    .params()
 }
 
 /// The HTTP routes.

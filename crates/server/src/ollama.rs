@@ -31,14 +31,14 @@ struct Options {
 }
 
 impl Options {
-    fn params(&self) -> Result<GenerateParams, ApiError> {
+    fn params(&self, model: &capy_engine::SamplingOptions) -> Result<GenerateParams, ApiError> {
         Ok(GenerateParams {
             // -1 (and -2, "fill the context") run until the context ends
             max_tokens: match self.num_predict {
                 Some(n) if n >= 0 => n as usize,
                 _ => usize::MAX,
             },
-            sampler: self.knobs.sampler(0),
+            sampler: crate::sampler(&self.knobs, 0, model),
             stop: self.stop.clone().unwrap_or_default(),
             ..Default::default()
         })
@@ -149,8 +149,8 @@ async fn generate_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiE
     if req.prompt.is_empty() && req.context.is_none() {
         return load_only(&st, &req.model, ka, false).await;
     }
-    let params = req.options.params()?;
     let lease = st.registry.acquire(&req.model, ka).await?;
+    let params = req.options.params(&lease.sampling)?;
     let m = &lease.model;
     let mut prompt = req.context.clone().unwrap_or_default();
     m.check_text(
@@ -226,8 +226,8 @@ async fn chat_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError
     if !req.tools.is_empty() {
         return Err(ApiError::bad_request("tools are not supported yet"));
     }
-    let params = req.options.params()?;
     let lease = st.registry.acquire(&req.model, ka).await?;
+    let params = req.options.params(&lease.sampling)?;
     let msgs: Vec<Message> = req
         .messages
         .iter()

@@ -80,7 +80,13 @@ impl Common {
     }
 
     /// Generation settings; `choice` varies the seed between the `n` choices.
-    fn params(&self, logprobs: bool, top: usize, choice: usize) -> GenerateParams {
+    fn params(
+        &self,
+        logprobs: bool,
+        top: usize,
+        choice: usize,
+        model: &capy_engine::SamplingOptions,
+    ) -> GenerateParams {
         let stop = match &self.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s.clone()],
@@ -88,7 +94,7 @@ impl Common {
         };
         GenerateParams {
             max_tokens: self.max_tokens().unwrap_or(usize::MAX),
-            sampler: self.knobs.sampler(choice),
+            sampler: crate::sampler(&self.knobs, choice, model),
             stop,
             logprobs,
             top_logprobs: top,
@@ -230,8 +236,10 @@ async fn chat_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError
     let n = c.n();
     let want_lp = req.logprobs;
     let top = req.top_logprobs.unwrap_or(0);
-    let choices_params: Vec<_> = (0..n).map(|i| c.params(want_lp, top, i)).collect();
     let lease = st.registry.acquire(&c.model, None).await?;
+    let choices_params: Vec<_> = (0..n)
+        .map(|i| c.params(want_lp, top, i, &lease.sampling))
+        .collect();
     let prompt = lease.model.chat_tokens(messages, false).await?;
     let n_prompt = prompt.len();
     c.check_fits(n_prompt, lease.batch.params.n_ctx, "messages")?;
@@ -498,15 +506,15 @@ async fn completions_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, A
     let n = c.n();
     let want_lp = req.logprobs.is_some();
     let top = req.logprobs.unwrap_or(0);
+    let lease = st.registry.acquire(&c.model, None).await?;
+    let tok = Arc::clone(&lease.engine.tokenizer);
     let mut base = Vec::with_capacity(n);
     for i in 0..n {
-        let mut p = c.params(want_lp, top, i);
+        let mut p = c.params(want_lp, top, i, &lease.sampling);
         // prompt logprobs are computed only when echo and logprobs are both asked for
         p.echo = req.echo && want_lp;
         base.push(p);
     }
-    let lease = st.registry.acquire(&c.model, None).await?;
-    let tok = Arc::clone(&lease.engine.tokenizer);
     let text_bytes = prompt_text_bytes(&req.prompt);
     lease.model.check_text(text_bytes, "prompt")?;
     let prompts = {

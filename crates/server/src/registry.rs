@@ -34,6 +34,9 @@ pub struct Loaded {
     pub path: PathBuf,
     pub engine: Engine,
     pub batch: BatchEngine,
+    /// The model's recommended sampling (a built-in model's card over its GGUF's
+    /// `general.sampling.*`), for the fields a request leaves out.
+    pub sampling: capy_engine::SamplingOptions,
     /// Weights plus KV cache and buffers, as counted against the budget.
     pub bytes: u64,
     pub loaded_at: SystemTime,
@@ -315,9 +318,13 @@ impl Registry {
         let (engine, batch) = engine.map_err(|e| {
             ApiError::internal(format!("loading {} ({}): {e}", r.name, r.path.display()))
         })?;
+        let card = capy_store::builtin(&r.name)
+            .and_then(|b| capy_engine::SamplingOptions::from_pairs(b.sampling).ok())
+            .unwrap_or_default();
         let model = Arc::new(Loaded {
             name: r.name.clone(),
             path: r.path,
+            sampling: card.or(&engine.sampling),
             engine,
             batch,
             bytes: need,

