@@ -428,6 +428,31 @@ class Plain(unittest.TestCase):
         self.assertGreater(metric("capy_generated_tokens_total"), 0)
         self.assertEqual(metric("capy_models_loaded"), 2)
 
+    def test_zz_ps_and_stop(self):
+        # runs last in its class: it unloads a model
+        env = dict(os.environ, CAPY_HOST=URL.removeprefix("http://"))
+        ps = subprocess.run([CAPY, "ps"], env=env, capture_output=True, text=True, timeout=60)
+        self.assertEqual(ps.returncode, 0, ps.stderr)
+        for m in MODELS:
+            self.assertIn(m, ps.stdout)
+        stop = subprocess.run([CAPY, "stop", "gemma3-270m"], env=env, capture_output=True,
+                              text=True, timeout=60)
+        self.assertEqual(stop.returncode, 0, stop.stderr)
+        ps = subprocess.run([CAPY, "ps"], env=env, capture_output=True, text=True, timeout=60)
+        self.assertNotIn("gemma3-270m", ps.stdout)
+        self.assertIn("smollm2-135m", ps.stdout)
+        again = subprocess.run([CAPY, "stop", "gemma3-270m"], env=env, capture_output=True,
+                               text=True, timeout=60)
+        self.assertNotEqual(again.returncode, 0)
+        self.assertIn("not loaded", again.stderr)
+        # the next request loads it again
+        r = oai().completions.create(model="gemma3-270m", prompt="Hi", max_tokens=2)
+        self.assertEqual(r.usage.completion_tokens, 2)
+        down = subprocess.run([CAPY, "ps"], env=dict(os.environ, CAPY_HOST="127.0.0.1:9"),
+                              capture_output=True, text=True, timeout=60)
+        self.assertNotEqual(down.returncode, 0)
+        self.assertIn("no capy server", down.stderr)
+
 
 if __name__ == "__main__":
     result = unittest.main(exit=False, verbosity=2).result

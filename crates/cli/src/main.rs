@@ -1,4 +1,5 @@
-//! The `capy` command: pull, list, show, rm, run, generate, perplexity, bench, serve.
+//! The `capy` command: pull, list, show, rm, run, generate, perplexity, bench, serve, ps,
+//! stop.
 //!
 //! The only crate that uses `anyhow`: library errors get context here and become an exit
 //! code and a one-line message.
@@ -8,6 +9,7 @@ mod common;
 mod generate;
 mod perplexity;
 mod progress;
+mod remote;
 mod run;
 mod serve;
 mod store_cmds;
@@ -47,6 +49,10 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// OpenAI- and Ollama-compatible server with continuous batching and many models.
     Serve(serve::ServeArgs),
+    /// The models a running server has loaded (server at CAPY_HOST).
+    Ps,
+    /// Unload a model from a running server now (server at CAPY_HOST).
+    Stop(remote::StopArgs),
 }
 
 fn main() {
@@ -61,6 +67,8 @@ fn main() {
         Cmd::Perplexity(a) => perplexity::perplexity(a),
         Cmd::Bench(a) => bench::bench(a),
         Cmd::Serve(a) => serve::serve(a),
+        Cmd::Ps => remote::ps(),
+        Cmd::Stop(a) => remote::stop(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
