@@ -46,19 +46,19 @@ pub fn default_threads() -> usize {
 #[derive(clap::Args, Clone, Debug)]
 pub struct SamplingArgs {
     /// Temperature, 0 to 100; 0 = greedy [0.8].
-    #[arg(long, value_parser = float(&params::TEMPERATURE))]
+    #[arg(long, allow_negative_numbers = true, value_parser = float(&params::TEMPERATURE))]
     pub temp: Option<f32>,
     /// Top-k (0 or -1 = off) [40].
     #[arg(long, allow_negative_numbers = true, value_parser = int(&params::TOP_K))]
     pub top_k: Option<i64>,
     /// Top-p, 0 to 1 (1.0 = off) [0.95].
-    #[arg(long, value_parser = float(&params::TOP_P))]
+    #[arg(long, allow_negative_numbers = true, value_parser = float(&params::TOP_P))]
     pub top_p: Option<f32>,
     /// Min-p, 0 to 1 (0 = off) [0.05].
-    #[arg(long, value_parser = float(&params::MIN_P))]
+    #[arg(long, allow_negative_numbers = true, value_parser = float(&params::MIN_P))]
     pub min_p: Option<f32>,
     /// Repetition penalty, above 0 and at most 10 (1.0 = off) [1.0].
-    #[arg(long, value_parser = float(&params::REPEAT_PENALTY))]
+    #[arg(long, allow_negative_numbers = true, value_parser = float(&params::REPEAT_PENALTY))]
     pub repeat_penalty: Option<f32>,
     /// Tokens the repetition penalties look back over (-1 = the whole context, 0 = off) [64].
     #[arg(long, allow_negative_numbers = true, value_parser = int(&params::REPEAT_LAST_N))]
@@ -69,9 +69,17 @@ pub struct SamplingArgs {
     /// -2 to 2 (0 = off) [0].
     #[arg(long, allow_negative_numbers = true, value_parser = float(&params::FREQUENCY_PENALTY))]
     pub frequency_penalty: Option<f32>,
-    /// Random seed [from the clock].
-    #[arg(long)]
+    /// Random seed, any 64-bit integer (negative ones wrap) [from the clock].
+    #[arg(long, allow_negative_numbers = true, value_parser = seed)]
     pub seed: Option<u64>,
+}
+
+/// A seed as requests give it: any 64-bit integer, signed or not.
+fn seed(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    s.parse::<u64>()
+        .or_else(|_| s.parse::<i64>().map(|i| i as u64))
+        .map_err(|_| format!("seed must be a 64-bit integer, got {s:?}"))
 }
 
 /// A clap value parser for a float parameter, through the engine's range.

@@ -88,6 +88,8 @@ pub fn stop(a: StopArgs) -> Result<()> {
     let base = server_url();
     let loaded = call(client()?.get(format!("{base}/api/ps")), &base)?;
     let name = a.model.trim_end_matches(":latest");
+    // a built-in model's alias names the model by its own name
+    let name = capy_store::builtin(name).map_or(name, |b| b.name);
     let is_loaded = loaded["models"]
         .as_array()
         .into_iter()

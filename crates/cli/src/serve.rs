@@ -68,7 +68,7 @@ pub struct ServeArgs {
     #[arg(long, env = "CAPY_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<String>,
     /// Refuse `/api/pull` (models are then added with `capy pull` only).
-    #[arg(long, env = "CAPY_NO_API_PULL")]
+    #[arg(long, env = "CAPY_NO_API_PULL", value_parser = clap::builder::FalseyValueParser::new())]
     pub no_api_pull: bool,
     /// Hosts pulls may reach and be redirected to, subdomains included (comma-separated)
     /// [default: any].
@@ -95,9 +95,14 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         Some(p) => Config::from_file(p).map_err(|e| anyhow!(e))?,
         None => Config::default(),
     };
+    // CAPY_HOST may carry a port or be a URL (as `capy ps` reads it, and OLLAMA_HOST works)
+    let (host, port) = match a.host.as_deref().map(split_host) {
+        Some((h, p)) => (Some(h), a.port.or(p)),
+        None => (None, a.port),
+    };
     cfg.apply(Overrides {
-        host: a.host,
-        port: a.port,
+        host,
+        port,
         threads: a.threads,
         models: a.models,
         keep_alive: a.keep_alive,
@@ -122,4 +127,38 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         model_path(m, true)?;
     }
     capy_server::run(cfg, capy_store::Store::open_default()).map_err(|e| anyhow!(e))
+}
+
+/// `host`, `host:port` or `http://host:port/` -> (host, port if given).
+fn split_host(s: &str) -> (String, Option<u16>) {
+    let s = s.trim();
+    let s = s.split_once("://").map_or(s, |(_, rest)| rest);
+    let s = s.trim_end_matches('/');
+    match s.rsplit_once(':') {
+        // an IPv6 address has colons of its own: only `[addr]:port` carries a port
+        Some((h, p)) if (!h.contains(':') || h.ends_with(']')) && p.parse::<u16>().is_ok() => {
+            (h.trim_matches(['[', ']']).to_string(), p.parse().ok())
+        }
+        _ => (s.trim_matches(['[', ']']).to_string(), None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_host;
+
+    #[test]
+    fn capy_host_takes_a_host_a_port_or_a_url() {
+        assert_eq!(split_host("127.0.0.1"), ("127.0.0.1".into(), None));
+        assert_eq!(
+            split_host("127.0.0.1:18081"),
+            ("127.0.0.1".into(), Some(18081))
+        );
+        assert_eq!(
+            split_host("http://0.0.0.0:8080/"),
+            ("0.0.0.0".into(), Some(8080))
+        );
+        assert_eq!(split_host("[::1]:9000"), ("::1".into(), Some(9000)));
+        assert_eq!(split_host("::1"), ("::1".into(), None));
+    }
 }

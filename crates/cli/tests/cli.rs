@@ -221,3 +221,29 @@ fn run_uses_the_model_card_settings_and_flags_win() {
     assert!(flags.contains("temperature         0.7"), "{flags}");
     assert!(flags.contains("repeat_penalty      1.3"), "{flags}");
 }
+
+/// `--seed -1` was refused although seeds are any 64-bit integer; `--temp -1` gave clap's
+/// "unexpected argument" instead of the range.
+#[test]
+fn negative_flag_values_reach_their_range_checks() {
+    let m = model_path("smollm2-135m");
+    let m = m.to_str().unwrap();
+    let (ok, _, err) = run(
+        &[
+            "generate", "-m", m, "--prompt", "Hi", "-n", "1", "--seed", "-1",
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(
+        &[
+            "generate", "-m", m, "--prompt", "Hi", "-n", "1", "--temp", "-1",
+        ],
+        &[],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("temperature must be between 0 and 100"),
+        "{err}"
+    );
+}

@@ -27,7 +27,7 @@ struct Options {
     num_predict: Option<i64>,
     #[serde(flatten)]
     knobs: Knobs,
-    stop: Option<Vec<String>>,
+    stop: Option<crate::params::Stop>,
 }
 
 impl Options {
@@ -39,7 +39,11 @@ impl Options {
                 _ => usize::MAX,
             },
             sampler: crate::sampler(&self.knobs, 0, model),
-            stop: self.stop.clone().unwrap_or_default(),
+            stop: self
+                .stop
+                .as_ref()
+                .map(crate::params::Stop::strings)
+                .unwrap_or_default(),
             ..Default::default()
         })
     }

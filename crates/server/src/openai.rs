@@ -13,15 +13,8 @@ use serde_json::{json, Value};
 
 use crate::error::{ApiError, Flavor};
 use crate::gen::{new_id, stream_response, unix_now, Gens, Outcome};
-use crate::params;
+use crate::params::{self, Stop};
 use crate::{AppState, Knobs};
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
 
 #[derive(Deserialize, Default)]
 struct StreamOptions {
@@ -87,11 +80,7 @@ impl Common {
         choice: usize,
         model: &capy_engine::SamplingOptions,
     ) -> GenerateParams {
-        let stop = match &self.stop {
-            None => Vec::new(),
-            Some(Stop::One(s)) => vec![s.clone()],
-            Some(Stop::Many(v)) => v.clone(),
-        };
+        let stop = self.stop.as_ref().map(Stop::strings).unwrap_or_default();
         GenerateParams {
             max_tokens: self.max_tokens().unwrap_or(usize::MAX),
             sampler: crate::sampler(&self.knobs, choice, model),
@@ -110,7 +99,12 @@ impl Common {
         match self.max_tokens() {
             Some(m) if n_prompt.saturating_add(m) > n_ctx => Err(ApiError::bad_request(format!(
                 "this model's context is {n_ctx} tokens, but {n_prompt} tokens of prompt and \
-                 {m} of max_tokens were asked for; shorten the prompt or lower max_tokens"
+                 {m} of {field} were asked for; shorten the prompt or lower {field}",
+                field = if self.max_completion_tokens.is_some() {
+                    "max_completion_tokens"
+                } else {
+                    "max_tokens"
+                }
             ))
             .code("context_length_exceeded")
             .param(param)),

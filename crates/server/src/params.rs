@@ -17,6 +17,23 @@ use serde_json::{Map, Value};
 use crate::config::KeepAlive;
 use crate::error::{ApiError, Flavor};
 
+/// A `stop` field: one string or several.
+#[derive(serde::Deserialize, Clone, Debug)]
+#[serde(untagged)]
+pub(crate) enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    pub(crate) fn strings(&self) -> Vec<String> {
+        match self {
+            Stop::One(s) => vec![s.clone()],
+            Stop::Many(v) => v.clone(),
+        }
+    }
+}
+
 /// What a field holds.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Ty {
@@ -26,8 +43,6 @@ pub(crate) enum Ty {
     Num(&'static Param),
     /// A string or an array of at most 16 strings (OpenAI's `stop`).
     Stop,
-    /// An array of strings (Ollama's `stop`).
-    StrList,
     /// An array of token ids (Ollama's `context`).
     Tokens,
     /// An array; its elements are read by the handler (`messages`, `images`, `tools`).
@@ -115,7 +130,7 @@ pub(crate) const OPENAI_COMPLETION: &[Field] = &[
 pub(crate) const OLLAMA_OPTIONS: &[Field] = &[
     num(&p::NUM_CTX),
     num(&p::NUM_PREDICT),
-    opt("stop", Ty::StrList),
+    opt("stop", Ty::Stop),
 ];
 
 /// What `/api/generate` and `/api/chat` share.
@@ -223,9 +238,11 @@ fn check_object(
                 };
                 // seeds keep their exact 64-bit value; other integers fit an f64 exactly
                 if !(v.is_i64() || v.is_u64()) || param.name != p::SEED.name {
-                    param
-                        .check(x)
-                        .map_err(|e| ApiError::bad_request(e).param(name.clone()))?;
+                    param.check(x).map_err(|e| {
+                        // the field's full name (`options.temperature`) in the message too
+                        let e = e.replacen(param.name, &name, 1);
+                        ApiError::bad_request(e).param(name.clone())
+                    })?;
                 }
                 if param.integer && v.is_f64() {
                     *v = if x < 0.0 {
@@ -246,11 +263,15 @@ fn check_object(
                         .param(name));
                     }
                 }
+                Value::Array(_) => {
+                    return Err(ApiError::bad_request(format!(
+                        "invalid type for {name}: expected a string or an array of strings, \
+                         got an array holding something else"
+                    ))
+                    .code("invalid_type")
+                    .param(name))
+                }
                 _ => return wrong("a string or an array of strings", v),
-            },
-            Ty::StrList => match v {
-                Value::Array(a) if a.iter().all(Value::is_string) => {}
-                _ => return wrong("an array of strings", v),
             },
             Ty::Tokens => match v {
                 Value::Array(a)
@@ -347,7 +368,6 @@ mod tests {
                 _ => 1.0,
             }),
             Ty::Stop => json!(["a", "b"]),
-            Ty::StrList => json!(["a"]),
             Ty::Tokens => json!([1, 2]),
             Ty::Array => json!([]),
             Ty::Object(_) => json!({}),
@@ -360,7 +380,7 @@ mod tests {
         use serde_json::json;
         match ty {
             Ty::Bool | Ty::Num(_) | Ty::Object(_) | Ty::Tokens => Some(json!("text")),
-            Ty::Str | Ty::Stop | Ty::StrList | Ty::Array => Some(json!(12)),
+            Ty::Str | Ty::Stop | Ty::Array => Some(json!(12)),
             Ty::Duration => Some(json!([1])),
             Ty::Any => None,
         }

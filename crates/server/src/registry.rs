@@ -250,11 +250,15 @@ impl Registry {
         }
         let not_found =
             || ApiError::not_found(format!("model '{name}' not found")).code("model_not_found");
+        // a built-in model's alias (`smollm2`) names the same model as its name
+        let canonical = served_name(name);
         if !self.warm.is_empty() {
             let w = self
                 .warm
                 .iter()
-                .find(|w| served_name(w) == name || w.as_str() == name)
+                .find(|w| {
+                    served_name(w) == name || w.as_str() == name || served_name(w) == canonical
+                })
                 .ok_or_else(not_found)?;
             if is_file(w) {
                 return Ok(Resolved {
@@ -414,6 +418,16 @@ impl Registry {
     /// `need` more bytes and one more model fit. Returns the unloaded models, to be
     /// dropped by the caller outside the lock.
     fn make_room(&self, need: u64) -> Result<Vec<Arc<Loaded>>, ApiError> {
+        // an allocation that cannot succeed would abort the process, not fail a request
+        if let Some(total) = total_memory().filter(|&t| need > t) {
+            return Err(ApiError::bad_request(format!(
+                "the model needs {} (weights, KV cache and buffers) but this machine has {} of \
+                 memory; lower --ctx-size or --parallel",
+                human(need),
+                human(total)
+            ))
+            .code("model_too_large"));
+        }
         if let Some(budget) = self.cfg.memory_budget {
             if need > budget {
                 return Err(ApiError::bad_request(format!(
@@ -549,4 +563,12 @@ pub fn human(bytes: u64) -> String {
     } else {
         format!("{:.1} MiB", b / (1u64 << 20) as f64)
     }
+}
+
+/// The machine's memory in bytes (`MemTotal` of /proc/meminfo), where it can be read.
+fn total_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }

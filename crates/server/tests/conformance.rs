@@ -45,7 +45,7 @@ async fn nullable_fields_mean_default_on_every_route() {
         "POST",
         "/api/generate",
         r#"{"model":"m1","prompt":"Hi","stream":false,
-        "options":{"temperature":null,"num_predict":3,"stop":null},"images":null,"format":null,
+        "options":{"temperature":null,"num_predict":3,"stop":"\n\n\n"},"images":null,"format":null,
         "raw":null,"suffix":null,"system":null,"keep_alive":null,"context":null,"template":null}"#,
     )
     .await;

@@ -98,6 +98,30 @@ async fn a_model_larger_than_the_budget_is_refused_clearly() {
     assert!(r.loaded_names().is_empty());
 }
 
+/// A context and slot count whose KV cache no machine has would abort the process at
+/// allocation: refused with a 400 before loading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_cache_larger_than_the_machine_is_refused_not_an_abort() {
+    let store = temp_store("huge", &["m1"]);
+    let mut batch = small_batch();
+    batch.n_ctx = 1 << 24;
+    batch.n_slots = 4096;
+    let r = Registry::new(
+        RegistryConfig {
+            batch,
+            keep_alive: KeepAlive::Forever,
+            max_loaded: 2,
+            memory_budget: None,
+            load_timeout: Duration::from_secs(2),
+        },
+        store,
+        vec![],
+    );
+    let e = r.acquire("m1", None).await.err().expect("refused");
+    assert_eq!(e.code, Some("model_too_large"), "{}", e.message);
+    assert!(e.message.contains("this machine has"), "{}", e.message);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_loaded_models_and_keep_alive() {
     let r = registry("maxloaded", None, 1);
@@ -221,4 +245,26 @@ async fn http_errors_health_and_a_full_queue() {
         assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
         assert_eq!(text.matches("\"finish_reason\":\"length\"").count(), 1);
     }
+}
+
+/// `capy serve -m smollm2-135m` answered 404 to `"model": "smollm2"`, the built-in alias.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_model_answers_to_its_built_in_alias() {
+    let store = temp_store("alias", &["smollm2-135m"]);
+    let r = Registry::new(
+        RegistryConfig {
+            batch: small_batch(),
+            keep_alive: KeepAlive::Forever,
+            max_loaded: 2,
+            memory_budget: None,
+            load_timeout: Duration::from_secs(2),
+        },
+        store,
+        vec!["smollm2-135m".into()],
+    );
+    for alias in ["smollm2", "smollm2:135m", "smollm2-135m:latest"] {
+        let got = r.resolve(alias).expect(alias);
+        assert_eq!(got.name, "smollm2-135m");
+    }
+    assert!(r.resolve("gemma3").is_err());
 }

@@ -188,14 +188,6 @@ fn download(
     if !status.is_success() {
         return Err(fail(format!("HTTP {status}")));
     }
-    let mut file = if resumed {
-        OpenOptions::new()
-            .append(true)
-            .open(dest)
-            .map_err(io_err(dest))?
-    } else {
-        File::create(dest).map_err(io_err(dest))?
-    };
     let start = if resumed { have } else { 0 };
     let total = resp.content_length().map(|n| n + start);
     let dir = dest.parent().unwrap_or(Path::new("."));
@@ -212,6 +204,14 @@ fn download(
     if let Some(t) = total.filter(|&t| t > limit) {
         return Err(too_big(t));
     }
+    let mut file = if resumed {
+        OpenOptions::new()
+            .append(true)
+            .open(dest)
+            .map_err(io_err(dest))?
+    } else {
+        File::create(dest).map_err(io_err(dest))?
+    };
     let name = url.rsplit('/').next().unwrap_or(url);
     progress.begin(&format!("pulling {name}"), total);
     progress.advance(start);
