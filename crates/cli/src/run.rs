@@ -255,7 +255,14 @@ pub fn run(a: RunArgs) -> Result<()> {
 
 /// Reads piped input: a message per line, `"""` blocks, commands.
 fn piped(chat: &mut Chat) -> Result<()> {
-    let mut lines = std::io::stdin().lock().lines();
+    // bytes that are not UTF-8 become U+FFFD rather than ending the session
+    let mut lines = std::io::stdin().lock().split(b'\n').map(|r| {
+        r.map(|b| {
+            String::from_utf8_lossy(&b)
+                .trim_end_matches('\r')
+                .to_string()
+        })
+    });
     while let Some(line) = lines.next() {
         let line = line?;
         let text = match line.trim_start().strip_prefix("\"\"\"") {

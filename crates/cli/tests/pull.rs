@@ -233,9 +233,41 @@ fn pulls_stay_within_their_policy() {
         assert!(e.to_string().contains("names no file"), "{e}");
     }
 
-    let mut model = b"GGUF".to_vec();
-    model.resize(8 << 20, 0);
+    // a valid GGUF (no tensors) of 8 MiB: a long string in its metadata
+    let mut w = capy_gguf::GgufWriter::new();
+    w.add_metadata(
+        "general.architecture",
+        capy_gguf::Value::String("llama".into()),
+    );
+    w.add_metadata(
+        "general.description",
+        capy_gguf::Value::String("x".repeat(8 << 20)),
+    );
+    let mut model = Vec::new();
+    w.write_to(&mut model).unwrap();
     server.add("/m/eight.gguf", "application/octet-stream", model);
+    // a truncated one is refused, and leaves nothing behind
+    let cut = std::fs::read(model_path("smollm2-135m")).unwrap()[..100 << 10].to_vec();
+    server.add("/m/cut.gguf", "application/octet-stream", cut);
+    let e = pull_into(
+        &home,
+        &format!("{}/m/cut.gguf", server.base),
+        &Default::default(),
+    )
+    .expect_err("truncated");
+    assert!(e.to_string().contains("not a valid GGUF"), "{e}");
+    // a query names nothing; another source under a stored name is refused
+    let e = pull_into(
+        &home,
+        &format!("{}/m/x?y=../../a", server.base),
+        &Default::default(),
+    )
+    .expect_err("no GGUF there");
+    assert!(!e.to_string().contains("already in the store"), "{e}");
+    for bad in ["ftp://h/m.gguf", "file:///etc/passwd"] {
+        let e = pull_into(&home, bad, &Default::default()).expect_err(bad);
+        assert!(e.to_string().contains("only http and https"), "{e}");
+    }
     let limited = capy_store::PullPolicy {
         max_bytes: Some(1 << 20),
         hosts: vec![],
@@ -272,6 +304,29 @@ fn pulls_stay_within_their_policy() {
         hosts: vec!["127.0.0.1".into(), "localhost".into()],
     };
     pull_into(&home, &format!("{}/hop/eight.gguf", server.base), &both).expect("allowed redirect");
+    // the same name from another URL is not a silent success
+    let e = pull_into(&home, &format!("{}/m/eight.gguf", server.base), &both)
+        .expect_err("other source");
+    assert!(e.to_string().contains("already in the store"), "{e}");
+    // nor is a stored name behind a host the policy refuses
+    let e = pull_into(
+        &home,
+        &format!("http://localhost:{port}/hop/eight.gguf"),
+        &only_ip,
+    )
+    .expect_err("host first");
+    assert!(e.to_string().contains("may pull from"), "{e}");
+    let partial: Vec<_> = std::fs::read_dir(home.join("partial"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        partial
+            .iter()
+            .all(|n| !n.to_string_lossy().ends_with(".lock")),
+        "{partial:?}"
+    );
 }
 
 /// Progress that says nobody waits after `after` bytes.

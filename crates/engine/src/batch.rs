@@ -286,6 +286,8 @@ impl BatchEngine {
         if self.thread.is_none() || q.shutdown {
             return Err(Error::Stopped);
         }
+        // requests whose client left wait for nothing: they give their places up
+        q.pending.retain(|(r, _)| !r.sink.is_closed());
         if q.pending.len() + reqs.len() > self.params.max_queue {
             return Err(Error::QueueFull {
                 max: self.params.max_queue,

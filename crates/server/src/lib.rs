@@ -166,6 +166,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/embeddings", post(not_yet))
         .route("/", get(|| async { "capy is running" }))
         .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             read_body,
@@ -246,6 +247,15 @@ fn flavor_of(path: &str) -> Flavor {
 /// Routes capy does not have: 404 in the shape of the API the path belongs to.
 async fn no_route(uri: axum::http::Uri) -> ApiError {
     ApiError::not_found(format!("no such endpoint: {}", uri.path())).flavor(flavor_of(uri.path()))
+}
+
+/// A known path with the wrong method: 405 in the shape of the path's API.
+async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{} does not take {method}", uri.path()),
+    )
+    .flavor(flavor_of(uri.path()))
 }
 
 /// Embeddings are not built yet: 501 rather than a 404 that looks like a typo.

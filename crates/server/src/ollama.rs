@@ -502,7 +502,13 @@ pub async fn pull(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
         let _ = tx.send(json!({"status": "pulling manifest"}));
         capy_store::Store::at(root)
             .pull_with(&name, &p, &policy)
-            .map_err(|e| e.to_string())
+            .map_err(|e| match e {
+                // the store's own files: the detail (paths) goes to the log only
+                capy_store::Error::Io { .. } | capy_store::Error::Manifest { .. } => {
+                    ApiError::internal(e.to_string()).for_client().message
+                }
+                e => e.to_string(),
+            })
     });
     if req.stream == Some(false) {
         while rx.recv().await.is_some() {}
@@ -543,6 +549,12 @@ pub async fn delete(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
                     "model '{name}' not found (delete takes a name as /api/tags lists it)"
                 )));
             }
+        }
+        if st.registry.warm_names().iter().any(|n| n == name) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("model '{name}' is served by this server's warm set (-m); it cannot be deleted while the server runs"),
+            ));
         }
         if st.registry.loaded_names().iter().any(|n| n == name) && !st.registry.unload(name) {
             return Err(ApiError::new(

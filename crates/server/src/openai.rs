@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use capy_engine::{GenerateParams, Message, StopReason, TokenOut, Tokenizer};
@@ -114,23 +115,10 @@ impl Common {
 }
 
 #[derive(Deserialize)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Parts(Vec<Part>),
-}
-
-#[derive(Deserialize)]
-struct Part {
-    #[serde(rename = "type")]
-    kind: String,
-    text: Option<String>,
-}
-
-#[derive(Deserialize)]
 struct ChatMessage {
     role: String,
-    content: Option<Content>,
+    /// a string, an array of content parts, or absent
+    content: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -139,31 +127,68 @@ struct ChatRequest {
     #[serde(default)]
     logprobs: bool,
     top_logprobs: Option<usize>,
+    /// not supported yet: refused rather than silently ignored
+    tools: Option<Vec<Value>>,
+    response_format: Option<Value>,
     #[serde(flatten)]
     common: Common,
 }
 
-fn to_message(m: &ChatMessage) -> Result<Message, ApiError> {
+/// The roles OpenAI's chat takes (`developer` is its newer name for `system`).
+const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
+fn to_message(i: usize, m: &ChatMessage) -> Result<Message, ApiError> {
+    let bad =
+        |what: &str, msg: String| ApiError::bad_request(msg).param(format!("messages[{i}].{what}"));
+    if !ROLES.contains(&m.role.as_str()) {
+        return Err(bad(
+            "role",
+            format!(
+                "messages[{i}].role must be one of {ROLES:?}, got {:?}",
+                m.role
+            ),
+        ));
+    }
     let content = match &m.content {
         None => String::new(),
-        Some(Content::Text(t)) => t.clone(),
-        Some(Content::Parts(parts)) => {
+        Some(Value::String(t)) => t.clone(),
+        Some(Value::Array(parts)) => {
             let mut s = String::new();
             for p in parts {
-                match (p.kind.as_str(), &p.text) {
-                    ("text", Some(t)) => s.push_str(t),
-                    (k, _) => {
-                        return Err(ApiError::bad_request(format!(
-                            "message content of type {k:?} is not supported (text only)"
+                match (p["type"].as_str(), p["text"].as_str()) {
+                    (Some("text"), Some(t)) => s.push_str(t),
+                    (Some("text"), None) => {
+                        return Err(bad(
+                            "content",
+                            format!("a text part of messages[{i}].content has no text string"),
                         ))
-                        .param("messages"))
+                    }
+                    (k, _) => {
+                        return Err(bad(
+                            "content",
+                            format!(
+                                "message content of type {} is not supported (text only)",
+                                k.map_or("(none)".into(), |k| format!("{k:?}"))
+                            ),
+                        ))
                     }
                 }
             }
             s
         }
+        Some(_) => {
+            return Err(bad(
+                "content",
+                format!("messages[{i}].content must be a string or an array of content parts"),
+            ))
+        }
     };
-    Ok(Message::new(&m.role, &content))
+    let role = if m.role == "developer" {
+        "system"
+    } else {
+        m.role.as_str()
+    };
+    Ok(Message::new(role, &content))
 }
 
 fn finish_reason(r: StopReason) -> &'static str {
@@ -221,10 +246,24 @@ async fn chat_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty").param("messages"));
     }
+    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(ApiError::bad_request("tools are not supported yet").param("tools"));
+    }
+    if req
+        .response_format
+        .as_ref()
+        .is_some_and(|f| f["type"].as_str().is_some_and(|t| t != "text"))
+    {
+        return Err(
+            ApiError::bad_request("response_format other than text is not supported yet")
+                .param("response_format"),
+        );
+    }
     let messages = req
         .messages
         .iter()
-        .map(to_message)
+        .enumerate()
+        .map(|(i, m)| to_message(i, m))
         .collect::<Result<Vec<_>, _>>()?;
     let c = &req.common;
     let n = c.n();
@@ -526,7 +565,10 @@ async fn completions_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, A
         }
     }
     let gens = Gens::start(&st, lease, choices, None, t0).map_err(|e| {
-        if e.code == Some("context_length_exceeded") {
+        // what the engine refuses in a completion is the prompt's fault
+        if e.code == Some("context_length_exceeded")
+            || (e.status == StatusCode::BAD_REQUEST && e.param.is_none())
+        {
             e.param("prompt")
         } else {
             e

@@ -236,8 +236,16 @@ fn check_object(
                         v,
                     );
                 };
-                // seeds keep their exact 64-bit value; other integers fit an f64 exactly
-                if !(v.is_i64() || v.is_u64()) || param.name != p::SEED.name {
+                // a seed is a 64-bit integer exactly (1e19 or 2^64 are not) and keeps its
+                // value; other integers fit an f64 exactly
+                if param.name == p::SEED.name && !(v.is_i64() || v.is_u64()) {
+                    return Err(ApiError::bad_request(format!(
+                        "{name} must be {}, got {v}",
+                        param.range
+                    ))
+                    .param(name));
+                }
+                if param.name != p::SEED.name {
                     param.check(x).map_err(|e| {
                         // the field's full name (`options.temperature`) in the message too
                         let e = e.replacen(param.name, &name, 1);
@@ -363,10 +371,17 @@ mod tests {
         match ty {
             Ty::Bool => json!(true),
             Ty::Str => json!("x"),
-            Ty::Num(p) => json!(match p.min {
-                capy_engine::params::Bound::Incl(m) if m > -1e9 => m,
-                _ => 1.0,
-            }),
+            Ty::Num(p) => {
+                let v = match p.min {
+                    capy_engine::params::Bound::Incl(m) if m > -1e9 => m,
+                    _ => 1.0,
+                };
+                if p.integer {
+                    json!(v as i64)
+                } else {
+                    json!(v)
+                }
+            }
             Ty::Stop => json!(["a", "b"]),
             Ty::Tokens => json!([1, 2]),
             Ty::Array => json!([]),

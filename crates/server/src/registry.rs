@@ -169,11 +169,12 @@ impl Drop for Lease {
                     // released first, so nothing below can leave the model held forever
                     let idle = self.model.active.fetch_sub(1, Ordering::AcqRel) == 1;
                     e.last_used = Instant::now();
-                    let ka = self.keep_alive.unwrap_or(if e.warm {
+                    // the warm set stays loaded whatever a request asks
+                    let ka = if e.warm {
                         KeepAlive::Forever
                     } else {
-                        self.registry.cfg.keep_alive
-                    });
+                        self.keep_alive.unwrap_or(self.registry.cfg.keep_alive)
+                    };
                     e.expires = match ka {
                         KeepAlive::Forever => None,
                         KeepAlive::For(d) => Instant::now().checked_add(d),
@@ -298,13 +299,27 @@ impl Registry {
         if let Some(l) = self.lease_loaded(&r.name, keep_alive) {
             return Ok(l);
         }
-        let _one_load = self.load_lock.lock().await;
+        // one deadline per request, whether it waits for the load lock (another request is
+        // waiting for room) or for room itself
+        let deadline = tokio::time::Instant::now() + self.cfg.load_timeout;
+        let Ok(_one_load) = tokio::time::timeout_at(deadline, self.load_lock.lock()).await else {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "cannot load the model now: other models are loading or waiting for room \
+                     (waited {} s); try again later",
+                    self.cfg.load_timeout.as_secs_f64()
+                ),
+            )
+            .code("no_room")
+            .retry_after(5));
+        };
         if let Some(l) = self.lease_loaded(&r.name, keep_alive) {
             return Ok(l);
         }
         let (me, path) = (Arc::clone(self), r.path.clone());
         let need = blocking(move || me.estimate(&path)).await?;
-        let evicted = self.wait_for_room(need).await?;
+        let evicted = self.wait_for_room(need, deadline).await?;
         drop(evicted);
         let (path, params) = (r.path.clone(), self.cfg.batch.clone());
         let t0 = Instant::now();
@@ -375,7 +390,11 @@ impl Registry {
     /// [`Registry::make_room`], waiting while busy models hold the room: each ended lease
     /// tries again, until [`RegistryConfig::load_timeout`] passes (then 503). At most
     /// `batch.max_queue` requests wait; more get 503 at once.
-    async fn wait_for_room(&self, need: u64) -> Result<Vec<Arc<Loaded>>, ApiError> {
+    async fn wait_for_room(
+        &self,
+        need: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<Vec<Arc<Loaded>>, ApiError> {
         /// Counts a waiter while it waits, whether it ends or is dropped.
         struct Waiting<'a>(&'a AtomicUsize);
         impl Drop for Waiting<'_> {
@@ -383,7 +402,6 @@ impl Registry {
                 self.0.fetch_sub(1, Ordering::AcqRel);
             }
         }
-        let deadline = tokio::time::Instant::now() + self.cfg.load_timeout;
         let mut waiting = None;
         loop {
             let notified = self.released.notified();

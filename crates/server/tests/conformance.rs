@@ -425,3 +425,109 @@ async fn a_dead_engine_fails_its_requests_and_is_reloaded() {
     assert_eq!(s, StatusCode::OK);
     drop(model);
 }
+
+/// Found by a breaker: 405s had empty bodies; seeds of 1e19 or 2^64 were accepted; a bogus
+/// role, a number as content and OpenAI `tools` were ignored; an empty prompt's error had no
+/// `param`; a request's keep_alive unloaded a warm model, and a warm model could be deleted;
+/// queued requests whose client left kept their places (429 for everyone else).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_findings() {
+    let (app, st) = served("breaker", small_batch()).await; // 2 slots, queue of 4
+    let (s, v, _) = call(&app, "GET", "/v1/chat/completions", "").await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(v["error"]["message"].is_string(), "{v}");
+    let (s, v, _) = call(&app, "GET", "/api/chat", "").await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(v["error"].is_string(), "{v}");
+    for (extra, field) in [
+        (json!({"seed": 1e19}), "seed"),
+        (json!({"seed": 18446744073709551616u128 as f64}), "seed"),
+        (
+            json!({"messages": [{"role": "bogus", "content": "x"}]}),
+            "messages[0].role",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": 5}]}),
+            "messages[0].content",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": [{"type": "text"}]}]}),
+            "messages[0].content",
+        ),
+        (json!({"tools": [{"type": "function"}]}), "tools"),
+        (
+            json!({"response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+    ] {
+        let (s, v, _) = call(&app, "POST", "/v1/chat/completions", &chat(extra.clone())).await;
+        assert_eq!(
+            (s, param(&v)),
+            (StatusCode::BAD_REQUEST, Some(field)),
+            "{extra}: {v}"
+        );
+        assert!(!v.to_string().contains("untagged enum"), "{v}");
+    }
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/v1/completions",
+        r#"{"model":"m1","prompt":""}"#,
+    )
+    .await;
+    assert_eq!(
+        (s, param(&v)),
+        (StatusCode::BAD_REQUEST, Some("prompt")),
+        "{v}"
+    );
+    // a warm model stays loaded whatever keep_alive a request gives, and is not deleted
+    let body = r#"{"model":"m1","prompt":"Hi","stream":false,"keep_alive":"1s","options":{"num_predict":1}}"#;
+    let (s, _, _) = call(&app, "POST", "/api/generate", body).await;
+    assert_eq!(s, StatusCode::OK);
+    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+    assert!(st.registry.unload_expired().is_empty());
+    assert_eq!(st.registry.loaded_names(), ["m1"]);
+    let (s, _, _) = call(&app, "DELETE", "/api/delete", r#"{"model":"m1"}"#).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    // two long streams hold the slots, four wait; their clients leave: the places free up
+    let long = r#"{"model":"m1","prompt":"Once","max_tokens":200,"stream":true,"ignore_eos":true}"#;
+    let req = || {
+        axum::http::Request::builder()
+            .method("POST")
+            .uri("/v1/completions")
+            .body(axum::body::Body::from(long))
+            .expect("request")
+    };
+    use tower::ServiceExt;
+    let mut running = Vec::new();
+    for _ in 0..2 {
+        running.push(app.clone().oneshot(req()).await.expect("response"));
+    }
+    let model = st.registry.loaded().remove(0).model;
+    while model
+        .batch
+        .stats()
+        .running
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < 2
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let mut queued = Vec::new();
+    for _ in 0..4 {
+        let r = app.clone().oneshot(req()).await.expect("response");
+        assert_eq!(r.status(), StatusCode::OK);
+        queued.push(r);
+    }
+    let (s, _, _) = call(&app, "POST", "/v1/completions", long).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "the queue is full");
+    drop(queued);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let r = app.clone().oneshot(req()).await.expect("response");
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "the places of clients that left are free"
+    );
+    drop((r, running));
+}

@@ -73,6 +73,18 @@ async fn a_request_waits_for_a_busy_model_then_swaps_or_times_out() {
     assert_eq!(e.code, Some("no_room"));
     assert!(e.retry_after.is_some());
     assert_eq!(r.loaded_names(), ["m1"]);
+    // several waiters: each gets its 503 after its own load timeout, not one after another
+    let t = std::time::Instant::now();
+    let waiters: Vec<_> = (0..3)
+        .map(|_| {
+            let r = Arc::clone(&r);
+            tokio::spawn(async move { r.acquire("m2", None).await.map(drop) })
+        })
+        .collect();
+    for w in waiters {
+        assert!(w.await.expect("join").is_err());
+    }
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
     // m1 is released while m2's request waits: m2 gets it
     let waiter = {
         let r = Arc::clone(&r);

@@ -113,6 +113,17 @@ impl ModelRef {
                 });
             }
         }
+        if s.len() > 512 {
+            return Err(Error::BadName(format!(
+                "{}... (longer than 512 bytes)",
+                &s[..s.floor_char_boundary(40)]
+            )));
+        }
+        if s.contains("://") && !(s.starts_with("http://") || s.starts_with("https://")) {
+            return Err(Error::BadName(format!(
+                "{s} (only http and https URLs can be pulled)"
+            )));
+        }
         if s.starts_with("http://") || s.starts_with("https://") {
             let r = ModelRef::Url(s.to_string());
             // a URL must name a file: `http://host/` would be stored under an empty name
@@ -134,8 +145,9 @@ impl ModelRef {
             ModelRef::Builtin(b) => b.name.to_string(),
             ModelRef::HuggingFace { repo, file } => format!("hf.co/{repo}/{file}"),
             ModelRef::Url(u) => {
-                let last = u.rsplit('/').next().unwrap_or(u);
-                let last = last.split(['?', '#']).next().unwrap_or(last);
+                // the path's last segment: a query (`?x=../../a`) names nothing
+                let path = u.split(['?', '#']).next().unwrap_or(u);
+                let last = path.rsplit('/').next().unwrap_or(path);
                 last.strip_suffix(".gguf").unwrap_or(last).to_string()
             }
             ModelRef::Local(n) => n.clone(),

@@ -451,6 +451,57 @@ fn extract_member(
     Ok(())
 }
 
+/// One pull per name across processes: an exclusive lock on `partial/NAME.lock`, removed
+/// when the pull ends. A waiter that wakes holding a file someone already removed (and so
+/// no longer the lock others see) takes the lock again.
+struct PullLock {
+    path: PathBuf,
+    file: File,
+}
+
+impl PullLock {
+    fn take(path: &Path, progress: &dyn Progress, name: &str) -> Result<PullLock> {
+        use std::os::unix::fs::MetadataExt;
+        let mut waited = false;
+        loop {
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(path)
+                .map_err(io_err(path))?;
+            if file.try_lock().is_err() {
+                if !waited {
+                    progress.begin(&format!("waiting for another pull of {name}"), None);
+                    waited = true;
+                }
+                file.lock().map_err(io_err(path))?;
+            }
+            let held = file.metadata().map_err(io_err(path))?;
+            match std::fs::metadata(path) {
+                Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => {
+                    if waited {
+                        progress.end();
+                    }
+                    return Ok(PullLock {
+                        path: path.to_path_buf(),
+                        file,
+                    });
+                }
+                _ => continue,
+            }
+        }
+    }
+}
+
+impl Drop for PullLock {
+    fn drop(&mut self) {
+        // removed while still held, so no one can lock the old file and think it current
+        let _ = std::fs::remove_file(&self.path);
+        let _ = self.file.unlock();
+    }
+}
+
 impl Store {
     /// Fetches a model into the store (a no-op if it is already there), with no limit but
     /// the free disk.
@@ -477,37 +528,61 @@ impl Store {
     ) -> Result<Manifest> {
         let r = ModelRef::parse(name)?;
         let store_name = r.store_name();
-        if let Some(m) = self.get(&store_name)? {
-            return Ok(m);
-        }
-        let partial = self.partial_dir();
-        std::fs::create_dir_all(&partial).map_err(io_err(&partial))?;
-        let lock_path = partial.join(format!("{}.lock", slug(&store_name)));
-        let lock = File::create(&lock_path).map_err(io_err(&lock_path))?;
-        if lock.try_lock().is_err() {
-            progress.begin(&format!("waiting for another pull of {store_name}"), None);
-            lock.lock().map_err(io_err(&lock_path))?;
-            progress.end();
-        }
-        // the other pull may have finished it
-        if let Some(m) = self.get(&store_name)? {
-            return Ok(m);
-        }
-        match r {
-            ModelRef::Local(n) => Err(Error::NotFound(n)),
-            ModelRef::Builtin(b) => self.pull_builtin(b, progress),
+        let url = match &r {
             ModelRef::HuggingFace { repo, file } => {
                 let endpoint = std::env::var("HF_ENDPOINT")
                     .ok()
                     .filter(|s| !s.is_empty())
                     .unwrap_or_else(|| "https://huggingface.co".to_string());
-                let url = format!(
+                Some(format!(
                     "{}/{repo}/resolve/main/{file}",
                     endpoint.trim_end_matches('/')
-                );
+                ))
+            }
+            ModelRef::Url(u) => Some(u.clone()),
+            _ => None,
+        };
+        if let Some(u) = &url {
+            // the host is checked before anything, a stored model included
+            let parsed = reqwest::Url::parse(u).map_err(|e| Error::BadName(format!("{u}: {e}")))?;
+            if !policy.allows(&parsed) {
+                return Err(Error::Download {
+                    url: u.clone(),
+                    reason: format!(
+                        "host {} is not one this server may pull from (pull_hosts)",
+                        parsed.host_str().unwrap_or("?")
+                    ),
+                });
+            }
+        }
+        let same = |m: Manifest| -> Result<Manifest> {
+            match &url {
+                Some(u) if &m.source != u => Err(Error::BadName(format!(
+                    "{store_name} is already in the store, pulled from {}; remove it first \
+                     (capy rm {store_name}) to pull {u}",
+                    m.source
+                ))),
+                _ => Ok(m),
+            }
+        };
+        if let Some(m) = self.get(&store_name)? {
+            return same(m);
+        }
+        let partial = self.partial_dir();
+        std::fs::create_dir_all(&partial).map_err(io_err(&partial))?;
+        let lock_path = partial.join(format!("{}.lock", slug(&store_name)));
+        let _lock = PullLock::take(&lock_path, progress, &store_name)?;
+        // the other pull may have finished it
+        if let Some(m) = self.get(&store_name)? {
+            return same(m);
+        }
+        let url = url.unwrap_or_default();
+        match r {
+            ModelRef::Local(n) => Err(Error::NotFound(n)),
+            ModelRef::Builtin(b) => self.pull_builtin(b, progress),
+            ModelRef::HuggingFace { .. } | ModelRef::Url(_) => {
                 self.pull_url(&store_name, &url, progress, policy)
             }
-            ModelRef::Url(url) => self.pull_url(&store_name, &url, progress, policy),
         }
     }
 
@@ -524,6 +599,15 @@ impl Store {
         download(url, &tmp, progress, policy, true)?;
         let sha = sha256_file(&tmp, progress)?;
         check_gguf_magic(&tmp)?;
+        // a truncated or malformed file must not enter the store (its header, tensor table
+        // and data bounds are checked by the reader)
+        if let Err(e) = capy_gguf::Gguf::open(&tmp) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::Download {
+                url: url.to_string(),
+                reason: format!("the file is not a valid GGUF model: {e}"),
+            });
+        }
         self.commit(store_name, &tmp, url, &sha)
     }
 
