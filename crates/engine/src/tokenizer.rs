@@ -104,6 +104,8 @@ pub struct Tokenizer {
     /// token i at `bytes[offsets[i]..offsets[i + 1]]`
     bytes: Vec<u8>,
     offsets: Vec<u32>,
+    /// the longest token's bytes (at least 1)
+    max_token_bytes: usize,
     /// special tokens by decreasing text length
     specials: Vec<(String, u32, TokenType)>,
     pub bos: Option<u32>,
@@ -307,6 +309,12 @@ impl Tokenizer {
             n_vocab: n,
             types,
             bytes,
+            max_token_bytes: offsets
+                .windows(2)
+                .map(|w| (w[1] - w[0]) as usize)
+                .max()
+                .unwrap_or(1)
+                .max(1),
             offsets,
             specials,
             bos,
@@ -322,12 +330,7 @@ impl Tokenizer {
     /// `n / max_token_bytes()` tokens, so an over-long prompt can be refused before it is
     /// tokenized.
     pub fn max_token_bytes(&self) -> usize {
-        self.offsets
-            .windows(2)
-            .map(|w| (w[1] - w[0]) as usize)
-            .max()
-            .unwrap_or(1)
-            .max(1)
+        self.max_token_bytes
     }
 
     pub fn kind(&self) -> VocabKind {

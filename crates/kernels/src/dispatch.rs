@@ -121,18 +121,9 @@ pub struct R16Unpacked {
     /// `r16_bench` measures both). Every kind is supported and tested.
     pub kinds: &'static [crate::repack::R16Kind],
     pub unpack: fn(crate::repack::R16Kind, &[u8], usize, &mut crate::blocks::AlignedBuf) -> usize,
-    pub gemm: R16UnpackedGemmFn,
+    /// [`R16GemmFn`]'s arguments, with the unpacked group in place of the packed one.
+    pub gemm: R16GemmFn,
 }
-
-/// [`R16Unpacked::gemm`]: (kind, unpacked group, its blocks per row, `R16_TOKENS`
-/// activation rows, block offset) -> `[token][row]` dot products.
-pub type R16UnpackedGemmFn = fn(
-    crate::repack::R16Kind,
-    &[u8],
-    usize,
-    [&[crate::repack::BlockQ8x]; crate::repack::R16_TOKENS],
-    usize,
-) -> [[f32; crate::repack::R16_ROWS]; crate::repack::R16_TOKENS];
 
 /// One weight row against four activation rows at once (the weight is unpacked once).
 /// Its definition is four calls of the matching [`DotFn`].

@@ -324,17 +324,7 @@ async fn internal_errors_hide_server_paths() {
         .replace("\"m1\"", "\"broken\"");
     std::fs::write(manifest, text).expect("write");
     let root = store.root.display().to_string();
-    let reg = capy_server::registry::Registry::new(
-        capy_server::registry::RegistryConfig {
-            batch: small_batch(),
-            keep_alive: capy_server::config::KeepAlive::Forever,
-            max_loaded: 2,
-            memory_budget: None,
-            load_timeout: std::time::Duration::from_secs(2),
-        },
-        store,
-        vec![],
-    );
+    let reg = common::registry_at(store, small_batch(), &[]);
     let app = capy_server::app(capy_server::AppState::new(reg));
     for (path, body) in [
         ("/v1/chat/completions", chat(json!({"model": "broken"}))),

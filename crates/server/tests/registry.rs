@@ -12,7 +12,7 @@ use capy_server::app;
 use capy_server::config::KeepAlive;
 use capy_server::registry::{Registry, RegistryConfig};
 use capy_store::Store;
-use common::{call, small_batch, temp_store};
+use common::{call, registry_at, small_batch, temp_store};
 use tower::ServiceExt;
 
 fn registry(tag: &str, budget_models: Option<f64>, max_loaded: usize) -> Arc<Registry> {
@@ -118,17 +118,7 @@ async fn a_kv_cache_larger_than_the_machine_is_refused_not_an_abort() {
     let mut batch = small_batch();
     batch.n_ctx = 1 << 24;
     batch.n_slots = 4096;
-    let r = Registry::new(
-        RegistryConfig {
-            batch,
-            keep_alive: KeepAlive::Forever,
-            max_loaded: 2,
-            memory_budget: None,
-            load_timeout: Duration::from_secs(2),
-        },
-        store,
-        vec![],
-    );
+    let r = registry_at(store, batch, &[]);
     let e = r.acquire("m1", None).await.err().expect("refused");
     assert_eq!(e.code, Some("model_too_large"), "{}", e.message);
     assert!(e.message.contains("this machine has"), "{}", e.message);
@@ -263,17 +253,7 @@ async fn http_errors_health_and_a_full_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warm_model_answers_to_its_built_in_alias() {
     let store = temp_store("alias", &["smollm2-135m"]);
-    let r = Registry::new(
-        RegistryConfig {
-            batch: small_batch(),
-            keep_alive: KeepAlive::Forever,
-            max_loaded: 2,
-            memory_budget: None,
-            load_timeout: Duration::from_secs(2),
-        },
-        store,
-        vec!["smollm2-135m".into()],
-    );
+    let r = registry_at(store, small_batch(), &["smollm2-135m"]);
     for alias in ["smollm2", "smollm2:135m", "smollm2-135m:latest"] {
         let got = r.resolve(alias).expect(alias);
         assert_eq!(got.name, "smollm2-135m");

@@ -598,9 +598,8 @@ impl Store {
             .join(format!("{}.download", slug(store_name)));
         download(url, &tmp, progress, policy, true)?;
         let sha = sha256_file(&tmp, progress)?;
-        check_gguf_magic(&tmp)?;
-        // a truncated or malformed file must not enter the store (its header, tensor table
-        // and data bounds are checked by the reader)
+        // a truncated or malformed file must not enter the store (the reader checks its
+        // magic, header, tensor table and data bounds)
         if let Err(e) = capy_gguf::Gguf::open(&tmp) {
             let _ = std::fs::remove_file(&tmp);
             return Err(Error::Download {
@@ -652,18 +651,4 @@ impl Store {
         }
         Ok(m)
     }
-}
-
-fn check_gguf_magic(path: &Path) -> Result<()> {
-    let mut f = File::open(path).map_err(io_err(path))?;
-    let mut magic = [0u8; 4];
-    let ok = f.read_exact(&mut magic).is_ok() && &magic == b"GGUF";
-    if !ok {
-        let _ = std::fs::remove_file(path);
-        return Err(Error::Download {
-            url: path.display().to_string(),
-            reason: "the downloaded file is not a GGUF model".into(),
-        });
-    }
-    Ok(())
 }

@@ -53,10 +53,10 @@ pub fn small_batch() -> BatchParams {
     }
 }
 
-/// The state over a store holding SmolLM2 as `m1`, the warm set, not loaded yet.
-pub fn state(tag: &str, batch: BatchParams) -> Arc<AppState> {
-    let store = temp_store(tag, &["m1"]);
-    let reg = Registry::new(
+/// A registry over `store` with `batch`, the warm set `warm`, no memory budget, at most two
+/// models loaded, kept forever, a 2 s load timeout.
+pub fn registry_at(store: Store, batch: BatchParams, warm: &[&str]) -> Arc<Registry> {
+    Registry::new(
         RegistryConfig {
             batch,
             keep_alive: KeepAlive::Forever,
@@ -65,9 +65,13 @@ pub fn state(tag: &str, batch: BatchParams) -> Arc<AppState> {
             load_timeout: std::time::Duration::from_secs(2),
         },
         store,
-        vec!["m1".into()],
-    );
-    AppState::new(reg)
+        warm.iter().map(|w| w.to_string()).collect(),
+    )
+}
+
+/// The state over a store holding SmolLM2 as `m1`, the warm set, not loaded yet.
+pub fn state(tag: &str, batch: BatchParams) -> Arc<AppState> {
+    AppState::new(registry_at(temp_store(tag, &["m1"]), batch, &["m1"]))
 }
 
 /// The app over [`state`], with `m1` loaded.
