@@ -454,6 +454,88 @@ class Plain(unittest.TestCase):
         self.assertIn("no capy server", down.stderr)
 
 
+CONFIG = """
+[models.assistant]
+source = "smollm2-135m"
+ctx_size = 512
+parallel = 2
+system = "You are a helpful assistant who answers in one sentence."
+aliases = ["gpt-4o-mini"]
+options = { temperature = 0, top_k = 1 }
+
+[models.cold]
+source = "gemma3-270m"
+warm = false
+keep_alive = "0"
+"""
+
+
+class PerModelConfig(unittest.TestCase):
+    """A second server from a config file with `[models.NAME]` tables, as the README shows."""
+
+    @classmethod
+    def setUpClass(cls):
+        import tempfile
+        cls.dir = tempfile.mkdtemp(prefix="capy-e2e-config-")
+        cfg = os.path.join(cls.dir, "capy.toml")
+        with open(cfg, "w") as f:
+            f.write(CONFIG)
+        port = free_port()
+        cls.url = f"http://127.0.0.1:{port}"
+        cls.server = subprocess.Popen(
+            [CAPY, "serve", "--config", cfg, "--port", str(port), "-t", "2"],
+            stdout=subprocess.DEVNULL, stderr=sys.stderr)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(cls.url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if cls.server.poll() is not None:
+                raise RuntimeError(f"capy serve --config exited with {cls.server.returncode}")
+            time.sleep(0.2)
+        cls.oai = openai.OpenAI(base_url=cls.url + "/v1", api_key="none", max_retries=0)
+        cls.oll = ollama.Client(host=cls.url)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.oai.close()
+        cls.oll._client.close()
+        cls.server.terminate()
+        cls.server.wait(timeout=30)
+
+    def test_names_aliases_system_and_options(self):
+        ids = [m.id for m in self.oai.models.list().data]
+        self.assertEqual(ids, ["assistant", "cold"])
+        with urllib.request.urlopen(self.url + "/api/ps", timeout=30) as r:
+            ps = json.load(r)
+        self.assertEqual([(m["model"], m["context_length"]) for m in ps["models"]],
+                         [("assistant:latest", 512)])
+        q = [{"role": "user", "content": "What is the capital of France?"}]
+        a = self.oai.chat.completions.create(model="gpt-4o-mini", messages=q, max_tokens=16)
+        self.assertEqual(a.model, "assistant")
+        # the configured options are greedy: the same as asking the model greedily with the
+        # configured system message written out
+        sys_msg = {"role": "system",
+                   "content": "You are a helpful assistant who answers in one sentence."}
+        c = self.oai.chat.completions.create(model="assistant", messages=[sys_msg] + q,
+                                             max_tokens=16)
+        self.assertEqual(a.usage.prompt_tokens, c.usage.prompt_tokens)
+        self.assertEqual(a.choices[0].message.content, c.choices[0].message.content)
+        self.assertGreater(len(a.choices[0].message.content), 0)
+        show = self.oll.show("gpt-4o-mini")
+        self.assertIn("temperature", show.parameters)
+        self.assertIn("one sentence", show.modelfile)
+        # the cold model loads on request and unloads after it (keep_alive "0")
+        r = self.oll.generate(model="cold", prompt="Hi", options={"num_predict": 2})
+        self.assertEqual(r.eval_count, 2)
+        self.assertEqual([m.model for m in self.oll.ps().models], ["assistant:latest"])
+        with self.assertRaises(openai.NotFoundError):
+            self.oai.chat.completions.create(model="smollm2-135m", messages=q, max_tokens=1)
+
+
 if __name__ == "__main__":
     result = unittest.main(exit=False, verbosity=2).result
     failed = len(result.failures) + len(result.errors)

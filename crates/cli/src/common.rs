@@ -1,9 +1,10 @@
 //! Shared CLI pieces: resolving a model argument, sampling flags, threads.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use capy_engine::{params, Engine, SamplingOptions};
+use capy_server::config::{config_path, Config, ServedModel};
 use capy_store::{ModelRef, Store};
 
 use crate::progress::Bar;
@@ -33,10 +34,68 @@ pub fn model_path(arg: &str, pull: bool) -> Result<PathBuf> {
     }
 }
 
+/// A model argument as a file path with its settings from the config file (`--config`,
+/// `CAPY_CONFIG`, else `config.toml` in CAPY_HOME) when it names a `[models.NAME]` entry
+/// or alias there; otherwise as [`model_path`].
+///
+/// # Errors
+/// A config file that cannot be read or is invalid, or [`model_path`]'s.
+pub fn configured_model(
+    arg: &str,
+    config: Option<&Path>,
+    pull: bool,
+) -> Result<(PathBuf, Option<ServedModel>)> {
+    if let Some(file) = config_path(config, &Store::open_default().root) {
+        let checked = Config::from_file(&file)
+            .and_then(|c| c.validate())
+            .map_err(|e| anyhow!(e))
+            .with_context(|| format!("config file {}", file.display()))?;
+        if let Some(m) = checked.models.into_iter().find(|m| m.answers_to(arg)) {
+            let path = if m.is_path {
+                PathBuf::from(&m.source)
+            } else {
+                model_path(&m.source, pull).with_context(|| format!("model {:?}", m.name))?
+            };
+            return Ok((path, Some(m)));
+        }
+    }
+    Ok((model_path(arg, pull)?, None))
+}
+
 pub fn default_threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
+}
+
+/// A `--threads` value: 1 to 1024.
+pub fn threads(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=1024).contains(&n) => Ok(n),
+        _ => Err(format!("threads must be between 1 and 1024, got {s:?}")),
+    }
+}
+
+/// Threads for a chat or a completion: more than the machine's cores only slows the
+/// engine's workers (they wait on each other), so the count is capped there, with a note.
+pub fn capped_threads(n: usize) -> usize {
+    let cores = default_threads();
+    if n > cores {
+        eprintln!("capy: {n} threads asked for, but this machine has {cores} cores; using {cores}");
+        cores
+    } else {
+        n
+    }
+}
+
+/// A `--ctx-size` value: 16 to 16M positions.
+pub fn ctx_size(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (16..=1 << 24).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "ctx-size must be between 16 and 16777216 positions, got {s:?}"
+        )),
+    }
 }
 
 /// Sampling flags shared by `run` and `generate`, checked against the engine's ranges
@@ -109,11 +168,18 @@ impl SamplingArgs {
     }
 }
 
-/// A model's recommended sampling: a built-in model's card (by the name it was run with),
-/// over its GGUF's `general.sampling.*` keys.
-pub fn model_sampling(name: &str, engine: &Engine) -> SamplingOptions {
+/// A model's default sampling: the config file's options for it, over a built-in model's
+/// card (by the name it was run with, or its configured source), over its GGUF's
+/// `general.sampling.*` keys.
+pub fn model_sampling(
+    name: &str,
+    settings: Option<&ServedModel>,
+    engine: &Engine,
+) -> SamplingOptions {
     let card = capy_store::builtin(name)
+        .or_else(|| settings.and_then(|s| capy_store::builtin(&s.source)))
         .and_then(|b| SamplingOptions::from_pairs(b.sampling).ok())
         .unwrap_or_default();
-    card.or(&engine.sampling)
+    let configured = settings.map(|s| s.sampling.clone()).unwrap_or_default();
+    configured.or(&card.or(&engine.sampling))
 }

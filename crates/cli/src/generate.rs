@@ -4,11 +4,14 @@ use anyhow::{bail, Context, Result};
 use capy_engine::{ContextParams, Engine, GenerateParams};
 use serde_json::{json, Value};
 
-use crate::common::{default_threads, model_path, model_sampling, SamplingArgs};
+use crate::common::{
+    capped_threads, configured_model, ctx_size, default_threads, model_sampling, threads,
+    SamplingArgs,
+};
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
-    /// Model: stored name or .gguf path.
+    /// Model: stored name, .gguf path, or a name or alias from the config file.
     #[arg(short = 'm', long)]
     pub model: String,
     /// Prompt text (tokenized with BOS as the model wants and special tokens parsed).
@@ -32,10 +35,16 @@ pub struct GenerateArgs {
     /// Keep generating past end-of-generation tokens.
     #[arg(long)]
     pub ignore_eos: bool,
-    #[arg(short = 'c', long, default_value_t = 4096)]
+    /// Context size in tokens, 16 or more (grown to fit the prompt and -n).
+    #[arg(short = 'c', long, default_value_t = 4096, value_parser = ctx_size)]
     pub ctx_size: usize,
-    #[arg(short = 't', long, default_value_t = default_threads())]
+    /// Threads, at most the machine's cores [default: all cores].
+    #[arg(short = 't', long, default_value_t = default_threads(), value_parser = threads)]
     pub threads: usize,
+    /// TOML file with `[models.NAME]` settings (their sampling options apply)
+    /// [default: config.toml in CAPY_HOME, if there].
+    #[arg(long, env = "CAPY_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
     /// Print one JSON object instead of the text.
     #[arg(long)]
     pub json: bool,
@@ -52,7 +61,7 @@ fn top_json(top: &[(u32, f32)]) -> Value {
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
-    let path = model_path(&a.model, false)?;
+    let (path, settings) = configured_model(&a.model, a.config.as_deref(), false)?;
     let engine = Engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
     let prompt = match (&a.prompt, &a.prompt_tokens) {
         (Some(p), None) => engine.tokenizer.encode(p, true, true)?,
@@ -62,7 +71,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let n_ctx = a.ctx_size.max(prompt.len() + a.n_predict + 1);
     let mut session = engine.session(ContextParams {
         n_ctx,
-        n_threads: a.threads,
+        n_threads: capped_threads(a.threads),
         n_outputs: if a.echo { 64 } else { 1 },
         ..Default::default()
     });
@@ -71,7 +80,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         sampler: a
             .sampling
             .options()
-            .or(&model_sampling(&a.model, &engine))
+            .or(&model_sampling(&a.model, settings.as_ref(), &engine))
             .params(),
         stop: a.stop.clone(),
         logprobs: true,

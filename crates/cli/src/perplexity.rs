@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use capy_engine::{Batch, ContextParams, Engine};
 
-use crate::common::{default_threads, model_path};
+use crate::common::{default_threads, model_path, threads};
 
 #[derive(clap::Args)]
 pub struct PerplexityArgs {
@@ -24,7 +24,7 @@ pub struct PerplexityArgs {
     /// Evaluate at most this many chunks.
     #[arg(long)]
     pub chunks: Option<usize>,
-    #[arg(short = 't', long, default_value_t = default_threads())]
+    #[arg(short = 't', long, default_value_t = default_threads(), value_parser = threads)]
     pub threads: usize,
 }
 

@@ -12,25 +12,34 @@ use capy_engine::{
 };
 use rustyline::error::ReadlineError;
 
-use crate::common::{default_threads, model_path, model_sampling, SamplingArgs};
+use crate::common::{
+    capped_threads, configured_model, ctx_size, default_threads, model_sampling, threads,
+    SamplingArgs,
+};
 
 #[derive(clap::Args)]
 pub struct RunArgs {
-    /// Model: built-in name (pulled on first use), stored name or .gguf path.
+    /// Model: built-in name (pulled on first use), stored name, .gguf path, or a name or
+    /// alias from the config file's `[models.NAME]` tables.
     pub model: String,
     /// Prompt for a single answer; without it, an interactive chat starts.
     pub prompt: Option<String>,
-    /// System message.
+    /// System message [default: the config file's `system` for the model, else none].
     #[arg(long)]
     pub system: Option<String>,
     /// Most tokens per answer.
     #[arg(short = 'n', long, default_value_t = 512)]
     pub max_tokens: usize,
-    /// Context size in tokens.
-    #[arg(short = 'c', long, default_value_t = 4096)]
-    pub ctx_size: usize,
-    #[arg(short = 't', long, default_value_t = default_threads())]
+    /// Context size in tokens, 16 or more (at most the model's trained context)
+    /// [default: the config file's `ctx_size` for the model, else 4096].
+    #[arg(short = 'c', long, value_parser = ctx_size)]
+    pub ctx_size: Option<usize>,
+    /// Threads, at most the machine's cores [default: all cores].
+    #[arg(short = 't', long, default_value_t = default_threads(), value_parser = threads)]
     pub threads: usize,
+    /// TOML file with `[models.NAME]` settings [default: config.toml in CAPY_HOME, if there].
+    #[arg(long, env = "CAPY_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
     /// Print token counts and speeds after each answer.
     #[arg(long)]
     pub verbose: bool,
@@ -224,21 +233,30 @@ impl Chat {
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
-    let path = model_path(&a.model, true)?;
+    let (path, settings) = configured_model(&a.model, a.config.as_deref(), true)?;
     let engine = Engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
-    let n_ctx = a.ctx_size.min(engine.model.hp.n_ctx_train).max(16);
+    let settings = settings.as_ref();
+    let n_ctx = a
+        .ctx_size
+        .or(settings.and_then(|s| s.ctx_size))
+        .unwrap_or(4096)
+        .min(engine.model.hp.n_ctx_train)
+        .max(16);
     let session = engine.session(ContextParams {
         n_ctx,
-        n_threads: a.threads,
+        n_threads: capped_threads(a.threads),
         ..Default::default()
     });
     let mut chat = Chat {
         name: a.model.clone(),
-        model_options: model_sampling(&a.model, &engine),
+        model_options: model_sampling(&a.model, settings, &engine),
         engine,
         session,
         messages: Vec::new(),
-        system: a.system.clone(),
+        system: a
+            .system
+            .clone()
+            .or_else(|| settings.and_then(|s| s.system.clone())),
         options: a.sampling.options(),
         max_tokens: a.max_tokens,
         verbose: a.verbose,

@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::{anyhow, Result};
-use capy_server::config::{Config, Overrides};
+use anyhow::{anyhow, Context, Result};
+use capy_server::config::{config_path, Config, Overrides};
 
 use crate::common::model_path;
 
@@ -28,7 +28,8 @@ pub struct ServeArgs {
     /// Threads of each model's engine [default: all cores].
     #[arg(short = 't', long, env = "CAPY_THREADS")]
     pub threads: Option<usize>,
-    /// TOML file with any of these settings (snake_case keys, e.g. memory_budget = "4GiB").
+    /// TOML file with any of these settings (snake_case keys, e.g. memory_budget = "4GiB")
+    /// and `[models.NAME]` tables [default: config.toml in CAPY_HOME, if there].
     #[arg(long, env = "CAPY_CONFIG")]
     pub config: Option<PathBuf>,
     /// Idle time before a model is unloaded (5m, 30s, 1h; -1 = never) [default: 5m].
@@ -91,8 +92,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
-    let mut cfg = match &a.config {
-        Some(p) => Config::from_file(p).map_err(|e| anyhow!(e))?,
+    let mut cfg = match config_path(a.config.as_deref(), &capy_store::Store::open_default().root) {
+        Some(p) => Config::from_file(&p).map_err(|e| anyhow!(e))?,
         None => Config::default(),
     };
     // CAPY_HOST may carry a port or be a URL (as `capy ps` reads it, and OLLAMA_HOST works)
@@ -121,10 +122,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         max_pull_size: a.max_pull_size,
         load_timeout: a.load_timeout,
     });
-    cfg.validate().map_err(|e| anyhow!(e))?;
-    // the warm set must be on disk before the server starts: pull built-ins now
-    for m in &cfg.models {
-        model_path(m, true)?;
+    let checked = cfg.validate().map_err(|e| anyhow!(e))?;
+    // the configured models must be on disk before the server starts: pull built-ins now
+    for m in checked.models.iter().filter(|m| !m.is_path) {
+        model_path(&m.source, true).with_context(|| format!("model {:?}", m.name))?;
     }
     capy_server::run(cfg, capy_store::Store::open_default()).map_err(|e| anyhow!(e))
 }

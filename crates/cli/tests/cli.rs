@@ -188,23 +188,12 @@ fn show_and_list_describe_the_models() {
 /// flags win over them, and piped input takes the interactive commands.
 #[test]
 fn run_uses_the_model_card_settings_and_flags_win() {
-    use std::io::Write;
     let show = |extra: &[&str]| {
-        let mut c = common::capy();
-        c.args(["run", "smollm2-135m", "-n", "8"]).args(extra);
-        c.stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let mut child = c.spawn().expect("runs");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(b"/show parameters\n/set parameter top_k 7\n/set parameter top_k lots\n/show parameters\n/bye\n")
-            .expect("write");
-        let out = child.wait_with_output().expect("exits");
-        assert!(out.status.success());
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        let args = [&["run", "smollm2-135m", "-n", "8"], extra].concat();
+        let input = b"/show parameters\n/set parameter top_k 7\n/set parameter top_k lots\n/show parameters\n/bye\n";
+        let (ok, _, err) = common::run_piped(&args, &[], input);
+        assert!(ok, "{err}");
+        err
     };
     let card = show(&[]);
     assert!(card.contains("temperature         0.2"), "{card}");
@@ -246,4 +235,88 @@ fn negative_flag_values_reach_their_range_checks() {
         err.contains("temperature must be between 0 and 100"),
         "{err}"
     );
+}
+
+/// The config file's `[models.NAME]` settings reach `capy run`: the model by its name or an
+/// alias, its system message, context and sampling options; flags still win. Read from
+/// `--config`, or from `config.toml` in CAPY_HOME.
+#[test]
+fn run_takes_a_models_settings_from_the_config_file() {
+    let dir = common::temp_dir("run-config");
+    let file = dir.join("capy.toml");
+    let smol = model_path("smollm2-135m");
+    std::fs::write(
+        &file,
+        format!(
+            "[models.pirate]\npath = {:?}\nsystem = \"You are a pirate.\"\nctx_size = 512\n\
+             aliases = [\"arr\"]\noptions = {{ temperature = 0.3, repeat_penalty = 1.2 }}\n",
+            smol.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let show = |args: &[&str], env: &[(&str, &str)]| {
+        let args = [&["run"], args].concat();
+        let (ok, _, err) = common::run_piped(&args, env, b"/show system\n/show\n/bye\n");
+        assert!(ok, "{err}");
+        err
+    };
+    let f = file.to_str().unwrap();
+    let got = show(&["arr", "--config", f], &[]);
+    assert!(got.contains("You are a pirate."), "{got}");
+    assert!(got.contains("context length      512"), "{got}");
+    assert!(got.contains("temperature         0.3"), "{got}");
+    assert!(got.contains("repeat_penalty      1.2"), "{got}");
+    let flags = show(
+        &[
+            "pirate",
+            "--config",
+            f,
+            "--temp",
+            "0.9",
+            "--system",
+            "Be brief.",
+            "-c",
+            "256",
+        ],
+        &[],
+    );
+    assert!(flags.contains("Be brief."), "{flags}");
+    assert!(flags.contains("context length      256"), "{flags}");
+    assert!(flags.contains("temperature         0.9"), "{flags}");
+    assert!(flags.contains("repeat_penalty      1.2"), "{flags}");
+    // CAPY_HOME/config.toml is read when no file is named
+    let home = common::temp_dir("run-config-home");
+    std::fs::copy(&file, home.join("config.toml")).unwrap();
+    let got = show(&["pirate"], &[("CAPY_HOME", home.to_str().unwrap())]);
+    assert!(got.contains("You are a pirate."), "{got}");
+
+    // a bad config file is an error naming the file and the setting
+    std::fs::write(&file, "[models.pirate]\nctx_size = 3\n").unwrap();
+    let (ok, _, err) = run(&["run", "pirate", "hi", "--config", f], &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("capy.toml") && err.contains("models.pirate.ctx_size"),
+        "{err}"
+    );
+}
+
+/// `capy run -c 0` ran with a silent 16 and `-t 1000` started 1000 threads on a 2-core
+/// machine: sizes and thread counts are range-checked, threads capped at the cores.
+#[test]
+fn run_checks_context_and_threads() {
+    let m = model_path("smollm2-135m");
+    let m = m.to_str().unwrap();
+    for (flags, want) in [
+        (["-c", "0"], "ctx-size must be between 16"),
+        (["-c", "x"], "ctx-size must be between 16"),
+        (["-t", "0"], "threads must be between 1 and 1024"),
+        (["-t", "5000"], "threads must be between 1 and 1024"),
+    ] {
+        let (ok, _, err) = run(&["run", m, "hi", "-n", "1", flags[0], flags[1]], &[]);
+        assert!(!ok, "{flags:?}");
+        assert!(err.contains(want), "{flags:?}: {err}");
+    }
+    let (ok, _, err) = run(&["run", m, "hi", "-n", "1", "-t", "1000"], &[]);
+    assert!(ok, "{err}");
+    assert!(err.contains("1000 threads asked for"), "{err}");
 }

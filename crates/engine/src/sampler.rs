@@ -166,6 +166,27 @@ impl SamplingOptions {
         Ok(())
     }
 
+    /// The settings given, by request field name, in [`crate::params::SAMPLING`]'s order
+    /// (as Ollama's `/api/show` lists `parameters`).
+    pub fn given(&self) -> Vec<(&'static str, String)> {
+        let f = |v: Option<f32>| v.map(|x| x.to_string());
+        let i = |v: Option<i64>| v.map(|x| x.to_string());
+        [
+            ("temperature", f(self.temperature)),
+            ("top_k", i(self.top_k)),
+            ("top_p", f(self.top_p)),
+            ("min_p", f(self.min_p)),
+            ("repeat_penalty", f(self.repeat_penalty)),
+            ("repeat_last_n", i(self.repeat_last_n)),
+            ("presence_penalty", f(self.presence_penalty)),
+            ("frequency_penalty", f(self.frequency_penalty)),
+            ("seed", self.seed.map(|s| s.to_string())),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v?)))
+        .collect()
+    }
+
     /// These settings, with `base`'s where these have none.
     pub fn or(&self, base: &SamplingOptions) -> SamplingOptions {
         SamplingOptions {

@@ -1,9 +1,11 @@
 //! Server settings: defaults, then a TOML file, then environment variables and flags (the
 //! CLI merges those last two and applies them over the file with [`Config::apply`]).
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use capy_engine::SamplingOptions;
 use serde::Deserialize;
 
 /// How long a model stays loaded after its last request.
@@ -128,9 +130,11 @@ pub struct Config {
     pub port: u16,
     /// Threads of each model's engine.
     pub threads: usize,
-    /// The warm set: loaded at start and kept loaded. When empty, every model in the
-    /// store is served, loaded on its first request.
-    pub models: Vec<String>,
+    /// The models served: `models = ["a", "b"]` (names, loaded at start and kept loaded)
+    /// or `[models.NAME]` tables with each model's settings ([`ModelConfig`]). When empty,
+    /// every model in the store is served, loaded on its first request.
+    #[serde(deserialize_with = "list_or_tables")]
+    pub models: Vec<ModelEntry>,
     /// Default idle time before a model is unloaded ("5m"; "-1" never).
     pub keep_alive: String,
     /// Most models loaded at once.
@@ -239,7 +243,24 @@ impl Config {
         set(&mut self.port, o.port);
         set(&mut self.threads, o.threads);
         if !o.models.is_empty() {
-            self.models = o.models;
+            // `-m NAME` serves NAME with the file's settings for it, if it has any
+            let mut from_file = std::mem::take(&mut self.models);
+            self.models = o
+                .models
+                .into_iter()
+                .map(|m| {
+                    match from_file
+                        .iter()
+                        .position(|e| e.name == m || e.config.aliases.contains(&m))
+                    {
+                        Some(i) => from_file.remove(i),
+                        None => ModelEntry {
+                            name: m,
+                            config: ModelConfig::default(),
+                        },
+                    }
+                })
+                .collect();
         }
         set(&mut self.keep_alive, o.keep_alive);
         set(&mut self.max_loaded_models, o.max_loaded_models);
@@ -301,7 +322,25 @@ impl Config {
         } else {
             Some(parse_bytes(&self.max_pull_size)?)
         };
+        let mut models: Vec<ServedModel> = Vec::with_capacity(self.models.len());
+        for e in &self.models {
+            let m = e.check()?;
+            let names = || std::iter::once(&m.name).chain(&m.aliases);
+            for n in names() {
+                if let Some(other) = models
+                    .iter()
+                    .find(|o| o.name == *n || o.aliases.contains(n))
+                {
+                    return Err(format!(
+                        "models: the name {n:?} is given to both {:?} and {:?}",
+                        other.name, m.name
+                    ));
+                }
+            }
+            models.push(m);
+        }
         Ok(Checked {
+            models,
             keep_alive,
             memory_budget,
             max_pull,
@@ -316,6 +355,8 @@ impl Config {
 /// The parsed forms of [`Config`]'s strings.
 #[derive(Clone, Debug)]
 pub struct Checked {
+    /// The served models with their checked settings, in the file's (or flags') order.
+    pub models: Vec<ServedModel>,
     pub keep_alive: KeepAlive,
     pub memory_budget: Option<u64>,
     /// Bytes one pull may download; `None`: the free disk.
@@ -325,6 +366,223 @@ pub struct Checked {
     pub read_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub load_timeout: Duration,
+}
+
+/// A served model as the config file gives it: its name (a `[models.NAME]` table's key, or
+/// an entry of a `models = [...]` list) and settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelEntry {
+    pub name: String,
+    pub config: ModelConfig,
+}
+
+/// One model's settings in the config file (`[models.NAME]`): what an Ollama Modelfile's
+/// `FROM`, `PARAMETER` and `SYSTEM` give, and what a multi-model deployment needs. Unset
+/// ones take the server's settings; request fields and `capy run` flags still win.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A .gguf file served under this name.
+    pub path: Option<String>,
+    /// A built-in name, stored name or URL served under this name (built-ins and URLs are
+    /// pulled at start when missing); without `path` or `source`, the name itself.
+    pub source: Option<String>,
+    /// Context (positions) of each of this model's sequences.
+    pub ctx_size: Option<usize>,
+    /// Sequences this model runs at once.
+    pub parallel: Option<usize>,
+    /// Loaded at start and kept loaded (the default); `false`: loaded on first request and
+    /// unloaded after its keep-alive.
+    pub warm: Option<bool>,
+    /// Idle time before this model is unloaded, when not warm ("10m", "-1").
+    pub keep_alive: Option<String>,
+    /// System message for chats that bring none (Ollama's `SYSTEM`).
+    pub system: Option<String>,
+    /// More names clients may use for this model.
+    pub aliases: Vec<String>,
+    /// Default sampling settings by request field name (`temperature`, `top_k`, `top_p`,
+    /// `min_p`, `repeat_penalty`, `repeat_last_n`, `presence_penalty`, `frequency_penalty`,
+    /// `seed`), as Ollama's `PARAMETER`; over the model's own recommendations.
+    pub options: BTreeMap<String, toml::Value>,
+}
+
+/// A served model's checked settings.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServedModel {
+    /// The name clients use (a file's stem for a .gguf path given in a list).
+    pub name: String,
+    /// The name as the config file or `-m` wrote it (a path, `smollm2`, a table's key).
+    pub key: String,
+    /// A .gguf path, or a built-in name, stored name or URL for the store.
+    pub source: String,
+    /// Whether `source` is a file path (`path =` or a listed .gguf).
+    pub is_path: bool,
+    pub aliases: Vec<String>,
+    pub warm: bool,
+    pub ctx_size: Option<usize>,
+    pub parallel: Option<usize>,
+    pub keep_alive: Option<KeepAlive>,
+    pub system: Option<String>,
+    pub sampling: SamplingOptions,
+}
+
+impl ServedModel {
+    /// A listed model with no settings (a `-m` flag, or a test's warm set).
+    pub fn named(name: &str) -> ServedModel {
+        ModelEntry {
+            name: name.to_string(),
+            config: ModelConfig::default(),
+        }
+        .check()
+        .unwrap_or_else(|_| ServedModel {
+            name: name.to_string(),
+            key: name.to_string(),
+            source: name.to_string(),
+            warm: true,
+            ..Default::default()
+        })
+    }
+
+    /// Whether a client's name means this model: its name, an alias or the name as the
+    /// config wrote it (a trailing `:latest` ignored). A table's `source` is not one of its
+    /// names: two tables may serve one file with different settings.
+    pub fn answers_to(&self, name: &str) -> bool {
+        let name = name.trim();
+        let name = name.strip_suffix(":latest").unwrap_or(name);
+        self.name == name || self.key == name || self.aliases.iter().any(|a| a == name)
+    }
+}
+
+impl ModelEntry {
+    /// Checks the settings (ranges, durations, option names and values) and gives their
+    /// parsed form; errors name the setting (`models.NAME.options.temperature`).
+    ///
+    /// # Errors
+    /// A bad name, both `path` and `source`, a missing `path`, a value out of range.
+    pub fn check(&self) -> Result<ServedModel, String> {
+        let c = &self.config;
+        let at = |field: &str| format!("models.{}.{field}", self.name);
+        if self.name.trim().is_empty() || self.name.chars().any(char::is_whitespace) {
+            return Err(format!(
+                "models: {:?} is not a model name (no spaces, not empty)",
+                self.name
+            ));
+        }
+        let (source, is_path) = match (&c.path, &c.source) {
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "{}: give path (a .gguf file) or source (a model to pull or a stored name), not both",
+                    at("path")
+                ))
+            }
+            (Some(p), None) => {
+                if !Path::new(p).is_file() {
+                    return Err(format!("{}: no such file {p:?}", at("path")));
+                }
+                (p.clone(), true)
+            }
+            (None, Some(s)) => (s.clone(), false),
+            // a listed .gguf path serves the file under its stem
+            (None, None) => (
+                self.name.clone(),
+                self.name.ends_with(".gguf") && Path::new(&self.name).is_file(),
+            ),
+        };
+        let name = if is_path && c.path.is_none() {
+            Path::new(&self.name)
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| self.name.clone())
+        } else if c.source.is_none() && c.path.is_none() {
+            // a built-in or stored name as the store knows it (`smollm2` -> `smollm2-135m`)
+            capy_store::ModelRef::parse(&self.name)
+                .map(|r| r.store_name())
+                .unwrap_or_else(|_| self.name.clone())
+        } else {
+            self.name.clone()
+        };
+        for a in &c.aliases {
+            if a.trim().is_empty() || a.chars().any(char::is_whitespace) {
+                return Err(format!("{}: {a:?} is not a name", at("aliases")));
+            }
+        }
+        let count = |field: &str, v: Option<usize>, min: usize, max: usize| match v {
+            Some(v) if v < min || v > max => Err(format!(
+                "{} must be between {min} and {max}, got {v}",
+                at(field)
+            )),
+            _ => Ok(v),
+        };
+        let keep_alive = c
+            .keep_alive
+            .as_deref()
+            .map(|k| KeepAlive::parse(k).map_err(|e| format!("{}: {e}", at("keep_alive"))))
+            .transpose()?;
+        let mut sampling = SamplingOptions::default();
+        for (k, v) in &c.options {
+            let field = at(&format!("options.{k}"));
+            let n = match v {
+                toml::Value::Integer(i) => *i as f64,
+                toml::Value::Float(f) => *f,
+                _ => return Err(format!("{field} must be a number, got a {}", v.type_str())),
+            };
+            sampling.set(k, n).map_err(|e| format!("{field}: {e}"))?;
+        }
+        Ok(ServedModel {
+            name,
+            key: self.name.clone(),
+            source,
+            is_path,
+            aliases: c.aliases.clone(),
+            warm: c.warm.unwrap_or(true),
+            ctx_size: count("ctx_size", c.ctx_size, 16, 1 << 24)?,
+            parallel: count("parallel", c.parallel, 1, 4096)?,
+            keep_alive,
+            system: c.system.clone(),
+            sampling,
+        })
+    }
+}
+
+/// `models = ["a", "b"]` or `[models.NAME]` tables, in the file's order.
+fn list_or_tables<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ModelEntry>, D::Error> {
+    use serde::de::Error;
+    match toml::Value::deserialize(d)? {
+        toml::Value::Array(items) => items
+            .into_iter()
+            .map(|v| match v {
+                toml::Value::String(name) => Ok(ModelEntry {
+                    name,
+                    config: ModelConfig::default(),
+                }),
+                v => Err(D::Error::custom(format!(
+                    "models: a list holds model names, got a {}",
+                    v.type_str()
+                ))),
+            })
+            .collect(),
+        toml::Value::Table(t) => t
+            .into_iter()
+            .map(|(name, v)| {
+                let config = ModelConfig::deserialize(v)
+                    .map_err(|e| D::Error::custom(format!("models.{name}: {e}")))?;
+                Ok(ModelEntry { name, config })
+            })
+            .collect(),
+        v => Err(D::Error::custom(format!(
+            "models is a list of names or [models.NAME] tables, got a {}",
+            v.type_str()
+        ))),
+    }
+}
+
+/// The config file a command reads: the one given (`--config`, `CAPY_CONFIG`), else
+/// `config.toml` in capy's home (`CAPY_HOME`, `~/.capy`) when it exists.
+pub fn config_path(given: Option<&Path>, home: &Path) -> Option<PathBuf> {
+    match given {
+        Some(p) => Some(p.to_path_buf()),
+        None => Some(home.join("config.toml")).filter(|p| p.is_file()),
+    }
 }
 
 #[cfg(test)]
@@ -410,7 +668,7 @@ mod tests {
             ..Default::default()
         });
         assert_eq!((c.port, c.parallel), (9000, 4));
-        assert_eq!(c.models, vec!["smollm2-135m".to_string()]);
+        assert_eq!(c.models[0].name, "smollm2-135m");
         let k = c.validate().expect("valid");
         assert_eq!(k.memory_budget, Some(1 << 30));
         assert_eq!(k.keep_alive, KeepAlive::For(Duration::from_secs(600)));
@@ -421,5 +679,125 @@ mod tests {
         assert!(Config::from_toml("port = \"x\"").is_err());
         c.parallel = 0;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn models_as_a_list_or_as_tables_with_settings() {
+        let c = Config::from_toml(
+            r#"
+[models.assistant]
+source = "smollm2-135m"
+ctx_size = 4096
+parallel = 4
+system = "You are terse."
+aliases = ["default", "gpt-4o-mini"]
+options = { temperature = 0.7, top_k = 20, seed = -1 }
+
+[models.cold]
+source = "gemma3-270m"
+warm = false
+keep_alive = "10m"
+"#,
+        )
+        .expect("valid TOML");
+        let k = c.validate().expect("valid");
+        let names: Vec<&str> = k.models.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["assistant", "cold"], "the file's order");
+        let a = &k.models[0];
+        assert_eq!(a.source, "smollm2-135m");
+        assert!(!a.is_path && a.warm);
+        assert_eq!((a.ctx_size, a.parallel), (Some(4096), Some(4)));
+        assert_eq!(a.system.as_deref(), Some("You are terse."));
+        assert_eq!(a.sampling.temperature, Some(0.7));
+        assert_eq!(a.sampling.top_k, Some(20));
+        assert_eq!(a.sampling.seed, Some(u64::MAX));
+        for n in ["assistant", "default", "gpt-4o-mini", "assistant:latest"] {
+            assert!(a.answers_to(n), "{n}");
+        }
+        assert!(!a.answers_to("smollm2-135m"), "a source is not a name");
+        let cold = &k.models[1];
+        assert!(!cold.warm);
+        assert_eq!(
+            cold.keep_alive,
+            Some(KeepAlive::For(Duration::from_secs(600)))
+        );
+
+        // the list form: names, all warm, built-in aliases as the store names them
+        let l = Config::from_toml("models = [\"smollm2\", \"gemma3-270m\"]")
+            .expect("valid")
+            .validate()
+            .expect("valid");
+        assert_eq!(l.models[0].name, "smollm2-135m");
+        assert!(l.models[0].answers_to("smollm2") && l.models.iter().all(|m| m.warm));
+    }
+
+    #[test]
+    fn flags_choose_models_and_keep_their_file_settings() {
+        let mut c = Config::from_toml(
+            "[models.a]\nsource = \"m1\"\naliases = [\"x\"]\nctx_size = 64\n[models.b]\nsource = \"m2\"\n",
+        )
+        .expect("valid");
+        c.apply(Overrides {
+            models: vec!["x".into(), "m3".into()],
+            ..Default::default()
+        });
+        let k = c.validate().expect("valid");
+        assert_eq!(k.models.len(), 2);
+        assert_eq!(
+            (k.models[0].name.as_str(), k.models[0].ctx_size),
+            ("a", Some(64))
+        );
+        assert_eq!(
+            (k.models[1].name.as_str(), k.models[1].ctx_size),
+            ("m3", None)
+        );
+    }
+
+    /// Every bad per-model setting is refused at start with the setting named.
+    #[test]
+    fn bad_model_settings_name_the_setting() {
+        for (toml, want) in [
+            ("[models.a]\nctx = 5", "models.a: unknown field `ctx`"),
+            (
+                "[models.a]\nctx_size = 8",
+                "models.a.ctx_size must be between 16",
+            ),
+            (
+                "[models.a]\nparallel = 0",
+                "models.a.parallel must be between 1",
+            ),
+            ("[models.a]\nkeep_alive = \"soon\"", "models.a.keep_alive"),
+            ("[models.a]\nkeep_alive = \"NaN\"", "models.a.keep_alive"),
+            (
+                "[models.a.options]\ntemperature = -1",
+                "models.a.options.temperature",
+            ),
+            (
+                "[models.a.options]\nwarmth = 1",
+                "unknown sampling parameter",
+            ),
+            (
+                "[models.a.options]\ntop_p = \"high\"",
+                "models.a.options.top_p must be a number, got a string",
+            ),
+            (
+                "[models.a]\npath = \"/x.gguf\"\nsource = \"m1\"",
+                "not both",
+            ),
+            ("[models.a]\npath = \"/no/such.gguf\"", "no such file"),
+            (
+                "[models.a]\naliases = [\"b\"]\n[models.b]\n",
+                "the name \"b\" is given to both",
+            ),
+            ("[models.a]\naliases = [\"\"]", "models.a.aliases"),
+            ("[models.\"a b\"]", "is not a model name"),
+            ("models = [1]", "a list holds model names"),
+            ("models = 3", "a list of names or [models.NAME] tables"),
+            ("models = [\"a\", \"a\"]", "given to both"),
+        ] {
+            let r = Config::from_toml(toml).and_then(|c| c.validate().map(|_| ()));
+            let e = r.expect_err(toml);
+            assert!(e.contains(want), "{toml:?}: {e}");
+        }
     }
 }

@@ -21,6 +21,8 @@ pub struct ModelInfo {
     pub metadata: Map<String, Value>,
     /// `tokenizer.chat_template`, or empty.
     pub template: String,
+    /// The GGUF's recommended sampling (`general.sampling.*`).
+    pub sampling: capy_engine::SamplingOptions,
     /// File size, bytes.
     pub size: u64,
     pub modified: SystemTime,
@@ -77,6 +79,7 @@ impl ModelInfo {
                 .flatten()
                 .unwrap_or("")
                 .to_string(),
+            sampling: capy_engine::SamplingOptions::from_gguf(&g),
             size: meta.len(),
             modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
         })

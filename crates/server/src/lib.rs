@@ -96,7 +96,7 @@ impl AppState {
                 load_timeout: checked.load_timeout,
             },
             store,
-            cfg.models.clone(),
+            checked.models.clone(),
         );
         let mut st = AppState::with_limits(
             registry,
@@ -128,18 +128,13 @@ impl AppState {
 /// checked by [`params::SAMPLING`].
 pub(crate) type Knobs = SamplingOptions;
 
-/// The sampler settings of a request: its own, then the model's recommended ones, then
-/// llama.cpp's defaults; `choice` varies the seed between the choices of a request.
+/// The sampler settings of a request: its own, then the model's defaults (the config
+/// file's, its card's, its GGUF's), then llama.cpp's; `choice` varies the seed between the
+/// choices of a request.
 pub(crate) fn sampler(knobs: &Knobs, choice: usize, model: &SamplingOptions) -> SamplerParams {
-    let mine = SamplingOptions {
-        seed: knobs.seed.map(|s| s.wrapping_add(choice as u64)),
-        ..knobs.clone()
-    };
-    mine.or(&SamplingOptions {
-        seed: None,
-        ..model.clone()
-    })
-    .params()
+    let mut p = knobs.or(model);
+    p.seed = p.seed.map(|s| s.wrapping_add(choice as u64));
+    p.params()
 }
 
 /// The HTTP routes.

@@ -419,18 +419,33 @@ pub async fn show(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
         let req: NameRequest = parse_json(&body, Flavor::Ollama)?;
         let r = st.registry.resolve(req.model()?).map_err(ollama)?;
         let info = st.registry.info.get(&r.path).await.map_err(ollama)?;
-        Ok::<_, ApiError>(
-            Json(json!({
-                "modelfile": format!("# capy model {}\nFROM {}\n", r.name, r.path.display()),
-                "parameters": "",
+        // what a request that sets nothing gets: the config's, the card's, the GGUF's
+        let sampling = st.registry.default_sampling(&r, &info.sampling);
+        let parameters: Vec<String> = sampling
+            .given()
+            .into_iter()
+            .map(|(k, v)| format!("{k:<20}{v}"))
+            .collect();
+        let mut modelfile = format!("# capy model {}\nFROM {}\n", r.name, r.path.display());
+        for (k, v) in sampling.given() {
+            modelfile.push_str(&format!("PARAMETER {k} {v}\n"));
+        }
+        if let Some(s) = &r.settings.system {
+            modelfile.push_str(&format!("SYSTEM \"\"\"{s}\"\"\"\n"));
+        }
+        let mut out = json!({
+                "modelfile": modelfile,
+                "parameters": parameters.join("\n"),
                 "template": info.template,
                 "details": info.details,
                 "model_info": info.metadata,
                 "capabilities": ["completion"],
                 "modified_at": rfc3339(info.modified),
-            }))
-            .into_response(),
-        )
+        });
+        if let Some(s) = &r.settings.system {
+            out["system"] = json!(s);
+        }
+        Ok::<_, ApiError>(Json(out).into_response())
     };
     r.await.unwrap_or_else(|e| ollama(e).into_response())
 }
@@ -550,10 +565,10 @@ pub async fn delete(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
                 )));
             }
         }
-        if st.registry.warm_names().iter().any(|n| n == name) {
+        if st.registry.serves_store_name(name) {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
-                format!("model '{name}' is served by this server's warm set (-m); it cannot be deleted while the server runs"),
+                format!("model '{name}' is served by this server's configured models (-m, the config file); it cannot be deleted while the server runs"),
             ));
         }
         if st.registry.loaded_names().iter().any(|n| n == name) && !st.registry.unload(name) {

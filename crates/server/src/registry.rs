@@ -13,7 +13,7 @@ use axum::http::StatusCode;
 use capy_engine::{BatchEngine, BatchParams, Engine, Message};
 use capy_store::Store;
 
-use crate::config::KeepAlive;
+use crate::config::{KeepAlive, ServedModel};
 use crate::error::ApiError;
 use crate::gen::blocking;
 
@@ -37,6 +37,8 @@ pub struct Loaded {
     /// The model's recommended sampling (a built-in model's card over its GGUF's
     /// `general.sampling.*`), for the fields a request leaves out.
     pub sampling: capy_engine::SamplingOptions,
+    /// Its settings from the config file (defaults for a model served from the store).
+    pub settings: ServedModel,
     /// Weights plus KV cache and buffers, as counted against the budget.
     pub bytes: u64,
     pub loaded_at: SystemTime,
@@ -67,15 +69,25 @@ impl Loaded {
 
     /// A conversation's prompt tokens ([`Engine::chat_tokens`], or with `turn` the tokens
     /// of a follow-up turn), checked for size first and tokenized on a blocking thread so
-    /// the async workers keep answering.
+    /// the async workers keep answering. A conversation that starts without a system
+    /// message gets the model's configured one ([`ServedModel::system`]), as Ollama's
+    /// `SYSTEM` works.
     ///
     /// # Errors
     /// [`Loaded::check_text`]'s, the template's and the tokenizer's.
     pub async fn chat_tokens(
         self: &Arc<Self>,
-        messages: Vec<Message>,
+        mut messages: Vec<Message>,
         turn: bool,
     ) -> Result<Vec<u32>, ApiError> {
+        if let Some(system) = &self.settings.system {
+            let has_system = messages
+                .iter()
+                .any(|m| m.role == "system" || m.role == "developer");
+            if !turn && !has_system {
+                messages.insert(0, Message::new("system", system));
+            }
+        }
         self.check_text(messages.iter().map(|m| m.content.len()).sum(), "messages")?;
         let me = Arc::clone(self);
         blocking(move || {
@@ -133,8 +145,9 @@ pub struct Registry {
     pub store: Store,
     /// What the listing routes say of each file.
     pub info: crate::info::InfoCache,
-    /// The warm set as given (names or .gguf paths); empty: serve the store.
-    warm: Vec<String>,
+    /// The configured models (the warm set and `[models.NAME]` tables); empty: serve the
+    /// store.
+    models: Vec<ServedModel>,
     loaded: Mutex<HashMap<String, Entry>>,
     /// One load at a time, so two first requests for a model load it once.
     load_lock: tokio::sync::Mutex<()>,
@@ -173,7 +186,9 @@ impl Drop for Lease {
                     let ka = if e.warm {
                         KeepAlive::Forever
                     } else {
-                        self.keep_alive.unwrap_or(self.registry.cfg.keep_alive)
+                        self.keep_alive
+                            .or(self.model.settings.keep_alive)
+                            .unwrap_or(self.registry.cfg.keep_alive)
                     };
                     e.expires = match ka {
                         KeepAlive::Forever => None,
@@ -193,19 +208,22 @@ impl Drop for Lease {
     }
 }
 
-/// Where a served name's file is, and the name it is known by.
+/// Where a served name's file is, the name it is known by, and its settings.
 pub struct Resolved {
     pub name: String,
     pub path: PathBuf,
+    pub settings: ServedModel,
 }
 
 impl Registry {
-    pub fn new(cfg: RegistryConfig, store: Store, warm: Vec<String>) -> Arc<Registry> {
+    /// A registry serving `models` (each [`ServedModel::warm`] one loaded by
+    /// [`crate::AppState::load_warm_set`]), or every model in the store when empty.
+    pub fn new(cfg: RegistryConfig, store: Store, models: Vec<ServedModel>) -> Arc<Registry> {
         Arc::new(Registry {
             cfg,
             store,
             info: Default::default(),
-            warm,
+            models,
             loaded: Mutex::new(HashMap::new()),
             load_lock: tokio::sync::Mutex::new(()),
             released: tokio::sync::Notify::new(),
@@ -219,16 +237,28 @@ impl Registry {
 
     /// The warm set's names as clients use them.
     pub fn warm_names(&self) -> Vec<String> {
-        self.warm.iter().map(|w| served_name(w)).collect()
+        self.models
+            .iter()
+            .filter(|m| m.warm)
+            .map(|m| m.name.clone())
+            .collect()
     }
 
-    /// Names this server answers to: the warm set, or every model in the store.
+    /// Whether a configured model serves this store name (so it may not be deleted).
+    pub fn serves_store_name(&self, name: &str) -> bool {
+        self.models.iter().any(|m| {
+            !m.is_path
+                && capy_store::ModelRef::parse(&m.source).is_ok_and(|r| r.store_name() == name)
+        })
+    }
+
+    /// Names this server answers to: the configured models, or every model in the store.
     pub fn served(&self) -> Vec<Resolved> {
-        if !self.warm.is_empty() {
+        if !self.models.is_empty() {
             return self
-                .warm
+                .models
                 .iter()
-                .filter_map(|w| self.resolve(w).ok())
+                .filter_map(|m| self.resolve(&m.name).ok())
                 .collect();
         }
         self.store
@@ -237,6 +267,12 @@ impl Registry {
             .into_iter()
             .map(|m| Resolved {
                 path: self.store.model_path(&m.name),
+                settings: ServedModel {
+                    name: m.name.clone(),
+                    key: m.name.clone(),
+                    source: m.name.clone(),
+                    ..Default::default()
+                },
                 name: m.name,
             })
             .collect()
@@ -253,39 +289,73 @@ impl Registry {
             || ApiError::not_found(format!("model '{name}' not found")).code("model_not_found");
         // a built-in model's alias (`smollm2`) names the same model as its name
         let canonical = served_name(name);
-        if !self.warm.is_empty() {
-            let w = self
-                .warm
+        if !self.models.is_empty() {
+            let m = self
+                .models
                 .iter()
-                .find(|w| {
-                    served_name(w) == name || w.as_str() == name || served_name(w) == canonical
-                })
+                .find(|m| m.answers_to(name))
+                .or_else(|| self.models.iter().find(|m| m.name == canonical))
                 .ok_or_else(not_found)?;
-            if is_file(w) {
-                return Ok(Resolved {
-                    name: served_name(w),
-                    path: PathBuf::from(w),
-                });
-            }
-            return self.resolve_store(w).ok_or_else(not_found);
+            let path = if m.is_path {
+                PathBuf::from(&m.source)
+            } else {
+                self.store.resolve(&m.source).map_err(|_| not_found())?
+            };
+            return Ok(Resolved {
+                name: m.name.clone(),
+                path,
+                settings: m.clone(),
+            });
         }
-        self.resolve_store(name).ok_or_else(not_found)
+        let path = self.store.resolve(name).map_err(|_| not_found())?;
+        let name = capy_store::ModelRef::parse(name)
+            .map_err(|_| not_found())?
+            .store_name();
+        Ok(Resolved {
+            settings: ServedModel {
+                name: name.clone(),
+                key: name.clone(),
+                source: name.clone(),
+                ..Default::default()
+            },
+            name,
+            path,
+        })
     }
 
-    fn resolve_store(&self, name: &str) -> Option<Resolved> {
-        let path = self.store.resolve(name).ok()?;
-        let name = capy_store::ModelRef::parse(name).ok()?.store_name();
-        Some(Resolved { name, path })
+    /// A model's sampling for the fields a request leaves out: the config file's options,
+    /// over a built-in model's card (by the name served, else the configured source), over
+    /// `gguf`, the file's `general.sampling.*`.
+    pub fn default_sampling(
+        &self,
+        r: &Resolved,
+        gguf: &capy_engine::SamplingOptions,
+    ) -> capy_engine::SamplingOptions {
+        let card = capy_store::builtin(&r.name)
+            .or_else(|| capy_store::builtin(&r.settings.source))
+            .and_then(|b| capy_engine::SamplingOptions::from_pairs(b.sampling).ok())
+            .unwrap_or_default();
+        r.settings.sampling.or(&card.or(gguf))
     }
 
-    /// Bytes a model would take when loaded: its file (the weights are mapped or repacked
-    /// in place of their source pages) plus the KV cache and buffers of its engine.
-    pub fn estimate(&self, path: &Path) -> Result<u64, ApiError> {
+    /// The engine settings of a model: the server's, with its own `ctx_size` and
+    /// `parallel` where the config file gives them.
+    pub fn batch_params(&self, settings: &ServedModel) -> BatchParams {
+        let mut p = self.cfg.batch.clone();
+        p.n_ctx = settings.ctx_size.unwrap_or(p.n_ctx);
+        p.n_slots = settings.parallel.unwrap_or(p.n_slots);
+        p
+    }
+
+    /// Bytes a model would take when loaded with `params`: its file (the weights are
+    /// mapped or repacked in place of their source pages) plus the KV cache and buffers of
+    /// its engine.
+    pub fn estimate(&self, path: &Path, params: &BatchParams) -> Result<u64, ApiError> {
         let g = capy_gguf::Gguf::open(path)
             .map_err(|e| ApiError::internal(format!("reading {}: {e}", path.display())))?;
         let hp = capy_model::Hparams::from_gguf(&g)
             .map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
-        Ok(g.file_size() + self.cfg.batch.memory_bytes(&hp))
+        Ok(g.file_size() + params.memory_bytes(&hp))
     }
 
     /// Takes a lease on a model, loading it first if needed. `keep_alive` overrides the
@@ -317,11 +387,12 @@ impl Registry {
         if let Some(l) = self.lease_loaded(&r.name, keep_alive) {
             return Ok(l);
         }
-        let (me, path) = (Arc::clone(self), r.path.clone());
-        let need = blocking(move || me.estimate(&path)).await?;
+        let params = self.batch_params(&r.settings);
+        let (me, path, p) = (Arc::clone(self), r.path.clone(), params.clone());
+        let need = blocking(move || me.estimate(&path, &p)).await?;
         let evicted = self.wait_for_room(need, deadline).await?;
         drop(evicted);
-        let (path, params) = (r.path.clone(), self.cfg.batch.clone());
+        let path = r.path.clone();
         let t0 = Instant::now();
         let engine = tokio::task::spawn_blocking(move || -> Result<_, capy_engine::Error> {
             let engine = Engine::load(&path)?;
@@ -337,21 +408,19 @@ impl Registry {
         let (engine, batch) = engine.map_err(|e| {
             ApiError::internal(format!("loading {} ({}): {e}", r.name, r.path.display()))
         })?;
-        let card = capy_store::builtin(&r.name)
-            .and_then(|b| capy_engine::SamplingOptions::from_pairs(b.sampling).ok())
-            .unwrap_or_default();
         let model = Arc::new(Loaded {
+            sampling: self.default_sampling(&r, &engine.sampling),
             name: r.name.clone(),
             path: r.path,
-            sampling: card.or(&engine.sampling),
             engine,
             batch,
             bytes: need,
             loaded_at: SystemTime::now(),
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
             active: AtomicUsize::new(1),
+            settings: r.settings,
         });
-        let warm = self.warm_names().contains(&r.name);
+        let warm = model.settings.warm;
         self.lock().insert(
             r.name,
             Entry {

@@ -34,6 +34,31 @@ pub fn run(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     )
 }
 
+/// Runs capy with `input` piped to its stdin; returns (exit ok, stdout, stderr).
+pub fn run_piped(args: &[&str], env: &[(&str, &str)], input: &[u8]) -> (bool, String, String) {
+    let mut c = capy();
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().expect("capy runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input)
+        .expect("write");
+    let out = child.wait_with_output().expect("exits");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub fn model_path(name: &str) -> PathBuf {
     let store = capy_store::Store::open_default();
     store.resolve(name).unwrap_or_else(|e| {

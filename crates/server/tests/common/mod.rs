@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use capy_engine::BatchParams;
-use capy_server::config::KeepAlive;
+use capy_server::config::{KeepAlive, ServedModel};
 use capy_server::registry::{Registry, RegistryConfig};
 use capy_server::{app, AppState};
 use capy_store::{Manifest, Store};
@@ -65,7 +65,7 @@ pub fn registry_at(store: Store, batch: BatchParams, warm: &[&str]) -> Arc<Regis
             load_timeout: std::time::Duration::from_secs(2),
         },
         store,
-        warm.iter().map(|w| w.to_string()).collect(),
+        warm.iter().map(|w| ServedModel::named(w)).collect(),
     )
 }
 
