@@ -517,13 +517,33 @@ pub async fn serve_connections(
         };
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
             tokio::spawn(async move {
-                let body = r#"{"error":{"message":"too many open connections; try again shortly","type":"unavailable_error","param":null,"code":"too_many_connections"}}"#;
+                use tokio::io::AsyncReadExt;
+                // the request line (if it comes within a second) says which API's shape
+                let mut stream = stream;
+                let mut buf = [0u8; 1024];
+                let n = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or(0);
+                let line = String::from_utf8_lossy(&buf[..n]);
+                let ollama = line
+                    .split_whitespace()
+                    .nth(1)
+                    .is_some_and(|p| p.starts_with("/api/"));
+                let message = "too many open connections; try again shortly";
+                let body = if ollama {
+                    serde_json::json!({"error": message})
+                } else {
+                    serde_json::json!({"error": {"message": message, "type": "unavailable_error",
+                                                 "param": null, "code": "too_many_connections"}})
+                }
+                .to_string();
                 let head = format!(
                     "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
                      retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
                     body.len()
                 );
-                let mut stream = stream;
                 let write = async {
                     stream.write_all(head.as_bytes()).await?;
                     stream.write_all(body.as_bytes()).await?;

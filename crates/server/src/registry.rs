@@ -351,10 +351,8 @@ impl Registry {
     /// mapped or repacked in place of their source pages) plus the KV cache and buffers of
     /// its engine.
     pub fn estimate(&self, path: &Path, params: &BatchParams) -> Result<u64, ApiError> {
-        let g = capy_gguf::Gguf::open(path)
-            .map_err(|e| ApiError::internal(format!("reading {}: {e}", path.display())))?;
-        let hp = capy_model::Hparams::from_gguf(&g)
-            .map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
+        let g = capy_gguf::Gguf::open(path).map_err(|e| gguf_error(path, e))?;
+        let hp = capy_model::Hparams::from_gguf(&g).map_err(|e| model_error(path, e))?;
         Ok(g.file_size() + params.memory_bytes(&hp))
     }
 
@@ -405,8 +403,11 @@ impl Registry {
         })
         .await
         .map_err(|e| ApiError::internal(format!("loading {}: {e}", r.name)))?;
-        let (engine, batch) = engine.map_err(|e| {
-            ApiError::internal(format!("loading {} ({}): {e}", r.name, r.path.display()))
+        let (engine, batch) = engine.map_err(|e| match e {
+            capy_engine::Error::Model(e) => model_error(&r.path, e),
+            capy_engine::Error::Gguf(e) => gguf_error(&r.path, e),
+            e @ (capy_engine::Error::Tokenizer(_) | capy_engine::Error::Template(_)) => unusable(e),
+            e => ApiError::internal(format!("loading {} ({}): {e}", r.name, r.path.display())),
         })?;
         let model = Arc::new(Loaded {
             sampling: self.default_sampling(&r, &engine.sampling),
@@ -622,6 +623,29 @@ impl Registry {
 
     pub fn used_bytes(&self) -> u64 {
         self.lock().values().map(|e| e.model.bytes).sum()
+    }
+}
+
+/// A model file capy cannot serve (an architecture it does not know, a malformed or
+/// truncated file, a tokenizer or template it cannot build): 400 `model_not_supported`
+/// saying why, so the client can tell it from a server fault. The reason names no paths.
+fn unusable(e: impl std::fmt::Display) -> ApiError {
+    ApiError::bad_request(format!("this model cannot be served: {e}")).code("model_not_supported")
+}
+
+/// [`unusable`], except a failure to read the file, which is the server's (500, logged).
+fn gguf_error(path: &Path, e: capy_gguf::Error) -> ApiError {
+    match e {
+        capy_gguf::Error::Io { .. } => ApiError::internal(format!("{}: {e}", path.display())),
+        e => unusable(e),
+    }
+}
+
+/// [`gguf_error`] for the model's own errors.
+fn model_error(path: &Path, e: capy_model::Error) -> ApiError {
+    match e {
+        capy_model::Error::Gguf(e) => gguf_error(path, e),
+        e => unusable(e),
     }
 }
 

@@ -153,6 +153,22 @@ async fn slow_and_idle_clients_are_cut_off_and_connections_are_capped() {
     let resp = read_all(&mut extra, Duration::from_secs(2)).await;
     assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
     assert_eq!(body_json(&resp)["error"]["code"], "too_many_connections");
+    // in Ollama's shape on its routes
+    let mut extra = TcpStream::connect(addr).await.expect("connect");
+    extra
+        .write_all(b"GET /api/tags HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let resp = read_all(&mut extra, Duration::from_secs(3)).await;
+    assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
+    let v = body_json(&resp);
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("too many open connections"),
+        "{v}"
+    );
     drop(held);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut ok = TcpStream::connect(addr).await.expect("connect");

@@ -126,6 +126,53 @@ async fn a_kv_cache_larger_than_the_machine_is_refused_not_an_abort() {
     assert!(e.message.contains("this machine has"), "{}", e.message);
 }
 
+/// A pulled file of an architecture capy does not run (or a cut-off one) answered 500 with
+/// a generic message: it is the model, not the server, so a 400 `model_not_supported` says
+/// why, on both APIs, and names no server paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_capy_cannot_run_is_a_400_saying_why() {
+    let store = temp_store("unsupported", &["phi", "cut"]);
+    // a GGUF v3 with no tensors and one key: general.architecture = "phi3"
+    let mut phi = b"GGUF".to_vec();
+    phi.extend(3u32.to_le_bytes());
+    phi.extend(0u64.to_le_bytes());
+    phi.extend(1u64.to_le_bytes());
+    let key = b"general.architecture";
+    phi.extend((key.len() as u64).to_le_bytes());
+    phi.extend(key);
+    phi.extend(8u32.to_le_bytes()); // string
+    phi.extend(4u64.to_le_bytes());
+    phi.extend(b"phi3");
+    let real = std::fs::read(store.model_path("cut")).expect("model");
+    for (name, bytes) in [("phi", phi), ("cut", real[..real.len() / 2].to_vec())] {
+        let path = store.model_path(name);
+        std::fs::remove_file(&path).expect("unlink");
+        std::fs::write(&path, bytes).expect("write");
+    }
+    let root = store.root.clone();
+    let app = app(capy_server::AppState::new(registry_at(
+        store,
+        small_batch(),
+        &[],
+    )));
+    for (model, want) in [
+        ("phi", "unsupported model architecture \"phi3\""),
+        ("cut", "lies outside the file"),
+    ] {
+        let body = format!(r#"{{"model": "{model}", "prompt": "Hi", "max_tokens": 1}}"#);
+        let (status, v, _) = call(&app, "POST", "/v1/completions", &body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+        assert_eq!(v["error"]["code"], "model_not_supported", "{v}");
+        let msg = v["error"]["message"].as_str().expect("message");
+        assert!(msg.contains(want), "{msg}");
+        assert!(!msg.contains(root.to_str().expect("utf-8")), "{msg}");
+        let body = format!(r#"{{"model": "{model}", "prompt": "Hi", "stream": false}}"#);
+        let (status, v, _) = call(&app, "POST", "/api/generate", &body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+        assert!(v["error"].as_str().expect("error").contains(want), "{v}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_loaded_models_and_keep_alive() {
     let r = registry("maxloaded", None, 1);
