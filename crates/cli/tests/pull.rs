@@ -173,9 +173,25 @@ fn pull_into(
     capy_store::Store::at(home).pull_with(url, &capy_store::NoProgress, policy)
 }
 
+/// A pull's progress as its caller sees it: each phase's label, total and bytes.
+#[derive(Default)]
+struct Recorded(std::sync::Mutex<Vec<(String, Option<u64>, u64)>>);
+
+impl capy_store::Progress for Recorded {
+    fn begin(&self, label: &str, total: Option<u64>) {
+        self.0.lock().unwrap().push((label.to_string(), total, 0));
+    }
+    fn advance(&self, bytes: u64) {
+        if let Some(last) = self.0.lock().unwrap().last_mut() {
+            last.2 += bytes;
+        }
+    }
+    fn end(&self) {}
+}
+
 /// Two concurrent pulls of one URL shared a partial file: one failed, the other committed
-/// a file matching neither checksum. One pull per name at a time; the second waits and
-/// finds the model there.
+/// a file matching neither checksum. One pull per name at a time; the second joins the
+/// first's progress (the same phases and bytes) and then finds the model there.
 #[test]
 fn two_concurrent_pulls_of_one_model_both_succeed_with_the_right_bytes() {
     let model = std::fs::read(model_path("smollm2-135m")).unwrap();
@@ -189,14 +205,40 @@ fn two_concurrent_pulls_of_one_model_both_succeed_with_the_right_bytes() {
     let pulls: Vec<_> = (0..2)
         .map(|_| {
             let (h, u) = (home.clone(), url.clone());
-            std::thread::spawn(move || pull_into(&h, &u, &Default::default()))
+            std::thread::spawn(move || {
+                let seen = Recorded::default();
+                let r = capy_store::Store::at(&h).pull_with(&u, &seen, &Default::default());
+                (r, seen.0.into_inner().unwrap())
+            })
         })
         .collect();
     let want = hex(&Sha256::digest(&model));
+    let mut seen = Vec::new();
     for p in pulls {
-        let m = p.join().unwrap().expect("both pulls succeed");
-        assert_eq!(m.sha256, want);
+        let (m, phases) = p.join().unwrap();
+        assert_eq!(m.expect("both pulls succeed").sha256, want);
+        seen.push(phases);
     }
+    // one pulled, the other waited and followed it: a phase of the puller's, with its
+    // total and some of its bytes, after "waiting for another pull"
+    seen.sort_by_key(|p| p.iter().any(|(l, ..)| l.starts_with("waiting")));
+    let (puller, follower) = (&seen[0], &seen[1]);
+    assert!(
+        follower[0]
+            .0
+            .starts_with("waiting for another pull of race"),
+        "{follower:?}"
+    );
+    let download = puller
+        .iter()
+        .find(|(_, total, _)| *total == Some(model.len() as u64))
+        .unwrap_or_else(|| panic!("the puller's download phase: {puller:?}"));
+    assert!(
+        follower
+            .iter()
+            .any(|(l, t, done)| l == &download.0 && *t == download.1 && *done > 0),
+        "the follower showed the download: {follower:?} (puller {puller:?})"
+    );
     let stored = std::fs::read(capy_store::Store::at(&home).model_path("race")).unwrap();
     assert_eq!(
         hex(&Sha256::digest(&stored)),
@@ -364,4 +406,45 @@ fn a_pull_nobody_waits_for_stops() {
     let sent = server.sent.load(std::sync::atomic::Ordering::Relaxed);
     assert!(sent < 32 << 20, "{sent} bytes sent after the client left");
     assert!(capy_store::Store::at(&home).list().unwrap().is_empty());
+}
+
+/// A pull waiting on another pull of the same model gives up when its own caller leaves
+/// (a `/api/pull` client that disconnects), without disturbing the first.
+#[test]
+fn a_waiting_pull_whose_caller_left_gives_up() {
+    struct LeavesAfter(std::time::Instant);
+    impl capy_store::Progress for LeavesAfter {
+        fn begin(&self, _: &str, _: Option<u64>) {}
+        fn advance(&self, _: u64) {}
+        fn end(&self) {}
+        fn cancelled(&self) -> bool {
+            self.0.elapsed() > std::time::Duration::from_millis(300)
+        }
+    }
+    let model = std::fs::read(model_path("smollm2-135m")).unwrap();
+    let server = Server::start(0);
+    server
+        .pause_ms
+        .store(2, std::sync::atomic::Ordering::Relaxed);
+    server.add("/m/wait.gguf", "application/octet-stream", model.clone());
+    let home = temp_dir("wait-leave");
+    let url = format!("{}/m/wait.gguf", server.base);
+    let first = {
+        let (h, u) = (home.clone(), url.clone());
+        std::thread::spawn(move || pull_into(&h, &u, &Default::default()))
+    };
+    while server.sent.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let t = std::time::Instant::now();
+    let e = capy_store::Store::at(&home)
+        .pull_with(&url, &LeavesAfter(t), &Default::default())
+        .expect_err("the caller left");
+    assert!(matches!(e, capy_store::Error::Cancelled), "{e}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(1),
+        "{:?}",
+        t.elapsed()
+    );
+    first.join().unwrap().expect("the first pull completes");
 }

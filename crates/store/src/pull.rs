@@ -452,17 +452,23 @@ fn extract_member(
 }
 
 /// One pull per name across processes: an exclusive lock on `partial/NAME.lock`, removed
-/// when the pull ends. A waiter that wakes holding a file someone already removed (and so
-/// no longer the lock others see) takes the lock again.
+/// when the pull ends. The holder mirrors its progress into the file ([`Mirror`]); a second
+/// caller follows it there (its progress shows the same phases and bytes, as Ollama's second
+/// `pull` joins the first) until the lock is free, and gives up if its own caller leaves. A
+/// waiter that then holds a file someone already removed (and so no longer the lock others
+/// see) takes the lock again.
 struct PullLock {
     path: PathBuf,
     file: File,
 }
 
+/// How often a waiting pull looks at the lock and the holder's progress.
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
 impl PullLock {
     fn take(path: &Path, progress: &dyn Progress, name: &str) -> Result<PullLock> {
         use std::os::unix::fs::MetadataExt;
-        let mut waited = false;
+        let mut following: Option<Followed> = None;
         loop {
             let file = OpenOptions::new()
                 .create(true)
@@ -470,19 +476,27 @@ impl PullLock {
                 .write(true)
                 .open(path)
                 .map_err(io_err(path))?;
-            if file.try_lock().is_err() {
-                if !waited {
-                    progress.begin(&format!("waiting for another pull of {name}"), None);
-                    waited = true;
+            while file.try_lock().is_err() {
+                if progress.cancelled() {
+                    if following.is_some() {
+                        progress.end();
+                    }
+                    return Err(Error::Cancelled);
                 }
-                file.lock().map_err(io_err(path))?;
+                let f = following.get_or_insert_with(|| {
+                    progress.begin(&format!("waiting for another pull of {name}"), None);
+                    Followed::default()
+                });
+                f.follow(path, progress);
+                std::thread::sleep(FOLLOW_EVERY);
             }
             let held = file.metadata().map_err(io_err(path))?;
             match std::fs::metadata(path) {
                 Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => {
-                    if waited {
+                    if following.is_some() {
                         progress.end();
                     }
+                    file.set_len(0).map_err(io_err(path))?;
                     return Ok(PullLock {
                         path: path.to_path_buf(),
                         file,
@@ -491,6 +505,98 @@ impl PullLock {
                 _ => continue,
             }
         }
+    }
+}
+
+/// What a waiting pull has shown of the holder's progress.
+#[derive(Default)]
+struct Followed {
+    label: String,
+    completed: u64,
+}
+
+impl Followed {
+    /// Reads the holder's mirrored progress (`label`, `total`, `completed`, a line each) and
+    /// shows what changed: a new phase, or bytes done.
+    fn follow(&mut self, path: &Path, progress: &dyn Progress) {
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return;
+        };
+        let mut lines = text.split('\n');
+        let (Some(label), Some(total), Some(done), Some("")) =
+            (lines.next(), lines.next(), lines.next(), lines.next())
+        else {
+            return; // nothing written yet, or caught mid-write
+        };
+        let (Ok(done), total) = (done.parse::<u64>(), total.parse::<u64>().ok()) else {
+            return;
+        };
+        if label != self.label {
+            progress.end();
+            progress.begin(label, total);
+            self.label = label.to_string();
+            self.completed = 0;
+        }
+        if done > self.completed {
+            progress.advance(done - self.completed);
+            self.completed = done;
+        }
+    }
+}
+
+/// The lock holder's progress, passed on to its caller and mirrored into the lock file for
+/// the pulls waiting on it (at most ten writes a second).
+struct Mirror<'a> {
+    inner: &'a dyn Progress,
+    file: &'a File,
+    /// Label, total, completed, when last written.
+    state: std::sync::Mutex<(String, Option<u64>, u64, Option<std::time::Instant>)>,
+}
+
+impl<'a> Mirror<'a> {
+    fn new(inner: &'a dyn Progress, file: &'a File) -> Mirror<'a> {
+        Mirror {
+            inner,
+            file,
+            state: std::sync::Mutex::new((String::new(), None, 0, None)),
+        }
+    }
+
+    fn write(&self, force: bool) {
+        use std::os::unix::fs::FileExt;
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !force && s.3.is_some_and(|t| t.elapsed() < FOLLOW_EVERY) {
+            return;
+        }
+        s.3 = Some(std::time::Instant::now());
+        let total = s.1.map(|t| t.to_string()).unwrap_or_default();
+        // one line each; a waiter that reads a torn write skips it (the last line is empty)
+        let text = format!("{}\n{total}\n{}\n", s.0.replace('\n', " "), s.2);
+        let _ = self.file.set_len(0);
+        let _ = self.file.write_all_at(text.as_bytes(), 0);
+    }
+}
+
+impl Progress for Mirror<'_> {
+    fn begin(&self, label: &str, total: Option<u64>) {
+        {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            *s = (label.to_string(), total, 0, s.3);
+        }
+        self.write(true);
+        self.inner.begin(label, total);
+    }
+    fn advance(&self, bytes: u64) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).2 += bytes;
+        self.write(false);
+        self.inner.advance(bytes);
+    }
+    fn end(&self) {
+        self.write(true);
+        self.inner.end();
+    }
+    fn cancelled(&self) -> bool {
+        self.inner.cancelled()
     }
 }
 
@@ -571,11 +677,13 @@ impl Store {
         let partial = self.partial_dir();
         std::fs::create_dir_all(&partial).map_err(io_err(&partial))?;
         let lock_path = partial.join(format!("{}.lock", slug(&store_name)));
-        let _lock = PullLock::take(&lock_path, progress, &store_name)?;
+        let lock = PullLock::take(&lock_path, progress, &store_name)?;
         // the other pull may have finished it
         if let Some(m) = self.get(&store_name)? {
             return same(m);
         }
+        let mirror = Mirror::new(progress, &lock.file);
+        let progress: &dyn Progress = &mirror;
         let url = url.unwrap_or_default();
         match r {
             ModelRef::Local(n) => Err(Error::NotFound(n)),
