@@ -312,12 +312,14 @@ async fn a_request_larger_than_the_queue_is_a_400_not_a_429() {
 }
 
 /// Internal errors reached clients as raw text with server file paths: the client gets a
-/// generic message with a request id, the detail goes to the log.
+/// generic message with a request id, the detail goes to the log. (A store entry that cannot
+/// be read, here a directory, is the server's fault; a malformed model file is a 400
+/// `model_not_supported`, tested in `registry.rs`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn internal_errors_hide_server_paths() {
     let store = common::temp_store("internal", &["m1"]);
     let bad = store.model_path("broken");
-    std::fs::write(&bad, b"GGUF\x03\x00\x00\x00garbage").expect("write");
+    std::fs::create_dir_all(&bad).expect("mkdir");
     let manifest = store.root.join("manifests").join("broken.json");
     let text = std::fs::read_to_string(store.root.join("manifests").join("m1.json"))
         .expect("manifest")
