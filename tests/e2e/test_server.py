@@ -534,6 +534,13 @@ class PerModelConfig(unittest.TestCase):
         self.assertEqual([m.model for m in self.oll.ps().models], ["assistant:latest"])
         with self.assertRaises(openai.NotFoundError):
             self.oai.chat.completions.create(model="smollm2-135m", messages=q, max_tokens=1)
+        # capy stop takes an alias, as clients use it
+        env = dict(os.environ, CAPY_HOST=self.url.removeprefix("http://"))
+        stop = subprocess.run([CAPY, "stop", "gpt-4o-mini"], env=env, capture_output=True,
+                              text=True, timeout=60)
+        self.assertEqual(stop.returncode, 0, stop.stderr)
+        self.assertIn("stopped assistant", stop.stdout)
+        self.assertEqual(self.oll.ps().models, [])
 
 
 if __name__ == "__main__":

@@ -28,6 +28,10 @@ pub fn model_path(arg: &str, pull: bool) -> Result<PathBuf> {
                 .with_context(|| format!("pulling {arg}"))?;
             Ok(store.resolve(arg)?)
         }
+        // the store's message says what a name may be
+        Err(e @ (capy_store::Error::NotFound(_) | capy_store::Error::AlreadyStored { .. })) => {
+            Err(e.into())
+        }
         Err(e) => {
             Err(e).with_context(|| format!("model {arg:?} is neither a file nor in the store"))
         }
@@ -50,7 +54,7 @@ pub fn configured_model(
             .and_then(|c| c.validate())
             .map_err(|e| anyhow!(e))
             .with_context(|| format!("config file {}", file.display()))?;
-        if let Some(m) = checked.models.into_iter().find(|m| m.answers_to(arg)) {
+        if let Some(m) = capy_server::config::find_model(&checked.models, arg).cloned() {
             let path = if m.is_path {
                 PathBuf::from(&m.source)
             } else {
@@ -169,17 +173,20 @@ impl SamplingArgs {
 }
 
 /// A model's default sampling: the config file's options for it, over a built-in model's
-/// card (by the name it was run with, or its configured source), over its GGUF's
-/// `general.sampling.*` keys.
+/// card (by the name it was run with, or its configured source; none for a configured
+/// path), over its GGUF's `general.sampling.*` keys.
 pub fn model_sampling(
     name: &str,
     settings: Option<&ServedModel>,
     engine: &Engine,
 ) -> SamplingOptions {
-    let card = capy_store::builtin(name)
-        .or_else(|| settings.and_then(|s| capy_store::builtin(&s.source)))
-        .and_then(|b| SamplingOptions::from_pairs(b.sampling).ok())
-        .unwrap_or_default();
+    let card = match settings {
+        Some(s) if s.is_path => None,
+        Some(s) => capy_store::builtin(&s.source),
+        None => capy_store::builtin(name),
+    }
+    .and_then(|b| SamplingOptions::from_pairs(b.sampling).ok())
+    .unwrap_or_default();
     let configured = settings.map(|s| s.sampling.clone()).unwrap_or_default();
     configured.or(&card.or(&engine.sampling))
 }

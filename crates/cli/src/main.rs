@@ -57,6 +57,9 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Serve(_)) {
+        default_sigpipe();
+    }
     let r = match cli.cmd {
         Cmd::Pull(a) => store_cmds::pull(a),
         Cmd::List => store_cmds::list(),
@@ -73,5 +76,17 @@ fn main() {
     if let Err(e) = r {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// A command whose output goes to a pipe that closes (`capy run ... | head`) ends quietly,
+/// as other command-line tools do, instead of panicking in `print!`. (Not for the server:
+/// its sockets report a closed peer as an error.)
+fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to its default has no memory effects; it runs
+    // before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

@@ -1,6 +1,7 @@
 //! `capy ps` and `capy stop`: what a running `capy serve` has loaded, and unloading a model
 //! now, as `ollama ps` and `ollama stop` do. The server is found at `CAPY_HOST` (a host,
-//! `host:port` or a URL) and `CAPY_PORT`, the same variables `capy serve` listens by.
+//! `host:port` or a URL) and `CAPY_PORT`, the same variables `capy serve` listens by, or
+//! the config file's `host` and `port`.
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -11,15 +12,22 @@ pub struct StopArgs {
     pub model: String,
 }
 
-/// The server's base URL from `CAPY_HOST` and `CAPY_PORT` (default `127.0.0.1:11434`; a
-/// server listening on every address, `0.0.0.0`, is reached on loopback).
+/// The server's base URL from `CAPY_HOST` and `CAPY_PORT`, else the `host` and `port` of
+/// the config file `capy serve` reads (`CAPY_CONFIG`, or config.toml in CAPY_HOME), else
+/// `127.0.0.1:11434`; a server listening on every address, `0.0.0.0`, is reached on
+/// loopback.
 pub fn server_url() -> String {
-    let host = std::env::var("CAPY_HOST").unwrap_or_default();
+    let file = std::env::var_os("CAPY_CONFIG").map(std::path::PathBuf::from);
+    let cfg =
+        capy_server::config::config_path(file.as_deref(), &capy_store::Store::open_default().root)
+            .and_then(|p| capy_server::config::Config::from_file(&p).ok())
+            .unwrap_or_default();
+    let host = std::env::var("CAPY_HOST").unwrap_or(cfg.host);
     let host = host.trim().trim_end_matches('/');
     if host.contains("://") {
         return host.to_string();
     }
-    let port = std::env::var("CAPY_PORT").unwrap_or_else(|_| "11434".into());
+    let port = std::env::var("CAPY_PORT").unwrap_or_else(|_| cfg.port.to_string());
     let (h, p) = match host.rsplit_once(':') {
         Some((h, p)) if p.parse::<u16>().is_ok() && !h.is_empty() => (h, p.to_string()),
         _ => (host, port.trim().to_string()),
@@ -87,22 +95,22 @@ pub fn ps() -> Result<()> {
 pub fn stop(a: StopArgs) -> Result<()> {
     let base = server_url();
     let loaded = call(client()?.get(format!("{base}/api/ps")), &base)?;
-    let name = a.model.trim_end_matches(":latest");
-    // a built-in model's alias names the model by its own name
-    let name = capy_store::builtin(name).map_or(name, |b| b.name);
-    let is_loaded = loaded["models"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|m| m["name"].as_str().map(|n| n.trim_end_matches(":latest")) == Some(name));
-    if !is_loaded {
-        bail!("{name} is not loaded (see `capy ps`)");
-    }
-    let body = serde_json::json!({"model": name, "keep_alive": 0});
-    call(
+    // the server resolves the name (a configured alias, a built-in's alias) and unloads it
+    // now, or as soon as its running requests end
+    let body = serde_json::json!({"model": a.model.trim(), "keep_alive": 0});
+    let v = call(
         client()?.post(format!("{base}/api/generate")).json(&body),
         &base,
     )?;
+    let name = v["model"].as_str().unwrap_or(a.model.trim()).to_string();
+    let was_loaded = loaded["models"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|m| m["name"].as_str().map(|n| n.trim_end_matches(":latest")) == Some(&name));
+    if !was_loaded {
+        bail!("{name} is not loaded (see `capy ps`)");
+    }
     println!("stopped {name}");
     Ok(())
 }

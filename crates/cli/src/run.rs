@@ -27,8 +27,9 @@ pub struct RunArgs {
     /// System message [default: the config file's `system` for the model, else none].
     #[arg(long)]
     pub system: Option<String>,
-    /// Most tokens per answer.
-    #[arg(short = 'n', long, default_value_t = 512)]
+    /// Most tokens per answer (-1: until the context is full).
+    #[arg(short = 'n', long, default_value_t = 512, allow_negative_numbers = true,
+          value_parser = num_predict)]
     pub max_tokens: usize,
     /// Context size in tokens, 16 or more (at most the model's trained context)
     /// [default: the config file's `ctx_size` for the model, else 4096].
@@ -62,13 +63,23 @@ struct Chat {
     model_options: SamplingOptions,
     options: SamplingOptions,
     max_tokens: usize,
+    /// Stop strings (`/set parameter stop ...`).
+    stop: Vec<String>,
     verbose: bool,
+}
+
+/// `-n`: Ollama's `num_predict` range; -1 and -2 run until the context is full.
+fn num_predict(s: &str) -> Result<usize, String> {
+    params::NUM_PREDICT
+        .parse(s)
+        .map(|v| usize::try_from(v as i64).unwrap_or(usize::MAX))
 }
 
 const HELP: &str = "Available commands:
   /set parameter NAME VALUE   set a sampling parameter (temperature, top_k, top_p, min_p,
                               repeat_penalty, repeat_last_n, presence_penalty,
                               frequency_penalty, seed, num_predict)
+  /set parameter stop S ...   stop strings (none: clear them)
   /set system TEXT            set the system message (clears the conversation)
   /set verbose | /set quiet   show or hide token counts and speeds
   /show [info|parameters|system|template]
@@ -99,6 +110,10 @@ impl Chat {
                 eprintln!("Cleared session context");
             }
             ("/?" | "/help", _) => eprintln!("{HELP}"),
+            ("/set", ["parameter", "stop", words @ ..]) => {
+                self.stop = words.iter().map(|w| w.to_string()).collect();
+                eprintln!("Set parameter 'stop' to '{}'", self.stop.join(", "));
+            }
             ("/set", ["parameter", name, value]) => self.set_parameter(name, value),
             ("/set", ["system", ..]) => {
                 let s = text
@@ -125,14 +140,9 @@ impl Chat {
 
     fn set_parameter(&mut self, name: &str, value: &str) {
         let r = if name == "num_predict" {
-            params::NUM_PREDICT.parse(value).map(|v| {
-                self.max_tokens = usize::try_from(v as i64).unwrap_or(usize::MAX);
-            })
+            num_predict(value).map(|n| self.max_tokens = n)
         } else {
-            value
-                .parse::<f64>()
-                .map_err(|_| format!("{name} must be a number, got {value:?}"))
-                .and_then(|v| self.options.set(name, v))
+            self.options.set_text(name, value)
         };
         match r {
             Ok(()) => eprintln!("Set parameter '{name}' to '{value}'"),
@@ -172,7 +182,14 @@ impl Chat {
                 eprintln!("    repeat_last_n       {}", p.repeat_last_n as i64);
                 eprintln!("    presence_penalty    {}", p.presence_penalty);
                 eprintln!("    frequency_penalty   {}", p.frequency_penalty);
-                eprintln!("    num_predict         {}", self.max_tokens);
+                if self.max_tokens == usize::MAX {
+                    eprintln!("    num_predict         -1");
+                } else {
+                    eprintln!("    num_predict         {}", self.max_tokens);
+                }
+                if !self.stop.is_empty() {
+                    eprintln!("    stop                {:?}", self.stop);
+                }
                 if let Some(s) = p.seed {
                     eprintln!("    seed                {s}");
                 }
@@ -199,6 +216,7 @@ impl Chat {
         let prompt = self.engine.chat_tokens(&all)?;
         let params = GenerateParams {
             max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
             sampler: self.options.or(&self.model_options).params(),
             ..Default::default()
         };
@@ -216,14 +234,14 @@ impl Chat {
         if self.verbose {
             let n_gen = r.tokens.len();
             eprintln!(
-                "prompt: {} tokens, {:.1} ms, {:.1} tokens/s | generation: {} tokens, {:.1} ms, {:.1} tokens/s | stop: {:?} | kernels: {}",
+                "prompt: {} tokens, {:.1} ms, {:.1} tokens/s | generation: {} tokens, {:.1} ms, {:.1} tokens/s | stop: {} | kernels: {}",
                 r.prompt_n,
                 r.prompt_ms,
                 r.prompt_n as f64 / (r.prompt_ms / 1e3).max(1e-9),
                 n_gen,
                 r.gen_ms,
                 n_gen.saturating_sub(1) as f64 / (r.gen_ms / 1e3).max(1e-9),
-                r.stop_reason,
+                format!("{:?}", r.stop_reason).to_lowercase(),
                 capy_kernels::kernels().name
             );
         }
@@ -248,7 +266,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         ..Default::default()
     });
     let mut chat = Chat {
-        name: a.model.clone(),
+        name: settings.map_or_else(|| a.model.clone(), |s| s.name.clone()),
         model_options: model_sampling(&a.model, settings, &engine),
         engine,
         session,
@@ -259,6 +277,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             .or_else(|| settings.and_then(|s| s.system.clone())),
         options: a.sampling.options(),
         max_tokens: a.max_tokens,
+        stop: Vec::new(),
         verbose: a.verbose,
     };
     if let Some(prompt) = &a.prompt {

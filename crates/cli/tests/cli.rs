@@ -320,3 +320,49 @@ fn run_checks_context_and_threads() {
     assert!(ok, "{err}");
     assert!(err.contains("1000 threads asked for"), "{err}");
 }
+
+/// `capy run ... | head -c 20` panicked ("failed printing to stdout: Broken pipe"): a closed
+/// pipe ends the command quietly.
+#[test]
+fn a_closed_output_pipe_is_not_a_panic() {
+    use std::io::Read;
+    let mut child = common::capy()
+        .args([
+            "run",
+            "smollm2-135m",
+            "-n",
+            "200",
+            "--temp",
+            "0",
+            "Tell a long story.",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("runs");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut first = [0u8; 8];
+    out.read_exact(&mut first).expect("some output");
+    drop(out);
+    let done = child.wait_with_output().expect("exits");
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// `/set parameter stop` was "must be a number" and `-n -1` a clap error; Ollama takes both.
+#[test]
+fn run_takes_stop_strings_and_unlimited_answers() {
+    let input = b"/set parameter stop END QED\n/show parameters\n/set parameter seed 12345678901234567\n/show parameters\n/bye\n";
+    let (ok, _, err) = common::run_piped(&["run", "smollm2-135m", "-n", "-1"], &[], input);
+    assert!(ok, "{err}");
+    assert!(err.contains("Set parameter 'stop' to 'END, QED'"), "{err}");
+    assert!(
+        err.contains(r#"stop                ["END", "QED"]"#),
+        "{err}"
+    );
+    assert!(err.contains("num_predict         -1"), "{err}");
+    assert!(
+        err.contains("seed                12345678901234567"),
+        "exact: {err}"
+    );
+}

@@ -312,7 +312,7 @@ fn pulls_stay_within_their_policy() {
     }
     let limited = capy_store::PullPolicy {
         max_bytes: Some(1 << 20),
-        hosts: vec![],
+        ..Default::default()
     };
     let e =
         pull_into(&home, &format!("{}/m/eight.gguf", server.base), &limited).expect_err("too big");
@@ -328,8 +328,8 @@ fn pulls_stay_within_their_policy() {
         &format!("http://localhost:{port}/m/eight.gguf"),
     );
     let only_ip = capy_store::PullPolicy {
-        max_bytes: None,
         hosts: vec!["127.0.0.1".into()],
+        ..Default::default()
     };
     let e = pull_into(&home, &format!("{}/hop/eight.gguf", server.base), &only_ip)
         .expect_err("redirect");
@@ -342,14 +342,18 @@ fn pulls_stay_within_their_policy() {
     .expect_err("host");
     assert!(e.to_string().contains("may pull from"), "{e}");
     let both = capy_store::PullPolicy {
-        max_bytes: None,
         hosts: vec!["127.0.0.1".into(), "localhost".into()],
+        ..Default::default()
     };
     pull_into(&home, &format!("{}/hop/eight.gguf", server.base), &both).expect("allowed redirect");
     // the same name from another URL is not a silent success
     let e = pull_into(&home, &format!("{}/m/eight.gguf", server.base), &both)
         .expect_err("other source");
     assert!(e.to_string().contains("already in the store"), "{e}");
+    assert!(
+        !e.to_string().contains("is not a model name"),
+        "one message: {e}"
+    );
     // nor is a stored name behind a host the policy refuses
     let e = pull_into(
         &home,
@@ -447,4 +451,37 @@ fn a_waiting_pull_whose_caller_left_gives_up() {
         t.elapsed()
     );
     first.join().unwrap().expect("the first pull completes");
+}
+
+/// A pull from an upstream that accepts and never answers (or stops sending) never ended:
+/// it held the model's pull lock and a thread, and kept the server from exiting. Waiting
+/// for headers and for each read is bounded.
+#[test]
+fn a_pull_from_a_stalled_upstream_ends() {
+    let stalled = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/stuck.gguf", stalled.local_addr().unwrap());
+    // accepts and holds the connections without a word
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        for c in stalled.incoming().take(1) {
+            conns.push(c);
+            std::thread::sleep(std::time::Duration::from_secs(5));
+        }
+    });
+    let home = temp_dir("stalled");
+    let policy = capy_store::PullPolicy {
+        read_timeout: Some(std::time::Duration::from_secs(1)),
+        ..Default::default()
+    };
+    let t = std::time::Instant::now();
+    let e = pull_into(&home, &url, &policy).expect_err("times out");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(4),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(e.to_string().contains("stuck.gguf"), "{e}");
+    // and the name is free again for the next pull
+    assert!(!home.join("partial").join("stuck.lock").exists());
+    held.join().unwrap();
 }

@@ -187,6 +187,27 @@ impl SamplingOptions {
         .collect()
     }
 
+    /// Sets one setting from text (`/set parameter`, a config value): a number in its range,
+    /// `seed` any 64-bit integer, read exactly (not through a float).
+    ///
+    /// # Errors
+    /// Not a number, an unknown name or a value outside its range.
+    pub fn set_text(&mut self, name: &str, text: &str) -> Result<(), String> {
+        let t = text.trim();
+        if name == "seed" {
+            let seed = t
+                .parse::<u64>()
+                .or_else(|_| t.parse::<i64>().map(|i| i as u64))
+                .map_err(|_| format!("seed must be a 64-bit integer, got {t:?}"))?;
+            self.seed = Some(seed);
+            return Ok(());
+        }
+        let v = t
+            .parse::<f64>()
+            .map_err(|_| format!("{name} must be a number, got {t:?}"))?;
+        self.set(name, v)
+    }
+
     /// These settings, with `base`'s where these have none.
     pub fn or(&self, base: &SamplingOptions) -> SamplingOptions {
         SamplingOptions {

@@ -135,7 +135,8 @@ pub struct Config {
     /// every model in the store is served, loaded on its first request.
     #[serde(deserialize_with = "list_or_tables")]
     pub models: Vec<ModelEntry>,
-    /// Default idle time before a model is unloaded ("5m"; "-1" never).
+    /// Default idle time before a model is unloaded ("5m", or seconds; -1 never).
+    #[serde(deserialize_with = "duration_text")]
     pub keep_alive: String,
     /// Most models loaded at once.
     pub max_loaded_models: usize,
@@ -249,10 +250,12 @@ impl Config {
                 .models
                 .into_iter()
                 .map(|m| {
-                    match from_file
-                        .iter()
-                        .position(|e| e.name == m || e.config.aliases.contains(&m))
-                    {
+                    let canonical = store_name(&m);
+                    match from_file.iter().position(|e| {
+                        e.name == m
+                            || e.config.aliases.contains(&m)
+                            || store_name(&e.name) == canonical
+                    }) {
                         Some(i) => from_file.remove(i),
                         None => ModelEntry {
                             name: m,
@@ -325,12 +328,8 @@ impl Config {
         let mut models: Vec<ServedModel> = Vec::with_capacity(self.models.len());
         for e in &self.models {
             let m = e.check()?;
-            let names = || std::iter::once(&m.name).chain(&m.aliases);
-            for n in names() {
-                if let Some(other) = models
-                    .iter()
-                    .find(|o| o.name == *n || o.aliases.contains(n))
-                {
+            for n in m.names() {
+                if let Some(other) = models.iter().find(|o| o.names().any(|x| x == n)) {
                     return Err(format!(
                         "models: the name {n:?} is given to both {:?} and {:?}",
                         other.name, m.name
@@ -394,7 +393,8 @@ pub struct ModelConfig {
     /// Loaded at start and kept loaded (the default); `false`: loaded on first request and
     /// unloaded after its keep-alive.
     pub warm: Option<bool>,
-    /// Idle time before this model is unloaded, when not warm ("10m", "-1").
+    /// Idle time before this model is unloaded, when not warm ("10m", or seconds; -1 never).
+    #[serde(deserialize_with = "some_duration_text")]
     pub keep_alive: Option<String>,
     /// System message for chats that bring none (Ollama's `SYSTEM`).
     pub system: Option<String>,
@@ -451,6 +451,32 @@ impl ServedModel {
         let name = name.strip_suffix(":latest").unwrap_or(name);
         self.name == name || self.key == name || self.aliases.iter().any(|a| a == name)
     }
+
+    /// The names this model may be asked for by: its name, the name as written, aliases.
+    fn names(&self) -> impl Iterator<Item = &String> {
+        std::iter::once(&self.name)
+            .chain(std::iter::once(&self.key))
+            .chain(&self.aliases)
+    }
+}
+
+/// The configured model a client's name means: one that [`ServedModel::answers_to`] it,
+/// else one named as the store names it (a built-in's alias such as `smollm2` means the
+/// table `[models.smollm2-135m]`).
+pub fn find_model<'a>(models: &'a [ServedModel], name: &str) -> Option<&'a ServedModel> {
+    models.iter().find(|m| m.answers_to(name)).or_else(|| {
+        let canonical = store_name(name.trim().strip_suffix(":latest").unwrap_or(name.trim()));
+        models
+            .iter()
+            .find(|m| m.name == canonical || store_name(&m.key) == canonical)
+    })
+}
+
+/// A name as the store knows it (`smollm2` -> `smollm2-135m`), or as given.
+fn store_name(name: &str) -> String {
+    capy_store::ModelRef::parse(name)
+        .map(|r| r.store_name())
+        .unwrap_or_else(|_| name.to_string())
 }
 
 impl ModelEntry {
@@ -462,9 +488,12 @@ impl ModelEntry {
     pub fn check(&self) -> Result<ServedModel, String> {
         let c = &self.config;
         let at = |field: &str| format!("models.{}.{field}", self.name);
-        if self.name.trim().is_empty() || self.name.chars().any(char::is_whitespace) {
+        if self.name.trim().is_empty()
+            || self.name.chars().any(char::is_whitespace)
+            || self.name.ends_with(":latest")
+        {
             return Err(format!(
-                "models: {:?} is not a model name (no spaces, not empty)",
+                "models: {:?} is not a model name (not empty, no spaces, no :latest tag)",
                 self.name
             ));
         }
@@ -481,14 +510,15 @@ impl ModelEntry {
                 }
                 (p.clone(), true)
             }
-            (None, Some(s)) => (s.clone(), false),
+            // a .gguf file given as the source is served as `path` would be
+            (None, Some(s)) => (s.clone(), s.ends_with(".gguf") && Path::new(s).is_file()),
             // a listed .gguf path serves the file under its stem
             (None, None) => (
                 self.name.clone(),
                 self.name.ends_with(".gguf") && Path::new(&self.name).is_file(),
             ),
         };
-        let name = if is_path && c.path.is_none() {
+        let name = if is_path && c.path.is_none() && c.source.is_none() {
             Path::new(&self.name)
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
@@ -502,7 +532,7 @@ impl ModelEntry {
             self.name.clone()
         };
         for a in &c.aliases {
-            if a.trim().is_empty() || a.chars().any(char::is_whitespace) {
+            if a.trim().is_empty() || a.chars().any(char::is_whitespace) || a.ends_with(":latest") {
                 return Err(format!("{}: {a:?} is not a name", at("aliases")));
             }
         }
@@ -522,11 +552,18 @@ impl ModelEntry {
         for (k, v) in &c.options {
             let field = at(&format!("options.{k}"));
             let n = match v {
-                toml::Value::Integer(i) => *i as f64,
-                toml::Value::Float(f) => *f,
-                _ => return Err(format!("{field} must be a number, got a {}", v.type_str())),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                _ => {
+                    return Err(format!(
+                        "{field} must be a number, got {}",
+                        article(v.type_str())
+                    ))
+                }
             };
-            sampling.set(k, n).map_err(|e| format!("{field}: {e}"))?;
+            sampling
+                .set_text(k, &n)
+                .map_err(|e| format!("{field}: {e}"))?;
         }
         Ok(ServedModel {
             name,
@@ -544,6 +581,33 @@ impl ModelEntry {
     }
 }
 
+/// A duration as the file gives it: a string ("5m") or a number of seconds (300, -1).
+fn duration_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    use serde::de::Error;
+    match toml::Value::deserialize(d)? {
+        toml::Value::String(s) => Ok(s),
+        toml::Value::Integer(i) => Ok(i.to_string()),
+        toml::Value::Float(f) => Ok(f.to_string()),
+        v => Err(D::Error::custom(format!(
+            "a duration is a string such as \"5m\" or a number of seconds, got {}",
+            article(v.type_str())
+        ))),
+    }
+}
+
+fn some_duration_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    duration_text(d).map(Some)
+}
+
+/// "a string", "an array".
+fn article(what: &str) -> String {
+    if what.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        format!("an {what}")
+    } else {
+        format!("a {what}")
+    }
+}
+
 /// `models = ["a", "b"]` or `[models.NAME]` tables, in the file's order.
 fn list_or_tables<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ModelEntry>, D::Error> {
     use serde::de::Error;
@@ -556,8 +620,8 @@ fn list_or_tables<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ModelEnt
                     config: ModelConfig::default(),
                 }),
                 v => Err(D::Error::custom(format!(
-                    "models: a list holds model names, got a {}",
-                    v.type_str()
+                    "models: a list holds model names, got {}",
+                    article(v.type_str())
                 ))),
             })
             .collect(),
@@ -570,8 +634,8 @@ fn list_or_tables<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ModelEnt
             })
             .collect(),
         v => Err(D::Error::custom(format!(
-            "models is a list of names or [models.NAME] tables, got a {}",
-            v.type_str()
+            "models is a list of names or [models.NAME] tables, got {}",
+            article(v.type_str())
         ))),
     }
 }
@@ -696,13 +760,22 @@ options = { temperature = 0.7, top_k = 20, seed = -1 }
 [models.cold]
 source = "gemma3-270m"
 warm = false
-keep_alive = "10m"
+keep_alive = 600
+
+[models.seeded]
+source = "smollm2"
+options = { seed = 12345678901234567 }
 "#,
         )
         .expect("valid TOML");
         let k = c.validate().expect("valid");
         let names: Vec<&str> = k.models.iter().map(|m| m.name.as_str()).collect();
-        assert_eq!(names, ["assistant", "cold"], "the file's order");
+        assert_eq!(names, ["assistant", "cold", "seeded"], "the file's order");
+        assert_eq!(
+            k.models[2].sampling.seed,
+            Some(12345678901234567),
+            "exact, not through a float"
+        );
         let a = &k.models[0];
         assert_eq!(a.source, "smollm2-135m");
         assert!(!a.is_path && a.warm);
@@ -751,6 +824,35 @@ keep_alive = "10m"
             (k.models[1].name.as_str(), k.models[1].ctx_size),
             ("m3", None)
         );
+
+        // a built-in's alias picks the table named as the store names it, on the command
+        // line and in requests alike
+        let mut c = Config::from_toml("[models.smollm2-135m]\nctx_size = 256\n").expect("valid");
+        c.apply(Overrides {
+            models: vec!["smollm2".into()],
+            ..Default::default()
+        });
+        let k = c.validate().expect("valid");
+        assert_eq!(
+            k.models[0].ctx_size,
+            Some(256),
+            "-m smollm2 keeps the table"
+        );
+        for n in ["smollm2", "smollm2:latest", "smollm2-135m"] {
+            let m = find_model(&k.models, n).expect(n);
+            assert_eq!(m.name, "smollm2-135m");
+        }
+        assert!(find_model(&k.models, "gemma3").is_none());
+        // a table keep_alive of seconds, as the top-level one
+        let k = Config::from_toml("keep_alive = -1\n[models.a]\nkeep_alive = 300\n")
+            .expect("valid")
+            .validate()
+            .expect("valid");
+        assert_eq!(k.keep_alive, KeepAlive::Forever);
+        assert_eq!(
+            k.models[0].keep_alive,
+            Some(KeepAlive::For(Duration::from_secs(300)))
+        );
     }
 
     /// Every bad per-model setting is refused at start with the setting named.
@@ -781,6 +883,10 @@ keep_alive = "10m"
                 "models.a.options.top_p must be a number, got a string",
             ),
             (
+                "[models.a.options]\ntop_k = [1]",
+                "models.a.options.top_k must be a number, got an array",
+            ),
+            (
                 "[models.a]\npath = \"/x.gguf\"\nsource = \"m1\"",
                 "not both",
             ),
@@ -791,6 +897,12 @@ keep_alive = "10m"
             ),
             ("[models.a]\naliases = [\"\"]", "models.a.aliases"),
             ("[models.\"a b\"]", "is not a model name"),
+            ("[models.\"a:latest\"]", "no :latest tag"),
+            ("[models.a]\naliases = [\"b:latest\"]", "models.a.aliases"),
+            (
+                "[models.smollm2]\n[models.x]\naliases = [\"smollm2\"]",
+                "the name \"smollm2\" is given to both",
+            ),
             ("models = [1]", "a list holds model names"),
             ("models = 3", "a list of names or [models.NAME] tables"),
             ("models = [\"a\", \"a\"]", "given to both"),

@@ -32,10 +32,11 @@ impl ModelInfo {
     /// Reads the header of the GGUF at `path`.
     ///
     /// # Errors
-    /// The file cannot be read or is not a valid GGUF.
-    pub fn read(path: &Path) -> Result<ModelInfo, String> {
-        let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
-        let g = capy_gguf::Gguf::open(path).map_err(|e| e.to_string())?;
+    /// The file cannot be read (500), or is not a valid GGUF (400 `model_not_supported`).
+    pub fn read(path: &Path) -> Result<ModelInfo, ApiError> {
+        let meta = std::fs::metadata(path)
+            .map_err(|e| ApiError::internal(format!("reading {}: {e}", path.display())))?;
+        let g = capy_gguf::Gguf::open(path).map_err(|e| crate::registry::gguf_error(path, e))?;
         let arch = g
             .get_str("general.architecture")
             .ok()
@@ -106,11 +107,7 @@ impl InfoCache {
             }
         }
         let p = path.to_path_buf();
-        let info = blocking(move || {
-            ModelInfo::read(&p)
-                .map_err(|e| ApiError::internal(format!("reading {}: {e}", p.display())))
-        })
-        .await?;
+        let info = blocking(move || ModelInfo::read(&p)).await?;
         let info = Arc::new(info);
         self.lock().insert(path.to_path_buf(), Arc::clone(&info));
         Ok(info)

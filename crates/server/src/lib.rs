@@ -109,6 +109,7 @@ impl AppState {
             s.pull = cfg.api_pull.then(|| capy_store::PullPolicy {
                 max_bytes: checked.max_pull,
                 hosts: cfg.pull_hosts.clone(),
+                ..Default::default()
             });
         }
         st
@@ -401,13 +402,17 @@ async fn detokenize(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
 
 /// [`serve`] on a tokio runtime of its own (two I/O threads: the engines have theirs).
 pub fn run(cfg: Config, store: capy_store::Store) -> Result<(), String> {
-    tokio::runtime::Builder::new_multi_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("capy-http")
         .enable_all()
         .build()
-        .map_err(|e| format!("starting the runtime: {e}"))?
-        .block_on(serve(cfg, store))
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    let r = rt.block_on(serve(cfg, store));
+    // blocking work still running (a pull waiting on a slow upstream) does not hold the
+    // exit: the shutdown deadline has passed
+    rt.shutdown_timeout(Duration::from_secs(1));
+    r
 }
 
 /// Runs the server until Ctrl-C or SIGTERM: binds, starts answering (503 on `/health`
@@ -435,10 +440,26 @@ pub async fn serve(cfg: Config, store: capy_store::Store) -> Result<(), String> 
         match warm.load_warm_set().await {
             Ok(()) => {
                 let names = warm.registry.warm_names();
-                if names.is_empty() {
-                    eprintln!("capy: ready; models in the store load on first request");
-                } else {
-                    eprintln!("capy: ready; loaded {}", names.join(", "));
+                let cold: Vec<String> = warm
+                    .registry
+                    .configured_names()
+                    .into_iter()
+                    .filter(|n| !names.contains(n))
+                    .collect();
+                match (names.is_empty(), cold.is_empty()) {
+                    (true, true) => {
+                        eprintln!("capy: ready; models in the store load on first request")
+                    }
+                    (false, true) => eprintln!("capy: ready; loaded {}", names.join(", ")),
+                    (true, false) => eprintln!(
+                        "capy: ready; serving {} (loaded on first request)",
+                        cold.join(", ")
+                    ),
+                    (false, false) => eprintln!(
+                        "capy: ready; loaded {}; serving {} too (loaded on first request)",
+                        names.join(", "),
+                        cold.join(", ")
+                    ),
                 }
             }
             Err(e) => {
@@ -550,6 +571,18 @@ pub async fn serve_connections(
                     stream.shutdown().await
                 };
                 let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+                // read what the client still sends (a request body) for a moment, so the
+                // close does not reset the connection before it reads the answer
+                let drain = async {
+                    let mut seen = 0usize;
+                    while seen < 4 << 20 {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => seen += n,
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
             });
             continue;
         };

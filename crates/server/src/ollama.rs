@@ -103,6 +103,21 @@ struct GenerateRequest {
     context: Option<Vec<u32>>,
     #[serde(default)]
     images: Vec<Value>,
+    format: Option<Value>,
+    template: Option<String>,
+}
+
+/// `format` (JSON mode, a JSON schema) is refused until structured outputs exist, rather
+/// than ignored: a client relying on it would get prose. `null` and `""` mean none.
+fn no_format(format: &Option<Value>) -> Result<(), ApiError> {
+    match format {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(s)) if s.is_empty() => Ok(()),
+        Some(_) => Err(ApiError::bad_request(
+            "format (JSON mode and JSON schemas) is not supported yet",
+        )
+        .param("format")),
+    }
 }
 
 /// An empty request loads (or with `keep_alive: 0` unloads) the model, as Ollama does.
@@ -114,7 +129,7 @@ async fn load_only(
 ) -> Result<Response, ApiError> {
     let name = st.registry.resolve(model).map_err(ollama)?.name;
     let reason = if ka == Some(KeepAlive::For(Duration::ZERO)) {
-        st.registry.unload(&name);
+        st.registry.unload_soon(&name);
         "unload"
     } else {
         drop(st.registry.acquire(model, ka).await.map_err(ollama)?);
@@ -140,6 +155,13 @@ async fn generate_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiE
     let t0 = Instant::now();
     let req: GenerateRequest = params::parse(&body, params::GENERATE, Flavor::Ollama)?;
     let ka = keep_alive(&req.keep_alive)?;
+    no_format(&req.format)?;
+    if req.template.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(ApiError::bad_request(
+            "template (a prompt template for this request) is not supported; the model's own chat template is used",
+        )
+        .param("template"));
+    }
     if !req.images.is_empty() {
         return Err(ApiError::bad_request(
             "images are not supported by this model",
@@ -166,7 +188,8 @@ async fn generate_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiE
         prompt.extend(m.encode(req.prompt.clone(), first, true).await?);
     } else {
         let mut msgs = Vec::new();
-        if let Some(s) = &req.system {
+        // "" is no system message, as Ollama takes it (the model's default then applies)
+        if let Some(s) = req.system.as_ref().filter(|s| !s.is_empty()) {
             msgs.push(Message::new("system", s));
         }
         msgs.push(Message::new("user", &req.prompt));
@@ -207,6 +230,7 @@ struct ChatRequest {
     keep_alive: Option<Value>,
     #[serde(default)]
     tools: Vec<Value>,
+    format: Option<Value>,
 }
 
 pub async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
@@ -221,6 +245,19 @@ async fn chat_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError
     let ka = keep_alive(&req.keep_alive)?;
     if req.messages.is_empty() {
         return load_only(&st, &req.model, ka, true).await;
+    }
+    no_format(&req.format)?;
+    if let Some((i, m)) = req
+        .messages
+        .iter()
+        .enumerate()
+        .find(|(_, m)| !["system", "user", "assistant", "tool"].contains(&m.role.as_str()))
+    {
+        return Err(ApiError::bad_request(format!(
+            "messages[{i}].role must be system, user, assistant or tool, got {:?}",
+            m.role
+        ))
+        .param(format!("messages[{i}].role")));
     }
     if req.messages.iter().any(|m| !m.images.is_empty()) {
         return Err(ApiError::bad_request(
@@ -335,10 +372,17 @@ async fn run(
     ))
 }
 
-fn digest(st: &AppState, name: &str) -> String {
+/// The sha256 of a served model's stored file (by its source's store name), or empty.
+fn digest(st: &AppState, settings: &crate::config::ServedModel) -> String {
+    if settings.is_path {
+        return String::new();
+    }
+    let Ok(r) = capy_store::ModelRef::parse(&settings.source) else {
+        return String::new();
+    };
     st.registry
         .store
-        .get(name)
+        .get(&r.store_name())
         .ok()
         .flatten()
         .map(|m| m.sha256)
@@ -362,7 +406,7 @@ pub async fn tags(State(st): State<Arc<AppState>>) -> Response {
             "name": name, "model": name,
             "modified_at": rfc3339(info.as_ref().map_or(SystemTime::UNIX_EPOCH, |i| i.modified)),
             "size": info.as_ref().map_or(0, |i| i.size),
-            "digest": digest(&st, &r.name),
+            "digest": digest(&st, &r.settings),
             "details": info.map_or_else(|| json!({"format": "gguf"}), |i| i.details.clone()),
         }));
     }
@@ -386,7 +430,7 @@ pub async fn ps(State(st): State<Arc<AppState>>) -> Response {
             };
             json!({
                 "name": name, "model": name, "size": m.bytes, "size_vram": 0,
-                "digest": digest(&st, &m.name),
+                "digest": digest(&st, &m.settings),
                 "details": details,
                 "expires_at": rfc3339(expires),
                 "context_length": m.batch.params.n_ctx,
@@ -553,30 +597,56 @@ pub async fn delete(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
         let req: NameRequest = parse_json(&body, Flavor::Ollama)?;
         let name = req.model()?;
         let name = name.strip_suffix(":latest").unwrap_or(name);
-        // a store name as /api/tags lists it, never a URL or path whose file name happens
-        // to match a stored model
+        if let Some(m) = st.registry.configured(name) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "model '{}' is configured on this server (-m or the config file, serving {}); \
+                     it cannot be deleted while the server runs",
+                    m.name,
+                    if m.is_path {
+                        "a file"
+                    } else {
+                        m.source.as_str()
+                    }
+                ),
+            ));
+        }
+        // a store name as /api/tags lists it (or a built-in's alias for it), never a URL or
+        // path whose file name happens to match a stored model
+        let not_found = || {
+            ApiError::not_found(format!(
+                "model '{name}' not found (delete takes a name as /api/tags lists it)"
+            ))
+        };
+        let name = match capy_store::ModelRef::parse(name) {
+            Ok(capy_store::ModelRef::Builtin(b)) => b.name.to_string(),
+            Ok(capy_store::ModelRef::Local(n)) => n,
+            _ => return Err(not_found()),
+        };
         let known = st.registry.store.list().unwrap_or_default();
         if !known.iter().any(|m| m.name == name) {
-            let listed = capy_store::ModelRef::parse(name)
-                .is_ok_and(|r| matches!(r, capy_store::ModelRef::Builtin(_)));
-            if !listed || st.registry.store.get(name).ok().flatten().is_none() {
-                return Err(ApiError::not_found(format!(
-                    "model '{name}' not found (delete takes a name as /api/tags lists it)"
-                )));
-            }
+            return Err(not_found());
         }
-        if st.registry.serves_store_name(name) {
+        let file = st.registry.store.model_path(&name);
+        let same_file = |p: &std::path::Path| {
+            p == file || std::fs::canonicalize(p).ok() == std::fs::canonicalize(&file).ok()
+        };
+        if st.registry.serves_store_name(&name) || st.registry.serves_file(&same_file) {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 format!("model '{name}' is served by this server's configured models (-m, the config file); it cannot be deleted while the server runs"),
             ));
         }
-        if st.registry.loaded_names().iter().any(|n| n == name) && !st.registry.unload(name) {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                format!("model '{name}' is in use"),
-            ));
+        for l in st.registry.loaded() {
+            if same_file(&l.model.path) && !st.registry.unload(&l.model.name) {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!("model '{name}' is in use"),
+                ));
+            }
         }
+        let name = name.as_str();
         match st.registry.store.remove(name) {
             Ok(true) => Ok(StatusCode::OK.into_response()),
             Ok(false) => Err(ApiError::not_found(format!("model '{name}' not found"))),

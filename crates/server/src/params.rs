@@ -293,8 +293,15 @@ fn check_object(
                 _ => return wrong("an object", v),
             },
             Ty::Duration => {
-                KeepAlive::from_json(v)
-                    .map_err(|e| ApiError::bad_request(e).param(name.clone()))?;
+                KeepAlive::from_json(v).map_err(|e| {
+                    // the message names the field (Ollama's shape has no `param`)
+                    let e = if e.starts_with(name.as_str()) {
+                        e
+                    } else {
+                        format!("{name}: {e}")
+                    };
+                    ApiError::bad_request(e).param(name.clone())
+                })?;
             }
             _ => {}
         }

@@ -132,6 +132,8 @@ struct Entry {
     expires: Option<Instant>,
     last_used: Instant,
     warm: bool,
+    /// Unload when the last request ends (`capy stop`, `keep_alive: 0` while busy).
+    unload_when_idle: bool,
 }
 
 /// What `/api/ps` shows of a loaded model.
@@ -194,7 +196,8 @@ impl Drop for Lease {
                         KeepAlive::Forever => None,
                         KeepAlive::For(d) => Instant::now().checked_add(d),
                     };
-                    unload = idle && ka == KeepAlive::For(Default::default());
+                    unload =
+                        idle && (e.unload_when_idle || ka == KeepAlive::For(Default::default()));
                 }
             }
             if unload {
@@ -244,12 +247,29 @@ impl Registry {
             .collect()
     }
 
+    /// The configured models' names, in the config's order.
+    pub fn configured_names(&self) -> Vec<String> {
+        self.models.iter().map(|m| m.name.clone()).collect()
+    }
+
+    /// The configured model a client's name means (its name, an alias, the name as written).
+    pub fn configured(&self, name: &str) -> Option<&ServedModel> {
+        crate::config::find_model(&self.models, name)
+    }
+
     /// Whether a configured model serves this store name (so it may not be deleted).
     pub fn serves_store_name(&self, name: &str) -> bool {
         self.models.iter().any(|m| {
             !m.is_path
                 && capy_store::ModelRef::parse(&m.source).is_ok_and(|r| r.store_name() == name)
         })
+    }
+
+    /// Whether a configured model is a file (`path =`) that `is_it` accepts.
+    pub fn serves_file(&self, is_it: &dyn Fn(&Path) -> bool) -> bool {
+        self.models
+            .iter()
+            .any(|m| m.is_path && is_it(Path::new(&m.source)))
     }
 
     /// Names this server answers to: the configured models, or every model in the store.
@@ -287,19 +307,18 @@ impl Registry {
         }
         let not_found =
             || ApiError::not_found(format!("model '{name}' not found")).code("model_not_found");
-        // a built-in model's alias (`smollm2`) names the same model as its name
-        let canonical = served_name(name);
         if !self.models.is_empty() {
-            let m = self
-                .models
-                .iter()
-                .find(|m| m.answers_to(name))
-                .or_else(|| self.models.iter().find(|m| m.name == canonical))
-                .ok_or_else(not_found)?;
+            // a built-in model's alias (`smollm2`) names the same model as its name
+            let m = crate::config::find_model(&self.models, name).ok_or_else(not_found)?;
             let path = if m.is_path {
                 PathBuf::from(&m.source)
             } else {
-                self.store.resolve(&m.source).map_err(|_| not_found())?
+                self.store.resolve(&m.source).map_err(|e| match e {
+                    e @ capy_store::Error::AlreadyStored { .. } => {
+                        ApiError::new(StatusCode::CONFLICT, e.to_string())
+                    }
+                    _ => not_found(),
+                })?
             };
             return Ok(Resolved {
                 name: m.name.clone(),
@@ -324,15 +343,16 @@ impl Registry {
     }
 
     /// A model's sampling for the fields a request leaves out: the config file's options,
-    /// over a built-in model's card (by the name served, else the configured source), over
-    /// `gguf`, the file's `general.sampling.*`.
+    /// over a built-in model's card (when its source is a built-in; a file given by path
+    /// has none, whatever it is called), over `gguf`, the file's `general.sampling.*`.
     pub fn default_sampling(
         &self,
         r: &Resolved,
         gguf: &capy_engine::SamplingOptions,
     ) -> capy_engine::SamplingOptions {
-        let card = capy_store::builtin(&r.name)
-            .or_else(|| capy_store::builtin(&r.settings.source))
+        let card = (!r.settings.is_path)
+            .then(|| capy_store::builtin(&r.settings.source))
+            .flatten()
             .and_then(|b| capy_engine::SamplingOptions::from_pairs(b.sampling).ok())
             .unwrap_or_default();
         r.settings.sampling.or(&card.or(gguf))
@@ -345,6 +365,26 @@ impl Registry {
         p.n_ctx = settings.ctx_size.unwrap_or(p.n_ctx);
         p.n_slots = settings.parallel.unwrap_or(p.n_slots);
         p
+    }
+
+    /// The engine settings a model gets ([`Registry::batch_params`], its context capped at
+    /// the one it was trained for) and the bytes it would then take ([`Registry::estimate`]).
+    ///
+    /// # Errors
+    /// The file cannot be read (500) or is not a model capy can run (400).
+    pub fn plan(
+        &self,
+        path: &Path,
+        settings: &ServedModel,
+    ) -> Result<(BatchParams, u64), ApiError> {
+        let g = capy_gguf::Gguf::open(path).map_err(|e| gguf_error(path, e))?;
+        let hp = capy_model::Hparams::from_gguf(&g).map_err(|e| model_error(path, e))?;
+        let mut params = self.batch_params(settings);
+        if hp.n_ctx_train > 0 {
+            params.n_ctx = params.n_ctx.min(hp.n_ctx_train.max(16));
+        }
+        let need = g.file_size() + params.memory_bytes(&hp);
+        Ok((params, need))
     }
 
     /// Bytes a model would take when loaded with `params`: its file (the weights are
@@ -385,10 +425,9 @@ impl Registry {
         if let Some(l) = self.lease_loaded(&r.name, keep_alive) {
             return Ok(l);
         }
-        let params = self.batch_params(&r.settings);
-        let (me, path, p) = (Arc::clone(self), r.path.clone(), params.clone());
-        let need = blocking(move || me.estimate(&path, &p)).await?;
-        let evicted = self.wait_for_room(need, deadline).await?;
+        let (me, path, settings) = (Arc::clone(self), r.path.clone(), r.settings.clone());
+        let (params, need) = blocking(move || me.plan(&path, &settings)).await?;
+        let evicted = self.wait_for_room(need, &r.settings, deadline).await?;
         drop(evicted);
         let path = r.path.clone();
         let t0 = Instant::now();
@@ -429,6 +468,7 @@ impl Registry {
                 expires: None,
                 last_used: Instant::now(),
                 warm,
+                unload_when_idle: false,
             },
         );
         Ok(Lease {
@@ -463,6 +503,7 @@ impl Registry {
     async fn wait_for_room(
         &self,
         need: u64,
+        settings: &ServedModel,
         deadline: tokio::time::Instant,
     ) -> Result<Vec<Arc<Loaded>>, ApiError> {
         /// Counts a waiter while it waits, whether it ends or is dropped.
@@ -477,7 +518,7 @@ impl Registry {
             let notified = self.released.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let e = match self.make_room(need) {
+            let e = match self.make_room(need, settings) {
                 Ok(v) => return Ok(v),
                 Err(e) if e.code == Some("no_room") => e,
                 Err(e) => return Err(e),
@@ -505,12 +546,21 @@ impl Registry {
     /// Unloads idle models (not warm ones first, then the least recently used) until
     /// `need` more bytes and one more model fit. Returns the unloaded models, to be
     /// dropped by the caller outside the lock.
-    fn make_room(&self, need: u64) -> Result<Vec<Arc<Loaded>>, ApiError> {
+    fn make_room(&self, need: u64, settings: &ServedModel) -> Result<Vec<Arc<Loaded>>, ApiError> {
+        // what sets the KV cache's size: the model's table, where it gives one, or the flags
+        let sizes = if settings.ctx_size.is_some() || settings.parallel.is_some() {
+            format!(
+                "models.{}.ctx_size/parallel in the config file",
+                settings.name
+            )
+        } else {
+            "--ctx-size or --parallel".to_string()
+        };
         // an allocation that cannot succeed would abort the process, not fail a request
         if let Some(total) = total_memory().filter(|&t| need > t) {
             return Err(ApiError::bad_request(format!(
                 "the model needs {} (weights, KV cache and buffers) but this machine has {} of \
-                 memory; lower --ctx-size or --parallel",
+                 memory; lower {sizes}",
                 human(need),
                 human(total)
             ))
@@ -520,7 +570,7 @@ impl Registry {
             if need > budget {
                 return Err(ApiError::bad_request(format!(
                     "the model needs {} (weights, KV cache and buffers) but the memory budget is {}; \
-                     raise --memory-budget or lower --ctx-size/--parallel",
+                     raise --memory-budget or lower {sizes}",
                     human(need),
                     human(budget)
                 ))
@@ -601,6 +651,22 @@ impl Registry {
         e.is_some()
     }
 
+    /// Unloads a model now, or (if requests hold it) as soon as the last of them ends;
+    /// `false` if it is not loaded.
+    pub fn unload_soon(&self, name: &str) -> bool {
+        if self.unload(name) {
+            return true;
+        }
+        let name = name.strip_suffix(":latest").unwrap_or(name);
+        match self.lock().get_mut(name) {
+            Some(e) => {
+                e.unload_when_idle = true;
+                true
+            }
+            None => false,
+        }
+    }
+
     pub fn loaded(&self) -> Vec<LoadedInfo> {
         let mut v: Vec<LoadedInfo> = self
             .lock()
@@ -634,7 +700,7 @@ fn unusable(e: impl std::fmt::Display) -> ApiError {
 }
 
 /// [`unusable`], except a failure to read the file, which is the server's (500, logged).
-fn gguf_error(path: &Path, e: capy_gguf::Error) -> ApiError {
+pub(crate) fn gguf_error(path: &Path, e: capy_gguf::Error) -> ApiError {
     match e {
         capy_gguf::Error::Io { .. } => ApiError::internal(format!("{}: {e}", path.display())),
         e => unusable(e),

@@ -33,24 +33,7 @@ keep_alive = "0"
 "#;
 
 async fn served(tag: &str) -> (axum::Router, Arc<AppState>) {
-    let checked = Config::from_toml(CONFIG)
-        .expect("valid TOML")
-        .validate()
-        .expect("valid settings");
-    let registry = Registry::new(
-        RegistryConfig {
-            batch: small_batch(),
-            keep_alive: KeepAlive::Forever,
-            max_loaded: 3,
-            memory_budget: None,
-            load_timeout: std::time::Duration::from_secs(2),
-        },
-        temp_store(tag, &["m1"]),
-        checked.models,
-    );
-    let state = AppState::new(registry);
-    state.load_warm_set().await.expect("warm set loads");
-    (app(Arc::clone(&state)), state)
+    served_with(tag, &["m1"], CONFIG).await
 }
 
 async fn chat(app: &axum::Router, body: Value) -> Value {
@@ -236,4 +219,151 @@ async fn ollama_routes_get_the_configured_system_message() {
     assert_eq!(count(&g1), count(&g2), "{g1} {g2}");
     assert_eq!(count(&g3), count(&g4), "{g3} {g4}");
     assert_ne!(count(&g1), count(&g3));
+}
+
+/// The app over a store holding SmolLM2 as each of `names`, serving `config`'s models
+/// (`STORE` in it stands for the store's directory), the warm ones loaded.
+async fn served_with(tag: &str, names: &[&str], config: &str) -> (axum::Router, Arc<AppState>) {
+    let store = temp_store(tag, names);
+    let config = config.replace("STORE", store.root.to_str().expect("utf-8"));
+    let checked = Config::from_toml(&config)
+        .expect("valid TOML")
+        .validate()
+        .expect("valid settings");
+    let registry = Registry::new(
+        RegistryConfig {
+            batch: small_batch(),
+            keep_alive: KeepAlive::Forever,
+            max_loaded: 3,
+            memory_budget: None,
+            load_timeout: std::time::Duration::from_secs(2),
+        },
+        store,
+        checked.models,
+    );
+    let state = AppState::new(registry);
+    state.load_warm_set().await.expect("warm set loads");
+    (app(Arc::clone(&state)), state)
+}
+
+/// `DELETE /api/delete` by a built-in's alias (`smollm2`) deleted the served model's file,
+/// and a `path =` table over a stored file did not protect it; a configured name got 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn served_files_cannot_be_deleted_by_any_name() {
+    let (app, _state) = served_with(
+        "delete-alias",
+        &["smollm2-135m", "other"],
+        "[models.smollm2-135m]\n[models.local]\npath = \"STORE/models/other.gguf\"\nwarm = false\n",
+    )
+    .await;
+    for name in [
+        "smollm2",
+        "smollm2:latest",
+        "smollm2-135m",
+        "other",
+        "local",
+    ] {
+        let body = json!({"model": name}).to_string();
+        let (status, v, _) = call(&app, "DELETE", "/api/delete", &body).await;
+        assert_eq!(status, 409, "{name}: {v}");
+    }
+    let (status, _, _) = call(&app, "GET", "/api/tags", "").await;
+    assert_eq!(status, 200);
+    let body = json!({"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}],
+                      "max_tokens": 1});
+    let (status, v, _) = call(&app, "POST", "/v1/chat/completions", &body.to_string()).await;
+    assert_eq!(status, 200, "still served: {v}");
+}
+
+/// `keep_alive: 0` (and `capy stop`) on a busy model answered "unload" and unloaded
+/// nothing: it is unloaded when its last request ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_a_busy_model_unloads_it_when_idle() {
+    let (app, state) = served_with("stop-busy", &["m1"], "[models.hot]\nsource = \"m1\"\n").await;
+    let lease = state.registry.acquire("hot", None).await.expect("loaded");
+    let (status, v, _) = call(
+        &app,
+        "POST",
+        "/api/generate",
+        r#"{"model":"hot","keep_alive":0}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["done_reason"], "unload");
+    assert_eq!(state.registry.loaded_names(), ["hot"], "busy: still loaded");
+    drop(lease);
+    assert!(
+        state.registry.loaded_names().is_empty(),
+        "unloaded once idle"
+    );
+}
+
+/// A table's `ctx_size` beyond the model's trained context was taken as is (SmolLM2 took
+/// 9000-token prompts at a 20000 context): it is capped there, as `capy run` caps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_context_beyond_the_trained_one_is_capped() {
+    let (app, _state) = served_with(
+        "ctx-cap",
+        &["m1"],
+        "[models.wide]\nsource = \"m1\"\nctx_size = 100000\nparallel = 1\n",
+    )
+    .await;
+    let (_, ps, _) = call(&app, "GET", "/api/ps", "").await;
+    assert_eq!(ps["models"][0]["context_length"], 8192, "{ps}");
+}
+
+/// Ollama's routes: an unknown chat role, `format` and `template` were accepted and
+/// ignored; `"system": ""` dropped the configured system message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ollama_requests_refuse_what_they_cannot_honour() {
+    let (app, _state) = served("ollama-refusals").await;
+    for (path, body, want) in [
+        (
+            "/api/chat",
+            json!({"model": "terse", "messages": [{"role": "wizard", "content": "Hi"}]}),
+            "messages[0].role",
+        ),
+        (
+            "/api/chat",
+            json!({"model": "terse", "messages": [{"role": "developer", "content": "Hi"}]}),
+            "messages[0].role",
+        ),
+        (
+            "/api/chat",
+            json!({"model": "terse", "format": "json",
+                   "messages": [{"role": "user", "content": "Hi"}]}),
+            "format",
+        ),
+        (
+            "/api/generate",
+            json!({"model": "terse", "prompt": "Hi", "format": {"type": "object"}}),
+            "format",
+        ),
+        (
+            "/api/generate",
+            json!({"model": "terse", "prompt": "Hi", "template": "{{ .Prompt }}"}),
+            "template",
+        ),
+        (
+            "/api/generate",
+            json!({"model": "terse", "prompt": "Hi", "keep_alive": "soon"}),
+            "keep_alive",
+        ),
+    ] {
+        let (status, v, _) = call(&app, "POST", path, &body.to_string()).await;
+        assert_eq!(status, 400, "{body}: {v}");
+        let e = v["error"].as_str().expect("Ollama's error shape");
+        assert!(e.contains(want), "{body}: {e}");
+    }
+    // null and "" mean no format, and "" no system message (the configured one applies)
+    let count = |v: &Value| v["prompt_eval_count"].as_u64().expect("prompt_eval_count");
+    let gen = |system: Value| {
+        json!({"model": "terse", "prompt": "Hi", "stream": false, "format": "",
+               "system": system, "options": {"num_predict": 1}})
+        .to_string()
+    };
+    let (s1, a, _) = call(&app, "POST", "/api/generate", &gen(json!(""))).await;
+    let (s2, b, _) = call(&app, "POST", "/api/generate", &gen(Value::Null)).await;
+    assert_eq!((s1.as_u16(), s2.as_u16()), (200, 200), "{a} {b}");
+    assert_eq!(count(&a), count(&b));
 }

@@ -171,6 +171,17 @@ async fn a_model_capy_cannot_run_is_a_400_saying_why() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
         assert!(v["error"].as_str().expect("error").contains(want), "{v}");
     }
+    // /api/show too (it answered 500)
+    let (status, v, _) = call(&app, "POST", "/api/show", r#"{"model": "cut"}"#).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    let path = root.join("models").join("cut.gguf");
+    std::fs::write(&path, b"GGUF\x03\x00\x00\x00garbage").expect("write");
+    let (status, v, _) = call(&app, "POST", "/api/show", r#"{"model": "cut"}"#).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["error"].as_str().expect("error").contains("truncated"),
+        "{v}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

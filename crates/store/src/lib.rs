@@ -27,8 +27,18 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("model {0:?} is not in the store (try `capy pull {0}`)")]
+    #[error(
+        "model {0:?} is not in the store (`capy list` shows what is); a pull takes a built-in \
+         name ({builtins}), hf.co/ORG/REPO/FILE or an http(s) URL to a .gguf",
+        builtins = BUILTIN.iter().map(|b| b.name).collect::<Vec<_>>().join(", ")
+    )]
     NotFound(String),
+    #[error("{name} is already in the store, pulled from {from}; remove it first (`capy rm {name}`) to pull {url}")]
+    AlreadyStored {
+        name: String,
+        from: String,
+        url: String,
+    },
     #[error("{0:?} is not a model name, hf.co/ORG/REPO/FILE path or http(s) URL")]
     BadName(String),
     #[error("download of {url} failed: {reason}")]
@@ -139,6 +149,41 @@ impl ModelRef {
         Ok(ModelRef::Local(s.to_string()))
     }
 
+    /// The URL a Hugging Face or http(s) reference downloads (`HF_ENDPOINT` overrides
+    /// huggingface.co); `None` for built-in and stored names.
+    pub fn url(&self) -> Option<String> {
+        match self {
+            ModelRef::HuggingFace { repo, file } => {
+                let endpoint = std::env::var("HF_ENDPOINT")
+                    .ok()
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "https://huggingface.co".to_string());
+                Some(format!(
+                    "{}/{repo}/resolve/main/{file}",
+                    endpoint.trim_end_matches('/')
+                ))
+            }
+            ModelRef::Url(u) => Some(u.clone()),
+            _ => None,
+        }
+    }
+
+    /// `m`, the stored model this reference's name leads to, if it came from this
+    /// reference's URL (or the reference has none).
+    ///
+    /// # Errors
+    /// [`Error::AlreadyStored`]: the name holds a model pulled from elsewhere.
+    pub fn check_source(&self, m: Manifest) -> Result<Manifest> {
+        match self.url() {
+            Some(u) if m.source != u => Err(Error::AlreadyStored {
+                name: self.store_name(),
+                from: m.source,
+                url: u,
+            }),
+            _ => Ok(m),
+        }
+    }
+
     /// The name the model is stored under.
     pub fn store_name(&self) -> String {
         match self {
@@ -223,7 +268,8 @@ impl Store {
         let r = ModelRef::parse(name)?;
         let store_name = r.store_name();
         match self.get(&store_name)? {
-            Some(_) => Ok(self.model_path(&store_name)),
+            // a URL names the file it was pulled from, not another that shares its name
+            Some(m) => r.check_source(m).map(|_| self.model_path(&store_name)),
             None => Err(Error::NotFound(name.to_string())),
         }
     }
@@ -347,5 +393,31 @@ mod tests {
         assert!(s.list().unwrap().is_empty());
         assert!(matches!(s.resolve("smollm2-135m"), Err(Error::NotFound(_))));
         assert!(!s.remove("whatever").unwrap());
+    }
+
+    /// A configured `source` URL whose file name matched a model pulled from elsewhere was
+    /// served as that model: a URL resolves only to what it pulled.
+    #[test]
+    fn a_url_resolves_only_to_the_file_it_pulled() {
+        let dir = std::env::temp_dir().join(format!("capy-store-url-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let s = Store::at(&dir);
+        std::fs::create_dir_all(dir.join("models")).unwrap();
+        std::fs::create_dir_all(dir.join("manifests")).unwrap();
+        let file = dir.join("incoming.gguf");
+        std::fs::write(&file, b"GGUF").unwrap();
+        s.commit("m", &file, "http://a.test/m.gguf", "00").unwrap();
+        assert_eq!(
+            s.resolve("http://a.test/m.gguf").unwrap(),
+            s.model_path("m")
+        );
+        assert_eq!(s.resolve("m").unwrap(), s.model_path("m"));
+        let e = s.resolve("http://b.test/m.gguf").unwrap_err();
+        assert!(matches!(e, Error::AlreadyStored { .. }), "{e}");
+        assert!(
+            e.to_string().contains("pulled from http://a.test/m.gguf"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

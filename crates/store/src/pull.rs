@@ -32,6 +32,9 @@ pub struct PullPolicy {
     /// Hosts a download (and each of its redirects) may reach, each also matching its
     /// subdomains (`huggingface.co` allows `cdn-lfs.huggingface.co`); empty: any host.
     pub hosts: Vec<String>,
+    /// How long to wait for the response's headers and for each read of its body before
+    /// the pull fails; `None`: [`READ_TIMEOUT`].
+    pub read_timeout: Option<std::time::Duration>,
 }
 
 impl PullPolicy {
@@ -120,6 +123,9 @@ fn with_sources(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// How long a pull waits for the server's headers, and then for each read of the body.
+pub const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 fn http_client() -> Result<reqwest::blocking::Client> {
     client_for(&PullPolicy::default())
 }
@@ -142,7 +148,9 @@ fn client_for(policy: &PullPolicy) -> Result<reqwest::blocking::Client> {
     reqwest::blocking::Client::builder()
         .user_agent(concat!("capy/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(std::time::Duration::from_secs(30))
-        .timeout(None)
+        // the blocking client applies this to the response's headers and to each read of
+        // its body: an upstream that stalls ends the pull (a long download does not)
+        .timeout(policy.read_timeout.unwrap_or(READ_TIMEOUT))
         .redirect(redirects)
         .build()
         .map_err(|e| Error::Download {
@@ -634,20 +642,7 @@ impl Store {
     ) -> Result<Manifest> {
         let r = ModelRef::parse(name)?;
         let store_name = r.store_name();
-        let url = match &r {
-            ModelRef::HuggingFace { repo, file } => {
-                let endpoint = std::env::var("HF_ENDPOINT")
-                    .ok()
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or_else(|| "https://huggingface.co".to_string());
-                Some(format!(
-                    "{}/{repo}/resolve/main/{file}",
-                    endpoint.trim_end_matches('/')
-                ))
-            }
-            ModelRef::Url(u) => Some(u.clone()),
-            _ => None,
-        };
+        let url = r.url();
         if let Some(u) = &url {
             // the host is checked before anything, a stored model included
             let parsed = reqwest::Url::parse(u).map_err(|e| Error::BadName(format!("{u}: {e}")))?;
@@ -661,16 +656,7 @@ impl Store {
                 });
             }
         }
-        let same = |m: Manifest| -> Result<Manifest> {
-            match &url {
-                Some(u) if &m.source != u => Err(Error::BadName(format!(
-                    "{store_name} is already in the store, pulled from {}; remove it first \
-                     (capy rm {store_name}) to pull {u}",
-                    m.source
-                ))),
-                _ => Ok(m),
-            }
-        };
+        let same = |m: Manifest| r.check_source(m);
         if let Some(m) = self.get(&store_name)? {
             return same(m);
         }
@@ -757,6 +743,8 @@ impl Store {
         for w in &paths {
             let _ = std::fs::remove_file(w);
         }
+        // gone when nothing else is being fetched
+        let _ = std::fs::remove_dir(&wheels);
         Ok(m)
     }
 }
