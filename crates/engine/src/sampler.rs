@@ -180,7 +180,8 @@ impl SamplingOptions {
             ("repeat_last_n", i(self.repeat_last_n)),
             ("presence_penalty", f(self.presence_penalty)),
             ("frequency_penalty", f(self.frequency_penalty)),
-            ("seed", self.seed.map(|s| s.to_string())),
+            // as given: -1, not its 64-bit wrap
+            ("seed", self.seed.map(|s| (s as i64).to_string())),
         ]
         .into_iter()
         .filter_map(|(k, v)| Some((k, v?)))
@@ -237,7 +238,8 @@ impl SamplingOptions {
                 .map_or(d.repeat_last_n, SamplerParams::last_n_from),
             presence_penalty: self.presence_penalty.unwrap_or(d.presence_penalty),
             frequency_penalty: self.frequency_penalty.unwrap_or(d.frequency_penalty),
-            seed: self.seed,
+            // -1 asks for a random seed, as in llama.cpp and Ollama
+            seed: self.seed.filter(|&s| s != u64::MAX),
         }
     }
 }
@@ -513,6 +515,13 @@ mod tests {
         assert_eq!((p.temperature, p.top_p, p.top_k), (0.2, 0.5, 20));
         assert_eq!(p.repeat_last_n, usize::MAX);
         assert_eq!(p.min_p, SamplerParams::default().min_p);
+        // -1 asks for a random seed (llama.cpp, Ollama) and is shown as given
+        let mut o = SamplingOptions::default();
+        o.set_text("seed", "-1").unwrap();
+        assert_eq!(o.params().seed, None);
+        assert_eq!(o.given(), [("seed", "-1".to_string())]);
+        o.set_text("seed", "12345678901234567").unwrap();
+        assert_eq!(o.params().seed, Some(12345678901234567));
         assert!(SamplingOptions::from_pairs(&[("warmth", 1.0)]).is_err());
         assert!(SamplingOptions::from_pairs(&[("top_p", 2.0)]).is_err());
     }

@@ -510,8 +510,8 @@ impl ModelEntry {
                 }
                 (p.clone(), true)
             }
-            // a .gguf file given as the source is served as `path` would be
-            (None, Some(s)) => (s.clone(), s.ends_with(".gguf") && Path::new(s).is_file()),
+            // a file given as the source is served as `path` would be (and checked so)
+            (None, Some(s)) => (s.clone(), Path::new(s).is_file()),
             // a listed .gguf path serves the file under its stem
             (None, None) => (
                 self.name.clone(),
@@ -843,6 +843,13 @@ options = { seed = 12345678901234567 }
             assert_eq!(m.name, "smollm2-135m");
         }
         assert!(find_model(&k.models, "gemma3").is_none());
+        // an existing file as the source, whatever its name, is served (and checked) as a path
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let k = Config::from_toml(&format!("[models.c]\nsource = {file:?}\n"))
+            .expect("valid")
+            .validate()
+            .expect("valid");
+        assert!(k.models[0].is_path && k.models[0].name == "c");
         // a table keep_alive of seconds, as the top-level one
         let k = Config::from_toml("keep_alive = -1\n[models.a]\nkeep_alive = 300\n")
             .expect("valid")

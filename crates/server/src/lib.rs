@@ -118,7 +118,15 @@ impl AppState {
     /// Loads the warm set, then marks the server ready.
     pub async fn load_warm_set(self: &Arc<Self>) -> Result<(), ApiError> {
         for name in self.registry.warm_names() {
-            drop(self.registry.acquire(&name, None).await?);
+            let lease = self
+                .registry
+                .acquire(&name, None)
+                .await
+                .map_err(|e| ApiError {
+                    message: format!("model {name:?}: {}", e.message),
+                    ..e
+                })?;
+            drop(lease);
         }
         self.ready.store(true, Ordering::Release);
         Ok(())

@@ -230,7 +230,19 @@ fn download(
         if progress.cancelled() {
             return Err(Error::Cancelled);
         }
-        let n = resp.read(&mut buf).map_err(|e| fail(e.to_string()))?;
+        let t_read = std::time::Instant::now();
+        let n = resp.read(&mut buf).map_err(|e| {
+            // reqwest reports a read that timed out as a body it could not decode
+            let wait = policy.read_timeout.unwrap_or(READ_TIMEOUT);
+            if t_read.elapsed() + std::time::Duration::from_millis(500) >= wait {
+                fail(format!(
+                    "the server sent nothing for {} s after {got} bytes (stalled)",
+                    wait.as_secs()
+                ))
+            } else {
+                fail(e.to_string())
+            }
+        })?;
         if n == 0 {
             break;
         }
