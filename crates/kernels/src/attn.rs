@@ -3,8 +3,9 @@
 //! tile is read once for all the query rows that share it (the heads of one GQA group and a
 //! block of consecutive tokens).
 //!
-//! Keys are stored transposed per tile (`[head_dim, KV_TILE]` for each head), values row-major
-//! (`[pos, n_embd_v]`), both f16. Then both products are the same small GEMM with an f16
+//! The cache is paged ([`KvView`]): keys are stored transposed per block of [`KV_TILE`]
+//! positions (`[head_dim, KV_TILE]` for each head), values row-major within the block
+//! (`[KV_TILE, n_embd_v]`), both f16. Then both products are the same small GEMM with an f16
 //! right-hand side, [`gemm_f16b`]:
 //!
 //! * scores `S[R, KV_TILE] = Q[R, head_dim] · Kᵀ[head_dim, KV_TILE]`
@@ -121,15 +122,21 @@ pub struct AttnShape {
     pub softcap: f32,
 }
 
-/// One KV head of one sequence's cache.
+/// One KV head of one sequence's cache, in blocks of [`KV_TILE`] positions: tile `t` (the
+/// sequence's positions `t * KV_TILE..`) is in block `blocks[t]` of the pools `k` and `v`.
 #[derive(Clone, Copy, Debug)]
 pub struct KvView<'a> {
-    /// key tiles: tile `t` of this head is `k[t * k_tile_stride + k_off..]`, `[head_dim, KV_TILE]`
+    /// the sequence's block table
+    pub blocks: &'a [u32],
+    /// key blocks: this head's tile in block `b` is `k[b * k_block_stride + k_off..]`,
+    /// `[head_dim, KV_TILE]` with row stride `KV_TILE`
     pub k: &'a [f16],
-    pub k_tile_stride: usize,
+    pub k_block_stride: usize,
     pub k_off: usize,
-    /// values: position `p` of this head is `v[p * v_stride + v_off..][..head_dim_v]`
+    /// value blocks: row `r` of block `b` for this head is
+    /// `v[b * v_block_stride + r * v_stride + v_off..][..head_dim_v]`
     pub v: &'a [f16],
+    pub v_block_stride: usize,
     pub v_stride: usize,
     pub v_off: usize,
 }
@@ -215,7 +222,8 @@ pub fn flash_attn(
         let n = t.min(hi_max - p0);
         let s = &mut sc.s[..n_rows * t];
         s.fill(0.0);
-        let kt = &kv.k[tile * kv.k_tile_stride + kv.k_off..];
+        let block = kv.blocks[tile] as usize;
+        let kt = &kv.k[block * kv.k_block_stride + kv.k_off..];
         (kern.gemm_f16b)(n_rows, t, d, q, d, kt, t, s, t);
         for (r, &(lo, hi)) in rows.iter().enumerate() {
             let row = &mut s[r * t..(r + 1) * t];
@@ -245,7 +253,7 @@ pub fn flash_attn(
                 }
             }
         }
-        let vt = &kv.v[p0 * kv.v_stride + kv.v_off..];
+        let vt = &kv.v[block * kv.v_block_stride + kv.v_off..];
         (kern.gemm_f16b)(n_rows, dv, n, s, t, vt, kv.v_stride, o, dv);
     }
     for r in 0..n_rows {
@@ -384,15 +392,24 @@ mod tests {
             let vals: Vec<Vec<f32>> = (0..n_pos)
                 .map(|_| (0..n_embd_v).map(|_| round(rng.f32())).collect())
                 .collect();
-            // the cache layout: transposed key tiles, row-major values
-            let mut kt = vec![f16::ZERO; n_tiles * n_embd_k * KV_TILE];
-            for (p, row) in keys.iter().enumerate() {
-                for (e, &x) in row.iter().enumerate() {
-                    kt[(p / KV_TILE) * n_embd_k * KV_TILE + e * KV_TILE + p % KV_TILE] =
-                        f16::from_f32(x);
+            // the cache layout: blocks of transposed key tiles and row-major values, the
+            // sequence's tiles in blocks out of order among unused ones
+            let n_blocks = n_tiles * 2 + 1;
+            let blocks: Vec<u32> = (0..n_tiles)
+                .map(|t| (n_blocks - 1 - 2 * t) as u32)
+                .collect();
+            let mut kt = vec![f16::ZERO; n_blocks * n_embd_k * KV_TILE];
+            let mut vv = vec![f16::ZERO; n_blocks * KV_TILE * n_embd_v];
+            for (p, (krow, vrow)) in keys.iter().zip(&vals).enumerate() {
+                let b = blocks[p / KV_TILE] as usize;
+                for (e, &x) in krow.iter().enumerate() {
+                    kt[b * n_embd_k * KV_TILE + e * KV_TILE + p % KV_TILE] = f16::from_f32(x);
+                }
+                let r = b * KV_TILE + p % KV_TILE;
+                for (e, &x) in vrow.iter().enumerate() {
+                    vv[r * n_embd_v + e] = f16::from_f32(x);
                 }
             }
-            let vv: Vec<f16> = vals.iter().flatten().map(|&x| f16::from_f32(x)).collect();
             let sh = AttnShape {
                 head_dim: d,
                 head_dim_v: dv,
@@ -402,10 +419,12 @@ mod tests {
             for kern in Kernels::all_variants() {
                 for kvh in 0..n_head_kv {
                     let view = KvView {
+                        blocks: &blocks,
                         k: &kt,
-                        k_tile_stride: n_embd_k * KV_TILE,
+                        k_block_stride: n_embd_k * KV_TILE,
                         k_off: kvh * d * KV_TILE,
                         v: &vv,
+                        v_block_stride: KV_TILE * n_embd_v,
                         v_stride: n_embd_v,
                         v_off: kvh * dv,
                     };

@@ -277,6 +277,10 @@ impl Context {
     /// order: `[n_outputs, n_vocab]`.
     pub fn decode(&mut self, batch: &Batch) -> Result<&[f32]> {
         self.validate(batch)?;
+        // blocks for every position the batch writes, before any is written
+        for (&seq, &pos) in batch.seq.iter().zip(&batch.pos) {
+            self.kv.reserve(seq, pos + 1)?;
+        }
         let n_tok = batch.len();
         let model = Arc::clone(&self.model);
         let hp = &model.hp;

@@ -55,6 +55,8 @@ pub enum Error {
     BadToken { token: u32, n_vocab: usize },
     #[error("invalid batch: {0}")]
     BadBatch(String),
+    #[error("the KV cache has no free block for sequence {seq} ({n_blocks} blocks in all)")]
+    KvFull { seq: usize, n_blocks: usize },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
