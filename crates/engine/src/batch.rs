@@ -147,6 +147,11 @@ pub struct Stats {
     pub running: AtomicUsize,
     /// Positions held in the KV cache by running sequences.
     pub kv_used: AtomicUsize,
+    /// Blocks in the KV cache's pool, blocks that no sequence holds (idle sequences keep
+    /// theirs as a prefix cache), and bytes per block.
+    pub kv_blocks: AtomicUsize,
+    pub kv_blocks_free: AtomicUsize,
+    pub kv_block_bytes: AtomicUsize,
     pub steps: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub cached_tokens: AtomicU64,
@@ -448,6 +453,11 @@ impl Loop {
             .map(|s| s.cached.len())
             .sum();
         st.kv_used.store(used, Ordering::Relaxed);
+        let (total, free) = self.ctx.kv.blocks();
+        st.kv_blocks.store(total, Ordering::Relaxed);
+        st.kv_blocks_free.store(free, Ordering::Relaxed);
+        st.kv_block_bytes
+            .store(self.ctx.kv.block_bytes(), Ordering::Relaxed);
     }
 
     /// Moves waiting requests into free slots; sleeps while there is nothing to do.

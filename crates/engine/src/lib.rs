@@ -14,7 +14,7 @@ pub mod tokenizer;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use batch::{BatchEngine, BatchParams, Event, FnSink, Request, Sink, Summary};
+pub use batch::{BatchEngine, BatchParams, Event, FnSink, Request, Sink, Stats, Summary};
 pub use capy_model::{Batch, Context, ContextParams, Model};
 pub use chat::{ChatTemplate, Message};
 pub use generate::{

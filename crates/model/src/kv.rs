@@ -83,6 +83,11 @@ impl KvCache {
         self.k.iter().chain(&self.v).map(|l| l.len() * 2).sum()
     }
 
+    /// Bytes one block takes across all layers (keys and values).
+    pub fn block_bytes(&self) -> usize {
+        self.k.len() * KV_TILE * (self.n_embd_k + self.n_embd_v) * 2
+    }
+
     /// Blocks in the pool, and how many no sequence holds.
     pub fn blocks(&self) -> (usize, usize) {
         (self.n_blocks, self.free.len())

@@ -149,11 +149,20 @@ impl Metrics {
         );
         let loaded = registry.loaded();
         let (mut queued, mut running, mut kv_used, mut kv_cap) = (0, 0, 0, 0);
+        let (mut blocks, mut blocks_free, mut block_bytes_used) = (0, 0, 0);
         for l in &loaded {
             let st = l.model.batch.stats();
             queued += st.queued.load(Ordering::Relaxed);
             running += st.running.load(Ordering::Relaxed);
             kv_used += st.kv_used.load(Ordering::Relaxed);
+            let (total, free) = (
+                st.kv_blocks.load(Ordering::Relaxed),
+                st.kv_blocks_free.load(Ordering::Relaxed),
+            );
+            blocks += total;
+            blocks_free += free;
+            block_bytes_used +=
+                total.saturating_sub(free) * st.kv_block_bytes.load(Ordering::Relaxed);
             let p = &l.model.batch.params;
             kv_cap += p.n_slots * p.n_ctx;
         }
@@ -191,6 +200,24 @@ impl Metrics {
             "capy_kv_cache_usage_ratio",
             "Used share of the KV cache.",
             usage,
+        );
+        gauge(
+            &mut out,
+            "capy_kv_cache_blocks",
+            "KV cache blocks (64 positions each) in the pools of all loaded models.",
+            blocks as f64,
+        );
+        gauge(
+            &mut out,
+            "capy_kv_cache_blocks_used",
+            "KV cache blocks held by sequences, running or idle (an idle one's blocks are its prefix cache).",
+            blocks.saturating_sub(blocks_free) as f64,
+        );
+        gauge(
+            &mut out,
+            "capy_kv_cache_used_bytes",
+            "Bytes of the KV cache blocks held by sequences.",
+            block_bytes_used as f64,
         );
         gauge(
             &mut out,

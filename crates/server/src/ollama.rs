@@ -413,6 +413,16 @@ pub async fn tags(State(st): State<Arc<AppState>>) -> Response {
     Json(json!({"models": models})).into_response()
 }
 
+/// A loaded model's KV cache for `/api/ps`: its blocks, those held by sequences (running,
+/// or idle and kept as a prefix cache), and their bytes.
+fn kv_cache(st: &capy_engine::Stats) -> Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (total, free) = (st.kv_blocks.load(Relaxed), st.kv_blocks_free.load(Relaxed));
+    let used = total.saturating_sub(free);
+    json!({"blocks": total, "blocks_used": used,
+           "bytes_used": used * st.kv_block_bytes.load(Relaxed)})
+}
+
 pub async fn ps(State(st): State<Arc<AppState>>) -> Response {
     let now = Instant::now();
     let mut models = Vec::new();
@@ -434,6 +444,7 @@ pub async fn ps(State(st): State<Arc<AppState>>) -> Response {
                 "details": details,
                 "expires_at": rfc3339(expires),
                 "context_length": m.batch.params.n_ctx,
+                "kv_cache": kv_cache(m.batch.stats()),
                 "status": if m.batch.failure().is_some() { "failed" } else { "ok" },
             })
         });
