@@ -1,6 +1,7 @@
-//! `capy bench`: llama-bench's method. pp: one batch of `p` prompt tokens into an empty
-//! cache; tg: `n` tokens decoded one at a time from an empty cache. Each test runs once to
-//! warm up, then `r` times; rows report mean and standard deviation of tokens/s.
+//! `capy bench`: llama-bench's method. pp: one batch of `p` prompt tokens into the cache;
+//! tg: `n` tokens decoded one at a time. The cache is empty, or holds `d` tokens already
+//! (`-d`, llama-bench's depth: prefilled once per test, untimed). Each test runs once to warm
+//! up, then `r` times; rows report mean and standard deviation of tokens/s.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,6 +23,15 @@ pub struct BenchArgs {
     /// Generation lengths (comma-separated; 0 skips).
     #[arg(short = 'n', long, value_delimiter = ',', default_value = "128")]
     pub n_gen: Vec<usize>,
+    /// Depths: tokens already in the cache before each test (comma-separated), as
+    /// llama-bench's `-d`.
+    #[arg(
+        short = 'd',
+        long = "n-depth",
+        value_delimiter = ',',
+        default_value = "0"
+    )]
+    pub n_depth: Vec<usize>,
     /// Thread counts (comma-separated).
     #[arg(short = 't', long, value_delimiter = ',')]
     pub threads: Option<Vec<usize>>,
@@ -41,6 +51,7 @@ struct Row {
     threads: usize,
     n_prompt: usize,
     n_gen: usize,
+    n_depth: usize,
     samples: Vec<f64>,
 }
 
@@ -75,28 +86,46 @@ fn tokens(n: usize, n_vocab: usize) -> Vec<u32> {
 /// llama.cpp's `n_ubatch` (512).
 const N_UBATCH: usize = 512;
 
-fn run_pp(ctx: &mut capy_engine::Context, toks: &[u32]) -> Result<f64> {
-    ctx.kv.clear(0)?;
+/// Feeds `toks` at positions `start..` in batches of [`N_UBATCH`], the last token's logits
+/// computed when `last_logits`.
+fn feed(
+    ctx: &mut capy_engine::Context,
+    toks: &[u32],
+    start: usize,
+    last_logits: bool,
+) -> Result<()> {
     let mut b = Batch::new();
-    let t0 = Instant::now();
     for (c, chunk) in toks.chunks(N_UBATCH).enumerate() {
         b.clear();
         for (i, &t) in chunk.iter().enumerate() {
             let p = c * N_UBATCH + i;
-            b.push(t, p, 0, p + 1 == toks.len());
+            b.push(t, start + p, 0, last_logits && p + 1 == toks.len());
         }
         ctx.decode(&b)?;
     }
+    Ok(())
+}
+
+/// Fills the cache with `depth` tokens (untimed), once per test.
+fn prefill(ctx: &mut capy_engine::Context, depth: &[u32]) -> Result<()> {
+    ctx.kv.clear(0)?;
+    feed(ctx, depth, 0, false)
+}
+
+fn run_pp(ctx: &mut capy_engine::Context, toks: &[u32], depth: usize) -> Result<f64> {
+    ctx.kv.truncate(0, depth)?;
+    let t0 = Instant::now();
+    feed(ctx, toks, depth, true)?;
     Ok(toks.len() as f64 / t0.elapsed().as_secs_f64())
 }
 
-fn run_tg(ctx: &mut capy_engine::Context, toks: &[u32]) -> Result<f64> {
-    ctx.kv.clear(0)?;
+fn run_tg(ctx: &mut capy_engine::Context, toks: &[u32], depth: usize) -> Result<f64> {
+    ctx.kv.truncate(0, depth)?;
     let mut b = Batch::new();
     let t0 = Instant::now();
     for (p, &t) in toks.iter().enumerate() {
         b.clear();
-        b.push(t, p, 0, true);
+        b.push(t, depth + p, 0, true);
         ctx.decode(&b)?;
     }
     Ok(toks.len() as f64 / t0.elapsed().as_secs_f64())
@@ -121,13 +150,21 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         let label = format!("{} {} {}", hp.arch.name(), size_label(params), ftype);
         let max_p = a.n_prompt.iter().copied().max().unwrap_or(0);
         let max_n = a.n_gen.iter().copied().max().unwrap_or(0);
+        let max_d = a.n_depth.iter().copied().max().unwrap_or(0);
+        if max_d + max_p.max(max_n) >= hp.n_ctx_train.max(16) {
+            bail!(
+                "-d {max_d} plus the longest test ({}) does not fit the model's context of {}",
+                max_p.max(max_n),
+                hp.n_ctx_train
+            );
+        }
         for &t in &threads {
             let mut ctx = capy_engine::Context::new(
                 Arc::clone(&engine.model),
                 ContextParams {
-                    n_ctx: (max_p.max(max_n) + 1).max(16),
+                    n_ctx: (max_d + max_p.max(max_n) + 1).max(16),
                     n_seq: 1,
-                    n_batch: max_p.clamp(1, N_UBATCH),
+                    n_batch: max_p.max(max_d).clamp(1, N_UBATCH),
                     n_outputs: 1,
                     n_threads: t,
                     isa: None,
@@ -140,13 +177,19 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 .map(|&p| (p, 0))
                 .chain(a.n_gen.iter().filter(|&&n| n > 0).map(|&n| (0, n)))
                 .collect();
-            for (p, n) in tests {
-                let toks = tokens(p.max(n), hp.n_vocab);
+            let tests = tests
+                .iter()
+                .flat_map(|&(p, n)| a.n_depth.iter().map(move |&d| (p, n, d)));
+            for (p, n, d) in tests {
+                // the depth's tokens, then the test's (a different stream)
+                let all = tokens(d + p.max(n), hp.n_vocab);
+                let (depth, toks) = all.split_at(d);
+                prefill(&mut ctx, depth)?;
                 let f = |ctx: &mut capy_engine::Context| {
                     if p > 0 {
-                        run_pp(ctx, &toks)
+                        run_pp(ctx, toks, d)
                     } else {
-                        run_tg(ctx, &toks)
+                        run_tg(ctx, toks, d)
                     }
                 };
                 f(&mut ctx)?; // warm-up
@@ -162,6 +205,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                     threads: t,
                     n_prompt: p,
                     n_gen: n,
+                    n_depth: d,
                     samples,
                 };
                 if !a.json {
@@ -185,7 +229,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                     "model_filename": r.file, "model_type": r.model, "model_size": r.size,
                     "model_n_params": r.params, "backend": "CPU",
                     "cpu_kernels": capy_kernels::kernels().name, "n_threads": r.threads,
-                    "n_prompt": r.n_prompt, "n_gen": r.n_gen, "avg_ts": r.mean(),
+                    "n_prompt": r.n_prompt, "n_gen": r.n_gen, "n_depth": r.n_depth,
+                    "avg_ts": r.mean(),
                     "stddev_ts": r.stddev(), "samples_ts": r.samples,
                 })
             })
@@ -215,11 +260,15 @@ fn print_header() {
 }
 
 fn print_row(r: &Row) {
-    let test = if r.n_prompt > 0 {
+    let mut test = if r.n_prompt > 0 {
         format!("pp{}", r.n_prompt)
     } else {
         format!("tg{}", r.n_gen)
     };
+    // llama-bench's label for a test at depth
+    if r.n_depth > 0 {
+        test.push_str(&format!(" @ d{}", r.n_depth));
+    }
     println!(
         "| {:<30} | {:>6.2} MiB | {:>8.2} M | {:<10} | {:>7} | {:>15} | {:>20} |",
         r.model,

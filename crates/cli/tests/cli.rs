@@ -366,3 +366,62 @@ fn run_takes_stop_strings_and_unlimited_answers() {
         "exact: {err}"
     );
 }
+
+/// `capy bench -d` (llama-bench's depth): each test runs with that many tokens already in
+/// the cache, reported as `n_depth`.
+#[test]
+fn bench_runs_tests_at_depth() {
+    let (ok, out, err) = run(
+        &[
+            "bench",
+            "-m",
+            "smollm2-135m",
+            "-p",
+            "16",
+            "-n",
+            "4",
+            "-d",
+            "0,130",
+            "-r",
+            "1",
+            "-t",
+            "1",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    let rows: Value = serde_json::from_str(&out).expect("JSON");
+    let got: Vec<(u64, u64, u64)> = rows
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            assert!(r["avg_ts"].as_f64().is_some_and(|t| t > 0.0), "{r}");
+            (
+                r["n_prompt"].as_u64().unwrap(),
+                r["n_gen"].as_u64().unwrap(),
+                r["n_depth"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, [(16, 0, 0), (16, 0, 130), (0, 4, 0), (0, 4, 130)]);
+    let (ok, _, err) = run(
+        &[
+            "bench",
+            "-m",
+            "smollm2-135m",
+            "-p",
+            "0",
+            "-n",
+            "4",
+            "-d",
+            "100000",
+        ],
+        &[],
+    );
+    assert!(
+        !ok && err.contains("does not fit the model's context"),
+        "{err}"
+    );
+}
