@@ -180,13 +180,16 @@ pub fn model_sampling(
     settings: Option<&ServedModel>,
     engine: &Engine,
 ) -> SamplingOptions {
-    let card = match settings {
-        Some(s) if s.is_path => None,
-        Some(s) => capy_store::builtin(&s.source),
-        None => capy_store::builtin(name),
-    }
-    .and_then(|b| SamplingOptions::from_pairs(b.sampling).ok())
-    .unwrap_or_default();
-    let configured = settings.map(|s| s.sampling.clone()).unwrap_or_default();
-    configured.or(&card.or(&engine.sampling))
+    let unconfigured;
+    let settings = match settings {
+        Some(s) => s,
+        None => {
+            unconfigured = ServedModel {
+                source: name.to_string(),
+                ..Default::default()
+            };
+            &unconfigured
+        }
+    };
+    settings.default_sampling(&engine.sampling)
 }

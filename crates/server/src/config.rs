@@ -452,6 +452,18 @@ impl ServedModel {
         self.name == name || self.key == name || self.aliases.iter().any(|a| a == name)
     }
 
+    /// Its sampling for the fields a request leaves out: the config file's options, over a
+    /// built-in model's card (when its source is a built-in; a file given by path has none,
+    /// whatever it is called), over `gguf`, the file's `general.sampling.*`.
+    pub fn default_sampling(&self, gguf: &SamplingOptions) -> SamplingOptions {
+        let card = (!self.is_path)
+            .then(|| capy_store::builtin(&self.source))
+            .flatten()
+            .and_then(|b| SamplingOptions::from_pairs(b.sampling).ok())
+            .unwrap_or_default();
+        self.sampling.or(&card.or(gguf))
+    }
+
     /// The names this model may be asked for by: its name, the name as written, aliases.
     fn names(&self) -> impl Iterator<Item = &String> {
         std::iter::once(&self.name)
@@ -525,9 +537,7 @@ impl ModelEntry {
                 .unwrap_or_else(|| self.name.clone())
         } else if c.source.is_none() && c.path.is_none() {
             // a built-in or stored name as the store knows it (`smollm2` -> `smollm2-135m`)
-            capy_store::ModelRef::parse(&self.name)
-                .map(|r| r.store_name())
-                .unwrap_or_else(|_| self.name.clone())
+            store_name(&self.name)
         } else {
             self.name.clone()
         };

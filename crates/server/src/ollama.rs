@@ -475,7 +475,7 @@ pub async fn show(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
         let r = st.registry.resolve(req.model()?).map_err(ollama)?;
         let info = st.registry.info.get(&r.path).await.map_err(ollama)?;
         // what a request that sets nothing gets: the config's, the card's, the GGUF's
-        let sampling = st.registry.default_sampling(&r, &info.sampling);
+        let sampling = r.settings.default_sampling(&info.sampling);
         let parameters: Vec<String> = sampling
             .given()
             .into_iter()

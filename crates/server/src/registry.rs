@@ -342,22 +342,6 @@ impl Registry {
         })
     }
 
-    /// A model's sampling for the fields a request leaves out: the config file's options,
-    /// over a built-in model's card (when its source is a built-in; a file given by path
-    /// has none, whatever it is called), over `gguf`, the file's `general.sampling.*`.
-    pub fn default_sampling(
-        &self,
-        r: &Resolved,
-        gguf: &capy_engine::SamplingOptions,
-    ) -> capy_engine::SamplingOptions {
-        let card = (!r.settings.is_path)
-            .then(|| capy_store::builtin(&r.settings.source))
-            .flatten()
-            .and_then(|b| capy_engine::SamplingOptions::from_pairs(b.sampling).ok())
-            .unwrap_or_default();
-        r.settings.sampling.or(&card.or(gguf))
-    }
-
     /// The engine settings of a model: the server's, with its own `ctx_size` and
     /// `parallel` where the config file gives them.
     pub fn batch_params(&self, settings: &ServedModel) -> BatchParams {
@@ -368,7 +352,9 @@ impl Registry {
     }
 
     /// The engine settings a model gets ([`Registry::batch_params`], its context capped at
-    /// the one it was trained for) and the bytes it would then take ([`Registry::estimate`]).
+    /// the one it was trained for) and the bytes it would then take: its file (the weights
+    /// are mapped or repacked in place of their source pages) plus the KV cache and buffers
+    /// of its engine.
     ///
     /// # Errors
     /// The file cannot be read (500) or is not a model capy can run (400).
@@ -385,15 +371,6 @@ impl Registry {
         }
         let need = g.file_size() + params.memory_bytes(&hp);
         Ok((params, need))
-    }
-
-    /// Bytes a model would take when loaded with `params`: its file (the weights are
-    /// mapped or repacked in place of their source pages) plus the KV cache and buffers of
-    /// its engine.
-    pub fn estimate(&self, path: &Path, params: &BatchParams) -> Result<u64, ApiError> {
-        let g = capy_gguf::Gguf::open(path).map_err(|e| gguf_error(path, e))?;
-        let hp = capy_model::Hparams::from_gguf(&g).map_err(|e| model_error(path, e))?;
-        Ok(g.file_size() + params.memory_bytes(&hp))
     }
 
     /// Takes a lease on a model, loading it first if needed. `keep_alive` overrides the
@@ -449,7 +426,7 @@ impl Registry {
             e => ApiError::internal(format!("loading {} ({}): {e}", r.name, r.path.display())),
         })?;
         let model = Arc::new(Loaded {
-            sampling: self.default_sampling(&r, &engine.sampling),
+            sampling: r.settings.default_sampling(&engine.sampling),
             name: r.name.clone(),
             path: r.path,
             engine,
@@ -713,24 +690,6 @@ fn model_error(path: &Path, e: capy_model::Error) -> ApiError {
         capy_model::Error::Gguf(e) => gguf_error(path, e),
         e => unusable(e),
     }
-}
-
-/// The name a warm-set entry is served under: a store name as is, a file by its stem.
-pub fn served_name(w: &str) -> String {
-    if is_file(w) {
-        Path::new(w)
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| w.to_string())
-    } else {
-        capy_store::ModelRef::parse(w)
-            .map(|r| r.store_name())
-            .unwrap_or_else(|_| w.to_string())
-    }
-}
-
-fn is_file(w: &str) -> bool {
-    w.ends_with(".gguf") && Path::new(w).is_file()
 }
 
 pub fn human(bytes: u64) -> String {

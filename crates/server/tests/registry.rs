@@ -28,9 +28,10 @@ fn registry(tag: &str, budget_models: Option<f64>, max_loaded: usize) -> Arc<Reg
         Store::at(&store.root),
         vec![],
     );
-    let one = probe
-        .estimate(&store.model_path("m1"), &small_batch())
-        .expect("estimate") as f64;
+    let (_, one) = probe
+        .plan(&store.model_path("m1"), &Default::default())
+        .expect("estimate");
+    let one = one as f64;
     Registry::new(
         RegistryConfig {
             batch: small_batch(),
