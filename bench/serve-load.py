@@ -2,7 +2,9 @@
 """Load generator for OpenAI-compatible servers (capy serve, llama-server).
 
 Sends `--requests` streaming /v1/completions requests, `--concurrency` at a time, each
-asking for exactly `--tokens` tokens (ignore_eos), and reports aggregate generation
+asking for exactly `--tokens` tokens (ignore_eos), with prompts of about `--prompt-tokens`
+tokens if given (distinct from their first words, sized with the server's /tokenize), and
+reports the requests that completed with the right counts, aggregate generation
 throughput, time to first token and inter-token latency percentiles. One JSON line per
 run with --json. Uses only the standard library (asyncio + raw HTTP/1.1), so it measures
 the servers and not a client library.
@@ -17,6 +19,9 @@ import statistics
 import sys
 import time
 from urllib.parse import urlparse
+
+sys.path.insert(0, __import__("os").path.dirname(__file__))
+from benchhttp import body_chunks, n_tokens, post, sse_events  # noqa: E402
 
 TOPICS = [
     "a lighthouse keeper", "the history of tea", "a robot learning to paint", "volcanoes",
@@ -39,68 +44,52 @@ def percentile(xs, p):
 async def one_request(host, port, model, prompt, tokens, temperature=0.0):
     """Returns (ttft_s, [inter-token gaps], n_tokens, total_s): tokens as the usage
     reports them (chunks with text otherwise)."""
-    body = json.dumps({
+    body = {
         "model": model, "prompt": prompt, "max_tokens": tokens, "temperature": temperature,
         "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True},
-    }).encode()
+    }
     t0 = time.perf_counter()
-    reader, writer = await asyncio.open_connection(host, port)
-    writer.write(
-        f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
-    await writer.drain()
-    status = await reader.readline()
-    if b" 200 " not in status:
-        rest = await reader.read()
+    status, reader, writer, chunked = await post(host, port, "/v1/completions", body)
+    if " 200 " not in status + " ":
+        rest = b"".join([c async for c in body_chunks(reader, chunked)])
         writer.close()
-        raise RuntimeError(f"{status.decode().strip()}: {rest[-300:]!r}")
-    chunked = False
-    while True:
-        line = await reader.readline()
-        if line in (b"\r\n", b""):
-            break
-        if line.lower().startswith(b"transfer-encoding:") and b"chunked" in line.lower():
-            chunked = True
-    buf = b""
+        raise RuntimeError(f"{status}: {rest[-300:]!r}")
     stamps = []
     n_usage = None
-    done = False
-    while not done:
-        if chunked:
-            size_line = await reader.readline()
-            if not size_line:
-                break
-            size = int(size_line.strip().split(b";")[0] or b"0", 16)
-            if size == 0:
-                break
-            data = await reader.readexactly(size + 2)
-            buf += data[:-2]
-        else:
-            data = await reader.read(65536)
-            if not data:
-                break
-            buf += data
-        now = time.perf_counter()
-        while b"\n\n" in buf:
-            ev, buf = buf.split(b"\n\n", 1)
-            for line in ev.split(b"\n"):
-                if not line.startswith(b"data: "):
-                    continue
-                payload = line[6:].strip()
-                if payload == b"[DONE]":
-                    done = True
-                    break
-                obj = json.loads(payload)
-                if obj.get("usage"):
-                    n_usage = obj["usage"].get("completion_tokens")
-                for ch in obj.get("choices") or []:
-                    if ch.get("text"):
-                        stamps.append(now)
+    n_prompt = None
+    async for now, obj in sse_events(reader, chunked):
+        if obj.get("usage"):
+            n_usage = obj["usage"].get("completion_tokens")
+            n_prompt = obj["usage"].get("prompt_tokens")
+        for ch in obj.get("choices") or []:
+            if ch.get("text"):
+                stamps.append(now)
     writer.close()
     total = time.perf_counter() - t0
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     ttft = (stamps[0] - t0) if stamps else float("nan")
-    return ttft, gaps, n_usage if n_usage is not None else len(stamps), total
+    return ttft, gaps, n_usage if n_usage is not None else len(stamps), total, n_prompt
+
+
+async def padded(host, port, text, target):
+    """`text` followed by numbered filler sentences, to about `target` tokens."""
+    def filler(n):
+        return [f"Detail {i}: {TOPICS[(i * 7) % len(TOPICS)]} and "
+                f"{TOPICS[(i * 3 + 1) % len(TOPICS)]} meet on day {i}." for i in range(1, n + 1)]
+    base = await n_tokens(host, port, text)
+    per_line = (await n_tokens(host, port, "\n".join([text] + filler(20))) - base) / 20
+    n = max(0, int((target - base) / per_line))
+    # a few steps to the largest count that stays within the target
+    while n > 0 and await n_tokens(host, port, "\n".join([text] + filler(n))) > target:
+        n -= 1
+    while await n_tokens(host, port, "\n".join([text] + filler(n + 1))) <= target:
+        n += 1
+    out = "\n".join([text] + filler(n)) + "\n"
+    # then single words up to the target
+    words = 0
+    while await n_tokens(host, port, out + " word" * (words + 1)) <= target:
+        words += 1
+    return out + " word" * words
 
 
 async def run(args):
@@ -108,6 +97,8 @@ async def run(args):
     host, port = u.hostname, u.port or 80
     prompts = [f"Write a short story about {TOPICS[i % len(TOPICS)]} (number {i})."
                for i in range(args.requests)]
+    if args.prompt_tokens:
+        prompts = [await padded(host, port, p, args.prompt_tokens) for p in prompts]
     sem = asyncio.Semaphore(args.concurrency)
     results = []
 
@@ -125,9 +116,12 @@ async def run(args):
     gaps = [g for r in results for g in r[1]]
     n_tok = sum(r[2] for r in results)
     complete = sum(1 for r in results if r[2] == args.tokens)
+    prompt_tokens = [r[4] for r in results if r[4] is not None]
     return {
         "label": args.label, "concurrency": args.concurrency, "temperature": args.temperature, "requests": args.requests,
         "tokens_per_request": args.tokens, "complete": complete, "tokens": n_tok,
+        "prompt_tokens_min": min(prompt_tokens, default=None),
+        "prompt_tokens_max": max(prompt_tokens, default=None),
         "wall_s": round(wall, 3), "agg_tok_s": round(n_tok / wall, 1),
         "ttft_p50_ms": round(percentile(ttfts, 50) * 1e3, 1),
         "ttft_p90_ms": round(percentile(ttfts, 90) * 1e3, 1),
@@ -146,6 +140,8 @@ def main():
     ap.add_argument("-n", "--requests", type=int, default=None,
                     help="requests in all (default: 2 x concurrency)")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=0,
+                    help="pad each prompt to about this many tokens")
     ap.add_argument("-T", "--temperature", type=float, default=0.0,
                     help="0 = greedy; above, each server's default top-k/top-p/min-p apply")
     ap.add_argument("--label", default="")

@@ -164,6 +164,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 ContextParams {
                     n_ctx: (max_d + max_p.max(max_n) + 1).max(16),
                     n_seq: 1,
+                    kv_blocks: None,
                     n_batch: max_p.max(max_d).clamp(1, N_UBATCH),
                     n_outputs: 1,
                     n_threads: t,

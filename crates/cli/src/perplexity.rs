@@ -55,6 +55,7 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
         ContextParams {
             n_ctx,
             n_seq: 1,
+            kv_blocks: None,
             n_batch: n_ctx,
             n_outputs: OUT_ROWS,
             n_threads: a.threads,

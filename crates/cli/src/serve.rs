@@ -42,12 +42,18 @@ pub struct ServeArgs {
     /// [default: no limit].
     #[arg(long, env = "CAPY_MEMORY_BUDGET")]
     pub memory_budget: Option<String>,
-    /// Context (positions) of each sequence [default: 2048].
+    /// Most positions of one sequence (prompt + answer) [default: the model's trained
+    /// context].
     #[arg(short = 'c', long, env = "CAPY_CTX_SIZE")]
     pub ctx_size: Option<usize>,
-    /// Sequences each model generates at once [default: 16].
+    /// Most sequences each model runs at once [default: 16].
     #[arg(long, env = "CAPY_PARALLEL")]
     pub parallel: Option<usize>,
+    /// Bytes of each model's KV cache, a pool of blocks its sequences share (2GiB, 512MiB)
+    /// [default: room for --parallel sequences at full context, at most a quarter of the
+    /// memory budget or of the machine's memory].
+    #[arg(long, env = "CAPY_KV_CACHE_SIZE")]
+    pub kv_cache_size: Option<String>,
     /// Most tokens in one forward pass [default: 512].
     #[arg(short = 'b', long, env = "CAPY_BATCH_SIZE")]
     pub batch_size: Option<usize>,
@@ -111,6 +117,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         memory_budget: a.memory_budget,
         ctx_size: a.ctx_size,
         parallel: a.parallel,
+        kv_cache_size: a.kv_cache_size,
         batch_size: a.batch_size,
         max_queue: a.max_queue,
         max_body_size: a.max_body_size,

@@ -1,13 +1,18 @@
 //! Continuous batching: one engine loop per model, on its own thread, serving many requests
-//! at once from one [`Context`] with a sequence slot per request.
+//! at once from one [`Context`] whose paged KV cache they share.
 //!
 //! Every step runs, as one batched forward pass, the next token of every sequence that is
 //! generating plus a chunk of pending prompt tokens, so each weight matrix is read once per
-//! step for all of them. Requests wait in a bounded FIFO queue and take the next free slot;
-//! a slot remembers the tokens its cache holds after its request ends, and a new request
-//! goes to the free slot sharing the longest prefix with its prompt (a prefix cache).
+//! step for all of them. Requests wait in a bounded FIFO queue and start when a sequence id
+//! (up to `n_slots` run at once) and the cache blocks their prompt needs are free: a request
+//! never starts half-way. The prefix cache ([`capy_model::KvCache::plan_prefix`]) supplies
+//! whatever leading blocks any earlier or running request with the same salt computed.
+//! When generating sequences need a block and none is left, the newest running request is
+//! preempted (its blocks return to the pool, those in the prefix index stay cached) and later
+//! resumes ahead of new requests, recomputing what it lost with its sampler state intact,
+//! so it completes with the output it would have had (vLLM's recompute preemption).
 //! Events (tokens, the end) go to each request's [`Sink`]; a sink that reports itself
-//! closed (the client went away) frees its slot before the next step.
+//! closed (the client went away) frees its sequence before the next step.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -15,8 +20,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use capy_kernels::attn::KV_TILE;
 use capy_kernels::Isa;
-use capy_model::{Batch, Context, ContextParams, Hparams, Model};
+use capy_model::{Batch, Context, ContextParams, Hparams, KvCache, Model, PrefixPlan};
 
 use crate::generate::{
     prompt_logprob, sample_next, GenerateParams, PromptLogprob, StopReason, TextStream, TokenOut,
@@ -28,10 +34,14 @@ use crate::{Error, Result};
 /// Sizes of a batching engine.
 #[derive(Clone, Debug)]
 pub struct BatchParams {
-    /// Sequences generating at once.
+    /// Most sequences running at once (`--parallel`).
     pub n_slots: usize,
-    /// Positions per sequence (prompt + generated).
+    /// Most positions of one sequence (prompt + generated; `--ctx-size`), at most what the
+    /// pool holds.
     pub n_ctx: usize,
+    /// Bytes of the KV cache's block pool, shared by all sequences (`--kv-cache-size`);
+    /// `None`: room for every sequence at its full context.
+    pub kv_bytes: Option<u64>,
     /// Most tokens in one forward pass.
     pub n_batch: usize,
     pub n_threads: usize,
@@ -45,6 +55,7 @@ impl Default for BatchParams {
         BatchParams {
             n_slots: 16,
             n_ctx: 2048,
+            kv_bytes: None,
             n_batch: 512,
             n_threads: ContextParams::default().n_threads,
             max_queue: 64,
@@ -60,11 +71,30 @@ impl BatchParams {
         (self.n_slots + 16).min(self.n_batch.max(1))
     }
 
+    /// Blocks in the KV cache's pool for a model of `hp`: what `kv_bytes` pays for (at least
+    /// one), or every sequence at its full context.
+    pub fn kv_blocks(&self, hp: &Hparams) -> usize {
+        let block = KvCache::block_bytes_for(hp.n_layer, hp.n_embd_k(), hp.n_embd_v()).max(1);
+        match self.kv_bytes {
+            Some(b) => (b / block as u64).max(1) as usize,
+            None => self.n_slots.max(1) * self.n_ctx.max(2).div_ceil(KV_TILE),
+        }
+    }
+
+    /// These settings as the engine runs them for `hp`: the per-sequence context at most
+    /// the pool's positions.
+    pub fn resolve(&self, hp: &Hparams) -> BatchParams {
+        let mut p = self.clone();
+        p.n_ctx = p.n_ctx.max(2).min(self.kv_blocks(hp) * KV_TILE);
+        p
+    }
+
     /// The context the engine runs in.
-    fn context_params(&self) -> ContextParams {
+    fn context_params(&self, hp: &Hparams) -> ContextParams {
         ContextParams {
             n_ctx: self.n_ctx.max(2),
             n_seq: self.n_slots.max(1),
+            kv_blocks: Some(self.kv_blocks(hp)),
             n_batch: self.n_batch.max(1),
             n_outputs: self.n_outputs(),
             n_threads: self.n_threads.max(1),
@@ -72,9 +102,9 @@ impl BatchParams {
         }
     }
 
-    /// Bytes of the KV cache and the per-step buffers of an engine of these sizes.
+    /// Bytes of the KV cache's pool and the per-step buffers of an engine of these sizes.
     pub fn memory_bytes(&self, hp: &Hparams) -> u64 {
-        self.context_params().memory_bytes(hp)
+        self.resolve(hp).context_params(hp).memory_bytes(hp)
     }
 }
 
@@ -137,6 +167,9 @@ pub struct Request {
     pub params: GenerateParams,
     /// A context limit below the engine's (Ollama's `num_ctx`).
     pub n_ctx: Option<usize>,
+    /// The tenant the request belongs to: requests with different salts never share
+    /// cached blocks ("" for none).
+    pub salt: String,
     pub sink: Box<dyn Sink>,
 }
 
@@ -147,15 +180,18 @@ pub struct Stats {
     pub running: AtomicUsize,
     /// Positions held in the KV cache by running sequences.
     pub kv_used: AtomicUsize,
-    /// Blocks in the KV cache's pool, blocks that no sequence holds (idle sequences keep
-    /// theirs as a prefix cache), and bytes per block.
+    /// Blocks in the KV cache's pool; blocks a new sequence can take (free, or cached
+    /// and unreferenced); of those, the ones kept for the prefix cache; bytes per block.
     pub kv_blocks: AtomicUsize,
     pub kv_blocks_free: AtomicUsize,
+    pub kv_blocks_cached: AtomicUsize,
     pub kv_block_bytes: AtomicUsize,
     pub steps: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub cached_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
+    /// Requests taken off their sequence to free blocks (they resume later).
+    pub preemptions: AtomicU64,
 }
 
 struct Shared {
@@ -187,7 +223,10 @@ fn lock(q: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
 }
 
 impl BatchEngine {
+    /// Starts the loop for `model`; `params` are [`BatchParams::resolve`]d for it (the
+    /// engine's `params` show the context it really gives a sequence).
     pub fn new(model: Arc<Model>, tokenizer: Arc<Tokenizer>, params: BatchParams) -> BatchEngine {
+        let params = params.resolve(&model.hp);
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
                 pending: VecDeque::new(),
@@ -204,7 +243,8 @@ impl BatchEngine {
             .name("capy-batch".into())
             .spawn(move || {
                 let run = std::panic::AssertUnwindSafe(|| {
-                    let ctx = Context::new(model, p.context_params());
+                    let cp = p.context_params(&model.hp);
+                    let ctx = Context::new(model, cp);
                     Loop::new(Arc::clone(&sh), ctx, tokenizer).run();
                 });
                 // a panic (a kernel, a pool worker) ends the loop: its running requests'
@@ -329,7 +369,7 @@ impl BatchEngine {
         Ok(())
     }
 
-    /// The context a request gets: the engine's, or less if it asks.
+    /// The context a request gets: the engine's per-sequence cap, or less if it asks.
     pub fn n_ctx_for(&self, req: &Request) -> usize {
         let n = self.params.n_ctx.max(2);
         req.n_ctx.map_or(n, |c| c.clamp(2, n))
@@ -346,13 +386,18 @@ impl Drop for BatchEngine {
     }
 }
 
-/// A request holding a slot.
+/// A request holding a sequence, running or preempted.
 struct Active {
     sink: Box<dyn Sink>,
     prompt: Vec<u32>,
     params: GenerateParams,
     n_ctx: usize,
-    /// Next prompt index to compute; prefill is done when it reaches `prompt.len()`.
+    salt: u64,
+    /// The tokens whose keys and values the sequence needs before its next step: the
+    /// prompt, then each generated token once it has been fed back.
+    tokens: Vec<u32>,
+    /// How many of `tokens` the cache holds; prefill (or, after a preemption, recomputing)
+    /// is done when it reaches `tokens.len()`.
     next: usize,
     cached_tokens: usize,
     sampler: Sampler,
@@ -361,62 +406,70 @@ struct Active {
     /// The sampled token to feed at the next step.
     pending: Option<u32>,
     prompt_lp: Option<Vec<Option<PromptLogprob>>>,
-    /// admission order, for fair prefill
+    /// admission order: prefill goes oldest first, preemption takes the newest
     order: u64,
     queue_ms: f64,
     t_start: Instant,
     t_gen: Option<Instant>,
 }
 
-struct Slot {
-    /// Tokens whose K/V the cache holds for this sequence.
-    cached: Vec<u32>,
-    active: Option<Active>,
-    /// step of last use, to keep recently used prefixes longest
-    last_used: u64,
+impl Active {
+    /// Leading tokens the prefix cache may supply when the sequence (re)starts: all of them
+    /// when the next step feeds a sampled token, all but the last prompt token (its logits
+    /// are needed) otherwise, none while the prompt's logprobs are still wanted.
+    fn max_cached(&self) -> usize {
+        if self.prompt_lp.is_some() {
+            0
+        } else if self.pending.is_some() {
+            self.tokens.len()
+        } else {
+            self.tokens.len() - 1
+        }
+    }
 }
 
 /// What a logit row of the batch belongs to.
 #[derive(Clone, Copy)]
 enum Row {
     Decode(usize),
-    Prompt { slot: usize, pos: usize },
+    Prompt { seq: usize, pos: usize },
 }
 
 struct Loop {
     shared: Arc<Shared>,
     ctx: Context,
     tok: Arc<Tokenizer>,
-    slots: Vec<Slot>,
+    /// per sequence id of the cache: the request using it
+    seqs: Vec<Option<Active>>,
+    /// requests whose blocks were taken back, oldest first; they resume before new ones
+    preempted: VecDeque<Active>,
     batch: Batch,
     rows: Vec<Row>,
-    step: u64,
     admitted: u64,
+}
+
+/// Sequences the pool keeps one block of room for, each, when admitting another: growth
+/// of running sequences should not have to preempt the one just admitted.
+fn headroom(n_running: usize) -> usize {
+    n_running
 }
 
 impl Loop {
     fn new(shared: Arc<Shared>, ctx: Context, tok: Arc<Tokenizer>) -> Loop {
-        let slots = (0..ctx.kv.n_seq)
-            .map(|_| Slot {
-                cached: Vec::new(),
-                active: None,
-                last_used: 0,
-            })
-            .collect();
         Loop {
+            seqs: (0..ctx.kv.n_seq).map(|_| None).collect(),
+            preempted: VecDeque::new(),
             shared,
             ctx,
             tok,
-            slots,
             batch: Batch::new(),
             rows: Vec::new(),
-            step: 0,
             admitted: 0,
         }
     }
 
     fn n_running(&self) -> usize {
-        self.slots.iter().filter(|s| s.active.is_some()).count()
+        self.seqs.iter().filter(|s| s.is_some()).count()
     }
 
     fn run(mut self) {
@@ -436,32 +489,32 @@ impl Loop {
         for (mut r, _) in pending {
             r.sink.send(Event::Failed("the model was unloaded".into()));
         }
-        for s in &mut self.slots {
-            if let Some(mut a) = s.active.take() {
-                a.sink.send(Event::Failed("the model was unloaded".into()));
-            }
+        let running = self.seqs.iter_mut().filter_map(Option::take);
+        for mut a in running.chain(self.preempted.drain(..)) {
+            a.sink.send(Event::Failed("the model was unloaded".into()));
         }
     }
 
     fn publish(&self) {
         let st = &self.shared.stats;
         st.running.store(self.n_running(), Ordering::Relaxed);
-        let used = self
-            .slots
-            .iter()
-            .filter(|s| s.active.is_some())
-            .map(|s| s.cached.len())
+        let used = (0..self.seqs.len())
+            .filter(|&i| self.seqs[i].is_some())
+            .map(|i| self.ctx.kv.seq_len(i))
             .sum();
         st.kv_used.store(used, Ordering::Relaxed);
-        let (total, free) = self.ctx.kv.blocks();
-        st.kv_blocks.store(total, Ordering::Relaxed);
-        st.kv_blocks_free.store(free, Ordering::Relaxed);
+        let c = self.ctx.kv.block_counts();
+        st.kv_blocks.store(c.total, Ordering::Relaxed);
+        st.kv_blocks_free
+            .store(c.free + c.cached, Ordering::Relaxed);
+        st.kv_blocks_cached.store(c.cached, Ordering::Relaxed);
         st.kv_block_bytes
             .store(self.ctx.kv.block_bytes(), Ordering::Relaxed);
     }
 
-    /// Moves waiting requests into free slots; sleeps while there is nothing to do.
-    /// `false` on shutdown.
+    /// Starts waiting requests (preempted ones first) while a sequence id and the blocks
+    /// their prompts need are free; sleeps while there is nothing to do. `false` on
+    /// shutdown.
     fn admit(&mut self) -> bool {
         let shared = Arc::clone(&self.shared);
         let mut q = lock(&shared.queue);
@@ -469,65 +522,81 @@ impl Loop {
             if q.shutdown {
                 return false;
             }
-            if self.n_running() > 0 || !q.pending.is_empty() {
+            if self.n_running() > 0 || !q.pending.is_empty() || !self.preempted.is_empty() {
                 break;
             }
             self.publish();
             q = shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
         }
-        while !q.pending.is_empty() {
-            let Some(si) = self.free_slot(&q.pending[0].0.prompt) else {
+        while let Some(si) = self.seqs.iter().position(Option::is_none) {
+            if let Some(a) = self.preempted.front() {
+                let Some(plan) = self.fits(&a.tokens, a.salt, a.max_cached()) else {
+                    break;
+                };
+                let Some(a) = self.preempted.pop_front() else {
+                    break;
+                };
+                self.resume(si, a, &plan);
+                continue;
+            }
+            let Some((req, _)) = q.pending.front() else {
+                break;
+            };
+            if req.sink.is_closed() {
+                q.pending.pop_front();
+                continue;
+            }
+            let salt = capy_model::salt_id(&req.salt);
+            let max = if req.params.echo {
+                0
+            } else {
+                req.prompt.len() - 1
+            };
+            let Some(plan) = self.fits(&req.prompt, salt, max) else {
                 break;
             };
             let Some((req, t_queued)) = q.pending.pop_front() else {
                 break;
             };
-            self.start(si, req, t_queued);
+            self.start(si, req, t_queued, salt, &plan);
         }
         shared
             .stats
             .queued
-            .store(q.pending.len(), Ordering::Relaxed);
+            .store(q.pending.len() + self.preempted.len(), Ordering::Relaxed);
         true
     }
 
-    /// The free slot whose cache shares the longest prefix with `prompt`; among equals
-    /// the least recently used.
-    fn free_slot(&self, prompt: &[u32]) -> Option<usize> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.active.is_none())
-            .map(|(i, s)| {
-                (
-                    common_prefix(&s.cached, prompt),
-                    std::cmp::Reverse(s.last_used),
-                    i,
-                )
-            })
-            .max()
-            .map(|(_, _, i)| i)
+    /// The prefix cache's plan for these tokens if the pool can take them now, with a
+    /// block of room for each running sequence to grow (none needed when nothing runs).
+    fn fits(&self, tokens: &[u32], salt: u64, max: usize) -> Option<PrefixPlan> {
+        let plan = self.ctx.kv.plan_prefix(tokens, salt, max);
+        let need = plan.new_blocks + plan.revived + headroom(self.n_running());
+        (need <= self.ctx.kv.available()).then_some(plan)
     }
 
-    fn start(&mut self, si: usize, req: Request, t_queued: Instant) {
+    /// Gives a sequence the cached prefix of `tokens` and every block the rest needs.
+    fn attach(&mut self, si: usize, tokens: &[u32], plan: &PrefixPlan) -> usize {
+        let kv = &mut self.ctx.kv;
+        let kept = kv.attach_prefix(si, plan, tokens).unwrap_or(0);
+        // cannot fail: `fits` counted the blocks
+        let _ = kv.reserve(si, tokens.len());
+        kept
+    }
+
+    fn start(&mut self, si: usize, req: Request, t_queued: Instant, salt: u64, plan: &PrefixPlan) {
         let Request {
             prompt,
             params,
             n_ctx,
             mut sink,
+            ..
         } = req;
-        let n_ctx = n_ctx.map_or(self.ctx.kv.n_ctx, |c| c.clamp(2, self.ctx.kv.n_ctx));
-        let slot = &mut self.slots[si];
-        // reuse the cached prefix, but recompute at least the last prompt token (its
-        // logits are needed) and everything when the prompt's logprobs are wanted
-        let mut keep = common_prefix(&slot.cached, &prompt).min(prompt.len() - 1);
-        if params.echo {
-            keep = 0;
-        }
-        slot.cached.truncate(keep);
-        // cannot fail: the slot index is in range
-        let _ = self.ctx.kv.truncate(si, keep);
+        let cap = self.ctx.kv.n_ctx;
+        let n_ctx = n_ctx.map_or(cap, |c| c.clamp(2, cap));
+        let keep = self.attach(si, &prompt, plan);
         if !sink.send(Event::Started { cached: keep }) {
+            let _ = self.ctx.kv.clear(si);
             return;
         }
         let mut sampler = Sampler::new(params.sampler.clone());
@@ -539,11 +608,13 @@ impl Loop {
             .fetch_add(prompt.len() as u64, Ordering::Relaxed);
         st.cached_tokens.fetch_add(keep as u64, Ordering::Relaxed);
         self.admitted += 1;
-        slot.active = Some(Active {
+        self.seqs[si] = Some(Active {
             sink,
             text: Some(TextStream::new(&params.stop)),
             prompt_lp: params.echo.then(|| vec![None]),
             n_ctx,
+            salt,
+            tokens: prompt.clone(),
             next: keep,
             cached_tokens: keep,
             sampler,
@@ -558,11 +629,67 @@ impl Loop {
         });
     }
 
-    /// Frees the slots of requests whose listener went away.
+    /// Puts a preempted request back on a sequence; it recomputes what the cache lost.
+    fn resume(&mut self, si: usize, mut a: Active, plan: &PrefixPlan) {
+        let tokens = std::mem::take(&mut a.tokens);
+        a.next = self.attach(si, &tokens, plan);
+        a.tokens = tokens;
+        self.seqs[si] = Some(a);
+    }
+
+    /// Takes the newest running request off its sequence, returning its blocks to the pool
+    /// (those the index names stay cached, so it may find them again); it waits to resume
+    /// ahead of new requests and then computes again what it lost, with the same sampler
+    /// state, so its output is what it would have been.
+    fn preempt_newest(&mut self) -> bool {
+        let Some(si) = (0..self.seqs.len())
+            .filter(|&i| self.seqs[i].is_some())
+            .max_by_key(|&i| self.seqs[i].as_ref().map_or(0, |a| a.order))
+        else {
+            return false;
+        };
+        let Some(mut a) = self.seqs[si].take() else {
+            return false;
+        };
+        let _ = self.ctx.kv.clear(si);
+        a.next = 0;
+        if a.prompt_lp.is_some() {
+            a.prompt_lp = Some(vec![None]);
+        }
+        self.shared
+            .stats
+            .preemptions
+            .fetch_add(1, Ordering::Relaxed);
+        let at = self.preempted.partition_point(|p| p.order < a.order);
+        self.preempted.insert(at, a);
+        true
+    }
+
+    /// Frees the sequences of requests whose listener went away.
     fn drop_closed(&mut self) {
-        for s in &mut self.slots {
-            if s.active.as_ref().is_some_and(|a| a.sink.is_closed()) {
-                s.active = None;
+        for si in 0..self.seqs.len() {
+            if self.seqs[si].as_ref().is_some_and(|a| a.sink.is_closed()) {
+                self.seqs[si] = None;
+                let _ = self.ctx.kv.clear(si);
+            }
+        }
+        self.preempted.retain(|a| !a.sink.is_closed());
+    }
+
+    /// Preempts the newest running requests until every generating sequence has a block
+    /// for its next token (prefilling ones took theirs when they started).
+    fn make_room(&mut self) {
+        loop {
+            let need: usize = (0..self.seqs.len())
+                .filter_map(|si| {
+                    let a = self.seqs[si].as_ref()?;
+                    let len = a.tokens.len();
+                    (a.pending.is_some() && a.next == len)
+                        .then(|| self.ctx.kv.blocks_to_reach(si, len + 1))
+                })
+                .sum();
+            if need <= self.ctx.kv.available() || !self.preempt_newest() {
+                return;
             }
         }
     }
@@ -577,52 +704,60 @@ impl Loop {
         {
             panic!("injected failure");
         }
-        self.step += 1;
+        self.make_room();
         self.batch.clear();
         self.rows.clear();
         let n_batch = self.ctx.params.n_batch;
         let n_out_max = self.ctx.params.n_outputs;
-        for (si, s) in self.slots.iter_mut().enumerate() {
-            if let Some(tok) = s.active.as_mut().and_then(|a| a.pending.take()) {
-                self.batch.push(tok, s.cached.len(), si, true);
-                s.cached.push(tok);
+        for (si, s) in self.seqs.iter_mut().enumerate() {
+            let Some(a) = s.as_mut() else { continue };
+            if a.next < a.tokens.len() {
+                continue;
+            }
+            if let Some(tok) = a.pending.take() {
+                self.batch.push(tok, a.tokens.len(), si, true);
+                a.tokens.push(tok);
+                a.next += 1;
                 self.rows.push(Row::Decode(si));
             }
         }
         let mut prefill: Vec<(u64, usize)> = self
-            .slots
+            .seqs
             .iter()
             .enumerate()
             .filter_map(|(si, s)| {
-                let a = s.active.as_ref()?;
-                (a.next < a.prompt.len()).then_some((a.order, si))
+                let a = s.as_ref()?;
+                (a.next < a.tokens.len()).then_some((a.order, si))
             })
             .collect();
         prefill.sort_unstable();
         for (_, si) in prefill {
             let room = n_batch - self.batch.len();
             let out_room = n_out_max - self.rows.len();
-            let s = &mut self.slots[si];
-            let Some(a) = s.active.as_mut() else { continue };
-            let left = a.prompt.len() - a.next;
+            let Some(a) = self.seqs[si].as_mut() else {
+                continue;
+            };
+            let echo = a.prompt_lp.is_some();
+            // the last token's logits are needed unless a sampled token is waiting
+            let wants_last = a.pending.is_none();
+            let left = a.tokens.len() - a.next;
             let mut take = left.min(room);
-            if a.params.echo {
+            if echo {
                 take = take.min(out_room);
-            } else if take == left && out_room == 0 {
-                take -= 1; // the last prompt token needs a logit row
+            } else if take == left && wants_last && out_room == 0 {
+                take -= 1;
             }
             if take == 0 {
                 continue;
             }
             for p in a.next..a.next + take {
-                let last = p + 1 == a.prompt.len();
-                let out = a.params.echo || last;
-                self.batch.push(a.prompt[p], p, si, out);
+                let last = p + 1 == a.tokens.len();
+                let out = echo || (last && wants_last);
+                self.batch.push(a.tokens[p], p, si, out);
                 if out {
-                    self.rows.push(Row::Prompt { slot: si, pos: p });
+                    self.rows.push(Row::Prompt { seq: si, pos: p });
                 }
             }
-            s.cached.extend_from_slice(&a.prompt[a.next..a.next + take]);
             a.next += take;
         }
         if self.batch.is_empty() {
@@ -636,60 +771,63 @@ impl Loop {
                 // not expected (the batch is checked as it is built); fail its requests
                 let msg = format!("forward pass failed: {e}");
                 for &si in self.batch.seq.iter() {
-                    let s = &mut self.slots[si];
-                    if let Some(mut a) = s.active.take() {
+                    if let Some(mut a) = self.seqs[si].take() {
                         a.sink.send(Event::Failed(msg.clone()));
                     }
-                    s.cached.clear();
                     let _ = self.ctx.kv.clear(si);
                 }
                 return;
             }
         };
-        let step = self.step;
+        let mut ended = Vec::new();
         for (row, &r) in logits.chunks_exact(n_vocab).zip(&self.rows) {
-            match r {
-                Row::Decode(si) => {
-                    self.slots[si].last_used = step;
-                    emit(&mut self.slots[si], row, &self.tok, &self.shared.stats);
+            let (si, pos) = match r {
+                Row::Decode(si) => (si, None),
+                Row::Prompt { seq, pos } => (seq, Some(pos)),
+            };
+            let s = &mut self.seqs[si];
+            let Some(a) = s.as_mut() else { continue };
+            if let Some(pos) = pos {
+                let len = a.prompt.len();
+                if let Some(lp) = a.prompt_lp.as_mut() {
+                    if pos + 1 < len {
+                        let next = a.prompt[pos + 1];
+                        lp.push(Some(prompt_logprob(row, next, a.params.top_logprobs)));
+                    }
                 }
-                Row::Prompt { slot: si, pos } => {
-                    let s = &mut self.slots[si];
-                    s.last_used = step;
-                    let Some(a) = s.active.as_mut() else { continue };
-                    let len = a.prompt.len();
-                    if let Some(lp) = a.prompt_lp.as_mut() {
-                        if pos + 1 < len {
-                            let next = a.prompt[pos + 1];
-                            lp.push(Some(prompt_logprob(row, next, a.params.top_logprobs)));
-                        }
+                if pos + 1 < len {
+                    continue;
+                }
+                a.t_gen = Some(Instant::now());
+                if let Some(lp) = a.prompt_lp.take() {
+                    if !a.sink.send(Event::PromptLogprobs(lp)) {
+                        *s = None;
+                        ended.push(si);
+                        continue;
                     }
-                    if pos + 1 == len {
-                        a.t_gen = Some(Instant::now());
-                        if let Some(lp) = a.prompt_lp.take() {
-                            if !a.sink.send(Event::PromptLogprobs(lp)) {
-                                s.active = None;
-                                continue;
-                            }
-                        }
-                        if a.params.max_tokens == 0 {
-                            finish(s, StopReason::Length);
-                        } else {
-                            emit(s, row, &self.tok, &self.shared.stats);
-                        }
-                    }
+                }
+                if a.params.max_tokens == 0 {
+                    finish(s, StopReason::Length);
+                    ended.push(si);
+                    continue;
                 }
             }
+            if emit(s, row, &self.tok, &self.shared.stats) {
+                ended.push(si);
+            }
+        }
+        for si in ended {
+            let _ = self.ctx.kv.clear(si);
         }
     }
 }
 
-/// Samples a slot's next token from its logits, reports it, and ends the request when it
-/// is done.
-fn emit(s: &mut Slot, row: &[f32], tok: &Tokenizer, stats: &Stats) {
-    let Some(a) = s.active.as_mut() else { return };
+/// Samples a sequence's next token from its logits, reports it, and ends the request when
+/// it is done (then `true`: its sequence is free).
+fn emit(s: &mut Option<Active>, row: &[f32], tok: &Tokenizer, stats: &Stats) -> bool {
+    let Some(a) = s.as_mut() else { return false };
     let Some(stream) = a.text.as_mut() else {
-        return;
+        return false;
     };
     let (token, text, end) = sample_next(&mut a.sampler, row, tok, &a.params, stream);
     let id = token.id;
@@ -702,20 +840,26 @@ fn emit(s: &mut Slot, row: &[f32], tok: &Tokenizer, stats: &Stats) {
         Some(StopReason::Cancelled)
     } else if a.n_gen >= a.params.max_tokens {
         Some(StopReason::Length)
-    } else if s.cached.len() + 1 >= a.n_ctx {
+    } else if a.tokens.len() + 1 >= a.n_ctx {
         // prompt + answer fill the context (the token just sampled takes the last place)
         Some(StopReason::Context)
     } else {
         None
     };
     match reason {
-        Some(r) => finish(s, r),
-        None => a.pending = Some(id),
+        Some(r) => {
+            finish(s, r);
+            true
+        }
+        None => {
+            a.pending = Some(id);
+            false
+        }
     }
 }
 
-fn finish(s: &mut Slot, reason: StopReason) {
-    let Some(mut a) = s.active.take() else { return };
+fn finish(s: &mut Option<Active>, reason: StopReason) {
+    let Some(mut a) = s.take() else { return };
     let (tail, text) = match a.text.take() {
         Some(t) => t.finish(reason == StopReason::Stop),
         None => Default::default(),
@@ -733,8 +877,4 @@ fn finish(s: &mut Slot, reason: StopReason) {
         prompt_ms: (t_gen - a.t_start).as_secs_f64() * 1e3,
         gen_ms: (now - t_gen).as_secs_f64() * 1e3,
     }));
-}
-
-fn common_prefix(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
 
@@ -15,12 +16,25 @@ fn engine() -> Engine {
 }
 
 fn batcher(e: &Engine, n_slots: usize, max_queue: usize) -> BatchEngine {
+    batcher_with_pool(e, n_slots, max_queue, None)
+}
+
+/// A batching engine whose KV pool has `kv_blocks` blocks (`None`: every slot at 512).
+fn batcher_with_pool(
+    e: &Engine,
+    n_slots: usize,
+    max_queue: usize,
+    kv_blocks: Option<usize>,
+) -> BatchEngine {
+    let hp = &e.model.hp;
+    let block = capy_engine::KvCache::block_bytes_for(hp.n_layer, hp.n_embd_k(), hp.n_embd_v());
     BatchEngine::new(
         Arc::clone(&e.model),
         Arc::clone(&e.tokenizer),
         BatchParams {
             n_slots,
             n_ctx: 512,
+            kv_bytes: kv_blocks.map(|n| (n * block) as u64),
             n_batch: 64,
             n_threads: 2,
             max_queue,
@@ -43,11 +57,21 @@ fn submit(
     prompt: Vec<u32>,
     params: GenerateParams,
 ) -> Result<mpsc::Receiver<Event>, Error> {
+    submit_salted(b, prompt, params, "")
+}
+
+fn submit_salted(
+    b: &BatchEngine,
+    prompt: Vec<u32>,
+    params: GenerateParams,
+    salt: &str,
+) -> Result<mpsc::Receiver<Event>, Error> {
     let (tx, rx) = mpsc::channel();
     b.submit(Request {
         prompt,
         params,
         n_ctx: None,
+        salt: salt.to_string(),
         sink: Box::new(FnSink(move |ev| tx.send(ev).is_ok())),
     })?;
     Ok(rx)
@@ -256,4 +280,126 @@ fn echo_reports_the_prompt_logprobs_of_single_sequence_generation() {
             _ => panic!("{g:?} vs {w:?}"),
         }
     }
+}
+
+/// A prompt of about `n` tokens: numbered lines, so no two blocks repeat.
+fn long_prompt(e: &Engine, n: usize, tail: &str) -> Vec<u32> {
+    let mut text = String::from("Read these notes carefully.\n");
+    let mut i = 0;
+    while e.tokenizer.encode(&text, true, true).expect("ok").len() < n {
+        i += 1;
+        text.push_str(&format!(
+            "Note {i}: the value of item {i} is {}.\n",
+            i * 7 % 13
+        ));
+    }
+    text.push_str(tail);
+    e.tokenizer.encode(&text, true, true).expect("ok")
+}
+
+#[test]
+fn requests_preempted_for_lack_of_blocks_complete_with_the_same_output() {
+    let e = engine();
+    let prompts: Vec<Vec<u32>> = PROMPTS
+        .iter()
+        .map(|p| e.tokenizer.encode(p, true, true).expect("tokenizes"))
+        .collect();
+    // seeded sampling, so a resumed request must also keep its sampler's state
+    let params = |i: usize| {
+        let mut p = greedy(150);
+        p.ignore_eos = true;
+        p.sampler.temperature = 0.8;
+        p.sampler.seed = Some(100 + i as u64);
+        p
+    };
+    let run = |b: &BatchEngine| -> Vec<Vec<u32>> {
+        let rxs: Vec<_> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| submit(b, p.clone(), params(i)).expect("queued"))
+            .collect();
+        rxs.into_iter()
+            .map(|rx| {
+                let (ids, _, sum, _) = collect(rx);
+                assert_eq!(sum.completion_tokens, 150);
+                ids
+            })
+            .collect()
+    };
+    let roomy = batcher(&e, 4, 16);
+    let want = run(&roomy);
+    assert_eq!(roomy.stats().preemptions.load(Ordering::Relaxed), 0);
+    // 8 blocks for 4 sequences of 3 blocks each: the newest are preempted as the others grow
+    let tight = batcher_with_pool(&e, 4, 16, Some(8));
+    let got = run(&tight);
+    assert!(
+        tight.stats().preemptions.load(Ordering::Relaxed) > 0,
+        "the pool was meant to run out"
+    );
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "request {i} differs after preemption");
+    }
+}
+
+#[test]
+fn a_prefix_is_shared_across_sequences_but_not_across_salts() {
+    let e = engine();
+    let b = batcher(&e, 4, 8);
+    let first = long_prompt(&e, 200, "Question: what is the value of item 3?");
+    let second = long_prompt(&e, 200, "Question: which item has the value 5?");
+    let shared = first
+        .iter()
+        .zip(&second)
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert!(shared >= 192, "the prompts share {shared} tokens");
+    // the first is still running (a long answer) when the second arrives
+    let mut long = greedy(200);
+    long.ignore_eos = true;
+    let rx1 = submit(&b, first.clone(), long).expect("queued");
+    assert!(matches!(rx1.recv(), Ok(Event::Started { cached: 0 })));
+    assert!(matches!(rx1.recv(), Ok(Event::Token { .. })));
+    let (ids, _, sum, cached) = collect(submit(&b, second.clone(), greedy(12)).expect("queued"));
+    assert_eq!(
+        cached,
+        shared / 64 * 64,
+        "every full block of the shared prefix"
+    );
+    assert_eq!(sum.cached_tokens, cached);
+    // the same answer as without the cache
+    let fresh = batcher(&e, 1, 1);
+    let (want, _, _, c0) = collect(submit(&fresh, second.clone(), greedy(12)).expect("queued"));
+    assert_eq!(c0, 0);
+    assert_eq!(ids, want);
+    // another tenant computes everything itself
+    let (other, _, _, c) =
+        collect(submit_salted(&b, second.clone(), greedy(12), "tenant-b").expect("queued"));
+    assert_eq!(c, 0, "a different salt shares nothing");
+    assert_eq!(other, want);
+    // and then finds its own blocks
+    let (_, _, _, c) =
+        collect(submit_salted(&b, second.clone(), greedy(12), "tenant-b").expect("queued"));
+    assert_eq!(c, second.len() - 1);
+    drop(rx1);
+}
+
+#[test]
+fn a_prompt_waits_for_blocks_and_one_larger_than_the_pool_is_refused() {
+    let e = engine();
+    // 4 blocks: the context is capped at 256 positions
+    let b = batcher_with_pool(&e, 2, 4, Some(4));
+    assert_eq!(b.params.n_ctx, 256);
+    assert!(matches!(
+        submit(&b, vec![1u32; 300], greedy(4)),
+        Err(Error::PromptTooLong { n_ctx: 256, .. })
+    ));
+    // two prompts of 3 blocks each: the second waits for the first's blocks
+    let p1 = long_prompt(&e, 150, "Summary:");
+    let p2 = long_prompt(&e, 160, "In short:");
+    assert!(p1.len() > 128 && p2.len() > 128 && p1.len() < 190 && p2.len() < 190);
+    let rx1 = submit(&b, p1, greedy(8)).expect("queued");
+    let rx2 = submit(&b, p2, greedy(8)).expect("queued");
+    let (_, _, s1, _) = collect(rx1);
+    let (_, _, s2, _) = collect(rx2);
+    assert!(s1.completion_tokens > 0 && s2.completion_tokens > 0);
 }

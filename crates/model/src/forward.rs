@@ -68,6 +68,9 @@ pub struct ContextParams {
     pub n_ctx: usize,
     /// Sequences held at once.
     pub n_seq: usize,
+    /// Blocks of [`capy_kernels::attn::KV_TILE`] positions in the KV cache's pool, shared
+    /// by all sequences; `None`: enough for every sequence at its full context.
+    pub kv_blocks: Option<usize>,
     /// Most tokens in one batch.
     pub n_batch: usize,
     /// Most logit rows one batch may ask for.
@@ -83,6 +86,7 @@ impl Default for ContextParams {
         ContextParams {
             n_ctx: 4096,
             n_seq: 1,
+            kv_blocks: None,
             n_batch: 512,
             n_outputs: 8,
             n_threads: std::thread::available_parallelism()
@@ -94,17 +98,19 @@ impl Default for ContextParams {
 }
 
 impl ContextParams {
+    /// Blocks in the KV cache's pool.
+    pub fn kv_blocks(&self) -> usize {
+        self.kv_blocks
+            .unwrap_or(self.n_seq.max(1) * self.n_ctx.max(1).div_ceil(capy_kernels::attn::KV_TILE))
+            .max(1)
+    }
+
     /// Bytes a context of these sizes allocates for `hp`: the KV cache plus the scratch
     /// buffers of [`Context::new`] (thread-local attention buffers left out).
     pub fn memory_bytes(&self, hp: &crate::Hparams) -> u64 {
         let nb = self.n_batch.max(1);
-        let kv = KvCache::bytes_for(
-            hp.n_layer,
-            self.n_seq.max(1),
-            self.n_ctx.max(1),
-            hp.n_embd_k(),
-            hp.n_embd_v(),
-        );
+        let kv =
+            self.kv_blocks() * KvCache::block_bytes_for(hp.n_layer, hp.n_embd_k(), hp.n_embd_v());
         // x, xn, q, k, v, attn, gate, up, and the two RoPE tables of cos and sin
         let per_token = 2 * hp.n_embd
             + hp.n_embd_q()
@@ -167,12 +173,13 @@ impl Context {
         let nb = params.n_batch.max(1);
         let n_threads = params.n_threads.max(1);
         let kern = params.isa.and_then(Kernels::for_isa).unwrap_or(*kernels());
-        let kv = KvCache::new(
+        let kv = KvCache::with_blocks(
             hp.n_layer,
             params.n_seq.max(1),
             params.n_ctx.max(1),
             hp.n_embd_k(),
             hp.n_embd_v(),
+            params.kv_blocks(),
         );
         let s = Scratch {
             x: vec![0.0; nb * hp.n_embd],
@@ -277,8 +284,12 @@ impl Context {
     /// order: `[n_outputs, n_vocab]`.
     pub fn decode(&mut self, batch: &Batch) -> Result<&[f32]> {
         self.validate(batch)?;
-        // blocks for every position the batch writes, before any is written
+        // blocks for every position the batch writes, before any is written (a sequence
+        // the batch rewrites forgets the positions from there on first)
         for (&seq, &pos) in batch.seq.iter().zip(&batch.pos) {
+            if pos < self.kv.seq_len(seq) {
+                self.kv.truncate(seq, pos)?;
+            }
             self.kv.reserve(seq, pos + 1)?;
         }
         let n_tok = batch.len();
@@ -433,8 +444,7 @@ impl Context {
 
         // sequences now extend through the last position written
         for t in 0..n_tok {
-            let (seq, pos) = (batch.seq[t], batch.pos[t]);
-            self.kv.set_seq_len(seq, pos + 1);
+            self.kv.commit(batch.seq[t], batch.pos[t], batch.tokens[t]);
         }
 
         // output rows

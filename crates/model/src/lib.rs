@@ -12,9 +12,10 @@ mod hparams;
 mod kv;
 mod weights;
 
+pub use capy_kernels::attn::KV_TILE;
 pub use forward::{Batch, Context, ContextParams};
 pub use hparams::{Activation, Arch, Hparams};
-pub use kv::KvCache;
+pub use kv::{salt_id, BlockCounts, KvCache, PrefixPlan};
 pub use weights::{Layer, Model, Tensor};
 
 #[derive(Debug, thiserror::Error)]

@@ -157,6 +157,7 @@ fn ctx(model: &Arc<Model>, n_seq: usize, n_threads: usize) -> Context {
         ContextParams {
             n_ctx: 32,
             n_seq,
+            kv_blocks: None,
             n_batch: 24,
             n_outputs: 16,
             n_threads,
@@ -213,6 +214,7 @@ fn every_isa_gives_the_logits_of_the_scalar_kernels() {
             let params = ContextParams {
                 n_ctx: 32,
                 n_seq: 1,
+                kv_blocks: None,
                 n_batch: 24,
                 n_outputs: 16,
                 n_threads: 2,

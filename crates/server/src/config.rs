@@ -143,10 +143,14 @@ pub struct Config {
     /// Bytes that the weights and KV caches of all loaded models may take ("8GiB");
     /// empty means no limit.
     pub memory_budget: String,
-    /// Context (positions) of each sequence.
+    /// Most positions of one sequence; 0: the model's trained context.
     pub ctx_size: usize,
-    /// Sequences each model runs at once.
+    /// Most sequences each model runs at once.
     pub parallel: usize,
+    /// Bytes of each model's KV cache pool, shared by its sequences ("2GiB"); empty: room
+    /// for `parallel` sequences at full context, at most a quarter of the memory budget (or
+    /// of the machine's memory).
+    pub kv_cache_size: String,
     /// Most tokens in one forward pass.
     pub batch_size: usize,
     /// Requests that may wait per model; more get 429.
@@ -182,8 +186,9 @@ impl Default for Config {
             keep_alive: "5m".into(),
             max_loaded_models: 3,
             memory_budget: String::new(),
-            ctx_size: 2048,
+            ctx_size: 0,
             parallel: 16,
+            kv_cache_size: String::new(),
             batch_size: 512,
             max_queue: 64,
             max_body_size: "16MiB".into(),
@@ -211,6 +216,7 @@ pub struct Overrides {
     pub memory_budget: Option<String>,
     pub ctx_size: Option<usize>,
     pub parallel: Option<usize>,
+    pub kv_cache_size: Option<String>,
     pub batch_size: Option<usize>,
     pub max_queue: Option<usize>,
     pub max_body_size: Option<String>,
@@ -270,6 +276,7 @@ impl Config {
         set(&mut self.memory_budget, o.memory_budget);
         set(&mut self.ctx_size, o.ctx_size);
         set(&mut self.parallel, o.parallel);
+        set(&mut self.kv_cache_size, o.kv_cache_size);
         set(&mut self.batch_size, o.batch_size);
         set(&mut self.max_queue, o.max_queue);
         set(&mut self.max_body_size, o.max_body_size);
@@ -299,15 +306,19 @@ impl Config {
             ("batch_size", self.batch_size, 1 << 20),
             ("max_queue", self.max_queue, 1 << 20),
             ("max_connections", self.max_connections, 1 << 20),
-            ("ctx_size", self.ctx_size, 1 << 24),
         ] {
             if v == 0 || v > max {
                 return Err(format!("{name} must be between 1 and {max}, got {v}"));
             }
         }
-        if self.ctx_size < 16 {
-            return Err("ctx_size must be at least 16".into());
+        if self.ctx_size != 0 && !(16..=1 << 24).contains(&self.ctx_size) {
+            return Err(format!(
+                "ctx_size must be between 16 and {} (or 0: the model's), got {}",
+                1 << 24,
+                self.ctx_size
+            ));
         }
+        let kv_cache_size = kv_size("kv_cache_size", &self.kv_cache_size)?;
         let max_body = parse_bytes(&self.max_body_size)?;
         if max_body < 1024 {
             return Err(format!(
@@ -342,6 +353,7 @@ impl Config {
             models,
             keep_alive,
             memory_budget,
+            kv_cache_size,
             max_pull,
             max_body: usize::try_from(max_body).unwrap_or(usize::MAX),
             read_timeout: duration("read_timeout", &self.read_timeout)?,
@@ -358,6 +370,8 @@ pub struct Checked {
     pub models: Vec<ServedModel>,
     pub keep_alive: KeepAlive,
     pub memory_budget: Option<u64>,
+    /// Bytes of each model's KV cache pool; `None`: derived per model.
+    pub kv_cache_size: Option<u64>,
     /// Bytes one pull may download; `None`: the free disk.
     pub max_pull: Option<u64>,
     /// Bytes.
@@ -386,10 +400,12 @@ pub struct ModelConfig {
     /// A built-in name, stored name or URL served under this name (built-ins and URLs are
     /// pulled at start when missing); without `path` or `source`, the name itself.
     pub source: Option<String>,
-    /// Context (positions) of each of this model's sequences.
+    /// Most positions of one of this model's sequences.
     pub ctx_size: Option<usize>,
-    /// Sequences this model runs at once.
+    /// Most sequences this model runs at once.
     pub parallel: Option<usize>,
+    /// Bytes of this model's KV cache pool ("1GiB").
+    pub kv_cache_size: Option<String>,
     /// Loaded at start and kept loaded (the default); `false`: loaded on first request and
     /// unloaded after its keep-alive.
     pub warm: Option<bool>,
@@ -421,6 +437,7 @@ pub struct ServedModel {
     pub warm: bool,
     pub ctx_size: Option<usize>,
     pub parallel: Option<usize>,
+    pub kv_cache_size: Option<u64>,
     pub keep_alive: Option<KeepAlive>,
     pub system: Option<String>,
     pub sampling: SamplingOptions,
@@ -584,11 +601,29 @@ impl ModelEntry {
             warm: c.warm.unwrap_or(true),
             ctx_size: count("ctx_size", c.ctx_size, 16, 1 << 24)?,
             parallel: count("parallel", c.parallel, 1, 4096)?,
+            kv_cache_size: c
+                .kv_cache_size
+                .as_deref()
+                .map(|v| kv_size(&at("kv_cache_size"), v))
+                .transpose()?
+                .flatten(),
             keep_alive,
             system: c.system.clone(),
             sampling,
         })
     }
+}
+
+/// A KV cache size ("2GiB"; empty: the default), at least 1 MiB.
+fn kv_size(name: &str, v: &str) -> Result<Option<u64>, String> {
+    if v.trim().is_empty() {
+        return Ok(None);
+    }
+    let b = parse_bytes(v).map_err(|e| format!("{name}: {e}"))?;
+    if b < 1 << 20 {
+        return Err(format!("{name} must be at least 1MiB, got {b} bytes"));
+    }
+    Ok(Some(b))
 }
 
 /// A duration as the file gives it: a string ("5m") or a number of seconds (300, -1).

@@ -81,6 +81,7 @@ impl Gens {
                 prompt,
                 params,
                 n_ctx,
+                salt: String::new(),
                 sink: Box::new(ChannelSink {
                     tx: tx.clone(),
                     index,

@@ -85,6 +85,7 @@ impl AppState {
                 batch: capy_engine::BatchParams {
                     n_slots: cfg.parallel,
                     n_ctx: cfg.ctx_size,
+                    kv_bytes: checked.kv_cache_size,
                     n_batch: cfg.batch_size,
                     n_threads: cfg.threads,
                     max_queue: cfg.max_queue,

@@ -150,6 +150,7 @@ impl Metrics {
         let loaded = registry.loaded();
         let (mut queued, mut running, mut kv_used, mut kv_cap) = (0, 0, 0, 0);
         let (mut blocks, mut blocks_free, mut block_bytes_used) = (0, 0, 0);
+        let (mut blocks_cached, mut preemptions) = (0, 0);
         for l in &loaded {
             let st = l.model.batch.stats();
             queued += st.queued.load(Ordering::Relaxed);
@@ -161,10 +162,11 @@ impl Metrics {
             );
             blocks += total;
             blocks_free += free;
+            blocks_cached += st.kv_blocks_cached.load(Ordering::Relaxed);
+            preemptions += st.preemptions.load(Ordering::Relaxed);
             block_bytes_used +=
                 total.saturating_sub(free) * st.kv_block_bytes.load(Ordering::Relaxed);
-            let p = &l.model.batch.params;
-            kv_cap += p.n_slots * p.n_ctx;
+            kv_cap += total * capy_model::KV_TILE;
         }
         gauge(
             &mut out,
@@ -187,7 +189,7 @@ impl Metrics {
         gauge(
             &mut out,
             "capy_kv_cache_capacity_tokens",
-            "KV cache positions of all loaded models.",
+            "KV cache positions in the block pools of all loaded models.",
             kv_cap as f64,
         );
         let usage = if kv_cap > 0 {
@@ -210,13 +212,31 @@ impl Metrics {
         gauge(
             &mut out,
             "capy_kv_cache_blocks_used",
-            "KV cache blocks held by sequences, running or idle (an idle one's blocks are its prefix cache).",
+            "KV cache blocks held by running sequences.",
             blocks.saturating_sub(blocks_free) as f64,
         );
         gauge(
             &mut out,
+            "capy_kv_cache_blocks_cached",
+            "KV cache blocks no sequence holds, kept for the prefix cache until the pool needs them.",
+            blocks_cached as f64,
+        );
+        gauge(
+            &mut out,
+            "capy_kv_cache_blocks_free",
+            "KV cache blocks holding nothing.",
+            blocks_free.saturating_sub(blocks_cached) as f64,
+        );
+        counter(
+            &mut out,
+            "capy_kv_cache_preemptions_total",
+            "Requests taken off their sequence for lack of KV cache blocks, to be recomputed (loaded models).",
+            preemptions,
+        );
+        gauge(
+            &mut out,
             "capy_kv_cache_used_bytes",
-            "Bytes of the KV cache blocks held by sequences.",
+            "Bytes of the KV cache blocks held by running sequences.",
             block_bytes_used as f64,
         );
         gauge(

@@ -413,14 +413,17 @@ pub async fn tags(State(st): State<Arc<AppState>>) -> Response {
     Json(json!({"models": models})).into_response()
 }
 
-/// A loaded model's KV cache for `/api/ps`: its blocks, those held by sequences (running,
-/// or idle and kept as a prefix cache), and their bytes.
+/// A loaded model's KV cache for `/api/ps`: its pool's blocks, those held by running
+/// sequences, those kept only for the prefix cache, the bytes in use, and preemptions.
 fn kv_cache(st: &capy_engine::Stats) -> Value {
     use std::sync::atomic::Ordering::Relaxed;
     let (total, free) = (st.kv_blocks.load(Relaxed), st.kv_blocks_free.load(Relaxed));
     let used = total.saturating_sub(free);
+    let bytes = st.kv_block_bytes.load(Relaxed);
     json!({"blocks": total, "blocks_used": used,
-           "bytes_used": used * st.kv_block_bytes.load(Relaxed)})
+           "blocks_cached": st.kv_blocks_cached.load(Relaxed),
+           "bytes": total * bytes, "bytes_used": used * bytes,
+           "preemptions": st.preemptions.load(Relaxed)})
 }
 
 pub async fn ps(State(st): State<Arc<AppState>>) -> Response {

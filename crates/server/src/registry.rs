@@ -11,6 +11,7 @@ use std::time::{Instant, SystemTime};
 
 use axum::http::StatusCode;
 use capy_engine::{BatchEngine, BatchParams, Engine, Message};
+use capy_model::KV_TILE;
 use capy_store::Store;
 
 use crate::config::{KeepAlive, ServedModel};
@@ -342,12 +343,13 @@ impl Registry {
         })
     }
 
-    /// The engine settings of a model: the server's, with its own `ctx_size` and
-    /// `parallel` where the config file gives them.
+    /// The engine settings of a model: the server's, with its own `ctx_size`, `parallel`
+    /// and `kv_cache_size` where the config file gives them.
     pub fn batch_params(&self, settings: &ServedModel) -> BatchParams {
         let mut p = self.cfg.batch.clone();
         p.n_ctx = settings.ctx_size.unwrap_or(p.n_ctx);
         p.n_slots = settings.parallel.unwrap_or(p.n_slots);
+        p.kv_bytes = settings.kv_cache_size.or(p.kv_bytes);
         p
     }
 
@@ -366,9 +368,27 @@ impl Registry {
         let g = capy_gguf::Gguf::open(path).map_err(|e| gguf_error(path, e))?;
         let hp = capy_model::Hparams::from_gguf(&g).map_err(|e| model_error(path, e))?;
         let mut params = self.batch_params(settings);
-        if hp.n_ctx_train > 0 {
-            params.n_ctx = params.n_ctx.min(hp.n_ctx_train.max(16));
+        // a sequence's context: the trained one, unless a smaller one is asked for
+        let trained = if hp.n_ctx_train > 0 {
+            hp.n_ctx_train.max(16)
+        } else {
+            4096
+        };
+        params.n_ctx = match params.n_ctx {
+            0 => trained,
+            n => n.min(trained),
+        };
+        if params.kv_bytes.is_none() {
+            // room for every sequence at full context, within a quarter of the budget (or
+            // of the machine's memory)
+            let block =
+                capy_model::KvCache::block_bytes_for(hp.n_layer, hp.n_embd_k(), hp.n_embd_v())
+                    as u64;
+            let full = params.n_slots.max(1) as u64 * params.n_ctx.div_ceil(KV_TILE) as u64 * block;
+            let share = self.cfg.memory_budget.or_else(total_memory).map(|m| m / 4);
+            params.kv_bytes = Some(share.map_or(full, |s| full.min(s.max(block))));
         }
+        let params = params.resolve(&hp);
         let need = g.file_size() + params.memory_bytes(&hp);
         Ok((params, need))
     }
@@ -525,13 +545,10 @@ impl Registry {
     /// dropped by the caller outside the lock.
     fn make_room(&self, need: u64, settings: &ServedModel) -> Result<Vec<Arc<Loaded>>, ApiError> {
         // what sets the KV cache's size: the model's table, where it gives one, or the flags
-        let sizes = if settings.ctx_size.is_some() || settings.parallel.is_some() {
-            format!(
-                "models.{}.ctx_size/parallel in the config file",
-                settings.name
-            )
+        let sizes = if settings.kv_cache_size.is_some() {
+            format!("models.{}.kv_cache_size in the config file", settings.name)
         } else {
-            "--ctx-size or --parallel".to_string()
+            "--kv-cache-size".to_string()
         };
         // an allocation that cannot succeed would abort the process, not fail a request
         if let Some(total) = total_memory().filter(|&t| need > t) {

@@ -136,16 +136,23 @@ async fn models_tables_set_names_context_system_and_sampling() {
     // the cold model was loaded on request and, with keep_alive "0", unloaded after it
     let (_, ps, _) = call(&app, "GET", "/api/ps", "").await;
     assert_eq!(loaded(&ps), [("terse:latest".to_string(), 128)]);
-    // its KV cache: one sequence of 128 positions = 2 blocks, held now by the idle sequence
+    // its KV cache: one sequence of 128 positions = 2 blocks, none held by a running
+    // sequence now, the ones its requests wrote kept for the prefix cache
     let kv = &ps["models"][0]["kv_cache"];
     assert_eq!(kv["blocks"], 2, "{ps}");
+    assert_eq!(kv["blocks_used"], 0, "{ps}");
     assert!(
-        kv["blocks_used"]
+        kv["blocks_cached"]
             .as_u64()
             .is_some_and(|u| (1..=2).contains(&u)),
         "{ps}"
     );
-    assert!(kv["bytes_used"].as_u64().is_some_and(|b| b > 0), "{ps}");
+    assert_eq!(kv["bytes_used"], 0, "{ps}");
+    assert_eq!(
+        kv["bytes"],
+        kv["blocks"].as_u64().unwrap() * 1_474_560,
+        "{ps}"
+    );
 
     // the per-model context: 128 positions, so a long prompt is refused for terse only
     let long = "the sky is blue and ".repeat(40);

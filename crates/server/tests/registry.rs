@@ -113,14 +113,13 @@ async fn a_model_larger_than_the_budget_is_refused_clearly() {
     assert!(r.loaded_names().is_empty());
 }
 
-/// A context and slot count whose KV cache no machine has would abort the process at
-/// allocation: refused with a 400 before loading.
+/// A KV cache pool no machine has would abort the process at allocation: refused with a
+/// 400 before loading.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kv_cache_larger_than_the_machine_is_refused_not_an_abort() {
     let store = temp_store("huge", &["m1"]);
     let mut batch = small_batch();
-    batch.n_ctx = 1 << 24;
-    batch.n_slots = 4096;
+    batch.kv_bytes = Some(1 << 50);
     let r = registry_at(store, batch, &[]);
     let e = r.acquire("m1", None).await.err().expect("refused");
     assert_eq!(e.code, Some("model_too_large"), "{}", e.message);

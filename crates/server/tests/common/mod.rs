@@ -46,6 +46,7 @@ pub fn small_batch() -> BatchParams {
     BatchParams {
         n_slots: 2,
         n_ctx: 256,
+        kv_bytes: None,
         n_batch: 64,
         n_threads: 1,
         max_queue: 4,
