@@ -51,7 +51,7 @@ pub struct ServeArgs {
     pub parallel: Option<usize>,
     /// Bytes of each model's KV cache, a pool of blocks its sequences share (2GiB, 512MiB)
     /// [default: room for --parallel sequences at full context, at most a quarter of the
-    /// memory budget or of the machine's memory].
+    /// memory budget, or without one of the machine's memory over --max-loaded-models].
     #[arg(long, env = "CAPY_KV_CACHE_SIZE")]
     pub kv_cache_size: Option<String>,
     /// Most tokens in one forward pass [default: 512].

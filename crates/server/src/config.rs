@@ -148,8 +148,8 @@ pub struct Config {
     /// Most sequences each model runs at once.
     pub parallel: usize,
     /// Bytes of each model's KV cache pool, shared by its sequences ("2GiB"); empty: room
-    /// for `parallel` sequences at full context, at most a quarter of the memory budget (or
-    /// of the machine's memory).
+    /// for `parallel` sequences at full context, at most a quarter of the memory budget (or,
+    /// without one, of the machine's memory over `max_loaded_models`).
     pub kv_cache_size: String,
     /// Most tokens in one forward pass.
     pub batch_size: usize,

@@ -379,13 +379,16 @@ impl Registry {
             n => n.min(trained),
         };
         if params.kv_bytes.is_none() {
-            // room for every sequence at full context, within a quarter of the budget (or
-            // of the machine's memory)
+            // room for every sequence at full context, within a quarter of the budget (or,
+            // without one, of the machine's memory shared by the models loaded at once)
             let block =
                 capy_model::KvCache::block_bytes_for(hp.n_layer, hp.n_embd_k(), hp.n_embd_v())
                     as u64;
             let full = params.n_slots.max(1) as u64 * params.n_ctx.div_ceil(KV_TILE) as u64 * block;
-            let share = self.cfg.memory_budget.or_else(total_memory).map(|m| m / 4);
+            let share = match self.cfg.memory_budget {
+                Some(b) => Some(b / 4),
+                None => total_memory().map(|m| m / 4 / self.cfg.max_loaded.max(1) as u64),
+            };
             params.kv_bytes = Some(share.map_or(full, |s| full.min(s.max(block))));
         }
         let params = params.resolve(&hp);
