@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use capy_engine::{Batch, ContextParams, Engine};
+use capy_model::KvType;
 use serde_json::json;
 
 use crate::common::model_path;
@@ -35,6 +36,14 @@ pub struct BenchArgs {
     /// Thread counts (comma-separated).
     #[arg(short = 't', long, value_delimiter = ',')]
     pub threads: Option<Vec<usize>>,
+    /// Key cache types (comma-separated: f16, q8_0, fp8; also `-ctk`).
+    #[arg(long = "cache-type-k", value_delimiter = ',', default_value = "f16",
+          value_parser = crate::common::kv_type)]
+    pub cache_type_k: Vec<KvType>,
+    /// Value cache types (also `-ctv`).
+    #[arg(long = "cache-type-v", value_delimiter = ',', default_value = "f16",
+          value_parser = crate::common::kv_type)]
+    pub cache_type_v: Vec<KvType>,
     /// Repetitions per test.
     #[arg(short = 'r', long, default_value_t = 5)]
     pub repetitions: usize,
@@ -52,6 +61,8 @@ struct Row {
     n_prompt: usize,
     n_gen: usize,
     n_depth: usize,
+    type_k: KvType,
+    type_v: KvType,
     samples: Vec<f64>,
 }
 
@@ -140,6 +151,12 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         bail!("-r must be at least 1");
     }
     let mut rows = Vec::new();
+    // llama-bench shows the cache types only when one is not f16
+    let quantized = a
+        .cache_type_k
+        .iter()
+        .chain(&a.cache_type_v)
+        .any(|t| t.is_quantized());
     for m in &a.model {
         let path = model_path(m, false)?;
         let engine = Engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
@@ -158,13 +175,23 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 hp.n_ctx_train
             );
         }
-        for &t in &threads {
+        let types: Vec<(KvType, KvType)> = a
+            .cache_type_k
+            .iter()
+            .flat_map(|&k| a.cache_type_v.iter().map(move |&v| (k, v)))
+            .collect();
+        for (&t, &(type_k, type_v)) in threads
+            .iter()
+            .flat_map(|t| types.iter().map(move |ty| (t, ty)))
+        {
             let mut ctx = capy_engine::Context::new(
                 Arc::clone(&engine.model),
                 ContextParams {
                     n_ctx: (max_d + max_p.max(max_n) + 1).max(16),
                     n_seq: 1,
                     kv_blocks: None,
+                    type_k,
+                    type_v,
                     n_batch: max_p.max(max_d).clamp(1, N_UBATCH),
                     n_outputs: 1,
                     n_threads: t,
@@ -207,13 +234,15 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                     n_prompt: p,
                     n_gen: n,
                     n_depth: d,
+                    type_k: ctx.kv.types().0,
+                    type_v: ctx.kv.types().1,
                     samples,
                 };
                 if !a.json {
                     if rows.is_empty() {
-                        print_header();
+                        print_header(quantized);
                     }
-                    print_row(&row);
+                    print_row(&row, quantized);
                 }
                 rows.push(row);
             }
@@ -231,6 +260,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                     "model_n_params": r.params, "backend": "CPU",
                     "cpu_kernels": capy_kernels::kernels().name, "n_threads": r.threads,
                     "n_prompt": r.n_prompt, "n_gen": r.n_gen, "n_depth": r.n_depth,
+                    "type_k": r.type_k.name(), "type_v": r.type_v.name(),
                     "avg_ts": r.mean(),
                     "stddev_ts": r.stddev(), "samples_ts": r.samples,
                 })
@@ -249,18 +279,23 @@ fn size_label(params: u64) -> String {
     }
 }
 
-fn print_header() {
+fn print_header(types: bool) {
+    let (ty, line) = if types {
+        ("| type_k | type_v ", "| ------ | ------ ")
+    } else {
+        ("", "")
+    };
     println!(
-        "| {:<30} | {:>10} | {:>10} | {:<10} | {:>7} | {:>15} | {:>20} |",
+        "| {:<30} | {:>10} | {:>10} | {:<10} | {:>7} {ty}| {:>15} | {:>20} |",
         "model", "size", "params", "backend", "threads", "test", "t/s"
     );
     println!(
-        "| {:-<30} | {:->9}: | {:->9}: | {:-<10} | {:->6}: | {:->14}: | {:->19}: |",
+        "| {:-<30} | {:->9}: | {:->9}: | {:-<10} | {:->6}: {line}| {:->14}: | {:->19}: |",
         "", "", "", "", "", "", ""
     );
 }
 
-fn print_row(r: &Row) {
+fn print_row(r: &Row, types: bool) {
     let mut test = if r.n_prompt > 0 {
         format!("pp{}", r.n_prompt)
     } else {
@@ -270,8 +305,13 @@ fn print_row(r: &Row) {
     if r.n_depth > 0 {
         test.push_str(&format!(" @ d{}", r.n_depth));
     }
+    let ty = if types {
+        format!("| {:>6} | {:>6} ", r.type_k.name(), r.type_v.name())
+    } else {
+        String::new()
+    };
     println!(
-        "| {:<30} | {:>6.2} MiB | {:>8.2} M | {:<10} | {:>7} | {:>15} | {:>20} |",
+        "| {:<30} | {:>6.2} MiB | {:>8.2} M | {:<10} | {:>7} {ty}| {:>15} | {:>20} |",
         r.model,
         r.size as f64 / (1024.0 * 1024.0),
         r.params as f64 / 1e6,

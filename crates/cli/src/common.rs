@@ -193,3 +193,8 @@ pub fn model_sampling(
     };
     settings.default_sampling(&engine.sampling)
 }
+
+/// A KV cache type for clap (`f16`, `q8_0`, `fp8`).
+pub fn kv_type(s: &str) -> Result<capy_model::KvType, String> {
+    capy_model::KvType::parse(s)
+}

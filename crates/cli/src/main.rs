@@ -56,7 +56,12 @@ enum Cmd {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    // llama.cpp's spellings of the cache-type flags (one dash, several letters)
+    let cli = Cli::parse_from(std::env::args_os().map(|a| match a.to_str() {
+        Some("-ctk") => "--cache-type-k".into(),
+        Some("-ctv") => "--cache-type-v".into(),
+        _ => a,
+    }));
     if !matches!(cli.cmd, Cmd::Serve(_)) {
         default_sigpipe();
     }

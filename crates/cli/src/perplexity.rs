@@ -26,6 +26,12 @@ pub struct PerplexityArgs {
     pub chunks: Option<usize>,
     #[arg(short = 't', long, default_value_t = default_threads(), value_parser = threads)]
     pub threads: usize,
+    /// Element type of the cached keys: f16, q8_0, fp8 (also `-ctk`).
+    #[arg(long = "cache-type-k", default_value = "f16", value_parser = crate::common::kv_type)]
+    pub cache_type_k: capy_model::KvType,
+    /// Element type of the cached values (also `-ctv`).
+    #[arg(long = "cache-type-v", default_value = "f16", value_parser = crate::common::kv_type)]
+    pub cache_type_v: capy_model::KvType,
 }
 
 /// Logit rows computed per forward call.
@@ -56,6 +62,8 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
             n_ctx,
             n_seq: 1,
             kv_blocks: None,
+            type_k: a.cache_type_k,
+            type_v: a.cache_type_v,
             n_batch: n_ctx,
             n_outputs: OUT_ROWS,
             n_threads: a.threads,

@@ -54,6 +54,12 @@ pub struct ServeArgs {
     /// memory budget, or without one of the machine's memory over --max-loaded-models].
     #[arg(long, env = "CAPY_KV_CACHE_SIZE")]
     pub kv_cache_size: Option<String>,
+    /// Element type of the cached keys: f16, q8_0 (half the memory) or fp8 [default: f16].
+    #[arg(long = "cache-type-k", alias = "ctk", env = "CAPY_CACHE_TYPE_K")]
+    pub cache_type_k: Option<String>,
+    /// Element type of the cached values: f16, q8_0 or fp8 [default: f16].
+    #[arg(long = "cache-type-v", alias = "ctv", env = "CAPY_CACHE_TYPE_V")]
+    pub cache_type_v: Option<String>,
     /// Most tokens in one forward pass [default: 512].
     #[arg(short = 'b', long, env = "CAPY_BATCH_SIZE")]
     pub batch_size: Option<usize>,
@@ -118,6 +124,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         ctx_size: a.ctx_size,
         parallel: a.parallel,
         kv_cache_size: a.kv_cache_size,
+        cache_type_k: a.cache_type_k,
+        cache_type_v: a.cache_type_v,
         batch_size: a.batch_size,
         max_queue: a.max_queue,
         max_body_size: a.max_body_size,

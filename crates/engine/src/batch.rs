@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use capy_kernels::attn::KV_TILE;
 use capy_kernels::Isa;
-use capy_model::{Batch, Context, ContextParams, Hparams, KvCache, Model, PrefixPlan};
+use capy_model::{Batch, Context, ContextParams, Hparams, KvCache, KvType, Model, PrefixPlan};
 
 use crate::generate::{
     prompt_logprob, sample_next, GenerateParams, PromptLogprob, StopReason, TextStream, TokenOut,
@@ -42,6 +42,9 @@ pub struct BatchParams {
     /// Bytes of the KV cache's block pool, shared by all sequences (`--kv-cache-size`);
     /// `None`: room for every sequence at its full context.
     pub kv_bytes: Option<u64>,
+    /// Element types of the cached keys and values (`--cache-type-k/-v`).
+    pub type_k: KvType,
+    pub type_v: KvType,
     /// Most tokens in one forward pass.
     pub n_batch: usize,
     pub n_threads: usize,
@@ -56,6 +59,8 @@ impl Default for BatchParams {
             n_slots: 16,
             n_ctx: 2048,
             kv_bytes: None,
+            type_k: KvType::F16,
+            type_v: KvType::F16,
             n_batch: 512,
             n_threads: ContextParams::default().n_threads,
             max_queue: 64,
@@ -74,11 +79,21 @@ impl BatchParams {
     /// Blocks in the KV cache's pool for a model of `hp`: what `kv_bytes` pays for (at least
     /// one), or every sequence at its full context.
     pub fn kv_blocks(&self, hp: &Hparams) -> usize {
-        let block = KvCache::block_bytes_for(hp.n_layer, hp.n_embd_k(), hp.n_embd_v()).max(1);
-        match self.kv_bytes {
-            Some(b) => (b / block as u64).max(1) as usize,
-            None => self.n_slots.max(1) * self.n_ctx.max(2).div_ceil(KV_TILE),
-        }
+        let block = self.block_bytes(hp).max(1);
+        // block ids are u32: a larger pool is never needed (nor allocatable)
+        let n = match self.kv_bytes {
+            Some(b) => b / block as u64,
+            None => (self.n_slots.max(1) as u64)
+                .saturating_mul(self.n_ctx.max(2).div_ceil(KV_TILE) as u64),
+        };
+        n.clamp(1, u64::from(u32::MAX)) as usize
+    }
+
+    /// Bytes of one block of the pool (all layers, keys and values of the types the model
+    /// allows).
+    pub fn block_bytes(&self, hp: &Hparams) -> usize {
+        let types = self.context_params_for_types().kv_types(hp);
+        KvCache::block_bytes_for(hp.n_layer, hp.n_embd_k(), hp.n_embd_v(), types)
     }
 
     /// These settings as the engine runs them for `hp`: the per-sequence context at most
@@ -89,9 +104,20 @@ impl BatchParams {
         p
     }
 
+    /// A context of these settings' cache types, to ask which a model allows.
+    fn context_params_for_types(&self) -> ContextParams {
+        ContextParams {
+            type_k: self.type_k,
+            type_v: self.type_v,
+            ..Default::default()
+        }
+    }
+
     /// The context the engine runs in.
     fn context_params(&self, hp: &Hparams) -> ContextParams {
         ContextParams {
+            type_k: self.type_k,
+            type_v: self.type_v,
             n_ctx: self.n_ctx.max(2),
             n_seq: self.n_slots.max(1),
             kv_blocks: Some(self.kv_blocks(hp)),

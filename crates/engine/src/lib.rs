@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use batch::{BatchEngine, BatchParams, Event, FnSink, Request, Sink, Stats, Summary};
-pub use capy_model::{Batch, Context, ContextParams, KvCache, Model};
+pub use capy_model::{Batch, Context, ContextParams, KvCache, KvType, Model};
 pub use chat::{ChatTemplate, Message};
 pub use generate::{
     GenerateParams, GenerateResult, PromptLogprob, Session, StopReason, TextStream, TokenOut,

@@ -7,8 +7,8 @@ use std::sync::mpsc;
 use std::sync::Arc;
 
 use capy_engine::{
-    BatchEngine, BatchParams, ContextParams, Engine, Error, Event, FnSink, GenerateParams, Request,
-    SamplerParams, StopReason, Summary,
+    BatchEngine, BatchParams, ContextParams, Engine, Error, Event, FnSink, GenerateParams, KvType,
+    Request, SamplerParams, StopReason, Summary,
 };
 
 fn engine() -> Engine {
@@ -27,7 +27,9 @@ fn batcher_with_pool(
     kv_blocks: Option<usize>,
 ) -> BatchEngine {
     let hp = &e.model.hp;
-    let block = capy_engine::KvCache::block_bytes_for(hp.n_layer, hp.n_embd_k(), hp.n_embd_v());
+    let f16 = (KvType::F16, KvType::F16);
+    let block =
+        capy_engine::KvCache::block_bytes_for(hp.n_layer, hp.n_embd_k(), hp.n_embd_v(), f16);
     BatchEngine::new(
         Arc::clone(&e.model),
         Arc::clone(&e.tokenizer),
@@ -35,6 +37,8 @@ fn batcher_with_pool(
             n_slots,
             n_ctx: 512,
             kv_bytes: kv_blocks.map(|n| (n * block) as u64),
+            type_k: KvType::F16,
+            type_v: KvType::F16,
             n_batch: 64,
             n_threads: 2,
             max_queue,
@@ -402,4 +406,38 @@ fn a_prompt_waits_for_blocks_and_one_larger_than_the_pool_is_refused() {
     let (_, _, s1, _) = collect(rx1);
     let (_, _, s2, _) = collect(rx2);
     assert!(s1.completion_tokens > 0 && s2.completion_tokens > 0);
+}
+
+#[test]
+fn an_8_bit_kv_cache_generates_what_the_f16_one_does() {
+    let e = engine();
+    let prompt = e
+        .tokenizer
+        .encode("The capital of France is", true, true)
+        .expect("ok");
+    let run = |type_k, type_v| {
+        let mut session = e.session(ContextParams {
+            n_ctx: 256,
+            n_threads: 2,
+            n_outputs: 1,
+            type_k,
+            type_v,
+            ..Default::default()
+        });
+        let out = session
+            .generate(&prompt, &greedy(6), |_, _| true)
+            .expect("generates");
+        (out.tokens.iter().map(|t| t.id).collect::<Vec<_>>(), session)
+    };
+    let (want, s16) = run(KvType::F16, KvType::F16);
+    assert_eq!(s16.ctx.kv.types(), (KvType::F16, KvType::F16));
+    for ty in [KvType::Q8_0, KvType::Fp8] {
+        let (got, s) = run(ty, ty);
+        assert_eq!(s.ctx.kv.types(), (ty, ty));
+        assert!(
+            s.ctx.kv.block_bytes() < s16.ctx.kv.block_bytes() * 6 / 10,
+            "{ty} blocks are smaller"
+        );
+        assert_eq!(got[..4], want[..4], "{ty}: the first greedy tokens");
+    }
 }

@@ -5,8 +5,9 @@
 //!
 //! The cache is paged ([`KvView`]): keys are stored transposed per block of [`KV_TILE`]
 //! positions (`[head_dim, KV_TILE]` for each head), values row-major within the block
-//! (`[KV_TILE, n_embd_v]`), both f16. Then both products are the same small GEMM with an f16
-//! right-hand side, [`gemm_f16b`]:
+//! (`[KV_TILE, n_embd_v]`), f16 or 8-bit codes with scales ([`crate::kvquant`]). Then both
+//! products are the same small GEMM with an f16 (or 8-bit, converted in the loop) right-hand
+//! side, [`gemm_f16b`] (or [`crate::kvquant::gemm_q8b`]):
 //!
 //! * scores `S[R, KV_TILE] = Q[R, head_dim] · Kᵀ[head_dim, KV_TILE]`
 //! * output `O[R, head_dim_v] += P[R, n] · V[n, head_dim_v]`
@@ -17,6 +18,7 @@
 use half::f16;
 
 use crate::dispatch::Kernels;
+use crate::kvquant::KvType;
 
 /// Positions per key/value tile (also the granularity of the transposed key layout).
 pub const KV_TILE: usize = 64;
@@ -122,23 +124,86 @@ pub struct AttnShape {
     pub softcap: f32,
 }
 
+/// Keys or values of a cache's blocks, in one of the [`KvType`] formats.
+#[derive(Clone, Copy, Debug)]
+pub enum KvData<'a> {
+    F16(&'a [f16]),
+    /// 8-bit codes and their f32 scales ([`crate::kvquant`])
+    Q8 {
+        ty: KvType,
+        codes: &'a [u8],
+        scales: &'a [f32],
+    },
+}
+
+/// One side (keys or values) of one KV head: its tile in block `b` starts at element
+/// `b * block_stride + off` with rows `stride` apart (keys: `[head_dim, KV_TILE]`, stride
+/// `KV_TILE`; values: `[KV_TILE, head_dim_v]`, stride `n_embd_v`); an 8-bit side's scales
+/// start at `b * s_block_stride + s_off`, rows `s_stride` apart (keys: `[head_dim / 32,
+/// KV_TILE]`; values: `[KV_TILE, head_dim_v / 32]`).
+#[derive(Clone, Copy, Debug)]
+pub struct KvSide<'a> {
+    pub data: KvData<'a>,
+    pub block_stride: usize,
+    pub off: usize,
+    pub stride: usize,
+    pub s_block_stride: usize,
+    pub s_off: usize,
+    pub s_stride: usize,
+}
+
 /// One KV head of one sequence's cache, in blocks of [`KV_TILE`] positions: tile `t` (the
-/// sequence's positions `t * KV_TILE..`) is in block `blocks[t]` of the pools `k` and `v`.
+/// sequence's positions `t * KV_TILE..`) is in block `blocks[t]` of both sides.
 #[derive(Clone, Copy, Debug)]
 pub struct KvView<'a> {
     /// the sequence's block table
     pub blocks: &'a [u32],
-    /// key blocks: this head's tile in block `b` is `k[b * k_block_stride + k_off..]`,
-    /// `[head_dim, KV_TILE]` with row stride `KV_TILE`
-    pub k: &'a [f16],
-    pub k_block_stride: usize,
-    pub k_off: usize,
-    /// value blocks: row `r` of block `b` for this head is
-    /// `v[b * v_block_stride + r * v_stride + v_off..][..head_dim_v]`
-    pub v: &'a [f16],
-    pub v_block_stride: usize,
-    pub v_stride: usize,
-    pub v_off: usize,
+    pub k: KvSide<'a>,
+    pub v: KvSide<'a>,
+}
+
+/// `c[m, n] += a[m, k] · tile[k, n]` for the tile of `side` in `block`, converting 8-bit
+/// codes inside the product (`key`: the scales run along `k`).
+#[allow(clippy::too_many_arguments)]
+fn gemm_tile(
+    kern: &Kernels,
+    side: &KvSide,
+    block: usize,
+    key: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    let at = block * side.block_stride + side.off;
+    match side.data {
+        KvData::F16(b) => (kern.gemm_f16b)(m, n, k, a, lda, &b[at..], side.stride, c, ldc),
+        KvData::Q8 { ty, codes, scales } => {
+            let f = match (ty, key) {
+                (KvType::Fp8, true) => kern.gemm_fp8_k,
+                (KvType::Fp8, false) => kern.gemm_fp8_n,
+                (_, true) => kern.gemm_q8_0_k,
+                (_, false) => kern.gemm_q8_0_n,
+            };
+            let sa = block * side.s_block_stride + side.s_off;
+            f(
+                m,
+                n,
+                k,
+                a,
+                lda,
+                &codes[at..],
+                side.stride,
+                &scales[sa..],
+                side.s_stride,
+                c,
+                ldc,
+            );
+        }
+    }
 }
 
 /// Per-thread buffers of [`flash_attn`], allocated once for up to `max_rows` query rows.
@@ -223,8 +288,7 @@ pub fn flash_attn(
         let s = &mut sc.s[..n_rows * t];
         s.fill(0.0);
         let block = kv.blocks[tile] as usize;
-        let kt = &kv.k[block * kv.k_block_stride + kv.k_off..];
-        (kern.gemm_f16b)(n_rows, t, d, q, d, kt, t, s, t);
+        gemm_tile(kern, &kv.k, block, true, n_rows, t, d, q, d, s, t);
         for (r, &(lo, hi)) in rows.iter().enumerate() {
             let row = &mut s[r * t..(r + 1) * t];
             let a = lo.clamp(p0, p0 + n) - p0;
@@ -253,8 +317,7 @@ pub fn flash_attn(
                 }
             }
         }
-        let vt = &kv.v[block * kv.v_block_stride + kv.v_off..];
-        (kern.gemm_f16b)(n_rows, dv, n, s, t, vt, kv.v_stride, o, dv);
+        gemm_tile(kern, &kv.v, block, false, n_rows, dv, n, s, t, o, dv);
     }
     for r in 0..n_rows {
         let l = sc.l[r];
@@ -373,96 +436,184 @@ mod tests {
         out
     }
 
-    #[test]
-    fn flash_attn_matches_plain_attention() {
-        let mut rng = Rng::new(13);
-        for &(d, dv, softcap, n_pos) in &[
-            (64usize, 64usize, 0.0f32, 150usize),
-            (32, 48, 30.0, 64),
-            (16, 16, 0.0, 5),
-        ] {
-            let (n_head_kv, n_tiles) = (2usize, n_pos.div_ceil(KV_TILE));
-            let n_embd_k = n_head_kv * d;
-            let n_embd_v = n_head_kv * dv;
-            // row-major keys and values, rounded through f16 as the cache stores them
-            let round = |v: f32| f16::from_f32(v).to_f32();
-            let keys: Vec<Vec<f32>> = (0..n_pos)
-                .map(|_| (0..n_embd_k).map(|_| round(rng.f32())).collect())
-                .collect();
-            let vals: Vec<Vec<f32>> = (0..n_pos)
-                .map(|_| (0..n_embd_v).map(|_| round(rng.f32())).collect())
-                .collect();
-            // the cache layout: blocks of transposed key tiles and row-major values, the
-            // sequence's tiles in blocks out of order among unused ones
-            let n_blocks = n_tiles * 2 + 1;
-            let blocks: Vec<u32> = (0..n_tiles)
-                .map(|t| (n_blocks - 1 - 2 * t) as u32)
-                .collect();
-            let mut kt = vec![f16::ZERO; n_blocks * n_embd_k * KV_TILE];
-            let mut vv = vec![f16::ZERO; n_blocks * KV_TILE * n_embd_v];
-            for (p, (krow, vrow)) in keys.iter().zip(&vals).enumerate() {
-                let b = blocks[p / KV_TILE] as usize;
-                for (e, &x) in krow.iter().enumerate() {
-                    kt[b * n_embd_k * KV_TILE + e * KV_TILE + p % KV_TILE] = f16::from_f32(x);
+    /// A cache of `n_blocks` blocks in format `ty` for rows `keys`/`vals` (`[n_pos][n_embd]`)
+    /// placed in `blocks`; returns the buffers and the values as stored (rounded).
+    struct Cache {
+        k16: Vec<f16>,
+        v16: Vec<f16>,
+        kc: Vec<u8>,
+        ks: Vec<f32>,
+        vc: Vec<u8>,
+        vs: Vec<f32>,
+    }
+
+    fn build(
+        ty: KvType,
+        keys: &mut [Vec<f32>],
+        vals: &mut [Vec<f32>],
+        blocks: &[u32],
+        n_blocks: usize,
+    ) -> Cache {
+        use crate::kvquant::{decode, quantize_group, QK};
+        let (ek, ev) = (keys[0].len(), vals[0].len());
+        let mut c = Cache {
+            k16: vec![f16::ZERO; n_blocks * ek * KV_TILE],
+            v16: vec![f16::ZERO; n_blocks * KV_TILE * ev],
+            kc: vec![0; n_blocks * ek * KV_TILE],
+            ks: vec![0.0; n_blocks * ek / QK * KV_TILE],
+            vc: vec![0; n_blocks * KV_TILE * ev],
+            vs: vec![0.0; n_blocks * KV_TILE * ev / QK],
+        };
+        for (p, (krow, vrow)) in keys.iter_mut().zip(vals.iter_mut()).enumerate() {
+            let (b, off) = (blocks[p / KV_TILE] as usize, p % KV_TILE);
+            let r = b * KV_TILE + off;
+            if ty == KvType::F16 {
+                for (e, x) in krow.iter_mut().enumerate() {
+                    *x = f16::from_f32(*x).to_f32();
+                    c.k16[b * ek * KV_TILE + e * KV_TILE + off] = f16::from_f32(*x);
                 }
-                let r = b * KV_TILE + p % KV_TILE;
-                for (e, &x) in vrow.iter().enumerate() {
-                    vv[r * n_embd_v + e] = f16::from_f32(x);
+                for (e, x) in vrow.iter_mut().enumerate() {
+                    *x = f16::from_f32(*x).to_f32();
+                    c.v16[r * ev + e] = f16::from_f32(*x);
+                }
+                continue;
+            }
+            for g in 0..ek / QK {
+                let at = b * ek * KV_TILE + g * QK * KV_TILE + off;
+                let d = quantize_group(ty, &krow[g * QK..(g + 1) * QK], &mut c.kc[at..], KV_TILE);
+                c.ks[b * ek / QK * KV_TILE + g * KV_TILE + off] = d;
+                for i in 0..QK {
+                    krow[g * QK + i] = decode(ty, c.kc[at + i * KV_TILE]) * d;
                 }
             }
-            let sh = AttnShape {
-                head_dim: d,
-                head_dim_v: dv,
-                scale: 1.0 / (d as f32).sqrt() * 3.0,
-                softcap,
-            };
-            for kern in Kernels::all_variants() {
-                for kvh in 0..n_head_kv {
-                    let view = KvView {
-                        blocks: &blocks,
-                        k: &kt,
-                        k_block_stride: n_embd_k * KV_TILE,
-                        k_off: kvh * d * KV_TILE,
-                        v: &vv,
-                        v_block_stride: KV_TILE * n_embd_v,
-                        v_stride: n_embd_v,
-                        v_off: kvh * dv,
-                    };
-                    let mut sc = FlashScratch::new(9, d, dv);
-                    // causal rows, a sliding window, one row that sees nothing
-                    let ranges: Vec<(usize, usize)> = vec![
-                        (0, n_pos),
-                        (0, 1),
-                        (n_pos / 2, n_pos),
-                        (n_pos.saturating_sub(3), n_pos - 1),
-                        (3.min(n_pos - 1), n_pos),
-                        (2, 2),
-                        (0, n_pos / 3 + 1),
-                    ];
-                    let qs: Vec<Vec<f32>> = ranges
-                        .iter()
-                        .map(|_| (0..d).map(|_| rng.f32()).collect())
-                        .collect();
-                    for (r, (q, &(lo, hi))) in qs.iter().zip(&ranges).enumerate() {
-                        sc.set_row(r, q, lo, hi);
-                    }
-                    flash_attn(&kern, &sh, &view, ranges.len(), &mut sc);
-                    let kh: Vec<Vec<f32>> = keys
-                        .iter()
-                        .map(|k| k[kvh * d..(kvh + 1) * d].to_vec())
-                        .collect();
-                    let vh: Vec<Vec<f32>> = vals
-                        .iter()
-                        .map(|v| v[kvh * dv..(kvh + 1) * dv].to_vec())
-                        .collect();
-                    for (r, (q, &(lo, hi))) in qs.iter().zip(&ranges).enumerate() {
-                        let want = naive(&sh, q, &kh, &vh, lo, hi);
-                        for (g, w) in sc.out_row(r).iter().zip(&want) {
-                            assert!(
-                                (g - w).abs() <= 1e-4,
-                                "{:?} d={d} row {r} ({lo}..{hi}): {g} vs {w}",
-                                kern.name
-                            );
+            for g in 0..ev / QK {
+                let at = r * ev + g * QK;
+                let d = quantize_group(ty, &vrow[g * QK..(g + 1) * QK], &mut c.vc[at..], 1);
+                c.vs[r * ev / QK + g] = d;
+                for i in 0..QK {
+                    vrow[g * QK + i] = decode(ty, c.vc[at + i]) * d;
+                }
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn flash_attn_matches_plain_attention() {
+        use crate::kvquant::QK;
+        let mut rng = Rng::new(13);
+        for ty in KvType::ALL {
+            for &(d, dv, softcap, n_pos) in &[
+                (64usize, 64usize, 0.0f32, 150usize),
+                (32, 96, 30.0, 64),
+                (128, 32, 0.0, 5),
+            ] {
+                let (n_head_kv, n_tiles) = (2usize, n_pos.div_ceil(KV_TILE));
+                let n_embd_k = n_head_kv * d;
+                let n_embd_v = n_head_kv * dv;
+                let mut keys: Vec<Vec<f32>> = (0..n_pos)
+                    .map(|_| (0..n_embd_k).map(|_| rng.f32()).collect())
+                    .collect();
+                let mut vals: Vec<Vec<f32>> = (0..n_pos)
+                    .map(|_| (0..n_embd_v).map(|_| rng.f32()).collect())
+                    .collect();
+                // the sequence's tiles in blocks out of order among unused ones; the values
+                // the cache holds replace the rows (the reference attends to those)
+                let n_blocks = n_tiles * 2 + 1;
+                let blocks: Vec<u32> = (0..n_tiles)
+                    .map(|t| (n_blocks - 1 - 2 * t) as u32)
+                    .collect();
+                let cache = build(ty, &mut keys, &mut vals, &blocks, n_blocks);
+                let sh = AttnShape {
+                    head_dim: d,
+                    head_dim_v: dv,
+                    scale: 1.0 / (d as f32).sqrt() * 3.0,
+                    softcap,
+                };
+                for kern in Kernels::all_variants() {
+                    for kvh in 0..n_head_kv {
+                        let side = |data, block_stride, off, stride, sbs, s_off, s_stride| KvSide {
+                            data,
+                            block_stride,
+                            off,
+                            stride,
+                            s_block_stride: sbs,
+                            s_off,
+                            s_stride,
+                        };
+                        let (kd, vd) = if ty == KvType::F16 {
+                            (KvData::F16(&cache.k16), KvData::F16(&cache.v16))
+                        } else {
+                            (
+                                KvData::Q8 {
+                                    ty,
+                                    codes: &cache.kc,
+                                    scales: &cache.ks,
+                                },
+                                KvData::Q8 {
+                                    ty,
+                                    codes: &cache.vc,
+                                    scales: &cache.vs,
+                                },
+                            )
+                        };
+                        let view = KvView {
+                            blocks: &blocks,
+                            k: side(
+                                kd,
+                                n_embd_k * KV_TILE,
+                                kvh * d * KV_TILE,
+                                KV_TILE,
+                                n_embd_k / QK * KV_TILE,
+                                kvh * d / QK * KV_TILE,
+                                KV_TILE,
+                            ),
+                            v: side(
+                                vd,
+                                KV_TILE * n_embd_v,
+                                kvh * dv,
+                                n_embd_v,
+                                KV_TILE * n_embd_v / QK,
+                                kvh * dv / QK,
+                                n_embd_v / QK,
+                            ),
+                        };
+                        let mut sc = FlashScratch::new(9, d, dv);
+                        // causal rows, a sliding window, one row that sees nothing
+                        let ranges: Vec<(usize, usize)> = vec![
+                            (0, n_pos),
+                            (0, 1),
+                            (n_pos / 2, n_pos),
+                            (n_pos.saturating_sub(3), n_pos - 1),
+                            (3.min(n_pos - 1), n_pos),
+                            (2, 2),
+                            (0, n_pos / 3 + 1),
+                        ];
+                        let qs: Vec<Vec<f32>> = ranges
+                            .iter()
+                            .map(|_| (0..d).map(|_| rng.f32()).collect())
+                            .collect();
+                        for (r, (q, &(lo, hi))) in qs.iter().zip(&ranges).enumerate() {
+                            sc.set_row(r, q, lo, hi);
+                        }
+                        flash_attn(&kern, &sh, &view, ranges.len(), &mut sc);
+                        let kh: Vec<Vec<f32>> = keys
+                            .iter()
+                            .map(|k| k[kvh * d..(kvh + 1) * d].to_vec())
+                            .collect();
+                        let vh: Vec<Vec<f32>> = vals
+                            .iter()
+                            .map(|v| v[kvh * dv..(kvh + 1) * dv].to_vec())
+                            .collect();
+                        for (r, (q, &(lo, hi))) in qs.iter().zip(&ranges).enumerate() {
+                            let want = naive(&sh, q, &kh, &vh, lo, hi);
+                            for (g, w) in sc.out_row(r).iter().zip(&want) {
+                                assert!(
+                                    (g - w).abs() <= 1e-4,
+                                    "{} {ty} d={d} row {r} ({lo}..{hi}): {g} vs {w}",
+                                    kern.name
+                                );
+                            }
                         }
                     }
                 }

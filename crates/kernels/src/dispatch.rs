@@ -94,6 +94,10 @@ pub type QuantizeFn<B> = fn(&[f32], &mut [B]);
 pub type AxpyF16Fn = fn(&mut [f32], f32, &[f16]);
 /// `c[m, n] += a[m, k] · b[k, n]` with an f16 `b`: `(m, n, k, a, lda, b, ldb, c, ldc)`.
 pub type GemmF16bFn = fn(usize, usize, usize, &[f32], usize, &[f16], usize, &mut [f32], usize);
+/// `(m, n, k, a, lda, b, ldb, s, lds, c, ldc)`: [`crate::kvquant::gemm_q8b`] for one format
+/// and scale axis.
+pub type GemmQ8bFn =
+    fn(usize, usize, usize, &[f32], usize, &[u8], usize, &[f32], usize, &mut [f32], usize);
 pub type GatedFn = fn(&mut [f32], &[f32]);
 /// `(x, cos, sin, n_dims, neox)`: one head rotated in place, as [`crate::ops::rope`].
 pub type RopeFn = fn(&mut [f32], &[f32], &[f32], usize, bool);
@@ -156,6 +160,12 @@ pub struct Kernels {
     pub dot4_q6k: Option<Dot4Fn<BlockQ6K, BlockQ8K>>,
     pub axpy_f16: AxpyF16Fn,
     pub gemm_f16b: GemmF16bFn,
+    /// The attention products over an 8-bit cache: keys (scales along `k`) and values
+    /// (scales along `n`), for `q8_0` and `fp8`.
+    pub gemm_q8_0_k: GemmQ8bFn,
+    pub gemm_q8_0_n: GemmQ8bFn,
+    pub gemm_fp8_k: GemmQ8bFn,
+    pub gemm_fp8_n: GemmQ8bFn,
     pub exp_sum: ExpSumFn,
     /// `gate = act(gate) * up`
     pub silu_mul: GatedFn,
@@ -205,6 +215,10 @@ impl Kernels {
         dot4_q6k: None,
         axpy_f16: dot::axpy_f16,
         gemm_f16b: crate::attn::gemm_f16b,
+        gemm_q8_0_k: crate::kvquant::scalar::gemm_q8_0_k,
+        gemm_q8_0_n: crate::kvquant::scalar::gemm_q8_0_n,
+        gemm_fp8_k: crate::kvquant::scalar::gemm_fp8_k,
+        gemm_fp8_n: crate::kvquant::scalar::gemm_fp8_n,
         exp_sum: crate::attn::exp_sum,
         silu_mul: crate::ops::silu_mul,
         gelu_mul: crate::ops::gelu_mul,

@@ -22,6 +22,7 @@ mod aarch64;
 pub mod attn;
 pub mod blocks;
 pub mod dispatch;
+pub mod kvquant;
 pub mod matmul;
 pub mod ops;
 pub mod pool;

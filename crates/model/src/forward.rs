@@ -19,6 +19,7 @@ use crate::hparams::Activation;
 use crate::kv::KvCache;
 use crate::weights::{Model, Tensor};
 use crate::{Error, Result};
+use capy_kernels::kvquant::KvType;
 
 /// Tokens to run, with their position, sequence and whether their logits are wanted.
 #[derive(Clone, Debug, Default)]
@@ -71,6 +72,10 @@ pub struct ContextParams {
     /// Blocks of [`capy_kernels::attn::KV_TILE`] positions in the KV cache's pool, shared
     /// by all sequences; `None`: enough for every sequence at its full context.
     pub kv_blocks: Option<usize>,
+    /// Element types of the cached keys and values (`--cache-type-k/-v`); an 8-bit type a
+    /// model's head sizes do not allow ([`crate::kv_type_fits`]) is kept as f16.
+    pub type_k: KvType,
+    pub type_v: KvType,
     /// Most tokens in one batch.
     pub n_batch: usize,
     /// Most logit rows one batch may ask for.
@@ -87,6 +92,8 @@ impl Default for ContextParams {
             n_ctx: 4096,
             n_seq: 1,
             kv_blocks: None,
+            type_k: Default::default(),
+            type_v: Default::default(),
             n_batch: 512,
             n_outputs: 8,
             n_threads: std::thread::available_parallelism()
@@ -98,6 +105,19 @@ impl Default for ContextParams {
 }
 
 impl ContextParams {
+    /// The key and value types the cache of a model of `hp` gets: those asked for, where
+    /// its head sizes allow them.
+    pub fn kv_types(&self, hp: &crate::Hparams) -> (KvType, KvType) {
+        let fit = |ty| {
+            if crate::kv_type_fits(ty, hp.head_dim, hp.head_dim_v) {
+                ty
+            } else {
+                KvType::F16
+            }
+        };
+        (fit(self.type_k), fit(self.type_v))
+    }
+
     /// Blocks in the KV cache's pool.
     pub fn kv_blocks(&self) -> usize {
         self.kv_blocks
@@ -109,8 +129,8 @@ impl ContextParams {
     /// buffers of [`Context::new`] (thread-local attention buffers left out).
     pub fn memory_bytes(&self, hp: &crate::Hparams) -> u64 {
         let nb = self.n_batch.max(1);
-        let kv =
-            self.kv_blocks() * KvCache::block_bytes_for(hp.n_layer, hp.n_embd_k(), hp.n_embd_v());
+        let kv = self.kv_blocks()
+            * KvCache::block_bytes_for(hp.n_layer, hp.n_embd_k(), hp.n_embd_v(), self.kv_types(hp));
         // x, xn, q, k, v, attn, gate, up, and the two RoPE tables of cos and sin
         let per_token = 2 * hp.n_embd
             + hp.n_embd_q()
@@ -180,6 +200,7 @@ impl Context {
             hp.n_embd_k(),
             hp.n_embd_v(),
             params.kv_blocks(),
+            params.kv_types(hp),
         );
         let s = Scratch {
             x: vec![0.0; nb * hp.n_embd],

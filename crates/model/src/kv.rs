@@ -1,5 +1,6 @@
 //! KV cache: one pool of fixed-size blocks per layer, stored as f16 (as llama.cpp's default
-//! cache; half the memory of f32), a block table per sequence (paged attention, as in vLLM:
+//! cache; half the memory of f32) or in an 8-bit format (`q8_0`, `fp8`:
+//! [`capy_kernels::kvquant`], keys and values chosen separately), a block table per sequence (paged attention, as in vLLM:
 //! Kwon et al., "Efficient Memory Management for Large Language Model Serving with
 //! PagedAttention", 2023), and a prefix cache over the blocks (vLLM's automatic prefix
 //! caching; SGLang's radix cache shares prefixes the same way at token granularity).
@@ -27,7 +28,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
-use capy_kernels::attn::{KvView, KV_TILE};
+use capy_kernels::attn::{KvData, KvSide, KvView, KV_TILE};
+use capy_kernels::kvquant::{quantize_group, KvType, QK};
 use half::f16;
 use half::slice::HalfBitsSliceExt;
 
@@ -83,6 +85,117 @@ pub struct PrefixPlan {
     pub revived: usize,
 }
 
+/// One side (keys or values) of every layer's blocks: f16 bits, or 8-bit codes and scales.
+/// Both zero-allocated, untouched until written.
+enum Side {
+    F16(Vec<u16>),
+    Q8 {
+        ty: KvType,
+        codes: Vec<u8>,
+        scales: Vec<f32>,
+    },
+}
+
+impl Side {
+    /// Room for `n` blocks of `per_block` values (`per_block / QK` scales for 8-bit types).
+    fn new(ty: KvType, n: usize, per_block: usize) -> Side {
+        match ty {
+            KvType::F16 => Side::F16(vec![0u16; n * per_block]),
+            ty => Side::Q8 {
+                ty,
+                codes: vec![0u8; n * per_block],
+                scales: vec![0.0f32; n * per_block / QK],
+            },
+        }
+    }
+
+    fn ty(&self) -> KvType {
+        match self {
+            Side::F16(_) => KvType::F16,
+            Side::Q8 { ty, .. } => *ty,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Side::F16(d) => d.len() * 2,
+            Side::Q8 { codes, scales, .. } => codes.len() + scales.len() * 4,
+        }
+    }
+
+    /// Copies pool block `src` to `dst` (`per_block` values each).
+    fn copy(&mut self, src: usize, dst: usize, per_block: usize) {
+        match self {
+            Side::F16(d) => d.copy_within(src * per_block..(src + 1) * per_block, dst * per_block),
+            Side::Q8 { codes, scales, .. } => {
+                codes.copy_within(src * per_block..(src + 1) * per_block, dst * per_block);
+                let ps = per_block / QK;
+                scales.copy_within(src * ps..(src + 1) * ps, dst * ps);
+            }
+        }
+    }
+
+    /// Writes `x` (one position's values): element `e` at `at + e * stride`; an 8-bit side's
+    /// scale of group `g` at `s_at + g * s_stride`.
+    fn write(&mut self, x: &[f32], at: usize, stride: usize, s_at: usize, s_stride: usize) {
+        match self {
+            Side::F16(d) => {
+                for (e, &v) in x.iter().enumerate() {
+                    d[at + e * stride] = f16::from_f32(v).to_bits();
+                }
+            }
+            Side::Q8 { ty, codes, scales } => {
+                for (g, group) in x.chunks_exact(QK).enumerate() {
+                    let c = &mut codes[at + g * QK * stride..];
+                    scales[s_at + g * s_stride] = quantize_group(*ty, group, c, stride);
+                }
+            }
+        }
+    }
+
+    /// The side of layer `layer` as flash attention reads it: `per_block` values per pool
+    /// block, the head's first value `off` (rows `stride` apart) and first scale `s_off`
+    /// (rows `s_stride` apart) in a block.
+    #[allow(clippy::too_many_arguments)]
+    fn view(
+        &self,
+        layer: usize,
+        n_blocks: usize,
+        per_block: usize,
+        off: usize,
+        stride: usize,
+        s_off: usize,
+        s_stride: usize,
+    ) -> KvSide<'_> {
+        let ps = per_block / QK;
+        let data = match self {
+            Side::F16(d) => KvData::F16(
+                d[layer * n_blocks * per_block..][..n_blocks * per_block].reinterpret_cast(),
+            ),
+            Side::Q8 { ty, codes, scales } => KvData::Q8 {
+                ty: *ty,
+                codes: &codes[layer * n_blocks * per_block..][..n_blocks * per_block],
+                scales: &scales[layer * n_blocks * ps..][..n_blocks * ps],
+            },
+        };
+        KvSide {
+            data,
+            block_stride: per_block,
+            off,
+            stride,
+            s_block_stride: ps,
+            s_off,
+            s_stride,
+        }
+    }
+}
+
+/// Whether a model of these head sizes can keep its cache as `ty`: the 8-bit types need
+/// head sizes in whole groups of 32.
+pub fn kv_type_fits(ty: KvType, head_dim: usize, head_dim_v: usize) -> bool {
+    !ty.is_quantized() || (head_dim.is_multiple_of(QK) && head_dim_v.is_multiple_of(QK))
+}
+
 /// Keys and values of every layer for up to `n_seq` sequences of up to `n_ctx` positions
 /// each, in a pool of `n_blocks` blocks of [`KV_TILE`] positions.
 pub struct KvCache {
@@ -92,10 +205,10 @@ pub struct KvCache {
     pub n_embd_v: usize,
     n_layer: usize,
     n_blocks: usize,
-    /// `[n_layer, n_blocks, n_embd_k, KV_TILE]` f16 bits (zeroed, untouched until written)
-    k: Vec<u16>,
-    /// `[n_layer, n_blocks, KV_TILE, n_embd_v]` f16 bits
-    v: Vec<u16>,
+    /// `[n_layer, n_blocks, n_embd_k, KV_TILE]` (8-bit scales: `[.., n_embd_k / 32, KV_TILE]`)
+    k: Side,
+    /// `[n_layer, n_blocks, KV_TILE, n_embd_v]` (8-bit scales: `[.., KV_TILE, n_embd_v / 32]`)
+    v: Side,
     /// per sequence: its blocks in position order (position `p` is in `tables[seq][p / KV_TILE]`)
     tables: Vec<Vec<u32>>,
     /// per sequence: the tokens at positions `0..seq_len`
@@ -146,11 +259,14 @@ impl KvCache {
         n_embd_v: usize,
     ) -> KvCache {
         let n_blocks = n_seq * n_ctx.div_ceil(KV_TILE);
-        KvCache::with_blocks(n_layer, n_seq, n_ctx, n_embd_k, n_embd_v, n_blocks)
+        let f16 = (KvType::F16, KvType::F16);
+        KvCache::with_blocks(n_layer, n_seq, n_ctx, n_embd_k, n_embd_v, n_blocks, f16)
     }
 
     /// A cache of `n_blocks` blocks shared by up to `n_seq` sequences, each of at most
-    /// `n_ctx` positions.
+    /// `n_ctx` positions, keys and values stored as `types` (an 8-bit type needs the head
+    /// sizes in whole groups of 32, [`kv_type_fits`]: the caller checks; a side whose width
+    /// is not is kept as f16).
     pub fn with_blocks(
         n_layer: usize,
         n_seq: usize,
@@ -158,8 +274,16 @@ impl KvCache {
         n_embd_k: usize,
         n_embd_v: usize,
         n_blocks: usize,
+        types: (KvType, KvType),
     ) -> KvCache {
         let n_blocks = n_blocks.max(1);
+        let fits = |ty: KvType, n: usize| {
+            if n.is_multiple_of(QK) {
+                ty
+            } else {
+                KvType::F16
+            }
+        };
         KvCache {
             n_seq,
             n_ctx,
@@ -168,8 +292,16 @@ impl KvCache {
             n_layer,
             n_blocks,
             // zeroed allocations: the pages are committed when first written
-            k: vec![0u16; n_layer * n_blocks * KV_TILE * n_embd_k],
-            v: vec![0u16; n_layer * n_blocks * KV_TILE * n_embd_v],
+            k: Side::new(
+                fits(types.0, n_embd_k),
+                n_layer * n_blocks,
+                KV_TILE * n_embd_k,
+            ),
+            v: Side::new(
+                fits(types.1, n_embd_v),
+                n_layer * n_blocks,
+                KV_TILE * n_embd_v,
+            ),
             tables: vec![Vec::new(); n_seq],
             tokens: vec![Vec::new(); n_seq],
             chain: vec![Vec::new(); n_seq],
@@ -184,9 +316,19 @@ impl KvCache {
         }
     }
 
-    /// Bytes one block takes across `n_layer` layers (keys and values).
-    pub fn block_bytes_for(n_layer: usize, n_embd_k: usize, n_embd_v: usize) -> usize {
-        n_layer * KV_TILE * (n_embd_k + n_embd_v) * 2
+    /// Bytes one block takes across `n_layer` layers (keys and values of `types`).
+    pub fn block_bytes_for(
+        n_layer: usize,
+        n_embd_k: usize,
+        n_embd_v: usize,
+        types: (KvType, KvType),
+    ) -> usize {
+        n_layer * KV_TILE * (types.0.row_bytes(n_embd_k) + types.1.row_bytes(n_embd_v))
+    }
+
+    /// The key and value types the cache stores.
+    pub fn types(&self) -> (KvType, KvType) {
+        (self.k.ty(), self.v.ty())
     }
 
     /// Bytes a cache of these sizes holds ([`KvCache::new`]).
@@ -197,17 +339,18 @@ impl KvCache {
         n_embd_k: usize,
         n_embd_v: usize,
     ) -> usize {
-        n_seq * n_ctx.div_ceil(KV_TILE) * KvCache::block_bytes_for(n_layer, n_embd_k, n_embd_v)
+        let f16 = (KvType::F16, KvType::F16);
+        n_seq * n_ctx.div_ceil(KV_TILE) * KvCache::block_bytes_for(n_layer, n_embd_k, n_embd_v, f16)
     }
 
     /// Bytes held by the pool.
     pub fn bytes(&self) -> usize {
-        (self.k.len() + self.v.len()) * 2
+        self.k.bytes() + self.v.bytes()
     }
 
     /// Bytes one block takes across all layers (keys and values).
     pub fn block_bytes(&self) -> usize {
-        KvCache::block_bytes_for(self.n_layer, self.n_embd_k, self.n_embd_v)
+        KvCache::block_bytes_for(self.n_layer, self.n_embd_k, self.n_embd_v, self.types())
     }
 
     /// Blocks in the pool, and how many a sequence can take now (free or evictable).
@@ -311,11 +454,9 @@ impl KvCache {
     fn copy_block(&mut self, src: u32, dst: u32) {
         let (nb, ek, ev) = (self.n_blocks, self.n_embd_k, self.n_embd_v);
         for layer in 0..self.n_layer {
-            for (pool, e) in [(&mut self.k, ek), (&mut self.v, ev)] {
-                let size = KV_TILE * e;
-                let at = |b: u32| (layer * nb + b as usize) * size;
-                pool.copy_within(at(src)..at(src) + size, at(dst));
-            }
+            let (s, d) = (layer * nb + src as usize, layer * nb + dst as usize);
+            self.k.copy(s, d, KV_TILE * ek);
+            self.v.copy(s, d, KV_TILE * ev);
         }
     }
 
@@ -574,16 +715,14 @@ impl KvCache {
     /// Stores the key and value of one position, whose block [`KvCache::reserve`] gave.
     pub(crate) fn store(&mut self, layer: usize, seq: usize, pos: usize, k: &[f32], v: &[f32]) {
         let (nb, ek, ev) = (self.n_blocks, self.n_embd_k, self.n_embd_v);
-        let b = self.tables[seq][pos / KV_TILE] as usize;
+        let b = layer * nb + self.tables[seq][pos / KV_TILE] as usize;
         let off = pos % KV_TILE;
-        let kt = &mut self.k[(layer * nb + b) * ek * KV_TILE..][..ek * KV_TILE];
-        for (e, &x) in k[..ek].iter().enumerate() {
-            kt[e * KV_TILE + off] = f16::from_f32(x).to_bits();
-        }
-        let vr = &mut self.v[((layer * nb + b) * KV_TILE + off) * ev..][..ev];
-        for (d, &x) in vr.iter_mut().zip(&v[..ev]) {
-            *d = f16::from_f32(x).to_bits();
-        }
+        // keys transposed: element e at row e of the tile, scales [n_embd_k / 32, KV_TILE]
+        let (at, s_at) = (b * ek * KV_TILE + off, b * ek / QK * KV_TILE + off);
+        self.k.write(&k[..ek], at, KV_TILE, s_at, KV_TILE);
+        // values row-major: scales [KV_TILE, n_embd_v / 32]
+        let row = b * KV_TILE + off;
+        self.v.write(&v[..ev], row * ev, 1, row * (ev / QK), 1);
     }
 
     /// Keys and values of KV head `kvh` of a sequence, for flash attention.
@@ -596,17 +735,26 @@ impl KvCache {
         head_dim_v: usize,
     ) -> KvView<'_> {
         let (nb, ek, ev) = (self.n_blocks, self.n_embd_k, self.n_embd_v);
-        let k = &self.k[layer * nb * ek * KV_TILE..][..nb * ek * KV_TILE];
-        let v = &self.v[layer * nb * KV_TILE * ev..][..nb * KV_TILE * ev];
         KvView {
             blocks: &self.tables[seq],
-            k: k.reinterpret_cast(),
-            k_block_stride: ek * KV_TILE,
-            k_off: kvh * head_dim * KV_TILE,
-            v: v.reinterpret_cast(),
-            v_block_stride: KV_TILE * ev,
-            v_stride: ev,
-            v_off: kvh * head_dim_v,
+            k: self.k.view(
+                layer,
+                nb,
+                ek * KV_TILE,
+                kvh * head_dim * KV_TILE,
+                KV_TILE,
+                kvh * head_dim / QK * KV_TILE,
+                KV_TILE,
+            ),
+            v: self.v.view(
+                layer,
+                nb,
+                KV_TILE * ev,
+                kvh * head_dim_v,
+                ev,
+                kvh * head_dim_v / QK,
+                ev / QK,
+            ),
         }
     }
 }
@@ -614,6 +762,8 @@ impl KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const F16S: (KvType, KvType) = (KvType::F16, KvType::F16);
 
     /// Writes tokens `toks` at positions `from..` of a sequence, with keys and values that
     /// record the token (so copies can be checked).
@@ -630,7 +780,10 @@ mod tests {
     fn key_at(kv: &KvCache, seq: usize, pos: usize) -> f32 {
         let view = kv.view(0, seq, 0, kv.n_embd_k, kv.n_embd_v);
         let b = view.blocks[pos / KV_TILE] as usize;
-        view.k[b * view.k_block_stride + pos % KV_TILE].to_f32()
+        match view.k.data {
+            KvData::F16(k) => k[b * view.k.block_stride + pos % KV_TILE].to_f32(),
+            KvData::Q8 { .. } => unreachable!("the tests use f16"),
+        }
     }
 
     fn toks(range: std::ops::Range<u32>) -> Vec<u32> {
@@ -673,7 +826,7 @@ mod tests {
 
     #[test]
     fn a_prompt_maps_cached_full_blocks_and_copies_the_partial_one() {
-        let mut kv = KvCache::with_blocks(1, 3, 1024, 2, 2, 8);
+        let mut kv = KvCache::with_blocks(1, 3, 1024, 2, 2, 8, F16S);
         let first = toks(0..150); // two full blocks and 22 positions
         write(&mut kv, 0, 0, &first);
         let c = kv.block_counts();
@@ -718,7 +871,7 @@ mod tests {
 
     #[test]
     fn writing_into_a_shared_block_copies_it_first() {
-        let mut kv = KvCache::with_blocks(1, 2, 1024, 2, 2, 4);
+        let mut kv = KvCache::with_blocks(1, 2, 1024, 2, 2, 4, F16S);
         write(&mut kv, 0, 0, &toks(0..64));
         let plan = kv.plan_prefix(&toks(0..64), 0, 64);
         assert_eq!(kv.attach_prefix(1, &plan, &toks(0..64)).unwrap(), 64);
@@ -738,7 +891,7 @@ mod tests {
 
     #[test]
     fn different_salts_share_no_block() {
-        let mut kv = KvCache::with_blocks(1, 2, 1024, 2, 2, 8);
+        let mut kv = KvCache::with_blocks(1, 2, 1024, 2, 2, 8, F16S);
         let prompt = toks(0..200);
         kv.set_salt(0, salt_id("tenant-a"));
         write(&mut kv, 0, 0, &prompt);
@@ -758,7 +911,7 @@ mod tests {
 
     #[test]
     fn cached_blocks_are_evicted_least_recent_first_leaves_before_parents() {
-        let mut kv = KvCache::with_blocks(1, 2, 1024, 2, 2, 4);
+        let mut kv = KvCache::with_blocks(1, 2, 1024, 2, 2, 4, F16S);
         write(&mut kv, 0, 0, &toks(0..192)); // three full blocks
         kv.clear(0).unwrap();
         assert_eq!(kv.block_counts().cached, 3);

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use capy_engine::SamplingOptions;
+use capy_model::KvType;
 use serde::Deserialize;
 
 /// How long a model stays loaded after its last request.
@@ -147,10 +148,16 @@ pub struct Config {
     pub ctx_size: usize,
     /// Most sequences each model runs at once.
     pub parallel: usize,
-    /// Bytes of each model's KV cache pool, shared by its sequences ("2GiB"); empty: room
+    /// Bytes of each model's KV cache pool, shared by its sequences ("2GiB" or a number of
+    /// bytes); empty: room
     /// for `parallel` sequences at full context, at most a quarter of the memory budget (or,
     /// without one, of the machine's memory over `max_loaded_models`).
+    #[serde(deserialize_with = "size_text")]
     pub kv_cache_size: String,
+    /// Element type of the cached keys: `f16`, `q8_0` or `fp8` (llama.cpp's `-ctk`).
+    pub cache_type_k: String,
+    /// Element type of the cached values (`-ctv`).
+    pub cache_type_v: String,
     /// Most tokens in one forward pass.
     pub batch_size: usize,
     /// Requests that may wait per model; more get 429.
@@ -189,6 +196,8 @@ impl Default for Config {
             ctx_size: 0,
             parallel: 16,
             kv_cache_size: String::new(),
+            cache_type_k: "f16".into(),
+            cache_type_v: "f16".into(),
             batch_size: 512,
             max_queue: 64,
             max_body_size: "16MiB".into(),
@@ -217,6 +226,8 @@ pub struct Overrides {
     pub ctx_size: Option<usize>,
     pub parallel: Option<usize>,
     pub kv_cache_size: Option<String>,
+    pub cache_type_k: Option<String>,
+    pub cache_type_v: Option<String>,
     pub batch_size: Option<usize>,
     pub max_queue: Option<usize>,
     pub max_body_size: Option<String>,
@@ -277,6 +288,8 @@ impl Config {
         set(&mut self.ctx_size, o.ctx_size);
         set(&mut self.parallel, o.parallel);
         set(&mut self.kv_cache_size, o.kv_cache_size);
+        set(&mut self.cache_type_k, o.cache_type_k);
+        set(&mut self.cache_type_v, o.cache_type_v);
         set(&mut self.batch_size, o.batch_size);
         set(&mut self.max_queue, o.max_queue);
         set(&mut self.max_body_size, o.max_body_size);
@@ -319,6 +332,9 @@ impl Config {
             ));
         }
         let kv_cache_size = kv_size("kv_cache_size", &self.kv_cache_size)?;
+        let cache_type = |name: &str, v: &str| KvType::parse(v).map_err(|e| format!("{name}: {e}"));
+        let cache_type_k = cache_type("cache_type_k", &self.cache_type_k)?;
+        let cache_type_v = cache_type("cache_type_v", &self.cache_type_v)?;
         let max_body = parse_bytes(&self.max_body_size)?;
         if max_body < 1024 {
             return Err(format!(
@@ -354,6 +370,8 @@ impl Config {
             keep_alive,
             memory_budget,
             kv_cache_size,
+            cache_type_k,
+            cache_type_v,
             max_pull,
             max_body: usize::try_from(max_body).unwrap_or(usize::MAX),
             read_timeout: duration("read_timeout", &self.read_timeout)?,
@@ -372,6 +390,8 @@ pub struct Checked {
     pub memory_budget: Option<u64>,
     /// Bytes of each model's KV cache pool; `None`: derived per model.
     pub kv_cache_size: Option<u64>,
+    pub cache_type_k: KvType,
+    pub cache_type_v: KvType,
     /// Bytes one pull may download; `None`: the free disk.
     pub max_pull: Option<u64>,
     /// Bytes.
@@ -404,8 +424,12 @@ pub struct ModelConfig {
     pub ctx_size: Option<usize>,
     /// Most sequences this model runs at once.
     pub parallel: Option<usize>,
-    /// Bytes of this model's KV cache pool ("1GiB").
+    /// Bytes of this model's KV cache pool ("1GiB", or a number of bytes).
+    #[serde(deserialize_with = "some_size_text")]
     pub kv_cache_size: Option<String>,
+    /// Element types of this model's cached keys and values (`f16`, `q8_0`, `fp8`).
+    pub cache_type_k: Option<String>,
+    pub cache_type_v: Option<String>,
     /// Loaded at start and kept loaded (the default); `false`: loaded on first request and
     /// unloaded after its keep-alive.
     pub warm: Option<bool>,
@@ -438,6 +462,8 @@ pub struct ServedModel {
     pub ctx_size: Option<usize>,
     pub parallel: Option<usize>,
     pub kv_cache_size: Option<u64>,
+    pub cache_type_k: Option<KvType>,
+    pub cache_type_v: Option<KvType>,
     pub keep_alive: Option<KeepAlive>,
     pub system: Option<String>,
     pub sampling: SamplingOptions,
@@ -599,7 +625,11 @@ impl ModelEntry {
             is_path,
             aliases: c.aliases.clone(),
             warm: c.warm.unwrap_or(true),
-            ctx_size: count("ctx_size", c.ctx_size, 16, 1 << 24)?,
+            // 0: the model's trained context, as the server's ctx_size
+            ctx_size: match c.ctx_size {
+                Some(0) => None,
+                v => count("ctx_size", v, 16, 1 << 24)?,
+            },
             parallel: count("parallel", c.parallel, 1, 4096)?,
             kv_cache_size: c
                 .kv_cache_size
@@ -607,6 +637,16 @@ impl ModelEntry {
                 .map(|v| kv_size(&at("kv_cache_size"), v))
                 .transpose()?
                 .flatten(),
+            cache_type_k: c
+                .cache_type_k
+                .as_deref()
+                .map(|v| KvType::parse(v).map_err(|e| format!("{}: {e}", at("cache_type_k"))))
+                .transpose()?,
+            cache_type_v: c
+                .cache_type_v
+                .as_deref()
+                .map(|v| KvType::parse(v).map_err(|e| format!("{}: {e}", at("cache_type_v"))))
+                .transpose()?,
             keep_alive,
             system: c.system.clone(),
             sampling,
@@ -638,6 +678,23 @@ fn duration_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Er
             article(v.type_str())
         ))),
     }
+}
+
+/// A size as the file gives it: a string ("2GiB") or a number of bytes.
+fn size_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    use serde::de::Error;
+    match toml::Value::deserialize(d)? {
+        toml::Value::String(s) => Ok(s),
+        toml::Value::Integer(i) => Ok(i.to_string()),
+        v => Err(D::Error::custom(format!(
+            "a size is a string such as \"2GiB\" or a number of bytes, got {}",
+            article(v.type_str())
+        ))),
+    }
+}
+
+fn some_size_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    size_text(d).map(Some)
 }
 
 fn some_duration_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
@@ -919,6 +976,18 @@ options = { seed = 12345678901234567 }
             (
                 "[models.a]\nparallel = 0",
                 "models.a.parallel must be between 1",
+            ),
+            (
+                "[models.a]\ncache_type_k = \"q4_0\"",
+                "models.a.cache_type_k: unknown KV cache type",
+            ),
+            (
+                "[models.a]\nkv_cache_size = \"1KiB\"",
+                "models.a.kv_cache_size must be",
+            ),
+            (
+                "cache_type_v = \"bf16\"",
+                "cache_type_v: unknown KV cache type",
             ),
             ("[models.a]\nkeep_alive = \"soon\"", "models.a.keep_alive"),
             ("[models.a]\nkeep_alive = \"NaN\"", "models.a.keep_alive"),

@@ -86,6 +86,8 @@ impl AppState {
                     n_slots: cfg.parallel,
                     n_ctx: cfg.ctx_size,
                     kv_bytes: checked.kv_cache_size,
+                    type_k: checked.cache_type_k,
+                    type_v: checked.cache_type_v,
                     n_batch: cfg.batch_size,
                     n_threads: cfg.threads,
                     max_queue: cfg.max_queue,

@@ -183,7 +183,7 @@ impl Metrics {
         gauge(
             &mut out,
             "capy_kv_cache_used_tokens",
-            "KV cache positions held by running sequences.",
+            "KV cache positions of running sequences (a block shared by several counts for each).",
             kv_used as f64,
         );
         gauge(
@@ -192,15 +192,16 @@ impl Metrics {
             "KV cache positions in the block pools of all loaded models.",
             kv_cap as f64,
         );
-        let usage = if kv_cap > 0 {
-            kv_used as f64 / kv_cap as f64
+        // blocks, not positions: sequences sharing cached blocks count them once
+        let usage = if blocks > 0 {
+            blocks.saturating_sub(blocks_free) as f64 / blocks as f64
         } else {
             0.0
         };
         gauge(
             &mut out,
             "capy_kv_cache_usage_ratio",
-            "Used share of the KV cache.",
+            "Share of the KV cache blocks held by running sequences.",
             usage,
         );
         gauge(

@@ -350,6 +350,8 @@ impl Registry {
         p.n_ctx = settings.ctx_size.unwrap_or(p.n_ctx);
         p.n_slots = settings.parallel.unwrap_or(p.n_slots);
         p.kv_bytes = settings.kv_cache_size.or(p.kv_bytes);
+        p.type_k = settings.cache_type_k.unwrap_or(p.type_k);
+        p.type_v = settings.cache_type_v.unwrap_or(p.type_v);
         p
     }
 
@@ -379,19 +381,29 @@ impl Registry {
             n => n.min(trained),
         };
         if params.kv_bytes.is_none() {
-            // room for every sequence at full context, within a quarter of the budget (or,
-            // without one, of the machine's memory shared by the models loaded at once)
-            let block =
-                capy_model::KvCache::block_bytes_for(hp.n_layer, hp.n_embd_k(), hp.n_embd_v())
-                    as u64;
+            // room for every sequence at full context, within a quarter of what the budget
+            // leaves after the weights (or, without one, of the machine's memory shared by
+            // the models loaded at once)
+            let block = params.block_bytes(&hp) as u64;
             let full = params.n_slots.max(1) as u64 * params.n_ctx.div_ceil(KV_TILE) as u64 * block;
             let share = match self.cfg.memory_budget {
-                Some(b) => Some(b / 4),
+                Some(b) => Some(b.saturating_sub(g.file_size()) / 4),
                 None => total_memory().map(|m| m / 4 / self.cfg.max_loaded.max(1) as u64),
             };
-            params.kv_bytes = Some(share.map_or(full, |s| full.min(s.max(block))));
+            params.kv_bytes = Some(share.map_or(full, |s| full.min(s.max(2 * block))));
         }
         let params = params.resolve(&hp);
+        let block = params.block_bytes(&hp) as u64;
+        if params.kv_bytes.is_some_and(|b| b < 2 * block) {
+            return Err(ApiError::bad_request(format!(
+                "the KV cache size for {} holds less than two of its blocks of {} (64 positions \
+                 each, all layers): give at least {}",
+                settings.name,
+                human(block),
+                human(2 * block)
+            ))
+            .code("model_too_large"));
+        }
         let need = g.file_size() + params.memory_bytes(&hp);
         Ok((params, need))
     }

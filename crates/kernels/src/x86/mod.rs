@@ -3,6 +3,7 @@
 mod avx2;
 mod avx512;
 mod float;
+mod kvq;
 mod r16;
 
 use std::arch::x86_64::{_mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtss_f32};
@@ -36,6 +37,10 @@ pub(crate) fn avx2_kernels() -> Kernels {
         dot_f16: avx2::dot_f16,
         axpy_f16: avx2::axpy_f16,
         gemm_f16b: float::gemm_f16b_avx2,
+        gemm_q8_0_k: kvq::gemm_q8_0_k,
+        gemm_q8_0_n: kvq::gemm_q8_0_n,
+        gemm_fp8_k: kvq::gemm_fp8_k,
+        gemm_fp8_n: kvq::gemm_fp8_n,
         exp_sum: float::exp_sum_avx2,
         silu_mul: float::silu_mul_avx2,
         gelu_mul: float::gelu_mul_avx2,

@@ -47,6 +47,8 @@ pub fn small_batch() -> BatchParams {
         n_slots: 2,
         n_ctx: 256,
         kv_bytes: None,
+        type_k: Default::default(),
+        type_v: Default::default(),
         n_batch: 64,
         n_threads: 1,
         max_queue: 4,
