@@ -1,5 +1,5 @@
-"""Minimal HTTP/1.1 client for the bench scripts (asyncio, standard library only), so they
-measure the servers and not a client library."""
+"""Shared pieces of the bench scripts: a minimal HTTP/1.1 client (asyncio, standard library
+only, so they measure the servers and not a client library) and percentiles."""
 
 import asyncio
 import json
@@ -66,3 +66,13 @@ async def n_tokens(host, port, text):
     if " 200 " not in status + " ":
         raise RuntimeError(f"/tokenize: {status}: {body[:200]!r}")
     return len(json.loads(body)["tokens"])
+
+
+def percentile(xs, p):
+    """The `p`th percentile of `xs` (linear between ranks), NaN when empty."""
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = (len(xs) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)

@@ -24,19 +24,10 @@ import time
 from urllib.parse import urlparse
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
-from benchhttp import body_chunks, n_tokens, post, sse_events  # noqa: E402
+from benchhttp import body_chunks, n_tokens, percentile, post, sse_events  # noqa: E402
 
 WORDS = ("river stone lantern orchard harbor meadow copper signal garden winter "
          "compass ledger timber canyon feather marble violet thunder saddle quarry").split()
-
-
-def percentile(xs, p):
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    k = (len(xs) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 async def system_prompt(host, port, target):

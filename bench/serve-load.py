@@ -21,7 +21,7 @@ import time
 from urllib.parse import urlparse
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
-from benchhttp import body_chunks, n_tokens, post, sse_events  # noqa: E402
+from benchhttp import body_chunks, n_tokens, percentile, post, sse_events  # noqa: E402
 
 TOPICS = [
     "a lighthouse keeper", "the history of tea", "a robot learning to paint", "volcanoes",
@@ -30,15 +30,6 @@ TOPICS = [
     "a jazz musician", "the northern lights", "a lost letter", "ancient libraries",
     "a train journey", "coral reefs", "a village festival", "the invention of paper",
 ]
-
-
-def percentile(xs, p):
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    k = (len(xs) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 async def one_request(host, port, model, prompt, tokens, temperature=0.0):

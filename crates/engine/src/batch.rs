@@ -92,7 +92,7 @@ impl BatchParams {
     /// Bytes of one block of the pool (all layers, keys and values of the types the model
     /// allows).
     pub fn block_bytes(&self, hp: &Hparams) -> usize {
-        let types = self.context_params_for_types().kv_types(hp);
+        let types = capy_model::kv_types(hp, (self.type_k, self.type_v));
         KvCache::block_bytes_for(hp.n_layer, hp.n_embd_k(), hp.n_embd_v(), types)
     }
 
@@ -102,15 +102,6 @@ impl BatchParams {
         let mut p = self.clone();
         p.n_ctx = p.n_ctx.max(2).min(self.kv_blocks(hp) * KV_TILE);
         p
-    }
-
-    /// A context of these settings' cache types, to ask which a model allows.
-    fn context_params_for_types(&self) -> ContextParams {
-        ContextParams {
-            type_k: self.type_k,
-            type_v: self.type_v,
-            ..Default::default()
-        }
     }
 
     /// The context the engine runs in.

@@ -105,17 +105,9 @@ impl Default for ContextParams {
 }
 
 impl ContextParams {
-    /// The key and value types the cache of a model of `hp` gets: those asked for, where
-    /// its head sizes allow them.
+    /// The key and value types the cache of a model of `hp` gets ([`crate::kv_types`]).
     pub fn kv_types(&self, hp: &crate::Hparams) -> (KvType, KvType) {
-        let fit = |ty| {
-            if crate::kv_type_fits(ty, hp.head_dim, hp.head_dim_v) {
-                ty
-            } else {
-                KvType::F16
-            }
-        };
-        (fit(self.type_k), fit(self.type_v))
+        crate::kv_types(hp, (self.type_k, self.type_v))
     }
 
     /// Blocks in the KV cache's pool.

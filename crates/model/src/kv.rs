@@ -196,6 +196,19 @@ pub fn kv_type_fits(ty: KvType, head_dim: usize, head_dim_v: usize) -> bool {
     !ty.is_quantized() || (head_dim.is_multiple_of(QK) && head_dim_v.is_multiple_of(QK))
 }
 
+/// The key and value types a model of `hp` gets for the `wanted` ones: each as asked where
+/// its head sizes allow it ([`kv_type_fits`]), f16 otherwise.
+pub fn kv_types(hp: &crate::Hparams, wanted: (KvType, KvType)) -> (KvType, KvType) {
+    let fit = |ty| {
+        if kv_type_fits(ty, hp.head_dim, hp.head_dim_v) {
+            ty
+        } else {
+            KvType::F16
+        }
+    };
+    (fit(wanted.0), fit(wanted.1))
+}
+
 /// Keys and values of every layer for up to `n_seq` sequences of up to `n_ctx` positions
 /// each, in a pool of `n_blocks` blocks of [`KV_TILE`] positions.
 pub struct KvCache {
@@ -211,14 +224,12 @@ pub struct KvCache {
     v: Side,
     /// per sequence: its blocks in position order (position `p` is in `tables[seq][p / KV_TILE]`)
     tables: Vec<Vec<u32>>,
-    /// per sequence: the tokens at positions `0..seq_len`
+    /// per sequence: the tokens at its positions (their number is its length)
     tokens: Vec<Vec<u32>>,
     /// per sequence: the hashes of its full blocks (block `i`'s is `chain[i]`)
     chain: Vec<Vec<u64>>,
     /// per sequence: its salt
     salt: Vec<u64>,
-    /// number of valid positions per sequence
-    seq_len: Vec<usize>,
     meta: Vec<BlockMeta>,
     /// blocks holding nothing, taken from the end
     free: Vec<u32>,
@@ -306,7 +317,6 @@ impl KvCache {
             tokens: vec![Vec::new(); n_seq],
             chain: vec![Vec::new(); n_seq],
             salt: vec![0; n_seq],
-            seq_len: vec![0; n_seq],
             meta: vec![BlockMeta::default(); n_blocks],
             // taken from the end: block 0 first
             free: (0..n_blocks as u32).rev().collect(),
@@ -374,7 +384,7 @@ impl KvCache {
     }
 
     pub fn seq_len(&self, seq: usize) -> usize {
-        self.seq_len.get(seq).copied().unwrap_or(0)
+        self.tokens.get(seq).map_or(0, Vec::len)
     }
 
     /// Blocks a sequence holds.
@@ -478,7 +488,7 @@ impl KvCache {
         Ok(())
     }
 
-    /// Makes sure a sequence has blocks it may write for positions `seq_len..len`, taking
+    /// Makes sure a sequence has blocks it may write for positions from its length to `len`, taking
     /// free ones (or evicting cached ones).
     ///
     /// # Errors
@@ -486,7 +496,7 @@ impl KvCache {
     /// blocks taken before stay with the sequence).
     pub fn reserve(&mut self, seq: usize, len: usize) -> Result<()> {
         self.check_seq(seq)?;
-        let from = self.seq_len[seq];
+        let from = self.tokens[seq].len();
         if len <= from {
             return Ok(());
         }
@@ -509,7 +519,7 @@ impl KvCache {
         let Some(table) = self.tables.get(seq) else {
             return 0;
         };
-        let from = self.seq_len[seq];
+        let from = self.tokens[seq].len();
         let mut n = len.div_ceil(KV_TILE).saturating_sub(table.len());
         if len > from && !from.is_multiple_of(KV_TILE) {
             if let Some(&b) = table.get(from / KV_TILE) {
@@ -526,9 +536,8 @@ impl KvCache {
     /// [`Error::BadSequence`].
     pub fn truncate(&mut self, seq: usize, len: usize) -> Result<()> {
         self.check_seq(seq)?;
-        let len = self.seq_len[seq].min(len);
-        self.seq_len[seq] = len;
         self.tokens[seq].truncate(len);
+        let len = self.tokens[seq].len();
         self.chain[seq].truncate(len / KV_TILE);
         let keep = len.div_ceil(KV_TILE);
         while self.tables[seq].len() > keep {
@@ -546,7 +555,7 @@ impl KvCache {
     /// [`Error::BadSequence`].
     pub fn clear(&mut self, seq: usize) -> Result<()> {
         self.check_seq(seq)?;
-        let len = self.seq_len[seq];
+        let len = self.tokens[seq].len();
         if !len.is_multiple_of(KV_TILE) {
             if let Some(&b) = self.tables[seq].get(len / KV_TILE) {
                 let m = &self.meta[b as usize];
@@ -668,7 +677,6 @@ impl KvCache {
         }
         let len = len.min(prompt.len());
         self.tokens[seq].extend_from_slice(&prompt[..len]);
-        self.seq_len[seq] = len;
         Ok(len)
     }
 
@@ -682,7 +690,6 @@ impl KvCache {
         toks.truncate(pos);
         toks.push(token);
         self.chain[seq].truncate(pos / KV_TILE);
-        self.seq_len[seq] = toks.len();
         let full = toks.len() / KV_TILE;
         while self.chain[seq].len() < full {
             let i = self.chain[seq].len();
@@ -819,7 +826,6 @@ mod tests {
 
     impl KvCache {
         fn set_seq_len_for_test(&mut self, seq: usize, len: usize) {
-            self.seq_len[seq] = len;
             self.tokens[seq].resize(len, 0);
         }
     }

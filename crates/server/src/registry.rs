@@ -380,11 +380,11 @@ impl Registry {
             0 => trained,
             n => n.min(trained),
         };
+        let block = params.block_bytes(&hp) as u64;
         if params.kv_bytes.is_none() {
             // room for every sequence at full context, within a quarter of what the budget
             // leaves after the weights (or, without one, of the machine's memory shared by
             // the models loaded at once)
-            let block = params.block_bytes(&hp) as u64;
             let full = params.n_slots.max(1) as u64 * params.n_ctx.div_ceil(KV_TILE) as u64 * block;
             let share = match self.cfg.memory_budget {
                 Some(b) => Some(b.saturating_sub(g.file_size()) / 4),
@@ -393,7 +393,6 @@ impl Registry {
             params.kv_bytes = Some(share.map_or(full, |s| full.min(s.max(2 * block))));
         }
         let params = params.resolve(&hp);
-        let block = params.block_bytes(&hp) as u64;
         if params.kv_bytes.is_some_and(|b| b < 2 * block) {
             return Err(ApiError::bad_request(format!(
                 "the KV cache size for {} holds less than two of its blocks of {} (64 positions \
