@@ -406,7 +406,8 @@ impl Drop for BatchEngine {
 /// A request holding a sequence, running or preempted.
 struct Active {
     sink: Box<dyn Sink>,
-    prompt: Vec<u32>,
+    /// prompt tokens: the first ones of `tokens`
+    n_prompt: usize,
     params: GenerateParams,
     n_ctx: usize,
     salt: u64,
@@ -631,7 +632,7 @@ impl Loop {
             prompt_lp: params.echo.then(|| vec![None]),
             n_ctx,
             salt,
-            tokens: prompt.clone(),
+            n_prompt: prompt.len(),
             next: keep,
             cached_tokens: keep,
             sampler,
@@ -641,7 +642,7 @@ impl Loop {
             queue_ms: t_queued.elapsed().as_secs_f64() * 1e3,
             t_start: Instant::now(),
             t_gen: None,
-            prompt,
+            tokens: prompt,
             params,
         });
     }
@@ -805,10 +806,10 @@ impl Loop {
             let s = &mut self.seqs[si];
             let Some(a) = s.as_mut() else { continue };
             if let Some(pos) = pos {
-                let len = a.prompt.len();
+                let len = a.n_prompt;
                 if let Some(lp) = a.prompt_lp.as_mut() {
                     if pos + 1 < len {
-                        let next = a.prompt[pos + 1];
+                        let next = a.tokens[pos + 1];
                         lp.push(Some(prompt_logprob(row, next, a.params.top_logprobs)));
                     }
                 }
@@ -885,7 +886,7 @@ fn finish(s: &mut Option<Active>, reason: StopReason) {
     let t_gen = a.t_gen.unwrap_or(now);
     a.sink.send(Event::Done(Summary {
         stop_reason: reason,
-        prompt_tokens: a.prompt.len(),
+        prompt_tokens: a.n_prompt,
         cached_tokens: a.cached_tokens,
         completion_tokens: a.n_gen,
         tail,
