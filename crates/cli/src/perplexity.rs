@@ -64,6 +64,7 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
             kv_blocks: None,
             type_k: a.cache_type_k,
             type_v: a.cache_type_v,
+            swa_full: false,
             n_batch: n_ctx,
             n_outputs: OUT_ROWS,
             n_threads: a.threads,

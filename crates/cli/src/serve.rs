@@ -60,6 +60,10 @@ pub struct ServeArgs {
     /// Element type of the cached values: f16, q8_0 or fp8 [default: f16].
     #[arg(long = "cache-type-v", alias = "ctv", env = "CAPY_CACHE_TYPE_V")]
     pub cache_type_v: Option<String>,
+    /// Keep every position in sliding-window layers (Gemma 3's local layers) instead of
+    /// only their window: more memory, but prefix hits and rollbacks always find them.
+    #[arg(long, env = "CAPY_SWA_FULL")]
+    pub swa_full: bool,
     /// Most tokens in one forward pass [default: 512].
     #[arg(short = 'b', long, env = "CAPY_BATCH_SIZE")]
     pub batch_size: Option<usize>,
@@ -126,6 +130,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         kv_cache_size: a.kv_cache_size,
         cache_type_k: a.cache_type_k,
         cache_type_v: a.cache_type_v,
+        swa_full: a.swa_full.then_some(true),
         batch_size: a.batch_size,
         max_queue: a.max_queue,
         max_body_size: a.max_body_size,

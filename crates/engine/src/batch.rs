@@ -22,7 +22,9 @@ use std::time::Instant;
 
 use capy_kernels::attn::KV_TILE;
 use capy_kernels::Isa;
-use capy_model::{Batch, Context, ContextParams, Hparams, KvCache, KvType, Model, PrefixPlan};
+use capy_model::{
+    Batch, BlockNeed, Context, ContextParams, Hparams, KvLayout, KvType, Model, PrefixPlan,
+};
 
 use crate::generate::{
     prompt_logprob, sample_next, GenerateParams, PromptLogprob, StopReason, TextStream, TokenOut,
@@ -45,6 +47,8 @@ pub struct BatchParams {
     /// Element types of the cached keys and values (`--cache-type-k/-v`).
     pub type_k: KvType,
     pub type_v: KvType,
+    /// Keep every position in sliding-window layers too (`--swa-full`).
+    pub swa_full: bool,
     /// Most tokens in one forward pass.
     pub n_batch: usize,
     pub n_threads: usize,
@@ -61,6 +65,7 @@ impl Default for BatchParams {
             kv_bytes: None,
             type_k: KvType::F16,
             type_v: KvType::F16,
+            swa_full: false,
             n_batch: 512,
             n_threads: ContextParams::default().n_threads,
             max_queue: 64,
@@ -76,24 +81,32 @@ impl BatchParams {
         (self.n_slots + 16).min(self.n_batch.max(1))
     }
 
-    /// Blocks in the KV cache's pool for a model of `hp`: what `kv_bytes` pays for (at least
-    /// one), or every sequence at its full context.
-    pub fn kv_blocks(&self, hp: &Hparams) -> usize {
-        let block = self.block_bytes(hp).max(1);
-        // block ids are u32: a larger pool is never needed (nor allocatable)
-        let n = match self.kv_bytes {
-            Some(b) => b / block as u64,
-            None => (self.n_slots.max(1) as u64)
-                .saturating_mul(self.n_ctx.max(2).div_ceil(KV_TILE) as u64),
-        };
-        n.clamp(1, u64::from(u32::MAX)) as usize
+    /// The shape of the KV cache of a model of `hp` ([`KvLayout::for_model`]).
+    pub fn kv_layout(&self, hp: &Hparams) -> KvLayout {
+        let types = (self.type_k, self.type_v);
+        let mut lay = KvLayout::for_model(hp, self.n_slots, self.n_ctx.max(2), self.n_batch, types);
+        if self.swa_full {
+            lay.windows.fill(0);
+        }
+        lay
     }
 
-    /// Bytes of one block of the pool (all layers, keys and values of the types the model
-    /// allows).
-    pub fn block_bytes(&self, hp: &Hparams) -> usize {
-        let types = capy_model::kv_types(hp, (self.type_k, self.type_v));
-        KvCache::block_bytes_for(hp.n_layer, hp.n_embd_k(), hp.n_embd_v(), types)
+    /// Blocks in the KV cache's pool for a model of `hp` (of its full-attention layers;
+    /// [`KvLayout`]): what `kv_bytes` pays for (at least one), or every sequence at its
+    /// full context.
+    pub fn kv_blocks(&self, hp: &Hparams) -> usize {
+        match self.kv_bytes {
+            Some(b) => self.kv_layout(hp).blocks_for_bytes(b),
+            None => (self.n_slots.max(1) as u64)
+                .saturating_mul(self.n_ctx.max(2).div_ceil(KV_TILE) as u64)
+                .clamp(1, u64::from(u32::MAX - 1)) as usize,
+        }
+    }
+
+    /// Bytes of a KV pool of `n_blocks` blocks for a model of `hp` (keys and values of the
+    /// types the model allows; a sliding-window group's share included).
+    pub fn kv_bytes_for(&self, hp: &Hparams, n_blocks: usize) -> u64 {
+        self.kv_layout(hp).bytes(n_blocks)
     }
 
     /// These settings as the engine runs them for `hp`: the per-sequence context at most
@@ -109,6 +122,7 @@ impl BatchParams {
         ContextParams {
             type_k: self.type_k,
             type_v: self.type_v,
+            swa_full: self.swa_full,
             n_ctx: self.n_ctx.max(2),
             n_seq: self.n_slots.max(1),
             kv_blocks: Some(self.kv_blocks(hp)),
@@ -197,12 +211,17 @@ pub struct Stats {
     pub running: AtomicUsize,
     /// Positions held in the KV cache by running sequences.
     pub kv_used: AtomicUsize,
-    /// Blocks in the KV cache's pool; blocks a new sequence can take (free, or cached
-    /// and unreferenced); of those, the ones kept for the prefix cache; bytes per block.
+    /// Blocks in the KV cache's pools (all groups of layers); blocks a new sequence can
+    /// take (free, or cached and unreferenced); of those, the ones kept for the prefix
+    /// cache.
     pub kv_blocks: AtomicUsize,
     pub kv_blocks_free: AtomicUsize,
     pub kv_blocks_cached: AtomicUsize,
-    pub kv_block_bytes: AtomicUsize,
+    /// Bytes of the pools, and of the blocks sequences hold.
+    pub kv_bytes: AtomicUsize,
+    pub kv_bytes_used: AtomicUsize,
+    /// Positions the pool holds (all sequences together).
+    pub kv_capacity: AtomicUsize,
     pub steps: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub cached_tokens: AtomicU64,
@@ -526,8 +545,11 @@ impl Loop {
         st.kv_blocks_free
             .store(c.free + c.cached, Ordering::Relaxed);
         st.kv_blocks_cached.store(c.cached, Ordering::Relaxed);
-        st.kv_block_bytes
-            .store(self.ctx.kv.block_bytes(), Ordering::Relaxed);
+        st.kv_bytes.store(self.ctx.kv.bytes(), Ordering::Relaxed);
+        st.kv_bytes_used
+            .store(self.ctx.kv.bytes_used(), Ordering::Relaxed);
+        st.kv_capacity
+            .store(self.ctx.kv.capacity(), Ordering::Relaxed);
     }
 
     /// Starts waiting requests (preempted ones first) while a sequence id and the blocks
@@ -588,9 +610,10 @@ impl Loop {
     /// The prefix cache's plan for these tokens if the pool can take them now, with a
     /// block of room for each running sequence to grow (none needed when nothing runs).
     fn fits(&self, tokens: &[u32], salt: u64, max: usize) -> Option<PrefixPlan> {
-        let plan = self.ctx.kv.plan_prefix(tokens, salt, max);
-        let need = plan.new_blocks + plan.revived + headroom(self.n_running());
-        (need <= self.ctx.kv.available()).then_some(plan)
+        let kv = &self.ctx.kv;
+        let plan = kv.plan_prefix(tokens, salt, max);
+        let need = plan.need + kv.per_group(headroom(self.n_running()));
+        need.fits_in(&kv.available()).then_some(plan)
     }
 
     /// Gives a sequence the cached prefix of `tokens` and every block the rest needs.
@@ -698,7 +721,7 @@ impl Loop {
     /// for its next token (prefilling ones took theirs when they started).
     fn make_room(&mut self) {
         loop {
-            let need: usize = (0..self.seqs.len())
+            let need: BlockNeed = (0..self.seqs.len())
                 .filter_map(|si| {
                     let a = self.seqs[si].as_ref()?;
                     let len = a.tokens.len();
@@ -706,7 +729,7 @@ impl Loop {
                         .then(|| self.ctx.kv.blocks_to_reach(si, len + 1))
                 })
                 .sum();
-            if need <= self.ctx.kv.available() || !self.preempt_newest() {
+            if need.fits_in(&self.ctx.kv.available()) || !self.preempt_newest() {
                 return;
             }
         }

@@ -155,8 +155,10 @@ impl Session {
         if params.echo {
             keep = 0;
         }
+        // (a sliding-window layer may no longer hold what the prefix's end reads: the cache
+        // then keeps less)
+        keep = self.ctx.kv.truncate(0, keep)?;
         self.cached.truncate(keep);
-        self.ctx.kv.truncate(0, keep)?;
 
         let mut prompt_lp: Option<Vec<Option<PromptLogprob>>> = params.echo.then(|| vec![None]);
         let chunk = if params.echo {

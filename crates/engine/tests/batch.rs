@@ -39,6 +39,7 @@ fn batcher_with_pool(
             kv_bytes: kv_blocks.map(|n| (n * block) as u64),
             type_k: KvType::F16,
             type_v: KvType::F16,
+            swa_full: false,
             n_batch: 64,
             n_threads: 2,
             max_queue,
@@ -435,9 +436,60 @@ fn an_8_bit_kv_cache_generates_what_the_f16_one_does() {
         let (got, s) = run(ty, ty);
         assert_eq!(s.ctx.kv.types(), (ty, ty));
         assert!(
-            s.ctx.kv.block_bytes() < s16.ctx.kv.block_bytes() * 6 / 10,
-            "{ty} blocks are smaller"
+            s.ctx.kv.bytes() < s16.ctx.kv.bytes() * 6 / 10,
+            "{ty} pools are smaller"
         );
         assert_eq!(got[..4], want[..4], "{ty}: the first greedy tokens");
     }
+}
+
+/// Gemma 3's local layers keep only their window (512) of a long prompt; a second prompt
+/// sharing its start finds the prefix in both groups of layers; the answers are those of a
+/// cache keeping every position (`swa_full`).
+#[test]
+fn sliding_window_layers_keep_their_window_and_answer_as_a_full_cache() {
+    let e = Engine::load(common::model_path("gemma3-270m")).expect("model loads");
+    let first = long_prompt(&e, 900, "Question: what is the value of item 3?");
+    let second = long_prompt(&e, 900, "Question: which item has the value 5?");
+    let make = |swa_full: bool| {
+        BatchEngine::new(
+            Arc::clone(&e.model),
+            Arc::clone(&e.tokenizer),
+            BatchParams {
+                n_slots: 2,
+                n_ctx: 2048,
+                swa_full,
+                n_batch: 64,
+                n_threads: 2,
+                max_queue: 4,
+                ..Default::default()
+            },
+        )
+    };
+    let run = |b: &BatchEngine| {
+        let (a, _, _, c1) = collect(submit(b, first.clone(), greedy(10)).expect("queued"));
+        let (bb, _, _, c2) = collect(submit(b, second.clone(), greedy(10)).expect("queued"));
+        (a, bb, c1, c2)
+    };
+    let full = make(true);
+    let windowed = make(false);
+    let want = run(&full);
+    let got = run(&windowed);
+    assert_eq!((got.2, want.2), (0, 0));
+    assert!(
+        got.3 >= 832,
+        "the shared prefix came from the cache ({})",
+        got.3
+    );
+    assert_eq!(got.3, want.3);
+    assert_eq!(got.0, want.0, "the first answer");
+    assert_eq!(got.1, want.1, "the second answer");
+    // the windowed cache is smaller
+    let bytes = |b: &BatchEngine| b.stats().kv_bytes.load(Ordering::Relaxed);
+    assert!(
+        bytes(&windowed) < bytes(&full) * 7 / 10,
+        "{} vs {}",
+        bytes(&windowed),
+        bytes(&full)
+    );
 }

@@ -16,7 +16,7 @@ use capy_kernels::{kernels, matmul, Isa, Kernels, ThreadPool};
 
 use crate::attention::{self, AttnWork};
 use crate::hparams::Activation;
-use crate::kv::KvCache;
+use crate::kv::{KvCache, KvLayout};
 use crate::weights::{Model, Tensor};
 use crate::{Error, Result};
 use capy_kernels::kvquant::KvType;
@@ -76,6 +76,9 @@ pub struct ContextParams {
     /// model's head sizes do not allow ([`crate::kv_type_fits`]) is kept as f16.
     pub type_k: KvType,
     pub type_v: KvType,
+    /// Keep every position in sliding-window layers too (llama.cpp's `--swa-full`): more
+    /// memory, but any rollback or prefix hit finds them.
+    pub swa_full: bool,
     /// Most tokens in one batch.
     pub n_batch: usize,
     /// Most logit rows one batch may ask for.
@@ -94,6 +97,7 @@ impl Default for ContextParams {
             kv_blocks: None,
             type_k: Default::default(),
             type_v: Default::default(),
+            swa_full: false,
             n_batch: 512,
             n_outputs: 8,
             n_threads: std::thread::available_parallelism()
@@ -110,7 +114,22 @@ impl ContextParams {
         crate::kv_types(hp, (self.type_k, self.type_v))
     }
 
-    /// Blocks in the KV cache's pool.
+    /// The shape of the KV cache of a model of `hp` ([`KvLayout::for_model`]).
+    pub fn kv_layout(&self, hp: &crate::Hparams) -> KvLayout {
+        let mut lay = KvLayout::for_model(
+            hp,
+            self.n_seq.max(1),
+            self.n_ctx.max(1),
+            self.n_batch.max(1),
+            (self.type_k, self.type_v),
+        );
+        if self.swa_full {
+            lay.windows.fill(0);
+        }
+        lay
+    }
+
+    /// Blocks in the KV cache's pool (of its full-attention layers; [`KvLayout`]).
     pub fn kv_blocks(&self) -> usize {
         self.kv_blocks
             .unwrap_or(self.n_seq.max(1) * self.n_ctx.max(1).div_ceil(capy_kernels::attn::KV_TILE))
@@ -121,8 +140,7 @@ impl ContextParams {
     /// buffers of [`Context::new`] (thread-local attention buffers left out).
     pub fn memory_bytes(&self, hp: &crate::Hparams) -> u64 {
         let nb = self.n_batch.max(1);
-        let kv = self.kv_blocks()
-            * KvCache::block_bytes_for(hp.n_layer, hp.n_embd_k(), hp.n_embd_v(), self.kv_types(hp));
+        let kv = self.kv_layout(hp).bytes(self.kv_blocks()) as usize;
         // x, xn, q, k, v, attn, gate, up, and the two RoPE tables of cos and sin
         let per_token = 2 * hp.n_embd
             + hp.n_embd_q()
@@ -185,15 +203,7 @@ impl Context {
         let nb = params.n_batch.max(1);
         let n_threads = params.n_threads.max(1);
         let kern = params.isa.and_then(Kernels::for_isa).unwrap_or(*kernels());
-        let kv = KvCache::with_blocks(
-            hp.n_layer,
-            params.n_seq.max(1),
-            params.n_ctx.max(1),
-            hp.n_embd_k(),
-            hp.n_embd_v(),
-            params.kv_blocks(),
-            params.kv_types(hp),
-        );
+        let kv = KvCache::from_layout(&params.kv_layout(hp), params.kv_blocks());
         let s = Scratch {
             x: vec![0.0; nb * hp.n_embd],
             xn: vec![0.0; nb * hp.n_embd],
@@ -301,7 +311,13 @@ impl Context {
         // the batch rewrites forgets the positions from there on first)
         for (&seq, &pos) in batch.seq.iter().zip(&batch.pos) {
             if pos < self.kv.seq_len(seq) {
-                self.kv.truncate(seq, pos)?;
+                let kept = self.kv.truncate(seq, pos)?;
+                if kept < pos {
+                    return Err(Error::BadBatch(format!(
+                        "sequence {seq}: the sliding-window layers no longer hold what position \
+                         {pos} reads; the cache now ends at {kept}"
+                    )));
+                }
             }
             self.kv.reserve(seq, pos + 1)?;
         }

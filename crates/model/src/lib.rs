@@ -16,7 +16,10 @@ pub use capy_kernels::attn::KV_TILE;
 pub use capy_kernels::kvquant::KvType;
 pub use forward::{Batch, Context, ContextParams};
 pub use hparams::{Activation, Arch, Hparams};
-pub use kv::{kv_type_fits, kv_types, salt_id, BlockCounts, KvCache, PrefixPlan};
+pub use kv::{
+    kv_type_fits, kv_types, salt_id, BlockCounts, BlockNeed, KvCache, KvLayout, PrefixPlan,
+    MAX_GROUPS,
+};
 pub use weights::{Layer, Model, Tensor};
 
 #[derive(Debug, thiserror::Error)]

@@ -160,6 +160,7 @@ fn ctx(model: &Arc<Model>, n_seq: usize, n_threads: usize) -> Context {
             kv_blocks: None,
             type_k: Default::default(),
             type_v: Default::default(),
+            swa_full: false,
             n_batch: 24,
             n_outputs: 16,
             n_threads,
@@ -219,6 +220,7 @@ fn every_isa_gives_the_logits_of_the_scalar_kernels() {
                 kv_blocks: None,
                 type_k: Default::default(),
                 type_v: Default::default(),
+                swa_full: false,
                 n_batch: 24,
                 n_outputs: 16,
                 n_threads: 2,
@@ -304,4 +306,54 @@ fn missing_tensor_and_unknown_arch_are_clear_errors() {
         matches!(&err, Error::UnknownArch(a) if a == "mamba"),
         "{err}"
     );
+}
+
+/// Gemma 3's local layers (window 4 here) release their blocks behind the window; what
+/// they compute is what a cache keeping every position (`swa_full`) computes, through a
+/// rollback behind the window too (the released blocks are taken back from the cache).
+#[test]
+fn sliding_window_layers_that_release_blocks_compute_what_full_ones_do() {
+    let model = load("gemma3");
+    let tok = |p: usize| ((p * 7 + 3) % N_VOCAB) as u32;
+    let run = |swa_full: bool| {
+        let params = ContextParams {
+            n_ctx: 256,
+            n_seq: 1,
+            kv_blocks: None,
+            type_k: Default::default(),
+            type_v: Default::default(),
+            swa_full,
+            n_batch: 16,
+            n_outputs: 16,
+            n_threads: 2,
+            isa: None,
+        };
+        let mut c = Context::new(Arc::clone(&model), params);
+        let mut out = Vec::new();
+        let mut batch = Batch::new();
+        let mut pass = |c: &mut Context, from: usize, to: usize, salt: usize| {
+            for p0 in (from..to).step_by(16) {
+                batch.clear();
+                for p in p0..(p0 + 16).min(to) {
+                    batch.push(tok(p + salt), p, 0, p + 1 == (p0 + 16).min(to));
+                }
+                out.extend_from_slice(c.decode(&batch).unwrap());
+            }
+        };
+        pass(&mut c, 0, 200, 0);
+        let cached_after_200 = c.kv.block_counts().cached;
+        // back to position 60, behind the window and its slack, with other tokens
+        pass(&mut c, 60, 180, 1);
+        (out, cached_after_200)
+    };
+    let (full, full_cached) = run(true);
+    let (swa, swa_cached) = run(false);
+    assert_eq!(full_cached, 0, "a full cache releases nothing");
+    assert_eq!(
+        swa_cached, 1,
+        "the local layers' first block went back to the pool"
+    );
+    assert_eq!(full.len(), swa.len());
+    assert!(full.iter().all(|v| v.is_finite()));
+    assert_eq!(full, swa, "the same logits, bit for bit");
 }

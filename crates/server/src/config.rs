@@ -158,6 +158,9 @@ pub struct Config {
     pub cache_type_k: String,
     /// Element type of the cached values (`-ctv`).
     pub cache_type_v: String,
+    /// Keep every position in sliding-window layers too (llama.cpp's `--swa-full`); by
+    /// default they keep only their window.
+    pub swa_full: bool,
     /// Most tokens in one forward pass.
     pub batch_size: usize,
     /// Requests that may wait per model; more get 429.
@@ -198,6 +201,7 @@ impl Default for Config {
             kv_cache_size: String::new(),
             cache_type_k: "f16".into(),
             cache_type_v: "f16".into(),
+            swa_full: false,
             batch_size: 512,
             max_queue: 64,
             max_body_size: "16MiB".into(),
@@ -228,6 +232,7 @@ pub struct Overrides {
     pub kv_cache_size: Option<String>,
     pub cache_type_k: Option<String>,
     pub cache_type_v: Option<String>,
+    pub swa_full: Option<bool>,
     pub batch_size: Option<usize>,
     pub max_queue: Option<usize>,
     pub max_body_size: Option<String>,
@@ -290,6 +295,7 @@ impl Config {
         set(&mut self.kv_cache_size, o.kv_cache_size);
         set(&mut self.cache_type_k, o.cache_type_k);
         set(&mut self.cache_type_v, o.cache_type_v);
+        set(&mut self.swa_full, o.swa_full);
         set(&mut self.batch_size, o.batch_size);
         set(&mut self.max_queue, o.max_queue);
         set(&mut self.max_body_size, o.max_body_size);

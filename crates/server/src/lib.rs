@@ -88,6 +88,7 @@ impl AppState {
                     kv_bytes: checked.kv_cache_size,
                     type_k: checked.cache_type_k,
                     type_v: checked.cache_type_v,
+                    swa_full: cfg.swa_full,
                     n_batch: cfg.batch_size,
                     n_threads: cfg.threads,
                     max_queue: cfg.max_queue,

@@ -164,9 +164,8 @@ impl Metrics {
             blocks_free += free;
             blocks_cached += st.kv_blocks_cached.load(Ordering::Relaxed);
             preemptions += st.preemptions.load(Ordering::Relaxed);
-            block_bytes_used +=
-                total.saturating_sub(free) * st.kv_block_bytes.load(Ordering::Relaxed);
-            kv_cap += total * capy_model::KV_TILE;
+            block_bytes_used += st.kv_bytes_used.load(Ordering::Relaxed);
+            kv_cap += st.kv_capacity.load(Ordering::Relaxed);
         }
         gauge(
             &mut out,

@@ -419,10 +419,9 @@ fn kv_cache(st: &capy_engine::Stats) -> Value {
     use std::sync::atomic::Ordering::Relaxed;
     let (total, free) = (st.kv_blocks.load(Relaxed), st.kv_blocks_free.load(Relaxed));
     let used = total.saturating_sub(free);
-    let bytes = st.kv_block_bytes.load(Relaxed);
     json!({"blocks": total, "blocks_used": used,
            "blocks_cached": st.kv_blocks_cached.load(Relaxed),
-           "bytes": total * bytes, "bytes_used": used * bytes,
+           "bytes": st.kv_bytes.load(Relaxed), "bytes_used": st.kv_bytes_used.load(Relaxed),
            "preemptions": st.preemptions.load(Relaxed)})
 }
 

@@ -380,26 +380,26 @@ impl Registry {
             0 => trained,
             n => n.min(trained),
         };
-        let block = params.block_bytes(&hp) as u64;
+        let two = params.kv_bytes_for(&hp, 2);
         if params.kv_bytes.is_none() {
             // room for every sequence at full context, within a quarter of what the budget
             // leaves after the weights (or, without one, of the machine's memory shared by
             // the models loaded at once)
-            let full = params.n_slots.max(1) as u64 * params.n_ctx.div_ceil(KV_TILE) as u64 * block;
+            let blocks = params.n_slots.max(1) * params.n_ctx.div_ceil(KV_TILE);
+            let full = params.kv_bytes_for(&hp, blocks);
             let share = match self.cfg.memory_budget {
                 Some(b) => Some(b.saturating_sub(g.file_size()) / 4),
                 None => total_memory().map(|m| m / 4 / self.cfg.max_loaded.max(1) as u64),
             };
-            params.kv_bytes = Some(share.map_or(full, |s| full.min(s.max(2 * block))));
+            params.kv_bytes = Some(share.map_or(full, |s| full.min(s.max(two))));
         }
         let params = params.resolve(&hp);
-        if params.kv_bytes.is_some_and(|b| b < 2 * block) {
+        if params.kv_bytes.is_some_and(|b| b < two) {
             return Err(ApiError::bad_request(format!(
-                "the KV cache size for {} holds less than two of its blocks of {} (64 positions \
+                "the KV cache size for {} holds less than two of its blocks (64 positions \
                  each, all layers): give at least {}",
                 settings.name,
-                human(block),
-                human(2 * block)
+                human(two)
             ))
             .code("model_too_large"));
         }

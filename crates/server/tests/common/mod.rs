@@ -49,6 +49,7 @@ pub fn small_batch() -> BatchParams {
         kv_bytes: None,
         type_k: Default::default(),
         type_v: Default::default(),
+        swa_full: false,
         n_batch: 64,
         n_threads: 1,
         max_queue: 4,
