@@ -41,6 +41,14 @@ pub struct GenerateArgs {
     /// Threads, at most the machine's cores [default: all cores].
     #[arg(short = 't', long, default_value_t = default_threads(), value_parser = threads)]
     pub threads: usize,
+    /// Element type of the cached keys: f16, q8_0, fp8 (also `-ctk`) [default: the config
+    /// file's for this model, else f16].
+    #[arg(long = "cache-type-k", value_parser = crate::common::kv_type)]
+    pub cache_type_k: Option<capy_model::KvType>,
+    /// Element type of the cached values (also `-ctv`) [default: the config file's for this
+    /// model, else f16].
+    #[arg(long = "cache-type-v", value_parser = crate::common::kv_type)]
+    pub cache_type_v: Option<capy_model::KvType>,
     /// TOML file with `[models.NAME]` settings (their sampling options apply)
     /// [default: config.toml in CAPY_HOME, if there].
     #[arg(long, env = "CAPY_CONFIG")]
@@ -73,6 +81,14 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         n_ctx,
         n_threads: capped_threads(a.threads),
         n_outputs: if a.echo { 64 } else { 1 },
+        type_k: a
+            .cache_type_k
+            .or(settings.as_ref().and_then(|s| s.cache_type_k))
+            .unwrap_or_default(),
+        type_v: a
+            .cache_type_v
+            .or(settings.as_ref().and_then(|s| s.cache_type_v))
+            .unwrap_or_default(),
         ..Default::default()
     });
     let params = GenerateParams {

@@ -38,6 +38,14 @@ pub struct RunArgs {
     /// Threads, at most the machine's cores [default: all cores].
     #[arg(short = 't', long, default_value_t = default_threads(), value_parser = threads)]
     pub threads: usize,
+    /// Element type of the cached keys: f16, q8_0, fp8 (also `-ctk`) [default: the config
+    /// file's for this model, else f16].
+    #[arg(long = "cache-type-k", value_parser = crate::common::kv_type)]
+    pub cache_type_k: Option<capy_model::KvType>,
+    /// Element type of the cached values (also `-ctv`) [default: the config file's for this
+    /// model, else f16].
+    #[arg(long = "cache-type-v", value_parser = crate::common::kv_type)]
+    pub cache_type_v: Option<capy_model::KvType>,
     /// TOML file with `[models.NAME]` settings [default: config.toml in CAPY_HOME, if there].
     #[arg(long, env = "CAPY_CONFIG")]
     pub config: Option<std::path::PathBuf>,
@@ -263,6 +271,14 @@ pub fn run(a: RunArgs) -> Result<()> {
     let session = engine.session(ContextParams {
         n_ctx,
         n_threads: capped_threads(a.threads),
+        type_k: a
+            .cache_type_k
+            .or(settings.and_then(|s| s.cache_type_k))
+            .unwrap_or_default(),
+        type_v: a
+            .cache_type_v
+            .or(settings.and_then(|s| s.cache_type_v))
+            .unwrap_or_default(),
         ..Default::default()
     });
     let mut chat = Chat {

@@ -425,3 +425,51 @@ fn bench_runs_tests_at_depth() {
         "{err}"
     );
 }
+
+#[test]
+fn generate_and_run_take_the_kv_cache_types() {
+    let g = golden("SmolLM2-135M-Instruct.Q4_1.json");
+    let c = &g["completions"][0];
+    let path = model_path("smollm2-135m");
+    let p = path.to_str().unwrap();
+    let want = &ids(&c["generated_token_ids"])[..4];
+    for ty in ["q8_0", "fp8"] {
+        let (ok, out, err) = run(
+            &[
+                "generate",
+                "-m",
+                p,
+                "--prompt",
+                c["prompt"].as_str().unwrap(),
+                "-n",
+                "4",
+                "--temp",
+                "0",
+                "--json",
+                "-t",
+                "2",
+                "-ctk",
+                ty,
+                "-ctv",
+                ty,
+            ],
+            &[],
+        );
+        assert!(ok, "{ty}: {err}");
+        let v: Value = serde_json::from_str(out.trim()).expect("one JSON object");
+        let got: Vec<u64> = v["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(got, want, "{ty}: llama.cpp's greedy tokens");
+    }
+    let (ok, out, err) = run(
+        &["run", p, "Say hi", "-n", "4", "-ctk", "q8_0", "-t", "2"],
+        &[],
+    );
+    assert!(ok && !out.trim().is_empty(), "{err}");
+    let (ok, _, err) = run(&["run", p, "Say hi", "-ctv", "q4_0"], &[]);
+    assert!(!ok && err.contains("unknown KV cache type"), "{err}");
+}
