@@ -562,6 +562,8 @@ impl Loop {
             if q.shutdown {
                 return false;
             }
+            // requests whose client went away while waiting leave the queue (and its count)
+            q.pending.retain(|(r, _)| !r.sink.is_closed());
             if self.n_running() > 0 || !q.pending.is_empty() || !self.preempted.is_empty() {
                 break;
             }

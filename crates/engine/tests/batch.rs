@@ -493,3 +493,68 @@ fn sliding_window_layers_keep_their_window_and_answer_as_a_full_cache() {
         bytes(&full)
     );
 }
+
+/// A sink whose listener can leave while its request waits.
+struct Leaving {
+    gone: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl capy_engine::Sink for Leaving {
+    fn send(&mut self, _: Event) -> bool {
+        !self.gone.load(Ordering::Relaxed)
+    }
+    fn is_closed(&self) -> bool {
+        self.gone.load(Ordering::Relaxed)
+    }
+}
+
+#[test]
+fn waiting_requests_whose_client_left_leave_the_queue() {
+    let e = engine();
+    let b = batcher(&e, 1, 2);
+    let prompt = e
+        .tokenizer
+        .encode("Tell me a story.", true, true)
+        .expect("ok");
+    let mut long = greedy(300);
+    long.ignore_eos = true;
+    let first = submit(&b, prompt.clone(), long).expect("queued");
+    assert!(matches!(first.recv(), Ok(Event::Started { .. })));
+    let gone: Vec<_> = (0..2)
+        .map(|_| {
+            let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            b.submit(Request {
+                prompt: prompt.clone(),
+                params: greedy(4),
+                n_ctx: None,
+                salt: String::new(),
+                sink: Box::new(Leaving {
+                    gone: Arc::clone(&flag),
+                }),
+            })
+            .expect("queued");
+            flag
+        })
+        .collect();
+    assert!(matches!(
+        submit(&b, prompt.clone(), greedy(4)),
+        Err(Error::QueueFull { max: 2 })
+    ));
+    for g in &gone {
+        g.store(true, Ordering::Relaxed);
+    }
+    // within a few steps of the running request the queue is empty again
+    let t0 = std::time::Instant::now();
+    while b.stats().queued.load(Ordering::Relaxed) > 0 {
+        assert!(
+            t0.elapsed().as_secs() < 30,
+            "the departed requests stay queued"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let mut four = greedy(4);
+    four.ignore_eos = true;
+    let (ids, _, _, _) = collect(submit(&b, prompt.clone(), four).expect("room again"));
+    assert_eq!(ids.len(), 4);
+    drop(first);
+}

@@ -150,7 +150,7 @@ impl Metrics {
         let loaded = registry.loaded();
         let (mut queued, mut running, mut kv_used, mut kv_cap) = (0, 0, 0, 0);
         let (mut blocks, mut blocks_free, mut block_bytes_used) = (0, 0, 0);
-        let (mut blocks_cached, mut preemptions) = (0, 0);
+        let (mut blocks_cached, mut preemptions) = (0, registry.retired_preemptions());
         for l in &loaded {
             let st = l.model.batch.stats();
             queued += st.queued.load(Ordering::Relaxed);

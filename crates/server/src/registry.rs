@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
@@ -46,6 +46,16 @@ pub struct Loaded {
     pub load_ms: f64,
     /// Requests holding a [`Lease`].
     active: AtomicUsize,
+    /// The registry's count of preemptions in unloaded models, which this one's join when it
+    /// is dropped (so the metric never goes down).
+    retired_preemptions: Arc<AtomicU64>,
+}
+
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        let n = self.batch.stats().preemptions.load(Ordering::Relaxed);
+        self.retired_preemptions.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 impl Loaded {
@@ -158,6 +168,8 @@ pub struct Registry {
     released: tokio::sync::Notify,
     /// Requests waiting for room, at most `batch.max_queue`.
     waiting: AtomicUsize,
+    /// Preemptions in the KV caches of models since unloaded.
+    retired_preemptions: Arc<AtomicU64>,
 }
 
 /// A request's hold on a loaded model: the model is not evicted while held, and its
@@ -232,7 +244,13 @@ impl Registry {
             load_lock: tokio::sync::Mutex::new(()),
             released: tokio::sync::Notify::new(),
             waiting: AtomicUsize::new(0),
+            retired_preemptions: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// Preemptions in the KV caches of models loaded before and since unloaded.
+    pub fn retired_preemptions(&self) -> u64 {
+        self.retired_preemptions.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
@@ -469,6 +487,7 @@ impl Registry {
             loaded_at: SystemTime::now(),
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
             active: AtomicUsize::new(1),
+            retired_preemptions: Arc::clone(&self.retired_preemptions),
             settings: r.settings,
         });
         let warm = model.settings.warm;

@@ -320,3 +320,60 @@ async fn a_warm_model_answers_to_its_built_in_alias() {
     }
     assert!(r.resolve("gemma3").is_err());
 }
+
+/// A model's KV-cache preemptions still count in the metrics after it is unloaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preemptions_of_an_unloaded_model_still_count() {
+    let store = temp_store("preempt", &["m1"]);
+    let g = capy_gguf::Gguf::open(store.model_path("m1")).expect("gguf");
+    let hp = capy_model::Hparams::from_gguf(&g).expect("hparams");
+    let mut batch = small_batch();
+    // 4 blocks for two sequences that grow to 3 blocks each
+    batch.kv_bytes = Some(batch.kv_bytes_for(&hp, 4));
+    let r = registry_at(store, batch, &[]);
+    let lease = r.acquire("m1", None).await.expect("loads");
+    let prompt: Vec<u32> = (0..100).map(|i| 1000 + i).collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for _ in 0..2 {
+        let tx = tx.clone();
+        let mut params = capy_engine::GenerateParams {
+            max_tokens: 120,
+            ..Default::default()
+        };
+        params.ignore_eos = true;
+        lease
+            .batch
+            .submit(capy_engine::Request {
+                prompt: prompt.clone(),
+                params,
+                n_ctx: None,
+                salt: String::new(),
+                sink: Box::new(capy_engine::FnSink(move |ev| {
+                    if matches!(
+                        ev,
+                        capy_engine::Event::Done(_) | capy_engine::Event::Failed(_)
+                    ) {
+                        let _ = tx.send(matches!(ev, capy_engine::Event::Done(_)));
+                    }
+                    true
+                })),
+            })
+            .expect("queued");
+    }
+    for _ in 0..2 {
+        assert!(
+            rx.recv_timeout(Duration::from_secs(120)).expect("ends"),
+            "completes"
+        );
+    }
+    let n = lease
+        .batch
+        .stats()
+        .preemptions
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(n > 0, "the pool was meant to run out");
+    assert_eq!(r.retired_preemptions(), 0);
+    drop(lease);
+    assert!(r.unload("m1"));
+    assert_eq!(r.retired_preemptions(), n);
+}
