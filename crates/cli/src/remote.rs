@@ -67,8 +67,8 @@ pub fn ps() -> Result<()> {
     let base = server_url();
     let v = call(client()?.get(format!("{base}/api/ps")), &base)?;
     println!(
-        "{:<32} {:>10}  {:>8}  {:<8} UNTIL",
-        "NAME", "SIZE", "CONTEXT", "STATUS"
+        "{:<24} {:>10}  {:>8}  {:>11}  {:>7}  {:>5}  {:>7}  {:<8} UNTIL",
+        "NAME", "SIZE", "CONTEXT", "KV USED", "CACHED", "HIT", "PREEMPT", "STATUS"
     );
     for m in v["models"].as_array().into_iter().flatten() {
         let until = m["expires_at"].as_str().unwrap_or("");
@@ -77,14 +77,25 @@ pub fn ps() -> Result<()> {
         } else {
             until
         };
+        let kv = &m["kv_cache"];
+        let n = |k: &str| kv[k].as_u64().unwrap_or(0);
+        // prompt tokens the prefix cache supplied, of all the model's sequences had
+        let hit = match n("prompt_tokens") {
+            0 => "-".to_string(),
+            p => format!("{:.0}%", 100.0 * n("cached_tokens") as f64 / p as f64),
+        };
         println!(
-            "{:<32} {:>10}  {:>8}  {:<8} {}",
+            "{:<24} {:>10}  {:>8}  {:>11}  {:>7}  {:>5}  {:>7}  {:<8} {}",
             m["name"]
                 .as_str()
                 .unwrap_or("?")
                 .trim_end_matches(":latest"),
             crate::store_cmds::human_bytes(m["size"].as_u64().unwrap_or(0)),
             m["context_length"].as_u64().unwrap_or(0),
+            format!("{}/{}", n("blocks_used"), n("blocks")),
+            n("blocks_cached"),
+            hit,
+            n("preemptions"),
             m["status"].as_str().unwrap_or("ok"),
             until
         );

@@ -414,7 +414,8 @@ pub async fn tags(State(st): State<Arc<AppState>>) -> Response {
 }
 
 /// A loaded model's KV cache for `/api/ps`: its pool's blocks, those held by running
-/// sequences, those kept only for the prefix cache, the bytes in use, and preemptions.
+/// sequences, those kept only for the prefix cache, the bytes in use, the prompt tokens its
+/// sequences had and those the prefix cache supplied, and preemptions, since it loaded.
 fn kv_cache(st: &capy_engine::Stats) -> Value {
     use std::sync::atomic::Ordering::Relaxed;
     let (total, free) = (st.kv_blocks.load(Relaxed), st.kv_blocks_free.load(Relaxed));
@@ -422,6 +423,8 @@ fn kv_cache(st: &capy_engine::Stats) -> Value {
     json!({"blocks": total, "blocks_used": used,
            "blocks_cached": st.kv_blocks_cached.load(Relaxed),
            "bytes": st.kv_bytes.load(Relaxed), "bytes_used": st.kv_bytes_used.load(Relaxed),
+           "prompt_tokens": st.prompt_tokens.load(Relaxed),
+           "cached_tokens": st.cached_tokens.load(Relaxed),
            "preemptions": st.preemptions.load(Relaxed)})
 }
 

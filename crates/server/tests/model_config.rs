@@ -148,6 +148,10 @@ async fn models_tables_set_names_context_system_and_sampling() {
         "{ps}"
     );
     assert_eq!(kv["bytes_used"], 0, "{ps}");
+    // the prompt tokens of its requests, some of them (the shared start) from the cache
+    let (prompt, cached) = (kv["prompt_tokens"].as_u64(), kv["cached_tokens"].as_u64());
+    assert!(prompt.is_some_and(|p| p > 0), "{ps}");
+    assert!(cached.is_some_and(|c| c <= prompt.unwrap_or(0)), "{ps}");
     assert_eq!(
         kv["bytes"],
         kv["blocks"].as_u64().unwrap() * 1_474_560,
