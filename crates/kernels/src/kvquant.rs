@@ -192,6 +192,174 @@ pub fn gemm_q8b(
     gemm_q8b_tail(ty, axis, m, n, k, a, lda, b, ldb, s, lds, c, ldc, 0);
 }
 
+/// One register block of a SIMD [`gemm_q8b`]: `mr` rows (1..=4) x `nv` vectors of 8 columns
+/// (1 or 2) starting at row `i0`, column `j0`; `a`, `b`, `s`, `c` point at that block's first
+/// element of each operand (`s` at the scale of column `j0`'s group for [`ScaleAxis::N`],
+/// at column `j0` for [`ScaleAxis::K`]); `jg` is `j0`'s place in its group of 32.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Q8bBlock {
+    pub mr: usize,
+    pub nv: usize,
+    pub a: *const f32,
+    pub b: *const u8,
+    pub s: *const f32,
+    pub jg: usize,
+    pub c: *mut f32,
+}
+
+/// The outer loops of a SIMD [`gemm_q8b`], shared by the x86 and aarch64 kernels: checks
+/// the extents, hands `block` every register block of up to 4 rows x 16 columns over the
+/// columns in whole vectors of 8, then computes the last `n % 8` columns with the
+/// reference. `block` may read and write exactly the elements its [`Q8bBlock`] covers
+/// (rows `0..k` of `b` in those columns), all inside the slices.
+///
+/// # Panics
+/// As [`gemm_q8b`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn drive_q8b(
+    ty: KvType,
+    axis: ScaleAxis,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[u8],
+    ldb: usize,
+    s: &[f32],
+    lds: usize,
+    c: &mut [f32],
+    ldc: usize,
+    mut block: impl FnMut(Q8bBlock),
+) {
+    check_q8b(
+        axis,
+        m,
+        n,
+        k,
+        a.len(),
+        lda,
+        b.len(),
+        ldb,
+        s.len(),
+        lds,
+        c.len(),
+        ldc,
+    );
+    if k == 0 {
+        return;
+    }
+    let mut j0 = 0;
+    while j0 + 8 <= n {
+        let nv = ((n - j0) / 8).min(2);
+        let s_col = match axis {
+            ScaleAxis::K => j0,
+            ScaleAxis::N => j0 / QK,
+        };
+        let mut i0 = 0;
+        while i0 < m {
+            let mr = (m - i0).min(4);
+            // rows i0..i0+mr < m, columns j0..j0+8*nv <= n and the scales of those columns
+            // lie inside the extents `check_q8b` verified (a vector of 8 columns starting at
+            // a multiple of 8 stays in one group of 32): in-bounds offsets
+            block(Q8bBlock {
+                mr,
+                nv,
+                a: a[i0 * lda..].as_ptr(),
+                b: b[j0..].as_ptr(),
+                s: s[s_col..].as_ptr(),
+                jg: j0 % QK,
+                c: c[i0 * ldc + j0..].as_mut_ptr(),
+            });
+            i0 += mr;
+        }
+        j0 += 8 * nv;
+    }
+    gemm_q8b_tail(ty, axis, m, n, k, a, lda, b, ldb, s, lds, c, ldc, j0);
+}
+
+/// Defines a SIMD module's four [`crate::dispatch::GemmQ8bFn`] kernels (`gemm_q8_0_k`,
+/// `gemm_q8_0_n`, `gemm_fp8_k`, `gemm_fp8_n`) from its register-block kernel
+/// `block::<C, AXIS_K, MR, NV>(k, a, lda, b, ldb, s, lds, jg, c, ldc)` (`MR` 1..=4 rows, `NV`
+/// 1..=2 vectors of 8 columns; see [`Q8bBlock`]) and its code types `Q8` and `Fp8` (each with
+/// a `TY: KvType`), all compiled with `$features`, driven by [`drive_q8b`]. `$safety` says
+/// why the features are there when a kernel table holds them.
+macro_rules! q8b_kernels {
+    ($features:literal, $safety:literal) => {
+        /// [`crate::kvquant::gemm_q8b`] for format `C` and the axis `AXIS_K` names.
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = $features)]
+        fn gemm<C: Codes, const AXIS_K: bool>(
+            m: usize,
+            n: usize,
+            k: usize,
+            a: &[f32],
+            lda: usize,
+            b: &[u8],
+            ldb: usize,
+            s: &[f32],
+            lds: usize,
+            c: &mut [f32],
+            ldc: usize,
+        ) {
+            use $crate::kvquant::{drive_q8b, Q8bBlock, ScaleAxis};
+            let axis = if AXIS_K { ScaleAxis::K } else { ScaleAxis::N };
+            drive_q8b(C::TY, axis, m, n, k, a, lda, b, ldb, s, lds, c, ldc, |blk| {
+                let Q8bBlock { a: ap, b: bp, s: sp, jg, c: cp, .. } = blk;
+                macro_rules! go {
+                    ($mr:literal, $nv:literal) => {
+                        // SAFETY: `drive_q8b` hands out blocks inside the operands'
+                        // extents, and this function's target features are enabled.
+                        unsafe {
+                            block::<C, AXIS_K, $mr, $nv>(k, ap, lda, bp, ldb, sp, lds, jg, cp, ldc)
+                        }
+                    };
+                }
+                match (blk.mr, blk.nv) {
+                    (4, 2) => go!(4, 2),
+                    (3, 2) => go!(3, 2),
+                    (2, 2) => go!(2, 2),
+                    (1, 2) => go!(1, 2),
+                    (4, _) => go!(4, 1),
+                    (3, _) => go!(3, 1),
+                    (2, _) => go!(2, 1),
+                    _ => go!(1, 1),
+                }
+            });
+        }
+
+        macro_rules! entry {
+            ($name:ident = $codes:ty, $axis_k:literal) => {
+                #[doc = concat!("[`crate::kvquant::gemm_q8b`] for one format and axis; ", $safety, ".")]
+                #[allow(clippy::too_many_arguments)]
+                pub(super) fn $name(
+                    m: usize,
+                    n: usize,
+                    k: usize,
+                    a: &[f32],
+                    lda: usize,
+                    b: &[u8],
+                    ldb: usize,
+                    s: &[f32],
+                    lds: usize,
+                    c: &mut [f32],
+                    ldc: usize,
+                ) {
+                    // SAFETY: as this function's doc says, the table holding it checked
+                    // the target features first.
+                    unsafe { gemm::<$codes, $axis_k>(m, n, k, a, lda, b, ldb, s, lds, c, ldc) }
+                }
+            };
+        }
+
+        entry!(gemm_q8_0_k = Q8, true);
+        entry!(gemm_q8_0_n = Q8, false);
+        entry!(gemm_fp8_k = Fp8, true);
+        entry!(gemm_fp8_n = Fp8, false);
+    };
+}
+pub(crate) use q8b_kernels;
+
 /// [`gemm_q8b`] on columns `j0..n` only.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_q8b_tail(

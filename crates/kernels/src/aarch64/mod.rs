@@ -9,6 +9,7 @@
 //! it needs.
 
 mod float;
+mod kvq;
 mod quant;
 mod r16;
 
@@ -81,6 +82,10 @@ pub(crate) fn neon_kernels(level: Level) -> Kernels {
         dot_bf16: float::dot_bf16,
         axpy_f16: float::axpy_f16,
         gemm_f16b: float::gemm_f16b,
+        gemm_q8_0_k: kvq::gemm_q8_0_k,
+        gemm_q8_0_n: kvq::gemm_q8_0_n,
+        gemm_fp8_k: kvq::gemm_fp8_k,
+        gemm_fp8_n: kvq::gemm_fp8_n,
         exp_sum: float::exp_sum,
         silu_mul: float::silu_mul,
         gelu_mul: float::gelu_mul,

@@ -5,7 +5,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::kvquant::{check_q8b, gemm_q8b_tail, KvType, ScaleAxis, QK};
+use crate::kvquant::{KvType, QK};
 
 /// Eight codes of one format to f32 lanes (before the scale and [`Codes::MUL`]).
 trait Codes {
@@ -53,7 +53,7 @@ impl Codes for Fp8 {
 /// # Safety
 /// AVX2, FMA and F16C; `a` rows `0..MR` x `0..k`, `b` rows `0..k` x `0..8 * NV`, `c` rows
 /// `0..MR` x `0..8 * NV` and the scales those columns need (`s` at column 0 of the block for
-/// [`ScaleAxis::K`]; for [`ScaleAxis::N`] at the group of column 0, which is column `jg` of
+/// [`crate::kvquant::ScaleAxis::K`]; for [`crate::kvquant::ScaleAxis::N`] at the group of column 0, which is column `jg` of
 /// that group) lie inside their slices.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -116,101 +116,4 @@ unsafe fn block<C: Codes, const AXIS_K: bool, const MR: usize, const NV: usize>(
     }
 }
 
-/// [`crate::kvquant::gemm_q8b`] for format `C` and the axis `AXIS_K` names.
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn gemm<C: Codes, const AXIS_K: bool>(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    lda: usize,
-    b: &[u8],
-    ldb: usize,
-    s: &[f32],
-    lds: usize,
-    c: &mut [f32],
-    ldc: usize,
-) {
-    let axis = if AXIS_K { ScaleAxis::K } else { ScaleAxis::N };
-    check_q8b(
-        axis,
-        m,
-        n,
-        k,
-        a.len(),
-        lda,
-        b.len(),
-        ldb,
-        s.len(),
-        lds,
-        c.len(),
-        ldc,
-    );
-    let mut j0 = 0;
-    while j0 + 8 <= n {
-        let nv = ((n - j0) / 8).min(2);
-        let s_col = if AXIS_K { j0 } else { j0 / QK };
-        let mut i0 = 0;
-        while i0 < m {
-            let mr = (m - i0).min(4);
-            // SAFETY: rows i0..i0+mr < m, columns j0..j0+8*nv <= n, rows 0..k of b and the
-            // scales of those columns lie inside the extents `check_q8b` verified (a vector
-            // of 8 columns starting at a multiple of 8 stays in one group of 32).
-            unsafe {
-                let (ap, bp, sp, cp) = (
-                    a.as_ptr().add(i0 * lda),
-                    b.as_ptr().add(j0),
-                    s.as_ptr().add(s_col),
-                    c.as_mut_ptr().add(i0 * ldc + j0),
-                );
-                macro_rules! go {
-                    ($mr:literal, $nv:literal) => {
-                        block::<C, AXIS_K, $mr, $nv>(k, ap, lda, bp, ldb, sp, lds, j0 % QK, cp, ldc)
-                    };
-                }
-                match (mr, nv) {
-                    (4, 2) => go!(4, 2),
-                    (3, 2) => go!(3, 2),
-                    (2, 2) => go!(2, 2),
-                    (1, 2) => go!(1, 2),
-                    (4, _) => go!(4, 1),
-                    (3, _) => go!(3, 1),
-                    (2, _) => go!(2, 1),
-                    _ => go!(1, 1),
-                }
-            }
-            i0 += mr;
-        }
-        j0 += 8 * nv;
-    }
-    gemm_q8b_tail(C::TY, axis, m, n, k, a, lda, b, ldb, s, lds, c, ldc, j0);
-}
-
-macro_rules! entry {
-    ($name:ident = $codes:ty, $axis_k:literal) => {
-        #[allow(clippy::too_many_arguments)]
-        pub(super) fn $name(
-            m: usize,
-            n: usize,
-            k: usize,
-            a: &[f32],
-            lda: usize,
-            b: &[u8],
-            ldb: usize,
-            s: &[f32],
-            lds: usize,
-            c: &mut [f32],
-            ldc: usize,
-        ) {
-            // SAFETY: only placed in a kernel table after `Isa::Avx2.available()` (which
-            // covers AVX2, FMA and F16C) returned true.
-            unsafe { gemm::<$codes, $axis_k>(m, n, k, a, lda, b, ldb, s, lds, c, ldc) }
-        }
-    };
-}
-
-entry!(gemm_q8_0_k = Q8, true);
-entry!(gemm_q8_0_n = Q8, false);
-entry!(gemm_fp8_k = Fp8, true);
-entry!(gemm_fp8_n = Fp8, false);
+crate::kvquant::q8b_kernels!("avx2,fma,f16c", "only placed in a kernel table after `Isa::Avx2.available()` (which covers AVX2, FMA and F16C) returned true");
