@@ -60,6 +60,8 @@ fn main() {
     let cli = Cli::parse_from(std::env::args_os().map(|a| match a.to_str() {
         Some("-ctk") => "--cache-type-k".into(),
         Some("-ctv") => "--cache-type-v".into(),
+        Some(s) if s.starts_with("-ctk=") => format!("--cache-type-k={}", &s[5..]).into(),
+        Some(s) if s.starts_with("-ctv=") => format!("--cache-type-v={}", &s[5..]).into(),
         _ => a,
     }));
     if !matches!(cli.cmd, Cmd::Serve(_)) {

@@ -54,15 +54,16 @@ pub struct ServeArgs {
     /// memory budget, or without one of the machine's memory over --max-loaded-models].
     #[arg(long, env = "CAPY_KV_CACHE_SIZE")]
     pub kv_cache_size: Option<String>,
-    /// Element type of the cached keys: f16, q8_0 (half the memory) or fp8 [default: f16].
+    /// Element type of the cached keys (also `-ctk`): f16, q8_0 or fp8 (0.56x the memory of
+    /// f16) [default: f16].
     #[arg(long = "cache-type-k", alias = "ctk", env = "CAPY_CACHE_TYPE_K")]
     pub cache_type_k: Option<String>,
-    /// Element type of the cached values: f16, q8_0 or fp8 [default: f16].
+    /// Element type of the cached values (also `-ctv`): f16, q8_0 or fp8 [default: f16].
     #[arg(long = "cache-type-v", alias = "ctv", env = "CAPY_CACHE_TYPE_V")]
     pub cache_type_v: Option<String>,
     /// Keep every position in sliding-window layers (Gemma 3's local layers) instead of
     /// only their window: more memory, but prefix hits and rollbacks always find them.
-    #[arg(long, env = "CAPY_SWA_FULL")]
+    #[arg(long, env = "CAPY_SWA_FULL", value_parser = clap::builder::FalseyValueParser::new())]
     pub swa_full: bool,
     /// Most tokens in one forward pass [default: 512].
     #[arg(short = 'b', long, env = "CAPY_BATCH_SIZE")]

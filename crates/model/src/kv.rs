@@ -772,9 +772,11 @@ impl KvCache {
             .sum()
     }
 
-    /// Positions the full-attention group can hold (all sequences together).
+    /// Positions the cache can hold (all sequences together): those of its full-attention
+    /// group (a sliding-window group keeps only windows).
     pub fn capacity(&self) -> usize {
-        self.groups[0].n_blocks * KV_TILE
+        let g = self.groups.iter().find(|g| g.window == 0);
+        g.unwrap_or(&self.groups[0]).n_blocks * KV_TILE
     }
 
     /// The pools' blocks by state (all groups together).

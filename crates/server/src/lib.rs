@@ -432,6 +432,7 @@ pub fn run(cfg: Config, store: capy_store::Store) -> Result<(), String> {
 pub async fn serve(cfg: Config, store: capy_store::Store) -> Result<(), String> {
     let checked = cfg.validate()?;
     let state = AppState::from_config(&cfg, checked.clone(), store);
+    state.registry.check_warm_set().map_err(|e| e.message)?;
     let addr = format!("{}:{}", cfg.host, cfg.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await

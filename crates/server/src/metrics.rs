@@ -149,7 +149,7 @@ impl Metrics {
         );
         let loaded = registry.loaded();
         let (mut queued, mut running, mut kv_used, mut kv_cap) = (0, 0, 0, 0);
-        let (mut blocks, mut blocks_free, mut block_bytes_used) = (0, 0, 0);
+        let (mut blocks, mut blocks_free, mut block_bytes_used, mut pool_bytes) = (0, 0, 0, 0);
         let (mut blocks_cached, mut preemptions) = (0, registry.retired_preemptions());
         for l in &loaded {
             let st = l.model.batch.stats();
@@ -165,6 +165,7 @@ impl Metrics {
             blocks_cached += st.kv_blocks_cached.load(Ordering::Relaxed);
             preemptions += st.preemptions.load(Ordering::Relaxed);
             block_bytes_used += st.kv_bytes_used.load(Ordering::Relaxed);
+            pool_bytes += st.kv_bytes.load(Ordering::Relaxed);
             kv_cap += st.kv_capacity.load(Ordering::Relaxed);
         }
         gauge(
@@ -188,19 +189,20 @@ impl Metrics {
         gauge(
             &mut out,
             "capy_kv_cache_capacity_tokens",
-            "KV cache positions in the block pools of all loaded models.",
+            "KV cache positions the block pools of all loaded models hold (their full-attention layers; sliding-window layers keep only their window).",
             kv_cap as f64,
         );
-        // blocks, not positions: sequences sharing cached blocks count them once
-        let usage = if blocks > 0 {
-            blocks.saturating_sub(blocks_free) as f64 / blocks as f64
+        // bytes of blocks, not positions: sequences sharing cached blocks count them once,
+        // and the blocks of sliding-window layers are smaller
+        let usage = if pool_bytes > 0 {
+            block_bytes_used as f64 / pool_bytes as f64
         } else {
             0.0
         };
         gauge(
             &mut out,
             "capy_kv_cache_usage_ratio",
-            "Share of the KV cache blocks held by running sequences.",
+            "Share of the KV cache pools' bytes in blocks held by running sequences.",
             usage,
         );
         gauge(
@@ -230,7 +232,7 @@ impl Metrics {
         counter(
             &mut out,
             "capy_kv_cache_preemptions_total",
-            "Requests taken off their sequence for lack of KV cache blocks, to be recomputed (loaded models).",
+            "Requests taken off their sequence for lack of KV cache blocks, to be recomputed (models since unloaded included).",
             preemptions,
         );
         gauge(
@@ -238,6 +240,12 @@ impl Metrics {
             "capy_kv_cache_used_bytes",
             "Bytes of the KV cache blocks held by running sequences.",
             block_bytes_used as f64,
+        );
+        gauge(
+            &mut out,
+            "capy_kv_cache_bytes",
+            "Bytes of the KV cache block pools of all loaded models.",
+            pool_bytes as f64,
         );
         gauge(
             &mut out,

@@ -266,6 +266,27 @@ impl Registry {
             .collect()
     }
 
+    /// Plans each model of the warm set that is already in the store ([`Registry::plan`]),
+    /// so settings that cannot work (a KV pool under two blocks, a file capy cannot run)
+    /// are refused before the server listens.
+    ///
+    /// # Errors
+    /// The first warm model's plan that fails, its name in the message.
+    pub fn check_warm_set(&self) -> Result<(), ApiError> {
+        for name in self.warm_names() {
+            let Ok(r) = self.resolve(&name) else {
+                continue;
+            };
+            if r.path.is_file() {
+                self.plan(&r.path, &r.settings).map_err(|e| ApiError {
+                    message: format!("model {name:?}: {}", e.message),
+                    ..e
+                })?;
+            }
+        }
+        Ok(())
+    }
+
     /// The configured models' names, in the config's order.
     pub fn configured_names(&self) -> Vec<String> {
         self.models.iter().map(|m| m.name.clone()).collect()

@@ -373,7 +373,31 @@ async fn preemptions_of_an_unloaded_model_still_count() {
         .load(std::sync::atomic::Ordering::Relaxed);
     assert!(n > 0, "the pool was meant to run out");
     assert_eq!(r.retired_preemptions(), 0);
+    let metrics = capy_server::metrics::Metrics::default();
+    let text = metrics.render(&r);
+    assert_eq!(metric(&text, "capy_kv_cache_preemptions_total"), n as f64);
+    assert_eq!(metric(&text, "capy_kv_cache_capacity_tokens"), 4.0 * 64.0);
+    assert_eq!(
+        metric(&text, "capy_kv_cache_bytes") as u64,
+        small_batch().kv_bytes_for(&hp, 4)
+    );
+    let ratio = metric(&text, "capy_kv_cache_usage_ratio");
+    assert!((0.0..=1.0).contains(&ratio), "{ratio}");
     drop(lease);
     assert!(r.unload("m1"));
     assert_eq!(r.retired_preemptions(), n);
+    let text = metrics.render(&r);
+    assert_eq!(
+        metric(&text, "capy_kv_cache_preemptions_total"),
+        n as f64,
+        "the counter does not go down when the model unloads"
+    );
+    assert_eq!(metric(&text, "capy_kv_cache_bytes"), 0.0);
+}
+
+/// The value of an unlabelled series in a Prometheus text page.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
 }
