@@ -597,6 +597,9 @@ impl Loop {
             let Some(plan) = self.fits(&req.prompt, salt, max) else {
                 break;
             };
+            if self.computing_shared_start(&req.prompt, salt, plan.matched.min(max), max) {
+                break;
+            }
             let Some((req, t_queued)) = q.pending.pop_front() else {
                 break;
             };
@@ -607,6 +610,29 @@ impl Loop {
             .queued
             .store(q.pending.len() + self.preempted.len(), Ordering::Relaxed);
         true
+    }
+
+    /// Whether a running sequence is still computing full blocks of the start of `tokens`
+    /// that the cache does not hold yet (it supplies `matched`, at most `max` may come
+    /// from it): then the request waits and finds them there once computed, instead of
+    /// computing them too (the choices of a request with `n` > 1, clients arriving together
+    /// with the same system prompt).
+    fn computing_shared_start(
+        &self,
+        tokens: &[u32],
+        salt: u64,
+        matched: usize,
+        max: usize,
+    ) -> bool {
+        self.seqs.iter().flatten().any(|a| {
+            let common = a.tokens[..a.n_prompt]
+                .iter()
+                .zip(&tokens[..max])
+                .take_while(|(x, y)| x == y)
+                .count();
+            let blocks = common / KV_TILE;
+            a.salt == salt && blocks > matched / KV_TILE && a.next < blocks * KV_TILE
+        })
     }
 
     /// The prefix cache's plan for these tokens if the pool can take them now, with a

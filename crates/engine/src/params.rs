@@ -150,7 +150,7 @@ pub const MAX_TOKENS: Param = int(
     "max_tokens",
     Bound::Incl(0.0),
     Bound::Incl(MAX_COUNT),
-    "an integer of at least 0",
+    "an integer from 0 to 2147483647",
 );
 pub const MAX_COMPLETION_TOKENS: Param = Param {
     name: "max_completion_tokens",
@@ -161,13 +161,13 @@ pub const NUM_PREDICT: Param = int(
     "num_predict",
     Bound::Incl(-2.0),
     Bound::Incl(MAX_COUNT),
-    "an integer of at least -2 (-1 = until the context is full)",
+    "an integer from -2 to 2147483647 (-1 = until the context is full)",
 );
 pub const NUM_CTX: Param = int(
     "num_ctx",
     Bound::Incl(16.0),
     Bound::Incl(MAX_COUNT),
-    "an integer of at least 16 (capped at the server's context size)",
+    "an integer from 16 to 2147483647 (capped at the server's context size)",
 );
 /// Choices per request.
 pub const N: Param = int(
@@ -223,7 +223,7 @@ mod tests {
         assert!(N.check(0.0).is_err() && N.check(17.0).is_err() && N.check(16.0).is_ok());
         assert_eq!(
             MAX_COMPLETION_TOKENS.check(-1.0).unwrap_err(),
-            "max_completion_tokens must be an integer of at least 0, got -1"
+            "max_completion_tokens must be an integer from 0 to 2147483647, got -1"
         );
     }
 

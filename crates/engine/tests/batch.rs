@@ -601,3 +601,34 @@ fn preemption_with_sliding_window_layers_keeps_the_answers() {
         assert_eq!(g, w, "request {i} differs after preemption");
     }
 }
+
+/// Requests arriving together with the same long start (the choices of `n` > 1, clients
+/// sharing a system prompt): one computes it, the others wait for its blocks and take them
+/// from the cache instead of computing them again.
+#[test]
+fn requests_arriving_together_compute_a_shared_start_once() {
+    let e = engine();
+    let b = batcher(&e, 4, 8);
+    let prompt = long_prompt(&e, 300, "Question: what is the value of item 3?");
+    let rxs: Vec<_> = (0..4)
+        .map(|_| submit(&b, prompt.clone(), greedy(8)).expect("queued"))
+        .collect();
+    let outs: Vec<_> = rxs.into_iter().map(collect).collect();
+    let mut cached: Vec<usize> = outs.iter().map(|o| o.3).collect();
+    cached.sort_unstable();
+    assert_eq!(cached[0], 0, "the first computes everything");
+    for &c in &cached[1..] {
+        assert!(
+            c >= prompt.len() / 64 * 64,
+            "the others find the shared blocks: {cached:?}"
+        );
+    }
+    for o in &outs[1..] {
+        assert_eq!(o.0, outs[0].0, "the same answer");
+    }
+    let st = b.stats();
+    assert_eq!(
+        st.prompt_tokens.load(Ordering::Relaxed) - st.cached_tokens.load(Ordering::Relaxed),
+        (prompt.len() + 3 * (prompt.len() - cached[1])) as u64
+    );
+}

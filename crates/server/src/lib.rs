@@ -452,7 +452,8 @@ pub async fn serve(cfg: Config, store: capy_store::Store) -> Result<(), String> 
     tokio::spawn(async move {
         match warm.load_warm_set().await {
             Ok(()) => {
-                let names = warm.registry.warm_names();
+                // the warm models that stayed loaded (a budget may hold fewer than all)
+                let names = warm.registry.loaded_names();
                 let cold: Vec<String> = warm
                     .registry
                     .configured_names()

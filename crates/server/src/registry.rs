@@ -436,7 +436,7 @@ impl Registry {
         if params.kv_bytes.is_some_and(|b| b < two) {
             return Err(ApiError::bad_request(format!(
                 "the KV cache size for {} holds less than two of its blocks (64 positions \
-                 each, all layers): give at least {}",
+                 each, all layers): give at least {two} bytes ({})",
                 settings.name,
                 human(two)
             ))
