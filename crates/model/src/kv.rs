@@ -341,8 +341,9 @@ impl KvLayout {
         }
     }
 
-    /// Bytes of one block of a group of `n_layer` layers.
-    fn block_bytes(&self, n_layer: usize) -> usize {
+    /// The types keys and values are stored as: an 8-bit type only where the width is in
+    /// whole groups of 32, f16 otherwise.
+    fn stored_types(&self) -> (KvType, KvType) {
         let fits = |ty: KvType, n: usize| {
             if n.is_multiple_of(QK) {
                 ty
@@ -350,11 +351,15 @@ impl KvLayout {
                 KvType::F16
             }
         };
-        let (tk, tv) = (
+        (
             fits(self.types.0, self.n_embd_k),
             fits(self.types.1, self.n_embd_v),
-        );
-        n_layer * KV_TILE * (tk.row_bytes(self.n_embd_k) + tv.row_bytes(self.n_embd_v))
+        )
+    }
+
+    /// Bytes of one block of a group of `n_layer` layers.
+    fn block_bytes(&self, n_layer: usize) -> usize {
+        KvCache::block_bytes_for(n_layer, self.n_embd_k, self.n_embd_v, self.stored_types())
     }
 
     /// Bytes of a cache of `n_blocks` blocks (the full-attention group's count; the
@@ -446,14 +451,8 @@ pub struct PrefixPlan {
 impl Group {
     fn new(window: usize, n_layer: usize, n_blocks: usize, lay: &KvLayout) -> Group {
         let n_blocks = n_blocks.max(1);
-        let fits = |ty: KvType, n: usize| {
-            if n.is_multiple_of(QK) {
-                ty
-            } else {
-                KvType::F16
-            }
-        };
         let (ek, ev) = (lay.n_embd_k, lay.n_embd_v);
+        let (tk, tv) = lay.stored_types();
         Group {
             window,
             n_layer,
@@ -461,8 +460,8 @@ impl Group {
             per_k: KV_TILE * ek,
             per_v: KV_TILE * ev,
             // zeroed allocations: the pages are committed when first written
-            k: Side::new(fits(lay.types.0, ek), n_layer * n_blocks, KV_TILE * ek),
-            v: Side::new(fits(lay.types.1, ev), n_layer * n_blocks, KV_TILE * ev),
+            k: Side::new(tk, n_layer * n_blocks, KV_TILE * ek),
+            v: Side::new(tv, n_layer * n_blocks, KV_TILE * ev),
             tables: vec![Vec::new(); lay.n_seq],
             start: vec![0; lay.n_seq],
             meta: vec![BlockMeta::default(); n_blocks],
