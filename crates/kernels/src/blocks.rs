@@ -193,6 +193,12 @@ pub fn cast_blocks_mut<T: Pod>(bytes: &mut [u8]) -> Option<&mut [T]> {
     })
 }
 
+/// A block (or any [`Pod`] value) with every byte zero.
+pub fn zeroed<T: Pod>() -> T {
+    // SAFETY: T is Pod, so the all-zero bit pattern is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
 /// Views a slice of blocks as bytes.
 pub fn as_bytes<T: Pod>(blocks: &[T]) -> &[u8] {
     // SAFETY: T is Pod without padding, so every byte is initialized; u8 has alignment 1.

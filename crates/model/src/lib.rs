@@ -10,6 +10,7 @@ mod attention;
 mod forward;
 mod hparams;
 mod kv;
+pub mod quantize;
 mod weights;
 
 pub use capy_kernels::attn::KV_TILE;
