@@ -198,3 +198,117 @@ pub fn model_sampling(
 pub fn kv_type(s: &str) -> Result<capy_model::KvType, String> {
     capy_model::KvType::parse(s)
 }
+
+/// Speculative decoding flags shared by `run`, `generate` and `bench` (llama.cpp's names).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct SpecArgs {
+    /// Draft model for speculative decoding (also `-md`): stored name or .gguf path; it must
+    /// share the model's vocabulary.
+    #[arg(long = "draft-model")]
+    pub draft_model: Option<String>,
+    /// Speculation: `draft` (with --draft-model; the default when one is given) or `ngram`
+    /// (prompt lookup: continuations of the longest recent n-gram match, no second model).
+    #[arg(long, value_parser = spec_type)]
+    pub spec_type: Option<capy_engine::SpecType>,
+    /// Most tokens proposed per step, 1 to 32 [8].
+    #[arg(long, value_parser = draft_count)]
+    pub draft_max: Option<usize>,
+    /// Fewest proposed tokens worth checking; shorter proposals are dropped [0].
+    #[arg(long, value_parser = draft_count_or_zero)]
+    pub draft_min: Option<usize>,
+    /// The draft model stops proposing when its top token's probability falls below this,
+    /// 0 to 1 [0.75].
+    #[arg(long, value_parser = unit_float)]
+    pub draft_p_min: Option<f32>,
+}
+
+fn spec_type(s: &str) -> Result<capy_engine::SpecType, String> {
+    capy_engine::SpecType::parse(s.trim())
+        .ok_or_else(|| format!("spec-type must be draft or ngram, got {s:?}"))
+}
+
+fn draft_count(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=32).contains(&n) => Ok(n),
+        _ => Err(format!("must be between 1 and 32, got {s:?}")),
+    }
+}
+
+fn draft_count_or_zero(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n <= 32 => Ok(n),
+        _ => Err(format!("must be between 0 and 32, got {s:?}")),
+    }
+}
+
+fn unit_float(s: &str) -> Result<f32, String> {
+    match s.trim().parse::<f32>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("must be between 0 and 1, got {s:?}")),
+    }
+}
+
+impl SpecArgs {
+    /// The speculation asked for: `None` when neither a draft model nor `--spec-type` is
+    /// given.
+    pub fn spec_type(&self) -> Option<capy_engine::SpecType> {
+        self.spec_type.or(self
+            .draft_model
+            .as_ref()
+            .map(|_| capy_engine::SpecType::Draft))
+    }
+
+    pub fn params(&self) -> capy_engine::SpecParams {
+        let d = capy_engine::SpecParams::default();
+        capy_engine::SpecParams {
+            draft_max: self.draft_max.unwrap_or(d.draft_max),
+            draft_min: self.draft_min.unwrap_or(d.draft_min),
+            p_min: self.draft_p_min.unwrap_or(d.p_min),
+            ..d
+        }
+    }
+
+    /// Logit rows a target context needs for these settings (`n_outputs`).
+    pub fn n_outputs(&self) -> usize {
+        if self.spec_type().is_some() {
+            self.params().draft_max + 1
+        } else {
+            1
+        }
+    }
+
+    /// Loads the draft model (pulling a built-in one on first use) and makes the speculator
+    /// for `engine`'s sessions with context `ctx`; `None` without speculation.
+    ///
+    /// # Errors
+    /// `--spec-type draft` without a draft model, a draft that cannot be loaded, or one
+    /// whose vocabulary differs.
+    pub fn speculator(
+        &self,
+        engine: &Engine,
+        ctx: &capy_engine::ContextParams,
+    ) -> Result<Option<capy_engine::Speculator>> {
+        let Some(ty) = self.spec_type() else {
+            return Ok(None);
+        };
+        let draft = match (ty, &self.draft_model) {
+            (capy_engine::SpecType::Draft, Some(name)) => {
+                let path = model_path(name, true)?;
+                Some(
+                    Engine::load(&path)
+                        .with_context(|| format!("loading the draft model {}", path.display()))?,
+                )
+            }
+            (capy_engine::SpecType::Draft, None) => {
+                return Err(anyhow!("--spec-type draft needs --draft-model (-md)"))
+            }
+            _ => None,
+        };
+        Ok(Some(engine.speculator(
+            ty,
+            draft.as_ref(),
+            self.params(),
+            ctx,
+        )?))
+    }
+}

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use crate::common::{
     capped_threads, configured_model, ctx_size, default_threads, model_sampling, threads,
-    SamplingArgs,
+    SamplingArgs, SpecArgs,
 };
 
 #[derive(clap::Args)]
@@ -56,8 +56,13 @@ pub struct GenerateArgs {
     /// Print one JSON object instead of the text.
     #[arg(long)]
     pub json: bool,
+    /// Print token counts, speeds and speculation figures to stderr.
+    #[arg(long)]
+    pub verbose: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub spec: SpecArgs,
 }
 
 fn top_json(top: &[(u32, f32)]) -> Value {
@@ -80,7 +85,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let mut session = engine.session(ContextParams {
         n_ctx,
         n_threads: capped_threads(a.threads),
-        n_outputs: if a.echo { 64 } else { 1 },
+        n_outputs: if a.echo { 64 } else { 1 }.max(a.spec.n_outputs()),
         type_k: a
             .cache_type_k
             .or(settings.as_ref().and_then(|s| s.cache_type_k))
@@ -91,6 +96,8 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             .unwrap_or_default(),
         ..Default::default()
     });
+    let spec = a.spec.speculator(&engine, &session.ctx.params)?;
+    session.set_speculator(spec);
     let params = GenerateParams {
         max_tokens: a.n_predict,
         sampler: a
@@ -111,6 +118,21 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         }
         true
     })?;
+    let spec_kind = session.speculator().map(|s| s.spec_type().name());
+    if a.verbose {
+        let n_gen = r.tokens.len();
+        eprintln!(
+            "prompt: {} tokens, {:.1} ms | generation: {} tokens, {:.1} ms, {:.2} tokens/s",
+            r.prompt_n,
+            r.prompt_ms,
+            n_gen,
+            r.gen_ms,
+            n_gen.saturating_sub(1) as f64 / (r.gen_ms / 1e3).max(1e-9)
+        );
+        if let Some(kind) = spec_kind {
+            eprintln!("{}", crate::run::spec_line(kind, &r.spec));
+        }
+    }
     if !a.json {
         println!();
         return Ok(());
@@ -133,6 +155,16 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             "gen_ms": r.gen_ms,
         },
     });
+    if let Some(kind) = spec_kind {
+        out["speculative"] = json!({
+            "type": kind,
+            "drafted": r.spec.drafted,
+            "accepted": r.spec.accepted,
+            "steps": r.spec.steps,
+            "acceptance_rate": r.spec.acceptance_rate(),
+            "mean_accepted": r.spec.mean_accepted(),
+        });
+    }
     if let Some(plp) = &r.prompt_logprobs {
         out["prompt_logprobs"] = Value::Array(
             plp.iter()

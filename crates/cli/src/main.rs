@@ -9,6 +9,7 @@ mod common;
 mod generate;
 mod perplexity;
 mod progress;
+mod quantize;
 mod remote;
 mod run;
 mod serve;
@@ -47,6 +48,8 @@ enum Cmd {
     Perplexity(perplexity::PerplexityArgs),
     /// Prompt and generation speed, llama-bench's method.
     Bench(bench::BenchArgs),
+    /// Write a model with its weights in another type (llama-quantize's types and mixes).
+    Quantize(quantize::QuantizeArgs),
     /// OpenAI- and Ollama-compatible server with continuous batching and many models.
     Serve(serve::ServeArgs),
     /// The models a running server has loaded (server at CAPY_HOST).
@@ -59,6 +62,8 @@ fn main() {
     // llama.cpp's spellings of the cache-type flags (one dash, several letters)
     let cli = Cli::parse_from(std::env::args_os().map(|a| match a.to_str() {
         Some("-ctk") => "--cache-type-k".into(),
+        Some("-md") => "--draft-model".into(),
+        Some(s) if s.starts_with("-md=") => format!("--draft-model={}", &s[4..]).into(),
         Some("-ctv") => "--cache-type-v".into(),
         Some(s) if s.starts_with("-ctk=") => format!("--cache-type-k={}", &s[5..]).into(),
         Some(s) if s.starts_with("-ctv=") => format!("--cache-type-v={}", &s[5..]).into(),
@@ -76,6 +81,7 @@ fn main() {
         Cmd::Generate(a) => generate::generate(a),
         Cmd::Perplexity(a) => perplexity::perplexity(a),
         Cmd::Bench(a) => bench::bench(a),
+        Cmd::Quantize(a) => quantize::quantize(a),
         Cmd::Serve(a) => serve::serve(a),
         Cmd::Ps => remote::ps(),
         Cmd::Stop(a) => remote::stop(a),

@@ -14,7 +14,7 @@ use rustyline::error::ReadlineError;
 
 use crate::common::{
     capped_threads, configured_model, ctx_size, default_threads, model_sampling, threads,
-    SamplingArgs,
+    SamplingArgs, SpecArgs,
 };
 
 #[derive(clap::Args)]
@@ -54,6 +54,8 @@ pub struct RunArgs {
     pub verbose: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub spec: SpecArgs,
 }
 
 /// Set by Ctrl-C while an answer streams (the terminal is not in raw mode then); the
@@ -252,6 +254,9 @@ impl Chat {
                 format!("{:?}", r.stop_reason).to_lowercase(),
                 capy_kernels::kernels().name
             );
+            if let Some(spec) = self.session.speculator() {
+                eprintln!("{}", spec_line(spec.spec_type().name(), &r.spec));
+            }
         }
         self.messages.push(Message::new("assistant", &r.text));
         Ok(())
@@ -268,9 +273,10 @@ pub fn run(a: RunArgs) -> Result<()> {
         .unwrap_or(4096)
         .min(engine.model.hp.n_ctx_train)
         .max(16);
-    let session = engine.session(ContextParams {
+    let mut session = engine.session(ContextParams {
         n_ctx,
         n_threads: capped_threads(a.threads),
+        n_outputs: a.spec.n_outputs(),
         type_k: a
             .cache_type_k
             .or(settings.and_then(|s| s.cache_type_k))
@@ -281,6 +287,8 @@ pub fn run(a: RunArgs) -> Result<()> {
             .unwrap_or_default(),
         ..Default::default()
     });
+    let spec = a.spec.speculator(&engine, &session.ctx.params)?;
+    session.set_speculator(spec);
     let mut chat = Chat {
         name: settings.map_or_else(|| a.model.clone(), |s| s.name.clone()),
         model_options: model_sampling(&a.model, settings, &engine),
@@ -420,4 +428,17 @@ fn interactive(chat: &mut Chat) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--verbose`'s line on speculative decoding: proposed and kept tokens, the acceptance
+/// rate, and kept tokens per verification step.
+pub fn spec_line(kind: &str, s: &capy_engine::SpecStats) -> String {
+    format!(
+        "speculative ({kind}): {} proposed, {} accepted ({:.1}%), {:.2} accepted per step over {} steps",
+        s.drafted,
+        s.accepted,
+        100.0 * s.acceptance_rate(),
+        s.mean_accepted(),
+        s.steps
+    )
 }

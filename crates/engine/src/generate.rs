@@ -7,6 +7,7 @@ use std::time::Instant;
 use capy_model::{Batch, Context};
 
 use crate::sampler::{logprobs, Sampler, SamplerParams};
+use crate::speculative::{judge, Proposal, SpecStats, Speculator};
 use crate::tokenizer::{Tokenizer, Utf8Stream};
 
 use crate::{Error, Result};
@@ -85,6 +86,8 @@ pub struct GenerateResult {
     pub prompt_n: usize,
     pub prompt_ms: f64,
     pub gen_ms: f64,
+    /// Speculative decoding's counters for this request (zero without a speculator).
+    pub spec: SpecStats,
 }
 
 /// One sequence in its own context; remembers what the KV cache holds so a follow-up
@@ -95,6 +98,8 @@ pub struct Session {
     /// Tokens whose K/V are in the cache, in order.
     cached: Vec<u32>,
     batch: Batch,
+    /// Speculative decoding, when set ([`Session::set_speculator`]).
+    spec: Option<Speculator>,
 }
 
 impl Session {
@@ -104,7 +109,19 @@ impl Session {
             tokenizer,
             cached: Vec::new(),
             batch: Batch::new(),
+            spec: None,
         }
+    }
+
+    /// Turns speculative decoding on (or off with `None`). Its proposals are capped at
+    /// the context's logit rows less one (`ContextParams::n_outputs`: the target checks a
+    /// step's tokens in one batch with a row each).
+    pub fn set_speculator(&mut self, spec: Option<Speculator>) {
+        self.spec = spec;
+    }
+
+    pub fn speculator(&self) -> Option<&Speculator> {
+        self.spec.as_ref()
     }
 
     pub fn n_ctx(&self) -> usize {
@@ -115,6 +132,103 @@ impl Session {
     pub fn reset(&mut self) {
         self.cached.clear();
         let _ = self.ctx.kv.clear(0);
+    }
+
+    /// Decodes `id` at the end of the cache, then up to the proposer's guesses after it,
+    /// keeps the guesses the target agrees with (emitting each through `emit`) and returns
+    /// the token to decode next, or the reason generation ended.
+    #[allow(clippy::too_many_arguments)]
+    fn speculative_step(
+        &mut self,
+        id: u32,
+        k: usize,
+        seq: &mut Vec<u32>,
+        sampler: &mut Sampler,
+        params: &GenerateParams,
+        stats: &mut SpecStats,
+        emit: &mut EmitFn<'_>,
+        scratch: &mut SpecScratch,
+    ) -> Result<std::result::Result<u32, StopReason>> {
+        let n_vocab = self.ctx.n_vocab();
+        let pos = self.cached.len();
+        let spec = self.spec.as_mut().expect("called with a speculator");
+        // seq = the cache's tokens and `id`
+        seq.clear();
+        seq.extend_from_slice(&self.cached);
+        seq.push(id);
+        let k = k.min(self.ctx.params.n_outputs.saturating_sub(1));
+        spec.propose(
+            seq,
+            k,
+            &params.sampler,
+            &self.tokenizer,
+            n_vocab,
+            &mut scratch.guess,
+        )?;
+        let drafts = &scratch.guess.tokens;
+        self.batch.clear();
+        self.batch.push(id, pos, 0, true);
+        for (i, &t) in drafts.iter().enumerate() {
+            self.batch.push(t, pos + 1 + i, 0, true);
+        }
+        let rows = self.ctx.decode(&self.batch)?;
+        scratch.rows.clear();
+        scratch.rows.extend_from_slice(rows);
+        self.cached.push(id);
+        self.cached.extend_from_slice(drafts);
+        if !drafts.is_empty() {
+            stats.steps += 1;
+            stats.drafted += drafts.len() as u64;
+        }
+        let mut n_acc = 0;
+        let mut out = None;
+        for (i, &x) in drafts.iter().enumerate() {
+            let row = &scratch.rows[i * n_vocab..(i + 1) * n_vocab];
+            let q = scratch.guess.qs.get(i).map(|q| q.as_slice());
+            match judge(sampler, row, x, q) {
+                Ok(x) => {
+                    n_acc += 1;
+                    if let Some(r) = emit(sampler, x, row) {
+                        out = Some(Err(r));
+                        break;
+                    }
+                }
+                Err(t) => {
+                    out = Some(emit(sampler, t, row).map_or(Ok(t), Err));
+                    break;
+                }
+            }
+        }
+        stats.accepted += n_acc as u64;
+        // the cache keeps `id` and the kept guesses
+        let keep = pos + 1 + n_acc;
+        if self.cached.len() > keep {
+            let kept = self.ctx.kv.truncate(0, keep)?;
+            self.cached.truncate(kept);
+            if kept < keep {
+                // a sliding-window layer could not take the rejected guesses back: recompute
+                self.batch.clear();
+                for (p, &t) in seq
+                    .iter()
+                    .chain(drafts.iter())
+                    .enumerate()
+                    .take(keep)
+                    .skip(kept)
+                {
+                    self.batch.push(t, p, 0, false);
+                }
+                self.ctx.decode(&self.batch)?;
+                self.cached
+                    .extend(seq.iter().chain(drafts.iter()).take(keep).skip(kept));
+            }
+        }
+        if let Some(o) = out {
+            return Ok(o);
+        }
+        // every guess kept: one more token from the target's last row
+        let row = &scratch.rows[n_acc * n_vocab..(n_acc + 1) * n_vocab];
+        let t = sampler.sample(row);
+        Ok(emit(sampler, t, row).map_or(Ok(t), Err))
     }
 
     /// Runs `prompt` then generates, calling `on_token(token, new_text)` for each token;
@@ -195,6 +309,9 @@ impl Session {
             self.cached.extend_from_slice(&prompt[i..end]);
             i = end;
         }
+        if let Some(spec) = self.spec.as_mut() {
+            spec.prefill(prompt)?;
+        }
         let prompt_n = prompt.len() - keep;
         let prompt_ms = t0.elapsed().as_secs_f64() * 1e3;
 
@@ -203,43 +320,71 @@ impl Session {
         for &t in prompt {
             sampler.accept(t);
         }
+        let tokenizer = Arc::clone(&self.tokenizer);
         let mut tokens = Vec::new();
         let mut text = TextStream::new(&params.stop);
+        let n_out = std::cell::Cell::new(0usize);
+        let mut stats = SpecStats::default();
         let mut stop_reason = StopReason::Length;
-        while tokens.len() < params.max_tokens {
-            let (tok, new_text, end) = sample_next(
-                &mut sampler,
-                &last_logits,
-                &self.tokenizer,
-                params,
-                &mut text,
-            );
-            let id = tok.id;
-            tokens.push(tok);
-            let go_on = on_token(tokens.last().expect("just pushed"), &new_text);
-            if let Some(r) = end {
+        if params.max_tokens > 0 {
+            // hands a chosen token out; says why generation ends, if it does
+            let mut emit = |sampler: &mut Sampler, id: u32, row: &[f32]| {
+                let (tok, new_text, end) =
+                    emit_token(sampler, id, row, &tokenizer, params, &mut text);
+                tokens.push(tok);
+                n_out.set(tokens.len());
+                let go_on = on_token(tokens.last().expect("just pushed"), &new_text);
+                if end.is_some() {
+                    end
+                } else if !go_on {
+                    Some(StopReason::Cancelled)
+                } else if tokens.len() >= params.max_tokens {
+                    Some(StopReason::Length)
+                } else {
+                    None
+                }
+            };
+            let first = sampler.sample(&last_logits);
+            let mut next = emit(&mut sampler, first, &last_logits).map_or(Ok(first), Err);
+            let mut seq = Vec::new();
+            let mut scratch = SpecScratch::default();
+            while let Ok(id) = next {
+                let pos = self.cached.len();
+                // prompt + answer fill the context: the token just chosen was the last place
+                if pos + 1 >= n_ctx {
+                    next = Err(StopReason::Context);
+                    break;
+                }
+                // guesses that could all be kept without passing max_tokens or the context
+                let k = (params.max_tokens - n_out.get() - 1).min(n_ctx - 2 - pos);
+                if self.spec.is_some() && k > 0 {
+                    next = self.speculative_step(
+                        id,
+                        k,
+                        &mut seq,
+                        &mut sampler,
+                        params,
+                        &mut stats,
+                        &mut emit,
+                        &mut scratch,
+                    )?;
+                } else {
+                    self.batch.clear();
+                    self.batch.push(id, pos, 0, true);
+                    let logits = self.ctx.decode(&self.batch)?;
+                    last_logits.clear();
+                    last_logits.extend_from_slice(logits);
+                    self.cached.push(id);
+                    let t = sampler.sample(&last_logits);
+                    next = emit(&mut sampler, t, &last_logits).map_or(Ok(t), Err);
+                }
+            }
+            if let Err(r) = next {
                 stop_reason = r;
-                break;
             }
-            if !go_on {
-                stop_reason = StopReason::Cancelled;
-                break;
-            }
-            if tokens.len() >= params.max_tokens {
-                break;
-            }
-            let pos = self.cached.len();
-            // prompt + answer fill the context: the token just sampled was the last place
-            if pos + 1 >= n_ctx {
-                stop_reason = StopReason::Context;
-                break;
-            }
-            self.batch.clear();
-            self.batch.push(id, pos, 0, true);
-            let logits = self.ctx.decode(&self.batch)?;
-            last_logits.clear();
-            last_logits.extend_from_slice(logits);
-            self.cached.push(id);
+        }
+        if let Some(spec) = self.spec.as_mut() {
+            spec.stats.add(&stats);
         }
         let text = text.finish(stop_reason == StopReason::Stop).1;
         Ok(GenerateResult {
@@ -251,6 +396,7 @@ impl Session {
             prompt_n,
             prompt_ms,
             gen_ms: t1.elapsed().as_secs_f64() * 1e3,
+            spec: stats,
         })
     }
 }
@@ -265,6 +411,18 @@ pub(crate) fn prompt_logprob(row: &[f32], next: u32, top_k: usize) -> PromptLogp
     }
 }
 
+/// Hands a chosen token out (sampler, token, the logit row it was chosen at); says why
+/// generation ends, if it does.
+type EmitFn<'a> = dyn FnMut(&mut Sampler, u32, &[f32]) -> Option<StopReason> + 'a;
+
+/// Buffers of a speculative step, reused between steps.
+#[derive(Default)]
+struct SpecScratch {
+    guess: Proposal,
+    /// `[1 + drafts, n_vocab]` the target's logit rows
+    rows: Vec<f32>,
+}
+
 /// Samples the next token from `logits` (recording it for the penalties), with its
 /// logprobs when asked for, and feeds its text to `text`. Returns the token, the text now
 /// safe to show, and `Eos` or `Stop` when the token ends generation.
@@ -276,6 +434,19 @@ pub(crate) fn sample_next(
     text: &mut TextStream,
 ) -> (TokenOut, String, Option<StopReason>) {
     let id = sampler.sample(logits);
+    emit_token(sampler, id, logits, tok, params, text)
+}
+
+/// Hands out a chosen token `id` as [`sample_next`] does: records it for the penalties,
+/// takes its logprobs from the row it was chosen at, feeds its text to `text`.
+pub(crate) fn emit_token(
+    sampler: &mut Sampler,
+    id: u32,
+    logits: &[f32],
+    tok: &Tokenizer,
+    params: &GenerateParams,
+    text: &mut TextStream,
+) -> (TokenOut, String, Option<StopReason>) {
     sampler.accept(id);
     let (logprob, top) = if params.logprobs || params.top_logprobs > 0 {
         logprobs(logits, Some(id), params.top_logprobs)

@@ -8,6 +8,7 @@ pub mod chat;
 pub mod generate;
 pub mod params;
 pub mod sampler;
+pub mod speculative;
 pub mod spm;
 pub mod tokenizer;
 
@@ -21,6 +22,7 @@ pub use generate::{
     GenerateParams, GenerateResult, PromptLogprob, Session, StopReason, TextStream, TokenOut,
 };
 pub use sampler::{Sampler, SamplerParams, SamplingOptions};
+pub use speculative::{SpecParams, SpecStats, SpecType, Speculator};
 pub use tokenizer::Tokenizer;
 
 /// The kernel level this process runs (`avx2`, `avx512+vnni`, `neon+dotprod`, ...: the
@@ -106,6 +108,45 @@ impl Engine {
             tokenizer: Arc::new(tokenizer),
             template,
         })
+    }
+
+    /// A speculator for sessions of this (target) model: n-gram lookup, or a draft model
+    /// (`draft`, loaded by the caller) in a context of its own with the target context's
+    /// length, batch and threads (`ctx`).
+    ///
+    /// # Errors
+    /// [`SpecType::Draft`] without a draft, or a draft whose vocabulary differs
+    /// ([`speculative::check_vocab`]).
+    pub fn speculator(
+        &self,
+        ty: SpecType,
+        draft: Option<&Engine>,
+        params: SpecParams,
+        ctx: &ContextParams,
+    ) -> Result<Speculator> {
+        let proposer = match ty {
+            SpecType::Ngram => speculative::Proposer::Ngram,
+            SpecType::Draft => {
+                let d = draft.ok_or_else(|| {
+                    Error::Failed("draft speculation needs a draft model (--draft-model)".into())
+                })?;
+                speculative::check_vocab(&self.tokenizer, &d.tokenizer)?;
+                let dctx = ContextParams {
+                    n_ctx: ctx.n_ctx.min(d.model.hp.n_ctx_train.max(1)),
+                    n_seq: 1,
+                    kv_blocks: None,
+                    n_outputs: 1,
+                    type_k: Default::default(),
+                    type_v: Default::default(),
+                    ..ctx.clone()
+                };
+                speculative::Proposer::Draft(Box::new(speculative::DraftModel::new(Context::new(
+                    Arc::clone(&d.model),
+                    dctx,
+                ))))
+            }
+        };
+        Ok(Speculator::new(params, proposer))
     }
 
     /// A single-sequence session with its own context.

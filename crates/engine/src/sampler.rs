@@ -340,21 +340,25 @@ impl Sampler {
     }
 
     fn sample_from(&mut self, logits: &[f32]) -> u32 {
-        let p = self.params.clone();
-        if p.temperature <= 0.0 {
-            // the first of equal maxima, as a stable argmax
-            return logits
-                .iter()
-                .enumerate()
-                .fold((0u32, f32::NEG_INFINITY), |best, (t, &l)| {
-                    if l > best.1 {
-                        (t as u32, l)
-                    } else {
-                        best
-                    }
-                })
-                .0;
+        if self.params.temperature <= 0.0 {
+            return argmax(logits);
         }
+        let probs = self.candidates(logits);
+        let r = self.rng.uniform();
+        let mut cum = 0.0;
+        for (i, pr) in probs.iter().enumerate() {
+            cum += pr;
+            if r < cum {
+                return self.cand[i].0;
+            }
+        }
+        self.cand.last().map(|c| c.0).unwrap_or(0)
+    }
+
+    /// Fills `self.cand` with the tokens that survive top-k, top-p and min-p (best first)
+    /// and returns their probabilities at the sampler's temperature.
+    fn candidates(&mut self, logits: &[f32]) -> Vec<f64> {
+        let p = self.params.clone();
         self.cand.clear();
         if p.top_k > 0 && p.top_k < logits.len() {
             top_k_into(logits, p.top_k, &mut self.cand);
@@ -383,17 +387,86 @@ impl Sampler {
             keep = keep.min(n);
         }
         self.cand.truncate(keep.max(1));
-        let probs = softmax_of(&self.cand, p.temperature);
+        softmax_of(&self.cand, p.temperature)
+    }
+
+    /// The distribution [`Sampler::sample`] draws from at these raw logits, given the
+    /// history so far: `(token, probability)` for every token that survives the penalties,
+    /// top-k, top-p, min-p and the temperature, most likely first, summing to 1. Greedy
+    /// (temperature <= 0): the argmax alone. Speculative decoding compares the target's and
+    /// the draft's distributions through this.
+    pub fn distribution(&mut self, logits: &[f32]) -> Vec<(u32, f64)> {
+        let penalized;
+        let logits = if self.has_penalties() {
+            self.apply_penalties(logits);
+            penalized = std::mem::take(&mut self.penalized);
+            &penalized[..]
+        } else {
+            penalized = Vec::new();
+            logits
+        };
+        let out = if self.params.temperature <= 0.0 {
+            vec![(argmax(logits), 1.0)]
+        } else {
+            let probs = self.candidates(logits);
+            self.cand.iter().map(|c| c.0).zip(probs).collect()
+        };
+        if !penalized.is_empty() {
+            self.penalized = penalized;
+        }
+        out
+    }
+
+    /// Draws a token from `dist` (`(token, probability)` pairs summing to 1, as
+    /// [`Sampler::distribution`] gives) with this sampler's generator; the last entry on
+    /// rounding. `None` for an empty distribution.
+    pub fn draw(&mut self, dist: &[(u32, f64)]) -> Option<u32> {
         let r = self.rng.uniform();
         let mut cum = 0.0;
-        for (i, pr) in probs.iter().enumerate() {
+        for &(t, pr) in dist {
             cum += pr;
             if r < cum {
-                return self.cand[i].0;
+                return Some(t);
             }
         }
-        self.cand.last().map(|c| c.0).unwrap_or(0)
+        dist.last().map(|d| d.0)
     }
+
+    /// A uniform number in [0, 1) from this sampler's generator.
+    pub fn uniform(&mut self) -> f64 {
+        self.rng.uniform()
+    }
+
+    /// Whether the sampler picks the most likely token (temperature <= 0).
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature <= 0.0
+    }
+
+    /// The tokens recorded so far (prompt and generated), for the penalties.
+    pub fn history(&self) -> &[u32] {
+        &self.history
+    }
+
+    /// Replaces the recorded tokens (a draft model's sampler follows the target's sequence).
+    pub fn set_history(&mut self, tokens: &[u32]) {
+        self.history.clear();
+        self.history.extend_from_slice(tokens);
+    }
+}
+
+/// The first of equal maxima: a stable argmax (0 for an empty slice).
+pub fn argmax(logits: &[f32]) -> u32 {
+    logits
+        .iter()
+        .enumerate()
+        .fold((0u32, f32::NEG_INFINITY), |best, (t, &l)| {
+            if l > best.1 {
+                (t as u32, l)
+            } else {
+                best
+            }
+        })
+        .0
 }
 
 /// The `k` largest logits as (token, logit), in no order: one pass that keeps at most
