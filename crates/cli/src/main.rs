@@ -51,7 +51,7 @@ enum Cmd {
     /// Write a model with its weights in another type (llama-quantize's types and mixes).
     Quantize(quantize::QuantizeArgs),
     /// OpenAI- and Ollama-compatible server with continuous batching and many models.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// The models a running server has loaded (server at CAPY_HOST).
     Ps,
     /// Unload a model from a running server now (server at CAPY_HOST).
@@ -82,7 +82,7 @@ fn main() {
         Cmd::Perplexity(a) => perplexity::perplexity(a),
         Cmd::Bench(a) => bench::bench(a),
         Cmd::Quantize(a) => quantize::quantize(a),
-        Cmd::Serve(a) => serve::serve(a),
+        Cmd::Serve(a) => serve::serve(*a),
         Cmd::Ps => remote::ps(),
         Cmd::Stop(a) => remote::stop(a),
     };

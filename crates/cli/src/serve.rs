@@ -68,6 +68,23 @@ pub struct ServeArgs {
     /// Most tokens in one forward pass [default: 512].
     #[arg(short = 'b', long, env = "CAPY_BATCH_SIZE")]
     pub batch_size: Option<usize>,
+    /// Draft model for speculative decoding of every served model that has none of its own
+    /// (also `-md`; stored name or .gguf path; models with another vocabulary are served
+    /// without it) [default: none].
+    #[arg(long = "draft-model", env = "CAPY_DRAFT_MODEL")]
+    pub draft_model: Option<String>,
+    /// Speculation: `draft` (the default with a draft model) or `ngram` (prompt lookup).
+    #[arg(long, env = "CAPY_SPEC_TYPE")]
+    pub spec_type: Option<String>,
+    /// Most tokens guessed per step, 1 to 32 [8].
+    #[arg(long, env = "CAPY_DRAFT_MAX")]
+    pub draft_max: Option<usize>,
+    /// Fewest guessed tokens worth checking [0].
+    #[arg(long, env = "CAPY_DRAFT_MIN")]
+    pub draft_min: Option<usize>,
+    /// A draft model stops guessing below this top-token probability, 0 to 1 [0.75].
+    #[arg(long, env = "CAPY_DRAFT_P_MIN")]
+    pub draft_p_min: Option<f64>,
     /// Requests that may wait per model before 429 [default: 64].
     #[arg(long, env = "CAPY_MAX_QUEUE")]
     pub max_queue: Option<usize>,
@@ -133,6 +150,11 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         cache_type_v: a.cache_type_v,
         swa_full: a.swa_full.then_some(true),
         batch_size: a.batch_size,
+        draft_model: a.draft_model,
+        spec_type: a.spec_type,
+        draft_max: a.draft_max,
+        draft_min: a.draft_min,
+        draft_p_min: a.draft_p_min,
         max_queue: a.max_queue,
         max_body_size: a.max_body_size,
         max_connections: a.max_connections,
@@ -147,6 +169,16 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     // the configured models must be on disk before the server starts: pull built-ins now
     for m in checked.models.iter().filter(|m| !m.is_path) {
         model_path(&m.source, true).with_context(|| format!("model {:?}", m.name))?;
+    }
+    // and their draft models
+    for m in &checked.models {
+        if let Some(d) = m.spec.or(&checked.spec).draft_model {
+            if !std::path::Path::new(&d).is_file()
+                && capy_server::config::find_model(&checked.models, &d).is_none()
+            {
+                model_path(&d, true).with_context(|| format!("draft model {d:?}"))?;
+            }
+        }
     }
     capy_server::run(cfg, capy_store::Store::open_default()).map_err(|e| anyhow!(e))
 }

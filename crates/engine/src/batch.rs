@@ -27,9 +27,12 @@ use capy_model::{
 };
 
 use crate::generate::{
-    prompt_logprob, sample_next, GenerateParams, PromptLogprob, StopReason, TextStream, TokenOut,
+    emit_token, prompt_logprob, GenerateParams, PromptLogprob, StopReason, TextStream, TokenOut,
 };
 use crate::sampler::Sampler;
+use crate::speculative::{
+    judge, DraftModel, Proposal, ProposeReq, Proposer, SpecParams, SpecStats, SpecType, Speculator,
+};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -55,6 +58,14 @@ pub struct BatchParams {
     /// Requests that may wait for a slot; more are refused with [`Error::QueueFull`].
     pub max_queue: usize,
     pub isa: Option<Isa>,
+    /// Speculative decoding: the proposer and its settings (a draft model itself is given
+    /// to [`BatchEngine::with_draft`]).
+    pub spec: Option<(SpecType, SpecParams)>,
+    /// Speculation is adaptive: a step guesses only while its generating sequences and
+    /// their guesses together stay within this many tokens (the width the kernels take in
+    /// one pass over the weights); a step with more sequences, or with prompt tokens, is
+    /// compute-bound already and runs without guesses.
+    pub spec_max_tokens: usize,
 }
 
 impl Default for BatchParams {
@@ -70,6 +81,8 @@ impl Default for BatchParams {
             n_threads: ContextParams::default().n_threads,
             max_queue: 64,
             isa: None,
+            spec: None,
+            spec_max_tokens: 16,
         }
     }
 }
@@ -137,6 +150,26 @@ impl BatchParams {
     pub fn memory_bytes(&self, hp: &Hparams) -> u64 {
         self.resolve(hp).context_params(hp).memory_bytes(hp)
     }
+
+    /// The context a draft model of `draft` runs in beside a target of `hp`: a sequence per
+    /// slot, the target's positions (within what the draft was trained for) and cache types.
+    pub fn draft_context_params(&self, hp: &Hparams, draft: &Hparams) -> ContextParams {
+        let p = self.resolve(hp).context_params(hp);
+        let n_ctx = p.n_ctx.min(draft.n_ctx_train.max(2));
+        ContextParams {
+            n_ctx,
+            kv_blocks: p
+                .kv_blocks
+                .map(|b| b.min(p.n_seq * n_ctx.div_ceil(KV_TILE))),
+            n_outputs: p.n_seq,
+            ..p
+        }
+    }
+
+    /// Bytes a draft model's context takes (its file not included).
+    pub fn draft_memory_bytes(&self, hp: &Hparams, draft: &Hparams) -> u64 {
+        self.draft_context_params(hp, draft).memory_bytes(draft)
+    }
 }
 
 /// What a request hears back, in this order: `Started`, `PromptLogprobs` (with `echo`),
@@ -172,6 +205,8 @@ pub struct Summary {
     pub queue_ms: f64,
     pub prompt_ms: f64,
     pub gen_ms: f64,
+    /// Speculative decoding's counters for this request.
+    pub spec: SpecStats,
 }
 
 /// Where a request's events go.
@@ -228,6 +263,11 @@ pub struct Stats {
     pub generated_tokens: AtomicU64,
     /// Requests taken off their sequence to free blocks (they resume later).
     pub preemptions: AtomicU64,
+    /// Speculative decoding: tokens proposed, proposed tokens kept, and steps that
+    /// carried guesses.
+    pub spec_drafted: AtomicU64,
+    pub spec_accepted: AtomicU64,
+    pub spec_steps: AtomicU64,
 }
 
 struct Shared {
@@ -260,8 +300,21 @@ fn lock(q: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
 
 impl BatchEngine {
     /// Starts the loop for `model`; `params` are [`BatchParams::resolve`]d for it (the
-    /// engine's `params` show the context it really gives a sequence).
+    /// engine's `params` show the context it really gives a sequence). Speculation by a
+    /// draft model needs [`BatchEngine::with_draft`]; without one it is off.
     pub fn new(model: Arc<Model>, tokenizer: Arc<Tokenizer>, params: BatchParams) -> BatchEngine {
+        Self::with_draft(model, tokenizer, params, None)
+    }
+
+    /// [`BatchEngine::new`] with a draft model for `params.spec` of type
+    /// [`SpecType::Draft`] (the caller checked that it shares the vocabulary:
+    /// [`crate::speculative::check_vocab`]).
+    pub fn with_draft(
+        model: Arc<Model>,
+        tokenizer: Arc<Tokenizer>,
+        params: BatchParams,
+        draft: Option<Arc<Model>>,
+    ) -> BatchEngine {
         let params = params.resolve(&model.hp);
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
@@ -280,8 +333,22 @@ impl BatchEngine {
             .spawn(move || {
                 let run = std::panic::AssertUnwindSafe(|| {
                     let cp = p.context_params(&model.hp);
+                    let spec = p.spec.as_ref().and_then(|(ty, sp)| {
+                        let proposer = match (ty, draft) {
+                            (SpecType::Ngram, _) => Proposer::Ngram,
+                            (SpecType::Draft, Some(d)) => {
+                                let dcp = p.draft_context_params(&model.hp, &d.hp);
+                                Proposer::Draft(Box::new(DraftModel::new(Context::new(d, dcp))))
+                            }
+                            (SpecType::Draft, None) => return None,
+                        };
+                        Some(Speculator::new(sp.clone(), proposer))
+                    });
                     let ctx = Context::new(model, cp);
-                    Loop::new(Arc::clone(&sh), ctx, tokenizer).run();
+                    let mut lp = Loop::new(Arc::clone(&sh), ctx, tokenizer);
+                    lp.spec = spec;
+                    lp.spec_max_tokens = p.spec_max_tokens;
+                    lp.run();
                 });
                 // a panic (a kernel, a pool worker) ends the loop: its running requests'
                 // sinks were dropped with it; fail the waiting ones and refuse new ones
@@ -448,6 +515,7 @@ struct Active {
     queue_ms: f64,
     t_start: Instant,
     t_gen: Option<Instant>,
+    spec: SpecStats,
 }
 
 impl Active {
@@ -469,7 +537,12 @@ impl Active {
 #[derive(Clone, Copy)]
 enum Row {
     Decode(usize),
-    Prompt { seq: usize, pos: usize },
+    /// A guessed token of the sequence, checked against the row before it.
+    Guess,
+    Prompt {
+        seq: usize,
+        pos: usize,
+    },
 }
 
 struct Loop {
@@ -483,6 +556,11 @@ struct Loop {
     batch: Batch,
     rows: Vec<Row>,
     admitted: u64,
+    /// Speculative decoding, when configured.
+    spec: Option<Speculator>,
+    spec_max_tokens: usize,
+    /// per sequence id: this step's guesses
+    guesses: Vec<Proposal>,
 }
 
 /// Sequences the pool keeps one block of room for, each, when admitting another: growth
@@ -493,6 +571,7 @@ fn headroom(n_running: usize) -> usize {
 
 impl Loop {
     fn new(shared: Arc<Shared>, ctx: Context, tok: Arc<Tokenizer>) -> Loop {
+        let n_seq = ctx.kv.n_seq;
         Loop {
             seqs: (0..ctx.kv.n_seq).map(|_| None).collect(),
             preempted: VecDeque::new(),
@@ -502,6 +581,9 @@ impl Loop {
             batch: Batch::new(),
             rows: Vec::new(),
             admitted: 0,
+            spec: None,
+            spec_max_tokens: 0,
+            guesses: (0..n_seq).map(|_| Proposal::default()).collect(),
         }
     }
 
@@ -693,6 +775,7 @@ impl Loop {
             queue_ms: t_queued.elapsed().as_secs_f64() * 1e3,
             t_start: Instant::now(),
             t_gen: None,
+            spec: SpecStats::default(),
             tokens: prompt,
             params,
         });
@@ -763,6 +846,75 @@ impl Loop {
         }
     }
 
+    /// Guesses for the sequences about to decode (their token to feed is the last of their
+    /// tokens), into `self.guesses`, when speculation is on and the step is small enough:
+    /// no prompt tokens waiting, and the decoding sequences with their guesses within
+    /// `spec_max_tokens`. Guesses the pool has no blocks for are dropped.
+    fn guess(&mut self, decoding: &[usize]) {
+        let Some(spec) = self.spec.as_mut() else {
+            return;
+        };
+        let n = decoding.len();
+        let budget = self.spec_max_tokens.min(self.ctx.params.n_outputs);
+        let prefilling = self.seqs.iter().flatten().any(|a| a.next < a.tokens.len());
+        if n == 0 || prefilling || 2 * n > budget {
+            return;
+        }
+        let per_seq = (budget - n) / n;
+        let mut reqs = Vec::with_capacity(n);
+        for &si in decoding {
+            let Some(a) = self.seqs[si].as_ref() else {
+                continue;
+            };
+            let pos = a.tokens.len() - 1;
+            // guesses that could all be kept without passing max_tokens or the context
+            let k = per_seq
+                .min(a.params.max_tokens.saturating_sub(a.n_gen + 1))
+                .min(a.n_ctx.saturating_sub(pos + 2));
+            if k > 0 {
+                reqs.push(ProposeReq {
+                    seq: si,
+                    tokens: &a.tokens,
+                    k,
+                    sampling: &a.params.sampler,
+                });
+            }
+        }
+        let mut out: Vec<Proposal> = reqs
+            .iter()
+            .map(|r| std::mem::take(&mut self.guesses[r.seq]))
+            .collect();
+        let n_vocab = self.ctx.n_vocab();
+        if let Err(e) = spec.propose(&reqs, &self.tok, n_vocab, &mut out) {
+            // a failed draft pass costs the guesses, not the requests
+            tracing::warn!("speculation failed this step: {e}");
+            out.iter_mut().for_each(|o| o.tokens.clear());
+        }
+        let seqs: Vec<usize> = reqs.iter().map(|r| r.seq).collect();
+        drop(reqs);
+        // the guesses' positions need blocks; when the pool is short, no guesses
+        let need: BlockNeed = seqs
+            .iter()
+            .zip(&out)
+            .map(|(&si, o)| {
+                let len = self.seqs[si].as_ref().map_or(0, |a| a.tokens.len());
+                self.ctx.kv.blocks_to_reach(si, len + o.tokens.len())
+            })
+            .sum();
+        let short = !need.fits_in(&self.ctx.kv.available());
+        for (si, mut o) in seqs.into_iter().zip(out) {
+            if short {
+                o.tokens.clear();
+                o.qs.clear();
+            }
+            if let Some(a) = self.seqs[si].as_mut() {
+                a.spec.drafted += o.tokens.len() as u64;
+                a.spec.steps += u64::from(!o.tokens.is_empty());
+            }
+            self.guesses[si] = o;
+        }
+    }
+
     /// One forward pass: every generating sequence's next token, then prompt chunks in
     /// admission order while the batch has room.
     fn step(&mut self) {
@@ -778,16 +930,39 @@ impl Loop {
         self.rows.clear();
         let n_batch = self.ctx.params.n_batch;
         let n_out_max = self.ctx.params.n_outputs;
+        // sequences whose request ended: their draft state goes
+        if let Some(spec) = self.spec.as_mut() {
+            for (si, s) in self.seqs.iter().enumerate() {
+                if s.is_none() && spec.holds(si) {
+                    spec.clear(si);
+                }
+            }
+        }
+        let mut decoding = Vec::new();
         for (si, s) in self.seqs.iter_mut().enumerate() {
             let Some(a) = s.as_mut() else { continue };
+            self.guesses[si].tokens.clear();
+            self.guesses[si].qs.clear();
             if a.next < a.tokens.len() {
                 continue;
             }
             if let Some(tok) = a.pending.take() {
-                self.batch.push(tok, a.tokens.len(), si, true);
                 a.tokens.push(tok);
                 a.next += 1;
-                self.rows.push(Row::Decode(si));
+                decoding.push(si);
+            }
+        }
+        self.guess(&decoding);
+        for &si in &decoding {
+            let Some(a) = self.seqs[si].as_ref() else {
+                continue;
+            };
+            let pos = a.tokens.len() - 1;
+            self.batch.push(a.tokens[pos], pos, si, true);
+            self.rows.push(Row::Decode(si));
+            for (i, &t) in self.guesses[si].tokens.iter().enumerate() {
+                self.batch.push(t, pos + 1 + i, si, true);
+                self.rows.push(Row::Guess);
             }
         }
         let mut prefill: Vec<(u64, usize)> = self
@@ -849,9 +1024,13 @@ impl Loop {
             }
         };
         let mut ended = Vec::new();
-        for (row, &r) in logits.chunks_exact(n_vocab).zip(&self.rows) {
+        let mut resized = Vec::new();
+        let row_at = |j: usize| &logits[j * n_vocab..(j + 1) * n_vocab];
+        for (j, &r) in self.rows.iter().enumerate() {
+            let row = row_at(j);
             let (si, pos) = match r {
                 Row::Decode(si) => (si, None),
+                Row::Guess => continue,
                 Row::Prompt { seq, pos } => (seq, Some(pos)),
             };
             let s = &mut self.seqs[si];
@@ -881,8 +1060,32 @@ impl Loop {
                     continue;
                 }
             }
-            if emit(s, row, &self.tok, &self.shared.stats) {
+            let guess = &self.guesses[si];
+            if guess.tokens.is_empty() {
+                if emit(s, row, &self.tok, &self.shared.stats) {
+                    ended.push(si);
+                }
+                continue;
+            }
+            let rows: Vec<&[f32]> = (j..=j + guess.tokens.len()).map(row_at).collect();
+            let (done, n_acc) = verify(s, &rows, guess, &self.tok, &self.shared.stats);
+            let st = &self.shared.stats;
+            st.spec_steps.fetch_add(1, Ordering::Relaxed);
+            st.spec_drafted
+                .fetch_add(guess.tokens.len() as u64, Ordering::Relaxed);
+            st.spec_accepted.fetch_add(n_acc as u64, Ordering::Relaxed);
+            if done {
                 ended.push(si);
+            } else if n_acc < guess.tokens.len() {
+                resized.push(si);
+            }
+        }
+        // rejected guesses leave the cache (a sliding-window layer that cannot take them
+        // back has the sequence recompute what it lost)
+        for si in resized {
+            if let Some(a) = self.seqs[si].as_mut() {
+                let len = a.tokens.len();
+                a.next = self.ctx.kv.truncate(si, len).unwrap_or(0).min(len);
             }
         }
         for si in ended {
@@ -891,15 +1094,66 @@ impl Loop {
     }
 }
 
+/// Checks a sequence's guesses (`guess`) against its logit rows (`rows[i]` predicts guess
+/// `i`; the last row follows the last guess): each kept guess is reported and joins the
+/// sequence's tokens; at the first rejection the token drawn instead is reported and
+/// becomes the next to feed; when all are kept one more token is sampled from the last row.
+/// Returns whether the request ended and how many guesses were kept.
+fn verify(
+    s: &mut Option<Active>,
+    rows: &[&[f32]],
+    guess: &Proposal,
+    tok: &Tokenizer,
+    stats: &Stats,
+) -> (bool, usize) {
+    let mut n_acc = 0;
+    for (i, &x) in guess.tokens.iter().enumerate() {
+        let Some(a) = s.as_mut() else {
+            return (true, n_acc);
+        };
+        let q = guess.qs.get(i).map(|q| q.as_slice());
+        match judge(&mut a.sampler, rows[i], x, q) {
+            Ok(x) => {
+                n_acc += 1;
+                a.spec.accepted += 1;
+                if emit_chosen(s, x, rows[i], tok, stats) {
+                    return (true, n_acc);
+                }
+                if let Some(a) = s.as_mut() {
+                    // fed in this step already
+                    a.pending = None;
+                    a.tokens.push(x);
+                    a.next += 1;
+                }
+            }
+            Err(t) => return (emit_chosen(s, t, rows[i], tok, stats), n_acc),
+        }
+    }
+    (emit(s, rows[guess.tokens.len()], tok, stats), n_acc)
+}
+
 /// Samples a sequence's next token from its logits, reports it, and ends the request when
 /// it is done (then `true`: its sequence is free).
 fn emit(s: &mut Option<Active>, row: &[f32], tok: &Tokenizer, stats: &Stats) -> bool {
     let Some(a) = s.as_mut() else { return false };
+    let id = a.sampler.sample(row);
+    emit_chosen(s, id, row, tok, stats)
+}
+
+/// Reports a chosen token `id` (sampled from `row`, or a kept guess), and ends the request
+/// when it is done (then `true`); otherwise `id` is the next token to feed.
+fn emit_chosen(
+    s: &mut Option<Active>,
+    id: u32,
+    row: &[f32],
+    tok: &Tokenizer,
+    stats: &Stats,
+) -> bool {
+    let Some(a) = s.as_mut() else { return false };
     let Some(stream) = a.text.as_mut() else {
         return false;
     };
-    let (token, text, end) = sample_next(&mut a.sampler, row, tok, &a.params, stream);
-    let id = token.id;
+    let (token, text, end) = emit_token(&mut a.sampler, id, row, tok, &a.params, stream);
     a.n_gen += 1;
     stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
     let alive = a.sink.send(Event::Token { token, text });
@@ -945,5 +1199,6 @@ fn finish(s: &mut Option<Active>, reason: StopReason) {
         queue_ms: a.queue_ms,
         prompt_ms: (t_gen - a.t_start).as_secs_f64() * 1e3,
         gen_ms: (now - t_gen).as_secs_f64() * 1e3,
+        spec: a.spec,
     }));
 }

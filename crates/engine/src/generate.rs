@@ -7,7 +7,7 @@ use std::time::Instant;
 use capy_model::{Batch, Context};
 
 use crate::sampler::{logprobs, Sampler, SamplerParams};
-use crate::speculative::{judge, Proposal, SpecStats, Speculator};
+use crate::speculative::{judge, Proposal, ProposeReq, SpecStats, Speculator};
 use crate::tokenizer::{Tokenizer, Utf8Stream};
 
 use crate::{Error, Result};
@@ -157,13 +157,17 @@ impl Session {
         seq.extend_from_slice(&self.cached);
         seq.push(id);
         let k = k.min(self.ctx.params.n_outputs.saturating_sub(1));
-        spec.propose(
-            seq,
+        let req = ProposeReq {
+            seq: 0,
+            tokens: seq,
             k,
-            &params.sampler,
+            sampling: &params.sampler,
+        };
+        spec.propose(
+            &[req],
             &self.tokenizer,
             n_vocab,
-            &mut scratch.guess,
+            std::slice::from_mut(&mut scratch.guess),
         )?;
         let drafts = &scratch.guess.tokens;
         self.batch.clear();
@@ -310,7 +314,7 @@ impl Session {
             i = end;
         }
         if let Some(spec) = self.spec.as_mut() {
-            spec.prefill(prompt)?;
+            spec.prefill(0, prompt)?;
         }
         let prompt_n = prompt.len() - keep;
         let prompt_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -423,22 +427,9 @@ struct SpecScratch {
     rows: Vec<f32>,
 }
 
-/// Samples the next token from `logits` (recording it for the penalties), with its
-/// logprobs when asked for, and feeds its text to `text`. Returns the token, the text now
-/// safe to show, and `Eos` or `Stop` when the token ends generation.
-pub(crate) fn sample_next(
-    sampler: &mut Sampler,
-    logits: &[f32],
-    tok: &Tokenizer,
-    params: &GenerateParams,
-    text: &mut TextStream,
-) -> (TokenOut, String, Option<StopReason>) {
-    let id = sampler.sample(logits);
-    emit_token(sampler, id, logits, tok, params, text)
-}
-
-/// Hands out a chosen token `id` as [`sample_next`] does: records it for the penalties,
-/// takes its logprobs from the row it was chosen at, feeds its text to `text`.
+/// Hands out a chosen token `id`: records it for the penalties, takes its logprobs (when
+/// asked for) from the row it was chosen at, and feeds its text to `text`. Returns the
+/// token, the text now safe to show, and `Eos` or `Stop` when the token ends generation.
 pub(crate) fn emit_token(
     sampler: &mut Sampler,
     id: u32,

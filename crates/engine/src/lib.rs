@@ -51,6 +51,9 @@ pub enum Error {
     QueueFull { max: usize },
     #[error("{n} choices in one request, but the queue holds at most {max}: ask for fewer (n x prompts)")]
     TooManyChoices { n: usize, max: usize },
+    /// A draft model that cannot propose for its target (another vocabulary).
+    #[error("{0}")]
+    DraftMismatch(String),
     #[error("the engine has stopped")]
     Stopped,
     #[error("{0}")]

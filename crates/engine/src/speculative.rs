@@ -123,13 +123,13 @@ impl SpecStats {
 /// this, and the draft never proposes an id the target lacks.
 ///
 /// # Errors
-/// [`Error::Failed`] naming both sizes and the first token that differs.
+/// [`Error::DraftMismatch`] naming both sizes and the first token that differs.
 pub fn check_vocab(target: &Tokenizer, draft: &Tokenizer) -> Result<()> {
     let (nt, nd) = (target.n_vocab(), draft.n_vocab());
     let n = nt.min(nd);
     let differs = (0..n as u32).find(|&i| target.piece(i) != draft.piece(i));
     if let Some(i) = differs {
-        return Err(Error::Failed(format!(
+        return Err(Error::DraftMismatch(format!(
             "the draft model's vocabulary ({nd} tokens) differs from the target's ({nt} tokens) \
              at token {i}: {:?} in the target, {:?} in the draft; draft and target must share \
              a tokenizer",
@@ -138,7 +138,7 @@ pub fn check_vocab(target: &Tokenizer, draft: &Tokenizer) -> Result<()> {
         )));
     }
     if nt.abs_diff(nd) > 128 {
-        return Err(Error::Failed(format!(
+        return Err(Error::DraftMismatch(format!(
             "the draft model's vocabulary has {nd} tokens and the target's {nt}: draft and \
              target must share a tokenizer (sizes may differ by at most 128 padding tokens)"
         )));
@@ -146,132 +146,206 @@ pub fn check_vocab(target: &Tokenizer, draft: &Tokenizer) -> Result<()> {
     Ok(())
 }
 
-/// A draft model's context and what its KV cache holds.
+/// One sequence's proposal request: its tokens so far (ending with the token the target
+/// decodes next), how many guesses at most, and its sampler settings.
+#[derive(Clone, Copy)]
+pub struct ProposeReq<'a> {
+    /// The sequence id (of the target's and the draft's caches alike).
+    pub seq: usize,
+    pub tokens: &'a [u32],
+    pub k: usize,
+    pub sampling: &'a SamplerParams,
+}
+
+/// One draft sequence's state.
+#[derive(Default)]
+struct DraftSeq {
+    /// Tokens whose K/V are in the draft's cache, in order.
+    cached: Vec<u32>,
+    /// `[n_vocab]` the logits after `cached`'s last token.
+    logits: Vec<f32>,
+    /// The sampler of sampled requests (one random stream per request: a new one each step
+    /// would replay the same draws, correlated with the rejections before them), and the
+    /// settings it was made for.
+    sampler: Option<(SamplerParams, Sampler)>,
+    /// Guesses still to make this step (0: done).
+    left: usize,
+}
+
+/// A draft model's context, for as many sequences as its cache has: each step brings every
+/// proposing sequence's draft cache up to date in one batch, then makes its guesses one
+/// position per batch for all of them together.
 pub struct DraftModel {
     pub ctx: Context,
-    /// Tokens whose K/V are in the draft's cache (sequence 0), in order.
-    cached: Vec<u32>,
+    seqs: Vec<DraftSeq>,
     batch: Batch,
-    sampler: Option<Sampler>,
-    /// The request settings `sampler` was made for.
-    sampler_for: Option<SamplerParams>,
-    /// The draft's last logit row.
-    logits: Vec<f32>,
 }
 
 impl DraftModel {
     pub fn new(ctx: Context) -> DraftModel {
         DraftModel {
+            seqs: (0..ctx.kv.n_seq).map(|_| DraftSeq::default()).collect(),
             ctx,
-            cached: Vec::new(),
             batch: Batch::new(),
-            sampler: None,
-            sampler_for: None,
-            logits: Vec::new(),
         }
     }
 
-    /// Brings the draft's cache to `seq` (keeping the common start) and leaves the logits
-    /// after its last token in `self.logits`.
-    fn sync(&mut self, seq: &[u32]) -> Result<()> {
-        let mut keep = self
-            .cached
-            .iter()
-            .zip(seq)
-            .take_while(|(a, b)| a == b)
-            .count();
-        // the last token is always recomputed: its logits are needed
-        keep = keep.min(seq.len().saturating_sub(1));
-        keep = self.ctx.kv.truncate(0, keep)?;
-        self.cached.truncate(keep);
-        let chunk = self.ctx.params.n_batch.max(1);
+    /// Forgets what sequence `seq` holds (its request ended).
+    pub fn clear(&mut self, seq: usize) {
+        if let Some(d) = self.seqs.get_mut(seq) {
+            if !d.cached.is_empty() {
+                d.cached.clear();
+                let _ = self.ctx.kv.clear(seq);
+            }
+            d.sampler = None;
+        }
+    }
+
+    /// Whether sequence `seq` holds anything.
+    pub fn holds(&self, seq: usize) -> bool {
+        self.seqs.get(seq).is_some_and(|d| !d.cached.is_empty())
+    }
+
+    /// Brings each request's draft cache to its tokens (keeping the common start; the last
+    /// token is always run, its logits are needed), in batches of at most `n_batch` tokens
+    /// for all of them together.
+    fn sync(&mut self, reqs: &[ProposeReq<'_>]) -> Result<()> {
         let n_vocab = self.ctx.n_vocab();
-        let mut i = keep;
-        while i < seq.len() {
-            let end = (i + chunk).min(seq.len());
+        let mut todo: Vec<(usize, usize)> = Vec::new(); // (request, next position to run)
+        for (ri, r) in reqs.iter().enumerate() {
+            let d = &mut self.seqs[r.seq];
+            let common = d
+                .cached
+                .iter()
+                .zip(r.tokens)
+                .take_while(|(a, b)| a == b)
+                .count();
+            let keep = self
+                .ctx
+                .kv
+                .truncate(r.seq, common.min(r.tokens.len().saturating_sub(1)))?;
+            d.cached.truncate(keep);
+            todo.push((ri, keep));
+        }
+        let n_batch = self.ctx.params.n_batch.max(1);
+        let n_out = self.ctx.params.n_outputs.max(1);
+        while todo.iter().any(|&(ri, next)| next < reqs[ri].tokens.len()) {
             self.batch.clear();
-            for (p, &t) in seq.iter().enumerate().take(end).skip(i) {
-                self.batch.push(t, p, 0, p + 1 == seq.len());
+            let mut outs = Vec::new();
+            for (ri, next) in todo.iter_mut() {
+                let r = &reqs[*ri];
+                let room = n_batch - self.batch.len();
+                if room == 0 || outs.len() == n_out {
+                    break;
+                }
+                let end = (*next + room).min(r.tokens.len());
+                for p in *next..end {
+                    let last = p + 1 == r.tokens.len();
+                    self.batch.push(r.tokens[p], p, r.seq, last);
+                    if last {
+                        outs.push(r.seq);
+                    }
+                }
+                self.seqs[r.seq]
+                    .cached
+                    .extend_from_slice(&r.tokens[*next..end]);
+                *next = end;
             }
-            let out = self.ctx.decode(&self.batch)?;
-            if end == seq.len() {
-                self.logits.clear();
-                self.logits.extend_from_slice(&out[out.len() - n_vocab..]);
+            let logits = self.ctx.decode(&self.batch)?;
+            for (row, seq) in logits.chunks_exact(n_vocab).zip(outs) {
+                let d = &mut self.seqs[seq];
+                d.logits.clear();
+                d.logits.extend_from_slice(row);
             }
-            self.cached.extend_from_slice(&seq[i..end]);
-            i = end;
         }
         Ok(())
     }
 
-    /// Proposes up to `k` tokens after `seq`: greedy when `sampling` is greedy, otherwise
-    /// drawn with the same sampler settings, recording each position's distribution in `qs`.
-    /// Stops early below `p_min`, at an end-of-generation token, or at an id the target's
-    /// vocabulary (`n_vocab_target`) lacks.
-    #[allow(clippy::too_many_arguments)]
+    /// Proposes up to each request's `k` tokens after its tokens into `out` (one entry per
+    /// request): greedy for greedy requests, otherwise drawn with the request's sampler
+    /// settings, recording each position's distribution. A sequence stops early below
+    /// `p_min`, at an end-of-generation token, or at an id the target's vocabulary
+    /// (`n_vocab_target`) lacks.
     fn propose(
         &mut self,
-        seq: &[u32],
-        k: usize,
+        reqs: &[ProposeReq<'_>],
         p: &SpecParams,
-        sampling: &SamplerParams,
         is_eog: &dyn Fn(u32) -> bool,
         n_vocab_target: usize,
-        out: &mut Vec<u32>,
-        qs: &mut Vec<Vec<(u32, f64)>>,
+        out: &mut [Proposal],
     ) -> Result<()> {
-        if k == 0 || seq.len() + k >= self.ctx.params.n_ctx {
-            return Ok(());
-        }
-        self.sync(seq)?;
-        let greedy = sampling.temperature <= 0.0;
-        if !greedy {
-            // one sampler (one random stream) per request: a new one each step would
-            // replay the same draws, correlated with the rejections before them
-            if self.sampler_for.as_ref() != Some(sampling) {
-                self.sampler = Some(Sampler::new(SamplerParams {
-                    // the draft's own draws must not repeat the target's
-                    seed: sampling.seed.map(|s| s ^ 0xd1a5_7ed5_eed5_0001),
-                    ..sampling.clone()
-                }));
-                self.sampler_for = Some(sampling.clone());
-            }
-            if let Some(s) = self.sampler.as_mut() {
-                s.set_history(seq);
-            }
-        }
-        for (i, pos) in (0..k).zip(seq.len()..) {
-            let (tok, top) = if greedy {
-                let t = argmax(&self.logits);
-                (t, top_prob(&self.logits, t))
-            } else {
-                let s = self.sampler.as_mut().expect("set above");
-                let q = s.distribution(&self.logits);
-                let top = q.first().map(|x| x.1).unwrap_or(0.0);
-                let t = s.draw(&q).unwrap_or(0);
-                s.accept(t);
-                qs.push(q);
-                (t, top)
-            };
-            if (top as f32) < p.p_min || tok as usize >= n_vocab_target {
-                // the draft is unsure (llama.cpp's --draft-p-min), or no such target token
-                if !greedy {
-                    qs.pop();
+        let n_ctx = self.ctx.params.n_ctx;
+        let n_seqs = self.seqs.len();
+        let ok = |r: &ProposeReq<'_>| r.k > 0 && r.tokens.len() + r.k < n_ctx && r.seq < n_seqs;
+        let live: Vec<ProposeReq<'_>> = reqs.iter().filter(|r| ok(r)).copied().collect();
+        self.sync(&live)?;
+        for r in &live {
+            let d = &mut self.seqs[r.seq];
+            d.left = r.k;
+            if r.sampling.temperature > 0.0 {
+                if d.sampler.as_ref().map(|s| &s.0) != Some(r.sampling) {
+                    let sp = SamplerParams {
+                        // the draft's own draws must not repeat the target's
+                        seed: r.sampling.seed.map(|s| s ^ 0xd1a5_7ed5_eed5_0001),
+                        ..r.sampling.clone()
+                    };
+                    d.sampler = Some((r.sampling.clone(), Sampler::new(sp)));
                 }
-                break;
+                if let Some((_, s)) = d.sampler.as_mut() {
+                    s.set_history(r.tokens);
+                }
             }
-            out.push(tok);
-            if is_eog(tok) || i + 1 == k {
-                break;
-            }
-            self.batch.clear();
-            self.batch.push(tok, pos, 0, true);
-            let row = self.ctx.decode(&self.batch)?;
-            self.logits.clear();
-            self.logits.extend_from_slice(row);
-            self.cached.push(tok);
         }
-        Ok(())
+        let n_vocab = self.ctx.n_vocab();
+        loop {
+            self.batch.clear();
+            for (r, prop) in reqs.iter().zip(out.iter_mut()) {
+                if !ok(r) {
+                    continue;
+                }
+                let d = &mut self.seqs[r.seq];
+                if d.left == 0 {
+                    continue;
+                }
+                let (tok, top) = match (r.sampling.temperature > 0.0, d.sampler.as_mut()) {
+                    (true, Some((_, s))) => {
+                        let q = s.distribution(&d.logits);
+                        let top = q.first().map(|x| x.1).unwrap_or(0.0);
+                        let t = s.draw(&q).unwrap_or(0);
+                        s.accept(t);
+                        prop.qs.push(q);
+                        (t, top)
+                    }
+                    _ => {
+                        let t = argmax(&d.logits);
+                        (t, top_prob(&d.logits, t))
+                    }
+                };
+                if (top as f32) < p.p_min || tok as usize >= n_vocab_target {
+                    // the draft is unsure (llama.cpp's --draft-p-min), or no such target token
+                    prop.qs.truncate(prop.tokens.len());
+                    d.left = 0;
+                    continue;
+                }
+                prop.tokens.push(tok);
+                d.left -= 1;
+                if is_eog(tok) || d.left == 0 {
+                    d.left = 0;
+                    continue;
+                }
+                self.batch.push(tok, d.cached.len(), r.seq, true);
+                d.cached.push(tok);
+            }
+            if self.batch.is_empty() {
+                return Ok(());
+            }
+            let logits = self.ctx.decode(&self.batch)?;
+            for (row, &seq) in logits.chunks_exact(n_vocab).zip(&self.batch.seq) {
+                let d = &mut self.seqs[seq];
+                d.logits.clear();
+                d.logits.extend_from_slice(row);
+            }
+        }
     }
 }
 
@@ -340,53 +414,72 @@ impl Speculator {
     }
 
     /// Runs the prompt through the draft model (part of the prompt's time, not of the first
-    /// generation step's).
-    pub fn prefill(&mut self, prompt: &[u32]) -> Result<()> {
+    /// generation step's), for sequence `seq`.
+    pub fn prefill(&mut self, seq: usize, prompt: &[u32]) -> Result<()> {
         if let Proposer::Draft(d) = &mut self.proposer {
             if prompt.len() < d.ctx.params.n_ctx {
-                d.sync(prompt)?;
+                let sampling = SamplerParams::greedy();
+                d.sync(&[ProposeReq {
+                    seq,
+                    tokens: prompt,
+                    k: 0,
+                    sampling: &sampling,
+                }])?;
             }
         }
         Ok(())
     }
 
-    /// Proposes up to `k` tokens to follow `seq` into `out`. A proposal shorter than
+    /// Forgets sequence `seq`'s draft state (its request ended).
+    pub fn clear(&mut self, seq: usize) {
+        if let Proposer::Draft(d) = &mut self.proposer {
+            d.clear(seq);
+        }
+    }
+
+    /// Whether sequence `seq` has draft state to clear.
+    pub fn holds(&self, seq: usize) -> bool {
+        matches!(&self.proposer, Proposer::Draft(d) if d.holds(seq))
+    }
+
+    /// Proposes guesses for each request into `out` (one entry per request, cleared
+    /// first): at most `min(k, draft_max)` tokens each; a proposal shorter than
     /// `draft_min` is dropped.
     pub fn propose(
         &mut self,
-        seq: &[u32],
-        k: usize,
-        sampling: &SamplerParams,
+        reqs: &[ProposeReq<'_>],
         tok: &Tokenizer,
         n_vocab_target: usize,
-        out: &mut Proposal,
+        out: &mut [Proposal],
     ) -> Result<()> {
-        let Proposal { tokens: out, qs } = out;
-        out.clear();
-        qs.clear();
-        let k = k.min(self.params.draft_max);
-        if k == 0 {
-            return Ok(());
+        let p = &self.params;
+        for o in out.iter_mut() {
+            o.tokens.clear();
+            o.qs.clear();
         }
+        let reqs: Vec<ProposeReq<'_>> = reqs
+            .iter()
+            .map(|r| ProposeReq {
+                seq: r.seq,
+                tokens: r.tokens,
+                k: r.k.min(p.draft_max),
+                sampling: r.sampling,
+            })
+            .collect();
         match &mut self.proposer {
             Proposer::Ngram => {
-                ngram_propose(seq, k, self.params.ngram_max, self.params.ngram_min, out);
-                out.retain(|&t| (t as usize) < n_vocab_target);
+                for (r, o) in reqs.iter().zip(out.iter_mut()) {
+                    ngram_propose(r.tokens, r.k, p.ngram_max, p.ngram_min, &mut o.tokens);
+                    o.tokens.retain(|&t| (t as usize) < n_vocab_target);
+                }
             }
-            Proposer::Draft(d) => d.propose(
-                seq,
-                k,
-                &self.params,
-                sampling,
-                &|t| tok.is_eog(t),
-                n_vocab_target,
-                out,
-                qs,
-            )?,
+            Proposer::Draft(d) => d.propose(&reqs, p, &|t| tok.is_eog(t), n_vocab_target, out)?,
         }
-        if out.len() < self.params.draft_min {
-            out.clear();
-            qs.clear();
+        for o in out.iter_mut() {
+            if o.tokens.len() < p.draft_min {
+                o.tokens.clear();
+                o.qs.clear();
+            }
         }
         Ok(())
     }

@@ -44,6 +44,7 @@ fn batcher_with_pool(
             n_threads: 2,
             max_queue,
             isa: None,
+            ..Default::default()
         },
     )
 }
@@ -631,4 +632,88 @@ fn requests_arriving_together_compute_a_shared_start_once() {
         st.prompt_tokens.load(Ordering::Relaxed) - st.cached_tokens.load(Ordering::Relaxed),
         (prompt.len() + 3 * (prompt.len() - cached[1])) as u64
     );
+}
+
+/// Speculation in the batching engine (a draft model that disagrees now and then, and
+/// n-gram lookup) gives the plain engine's greedy tokens, alone (long guesses) and with
+/// several requests sharing steps (fewer guesses each, then none).
+#[test]
+fn speculative_batches_give_the_plain_greedy_output() {
+    let e = engine();
+    let dir = std::env::temp_dir().join(format!("capy-batch-spec-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let draft_path = dir.join("draft-q4_0.gguf");
+    capy_model::quantize::quantize_file(
+        &common::model_path("smollm2-135m"),
+        &draft_path,
+        capy_model::quantize::FileType::Q4_0,
+        2,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let draft = Engine::load(&draft_path).unwrap();
+    let prompts: Vec<Vec<u32>> = PROMPTS
+        .iter()
+        .map(|p| e.tokenizer.encode(p, true, true).expect("tokenizes"))
+        .collect();
+    let plain = batcher(&e, 4, 16);
+    let want: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| collect(submit(&plain, p.clone(), greedy(40)).unwrap()).0)
+        .collect();
+    drop(plain);
+    for (ty, p_min) in [
+        (capy_engine::SpecType::Draft, 0.0),
+        (capy_engine::SpecType::Ngram, 0.75),
+    ] {
+        let params = BatchParams {
+            n_slots: 4,
+            n_ctx: 512,
+            n_batch: 64,
+            n_threads: 2,
+            max_queue: 16,
+            spec: Some((
+                ty,
+                capy_engine::SpecParams {
+                    draft_max: 6,
+                    p_min,
+                    ngram_min: 1,
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        };
+        let b = BatchEngine::with_draft(
+            Arc::clone(&e.model),
+            Arc::clone(&e.tokenizer),
+            params,
+            Some(Arc::clone(&draft.model)),
+        );
+        // one at a time: every step guesses
+        for (p, w) in prompts.iter().zip(&want).take(2) {
+            let (ids, _, sum, _) = collect(submit(&b, p.clone(), greedy(40)).unwrap());
+            assert_eq!(&ids, w, "{ty:?} alone: {p:?}");
+            assert_eq!(sum.completion_tokens, ids.len());
+        }
+        // all together: four share each step, two wait
+        let rxs: Vec<_> = prompts
+            .iter()
+            .map(|p| submit(&b, p.clone(), greedy(40)).unwrap())
+            .collect();
+        for ((rx, w), p) in rxs.into_iter().zip(&want).zip(&prompts) {
+            let (ids, _, _, _) = collect(rx);
+            assert_eq!(&ids, w, "{ty:?} together: {p:?}");
+        }
+        let st = b.stats();
+        let (d, a) = (
+            st.spec_drafted.load(Ordering::Relaxed),
+            st.spec_accepted.load(Ordering::Relaxed),
+        );
+        eprintln!("{ty:?}: {d} proposed, {a} accepted");
+        assert!(d > 0 && a > 0, "{ty:?}: speculation ran");
+        if ty == capy_engine::SpecType::Draft {
+            assert!(a < d, "some guesses were rejected");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use capy_engine::SamplingOptions;
+use capy_engine::{SamplingOptions, SpecParams, SpecType};
 use capy_model::KvType;
 use serde::Deserialize;
 
@@ -163,6 +163,18 @@ pub struct Config {
     pub swa_full: bool,
     /// Most tokens in one forward pass.
     pub batch_size: usize,
+    /// Speculative decoding for every served model without its own `draft_model` /
+    /// `spec_type`: a draft model (stored name or .gguf path) sharing the models'
+    /// vocabulary; a model whose vocabulary differs is served without it (logged).
+    pub draft_model: String,
+    /// `draft` (the default with a draft model) or `ngram` (prompt lookup, no second model).
+    pub spec_type: String,
+    /// Most tokens guessed per step, 1 to 32.
+    pub draft_max: usize,
+    /// Fewest guessed tokens worth checking, 0 to 32.
+    pub draft_min: usize,
+    /// A draft model stops guessing when its top token's probability falls below this.
+    pub draft_p_min: f64,
     /// Requests that may wait per model; more get 429.
     pub max_queue: usize,
     /// Largest request body ("16MiB"); larger ones get 413.
@@ -203,6 +215,11 @@ impl Default for Config {
             cache_type_v: "f16".into(),
             swa_full: false,
             batch_size: 512,
+            draft_model: String::new(),
+            spec_type: String::new(),
+            draft_max: 8,
+            draft_min: 0,
+            draft_p_min: 0.75,
             max_queue: 64,
             max_body_size: "16MiB".into(),
             max_connections: 512,
@@ -234,6 +251,11 @@ pub struct Overrides {
     pub cache_type_v: Option<String>,
     pub swa_full: Option<bool>,
     pub batch_size: Option<usize>,
+    pub draft_model: Option<String>,
+    pub spec_type: Option<String>,
+    pub draft_max: Option<usize>,
+    pub draft_min: Option<usize>,
+    pub draft_p_min: Option<f64>,
     pub max_queue: Option<usize>,
     pub max_body_size: Option<String>,
     pub max_connections: Option<usize>,
@@ -297,6 +319,11 @@ impl Config {
         set(&mut self.cache_type_v, o.cache_type_v);
         set(&mut self.swa_full, o.swa_full);
         set(&mut self.batch_size, o.batch_size);
+        set(&mut self.draft_model, o.draft_model);
+        set(&mut self.spec_type, o.spec_type);
+        set(&mut self.draft_max, o.draft_max);
+        set(&mut self.draft_min, o.draft_min);
+        set(&mut self.draft_p_min, o.draft_p_min);
         set(&mut self.max_queue, o.max_queue);
         set(&mut self.max_body_size, o.max_body_size);
         set(&mut self.max_connections, o.max_connections);
@@ -358,6 +385,13 @@ impl Config {
         } else {
             Some(parse_bytes(&self.max_pull_size)?)
         };
+        let spec = SpecSettings {
+            draft_model: Some(self.draft_model.trim().to_string()).filter(|d| !d.is_empty()),
+            spec_type: spec_type("spec_type", Some(self.spec_type.as_str()))?,
+            draft_max: draft_count("draft_max", Some(self.draft_max), 1)?,
+            draft_min: draft_count("draft_min", Some(self.draft_min), 0)?,
+            draft_p_min: p_min("draft_p_min", Some(self.draft_p_min))?,
+        };
         let mut models: Vec<ServedModel> = Vec::with_capacity(self.models.len());
         for e in &self.models {
             let m = e.check()?;
@@ -373,6 +407,7 @@ impl Config {
         }
         Ok(Checked {
             models,
+            spec,
             keep_alive,
             memory_budget,
             kv_cache_size,
@@ -392,6 +427,8 @@ impl Config {
 pub struct Checked {
     /// The served models with their checked settings, in the file's (or flags') order.
     pub models: Vec<ServedModel>,
+    /// The server-wide speculation settings (a model's own take precedence).
+    pub spec: SpecSettings,
     pub keep_alive: KeepAlive,
     pub memory_budget: Option<u64>,
     /// Bytes of each model's KV cache pool; `None`: derived per model.
@@ -446,6 +483,13 @@ pub struct ModelConfig {
     pub system: Option<String>,
     /// More names clients may use for this model.
     pub aliases: Vec<String>,
+    /// Speculative decoding for this model: a draft model (stored name or .gguf path) with
+    /// the same vocabulary, the proposer (`draft` or `ngram`) and its settings.
+    pub draft_model: Option<String>,
+    pub spec_type: Option<String>,
+    pub draft_max: Option<usize>,
+    pub draft_min: Option<usize>,
+    pub draft_p_min: Option<f64>,
     /// Default sampling settings by request field name (`temperature`, `top_k`, `top_p`,
     /// `min_p`, `repeat_penalty`, `repeat_last_n`, `presence_penalty`, `frequency_penalty`,
     /// `seed`), as Ollama's `PARAMETER`; over the model's own recommendations.
@@ -473,6 +517,8 @@ pub struct ServedModel {
     pub keep_alive: Option<KeepAlive>,
     pub system: Option<String>,
     pub sampling: SamplingOptions,
+    /// Its own speculation settings, over the server's.
+    pub spec: SpecSettings,
 }
 
 impl ServedModel {
@@ -656,7 +702,93 @@ impl ModelEntry {
             keep_alive,
             system: c.system.clone(),
             sampling,
+            spec: SpecSettings {
+                draft_model: c
+                    .draft_model
+                    .as_deref()
+                    .map(str::trim)
+                    .filter(|d| !d.is_empty())
+                    .map(String::from),
+                spec_type: spec_type(&at("spec_type"), c.spec_type.as_deref())?,
+                draft_max: draft_count(&at("draft_max"), c.draft_max, 1)?,
+                draft_min: draft_count(&at("draft_min"), c.draft_min, 0)?,
+                draft_p_min: p_min(&at("draft_p_min"), c.draft_p_min)?,
+            },
         })
+    }
+}
+
+/// Speculative decoding settings (server-wide, or one model's); `None`: not given here.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SpecSettings {
+    /// A draft model: stored name, built-in name or .gguf path.
+    pub draft_model: Option<String>,
+    pub spec_type: Option<SpecType>,
+    pub draft_max: Option<usize>,
+    pub draft_min: Option<usize>,
+    pub draft_p_min: Option<f32>,
+}
+
+impl SpecSettings {
+    /// These settings over `base` (the server's).
+    pub fn or(&self, base: &SpecSettings) -> SpecSettings {
+        SpecSettings {
+            draft_model: self
+                .draft_model
+                .clone()
+                .or_else(|| base.draft_model.clone()),
+            spec_type: self.spec_type.or(base.spec_type),
+            draft_max: self.draft_max.or(base.draft_max),
+            draft_min: self.draft_min.or(base.draft_min),
+            draft_p_min: self.draft_p_min.or(base.draft_p_min),
+        }
+    }
+
+    /// The speculation these settings ask for: `ngram`, or `draft` with a draft model (the
+    /// default when one is given); `None` for none.
+    pub fn resolved(&self) -> Option<(SpecType, SpecParams)> {
+        let ty = match (self.spec_type, &self.draft_model) {
+            (Some(t), _) => t,
+            (None, Some(_)) => SpecType::Draft,
+            (None, None) => return None,
+        };
+        let d = SpecParams::default();
+        Some((
+            ty,
+            SpecParams {
+                draft_max: self.draft_max.unwrap_or(d.draft_max),
+                draft_min: self.draft_min.unwrap_or(d.draft_min),
+                p_min: self.draft_p_min.unwrap_or(d.p_min),
+                ..d
+            },
+        ))
+    }
+}
+
+fn spec_type(name: &str, v: Option<&str>) -> Result<Option<SpecType>, String> {
+    match v.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(t) => SpecType::parse(t)
+            .map(Some)
+            .ok_or_else(|| format!("{name} must be draft or ngram, got {t:?}")),
+    }
+}
+
+fn draft_count(name: &str, v: Option<usize>, min: usize) -> Result<Option<usize>, String> {
+    match v {
+        Some(n) if !(min..=32).contains(&n) => {
+            Err(format!("{name} must be between {min} and 32, got {n}"))
+        }
+        v => Ok(v),
+    }
+}
+
+fn p_min(name: &str, v: Option<f64>) -> Result<Option<f32>, String> {
+    match v {
+        Some(p) if !(0.0..=1.0).contains(&p) => {
+            Err(format!("{name} must be between 0 and 1, got {p}"))
+        }
+        v => Ok(v.map(|p| p as f32)),
     }
 }
 
@@ -972,6 +1104,31 @@ options = { seed = 12345678901234567 }
 
     /// Every bad per-model setting is refused at start with the setting named.
     #[test]
+    fn speculation_settings_merge_over_the_servers() {
+        let c = Config::from_toml(
+            "draft_model = \"smollm2-135m\"\ndraft_max = 4\n\
+             [models.a]\nsource = \"x\"\n\
+             [models.b]\nsource = \"y\"\nspec_type = \"ngram\"\ndraft_max = 6\n\
+             [models.c]\nsource = \"z\"\ndraft_model = \"tiny\"\ndraft_p_min = 0.5",
+        )
+        .unwrap();
+        let k = c.validate().unwrap();
+        let eff = |i: usize| k.models[i].spec.or(&k.spec).resolved().unwrap();
+        assert_eq!(eff(0).0, SpecType::Draft);
+        assert_eq!(eff(0).1.draft_max, 4);
+        assert_eq!(eff(1).0, SpecType::Ngram);
+        assert_eq!(eff(1).1.draft_max, 6);
+        assert_eq!(
+            k.models[2].spec.or(&k.spec).draft_model.as_deref(),
+            Some("tiny")
+        );
+        assert_eq!(eff(2).1.p_min, 0.5);
+        // nothing asked for: no speculation
+        let k = Config::default().validate().unwrap();
+        assert_eq!(k.spec.resolved(), None);
+    }
+
+    #[test]
     fn bad_model_settings_name_the_setting() {
         for (toml, want) in [
             ("[models.a]\nctx = 5", "models.a: unknown field `ctx`"),
@@ -986,6 +1143,18 @@ options = { seed = 12345678901234567 }
             (
                 "[models.a]\ncache_type_k = \"q4_0\"",
                 "models.a.cache_type_k: unknown KV cache type",
+            ),
+            (
+                "[models.a]\nspec_type = \"medusa\"",
+                "models.a.spec_type must be draft or ngram",
+            ),
+            (
+                "[models.a]\ndraft_max = 40",
+                "models.a.draft_max must be between 1 and 32",
+            ),
+            (
+                "[models.a]\ndraft_p_min = 1.5",
+                "models.a.draft_p_min must be between 0 and 1",
             ),
             (
                 "[models.a]\nkv_cache_size = \"1KiB\"",

@@ -93,7 +93,9 @@ impl AppState {
                     n_threads: cfg.threads,
                     max_queue: cfg.max_queue,
                     isa: None,
+                    ..Default::default()
                 },
+                spec: checked.spec.clone(),
                 keep_alive: checked.keep_alive,
                 max_loaded: cfg.max_loaded_models,
                 memory_budget: checked.memory_budget,

@@ -151,6 +151,12 @@ impl Metrics {
         let (mut queued, mut running, mut kv_used, mut kv_cap) = (0, 0, 0, 0);
         let (mut blocks, mut blocks_free, mut block_bytes_used, mut pool_bytes) = (0, 0, 0, 0);
         let (mut blocks_cached, mut preemptions) = (0, registry.retired_preemptions());
+        let r = registry.retired();
+        let mut spec = [
+            r.spec_drafted.load(Ordering::Relaxed),
+            r.spec_accepted.load(Ordering::Relaxed),
+            r.spec_steps.load(Ordering::Relaxed),
+        ];
         for l in &loaded {
             let st = l.model.batch.stats();
             queued += st.queued.load(Ordering::Relaxed);
@@ -164,6 +170,9 @@ impl Metrics {
             blocks_free += free;
             blocks_cached += st.kv_blocks_cached.load(Ordering::Relaxed);
             preemptions += st.preemptions.load(Ordering::Relaxed);
+            spec[0] += st.spec_drafted.load(Ordering::Relaxed);
+            spec[1] += st.spec_accepted.load(Ordering::Relaxed);
+            spec[2] += st.spec_steps.load(Ordering::Relaxed);
             block_bytes_used += st.kv_bytes_used.load(Ordering::Relaxed);
             pool_bytes += st.kv_bytes.load(Ordering::Relaxed);
             kv_cap += st.kv_capacity.load(Ordering::Relaxed);
@@ -228,6 +237,24 @@ impl Metrics {
             "capy_kv_cache_blocks_free",
             "KV cache blocks holding nothing.",
             blocks_free.saturating_sub(blocks_cached) as f64,
+        );
+        counter(
+            &mut out,
+            "capy_speculative_drafted_tokens_total",
+            "Tokens proposed by speculative decoding (draft model or n-gram) and checked by the target.",
+            spec[0],
+        );
+        counter(
+            &mut out,
+            "capy_speculative_accepted_tokens_total",
+            "Proposed tokens the target kept (acceptance rate: accepted / drafted).",
+            spec[1],
+        );
+        counter(
+            &mut out,
+            "capy_speculative_steps_total",
+            "Steps that checked proposed tokens (mean accepted length: accepted / steps).",
+            spec[2],
         );
         counter(
             &mut out,

@@ -26,6 +26,8 @@ pub struct RegistryConfig {
     /// How long a request for a model that has no room waits for busy models to become
     /// idle (and evictable) before it gets 503; Ollama's `OLLAMA_LOAD_TIMEOUT`.
     pub load_timeout: std::time::Duration,
+    /// Server-wide speculative decoding settings (a model's own take precedence).
+    pub spec: crate::config::SpecSettings,
 }
 
 /// A model in memory with its engine loop.
@@ -46,15 +48,32 @@ pub struct Loaded {
     pub load_ms: f64,
     /// Requests holding a [`Lease`].
     active: AtomicUsize,
-    /// The registry's count of preemptions in unloaded models, which this one's join when it
-    /// is dropped (so the metric never goes down).
-    retired_preemptions: Arc<AtomicU64>,
+    /// The registry's counts of unloaded models, which this one's join when it is dropped
+    /// (so the metrics' counters never go down).
+    retired: Arc<Retired>,
+}
+
+/// Counters of models since unloaded.
+#[derive(Debug, Default)]
+pub struct Retired {
+    pub preemptions: AtomicU64,
+    pub spec_drafted: AtomicU64,
+    pub spec_accepted: AtomicU64,
+    pub spec_steps: AtomicU64,
 }
 
 impl Drop for Loaded {
     fn drop(&mut self) {
-        let n = self.batch.stats().preemptions.load(Ordering::Relaxed);
-        self.retired_preemptions.fetch_add(n, Ordering::Relaxed);
+        let st = self.batch.stats();
+        let r = &self.retired;
+        for (to, from) in [
+            (&r.preemptions, &st.preemptions),
+            (&r.spec_drafted, &st.spec_drafted),
+            (&r.spec_accepted, &st.spec_accepted),
+            (&r.spec_steps, &st.spec_steps),
+        ] {
+            to.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
     }
 }
 
@@ -169,7 +188,7 @@ pub struct Registry {
     /// Requests waiting for room, at most `batch.max_queue`.
     waiting: AtomicUsize,
     /// Preemptions in the KV caches of models since unloaded.
-    retired_preemptions: Arc<AtomicU64>,
+    retired: Arc<Retired>,
 }
 
 /// A request's hold on a loaded model: the model is not evicted while held, and its
@@ -244,13 +263,18 @@ impl Registry {
             load_lock: tokio::sync::Mutex::new(()),
             released: tokio::sync::Notify::new(),
             waiting: AtomicUsize::new(0),
-            retired_preemptions: Arc::new(AtomicU64::new(0)),
+            retired: Arc::new(Retired::default()),
         })
     }
 
     /// Preemptions in the KV caches of models loaded before and since unloaded.
+    /// Counters of the models unloaded since the server started.
+    pub fn retired(&self) -> &Retired {
+        &self.retired
+    }
+
     pub fn retired_preemptions(&self) -> u64 {
-        self.retired_preemptions.load(Ordering::Relaxed)
+        self.retired.preemptions.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
@@ -391,7 +415,46 @@ impl Registry {
         p.kv_bytes = settings.kv_cache_size.or(p.kv_bytes);
         p.type_k = settings.cache_type_k.unwrap_or(p.type_k);
         p.type_v = settings.cache_type_v.unwrap_or(p.type_v);
+        p.spec = settings.spec.or(&self.cfg.spec).resolved();
         p
+    }
+
+    /// The draft model a served model's speculation uses, as a file: its own `draft_model`,
+    /// else the server's; `None` without draft speculation. The flag says whether it is the
+    /// model's own (a vocabulary mismatch is then an error, not a note).
+    ///
+    /// # Errors
+    /// A draft that is neither a file nor in the store (400).
+    pub fn draft_path(&self, settings: &ServedModel) -> Result<Option<(PathBuf, bool)>, ApiError> {
+        let spec = settings.spec.or(&self.cfg.spec);
+        if !matches!(spec.resolved(), Some((capy_engine::SpecType::Draft, _))) {
+            return Ok(None);
+        }
+        let own = settings.spec.draft_model.is_some();
+        let Some(name) = spec.draft_model else {
+            return Err(ApiError::bad_request(format!(
+                "{}: spec_type = \"draft\" needs a draft_model",
+                settings.name
+            ))
+            .code("bad_draft_model"));
+        };
+        let p = PathBuf::from(&name);
+        if p.is_file() {
+            return Ok(Some((p, own)));
+        }
+        let path = match crate::config::find_model(&self.models, &name) {
+            Some(m) if m.is_path => Ok(PathBuf::from(&m.source)),
+            Some(m) => self.store.resolve(&m.source),
+            None => self.store.resolve(&name),
+        }
+        .map_err(|e| {
+            ApiError::bad_request(format!(
+                "the draft model {name:?} of {} is neither a file nor in the store: {e}",
+                settings.name
+            ))
+            .code("bad_draft_model")
+        })?;
+        Ok(Some((path, own)))
     }
 
     /// The engine settings a model gets ([`Registry::batch_params`], its context capped at
@@ -442,7 +505,13 @@ impl Registry {
             ))
             .code("model_too_large"));
         }
-        let need = g.file_size() + params.memory_bytes(&hp);
+        let mut need = g.file_size() + params.memory_bytes(&hp);
+        if let Some((draft, _)) = self.draft_path(settings)? {
+            // the draft's weights and its own KV cache and buffers
+            let d = capy_gguf::Gguf::open(&draft).map_err(|e| gguf_error(&draft, e))?;
+            let dhp = capy_model::Hparams::from_gguf(&d).map_err(|e| model_error(&draft, e))?;
+            need += d.file_size() + params.draft_memory_bytes(&hp, &dhp);
+        }
         Ok((params, need))
     }
 
@@ -480,13 +549,33 @@ impl Registry {
         let evicted = self.wait_for_room(need, &r.settings, deadline).await?;
         drop(evicted);
         let path = r.path.clone();
+        let draft = self.draft_path(&r.settings)?;
+        let name = r.name.clone();
         let t0 = Instant::now();
         let engine = tokio::task::spawn_blocking(move || -> Result<_, capy_engine::Error> {
             let engine = Engine::load(&path)?;
-            let batch = BatchEngine::new(
+            let mut params = params;
+            let draft = match draft {
+                Some((dpath, own)) => {
+                    let d = Engine::load(&dpath)?;
+                    match capy_engine::speculative::check_vocab(&engine.tokenizer, &d.tokenizer) {
+                        Ok(()) => Some(Arc::clone(&d.model)),
+                        Err(e) if own => return Err(e),
+                        Err(e) => {
+                            // the server-wide draft does not fit this model: serve it plain
+                            tracing::warn!(model = %name, "speculation off: {e}");
+                            params.spec = None;
+                            None
+                        }
+                    }
+                }
+                None => None,
+            };
+            let batch = BatchEngine::with_draft(
                 Arc::clone(&engine.model),
                 Arc::clone(&engine.tokenizer),
                 params,
+                draft,
             );
             Ok((engine, batch))
         })
@@ -496,6 +585,9 @@ impl Registry {
             capy_engine::Error::Model(e) => model_error(&r.path, e),
             capy_engine::Error::Gguf(e) => gguf_error(&r.path, e),
             e @ (capy_engine::Error::Tokenizer(_) | capy_engine::Error::Template(_)) => unusable(e),
+            capy_engine::Error::DraftMismatch(m) => {
+                ApiError::bad_request(format!("{}: {m}", r.name)).code("bad_draft_model")
+            }
             e => ApiError::internal(format!("loading {} ({}): {e}", r.name, r.path.display())),
         })?;
         let model = Arc::new(Loaded {
@@ -508,7 +600,7 @@ impl Registry {
             loaded_at: SystemTime::now(),
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
             active: AtomicUsize::new(1),
-            retired_preemptions: Arc::clone(&self.retired_preemptions),
+            retired: Arc::clone(&self.retired),
             settings: r.settings,
         });
         let warm = model.settings.warm;

@@ -54,6 +54,7 @@ pub fn small_batch() -> BatchParams {
         n_threads: 1,
         max_queue: 4,
         isa: None,
+        ..Default::default()
     }
 }
 
@@ -67,6 +68,7 @@ pub fn registry_at(store: Store, batch: BatchParams, warm: &[&str]) -> Arc<Regis
             max_loaded: 2,
             memory_budget: None,
             load_timeout: std::time::Duration::from_secs(2),
+            spec: Default::default(),
         },
         store,
         warm.iter().map(|w| ServedModel::named(w)).collect(),
