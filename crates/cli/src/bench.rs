@@ -11,6 +11,7 @@ use capy_engine::{Batch, ContextParams, Engine};
 use capy_model::KvType;
 use serde_json::json;
 
+use crate::bench_spec;
 use crate::common::model_path;
 
 #[derive(clap::Args)]
@@ -50,6 +51,63 @@ pub struct BenchArgs {
     /// Print a JSON array instead of a Markdown table.
     #[arg(long)]
     pub json: bool,
+    /// Draft model for speculative decoding rows (also `-md`): each `-n` length is also
+    /// generated from `--spec-prompt`, without speculation and with each setting.
+    #[arg(long = "draft-model")]
+    pub draft_model: Option<String>,
+    /// Speculation settings to compare (comma-separated: none, draft, ngram) [default with
+    /// a draft model: none,draft].
+    #[arg(long, value_delimiter = ',')]
+    pub spec_type: Vec<String>,
+    /// Most guesses per step for the speculation rows (comma-separated) [8].
+    #[arg(long, value_delimiter = ',', default_value = "8")]
+    pub draft_max: Vec<usize>,
+    /// The draft's floor on its top token's probability [0].
+    #[arg(long)]
+    pub draft_p_min: Option<f32>,
+    /// Text the speculation rows generate from (greedy, end of text ignored).
+    #[arg(long, default_value = DEFAULT_SPEC_PROMPT)]
+    pub spec_prompt: String,
+}
+
+/// The speculation rows' default prompt: a chat turn asking for code, in ChatML (SmolLM2's
+/// format; other models read it as text).
+const DEFAULT_SPEC_PROMPT: &str = "<|im_start|>user\nWrite a Python function that checks \
+whether a number is prime, with a docstring and tests.<|im_end|>\n<|im_start|>assistant\n";
+
+/// The speculation settings asked for, `None` when there are none.
+fn spec_settings(a: &BenchArgs) -> Result<Option<Vec<bench_spec::Setting>>> {
+    let mut types = a.spec_type.clone();
+    if types.is_empty() {
+        if a.draft_model.is_none() {
+            return Ok(None);
+        }
+        types = vec!["none".into(), "draft".into()];
+    }
+    let mut out = Vec::new();
+    for t in &types {
+        let ty =
+            match t.trim() {
+                "none" => None,
+                other => Some(capy_engine::SpecType::parse(other).ok_or_else(|| {
+                    anyhow::anyhow!("--spec-type: none, draft or ngram, got {t:?}")
+                })?),
+            };
+        if ty == Some(capy_engine::SpecType::Draft) && a.draft_model.is_none() {
+            bail!("--spec-type draft needs --draft-model (-md)");
+        }
+        if ty.is_none() {
+            out.push(bench_spec::Setting { ty, draft_max: 0 });
+            continue;
+        }
+        for &m in &a.draft_max {
+            if !(1..=32).contains(&m) {
+                bail!("--draft-max must be between 1 and 32, got {m}");
+            }
+            out.push(bench_spec::Setting { ty, draft_max: m });
+        }
+    }
+    Ok(Some(out))
 }
 
 struct Row {
@@ -162,6 +220,15 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         bail!("-r must be at least 1");
     }
     let mut rows = Vec::new();
+    let spec = spec_settings(&a)?;
+    let draft = match &a.draft_model {
+        Some(d) if spec.is_some() => {
+            let p = model_path(d, false)?;
+            Some(Engine::load(&p).with_context(|| format!("loading {}", p.display()))?)
+        }
+        _ => None,
+    };
+    let mut spec_json = Vec::new();
     // llama-bench shows the cache types only when one is not f16
     let quantized = a
         .cache_type_k
@@ -259,6 +326,25 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 rows.push(row);
             }
         }
+        if let Some(settings) = &spec {
+            for &t in &threads {
+                let srows = bench_spec::run(
+                    &engine,
+                    draft.as_ref(),
+                    settings,
+                    &a.spec_prompt,
+                    &a.n_gen,
+                    t,
+                    a.repetitions,
+                    a.draft_p_min,
+                )?;
+                if a.json {
+                    spec_json.extend(bench_spec::json_rows(&path.display().to_string(), &srows));
+                } else {
+                    bench_spec::print(&label, &srows);
+                }
+            }
+        }
     }
     if !a.json {
         println!("\nkernels: {}", capy_kernels::kernels().name);
@@ -277,6 +363,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                     "stddev_ts": r.stddev(), "samples_ts": r.samples,
                 })
             })
+            .chain(spec_json)
             .collect();
         println!("{}", serde_json::to_string_pretty(&arr)?);
     }

@@ -217,7 +217,7 @@ pub struct SpecArgs {
     #[arg(long, value_parser = draft_count_or_zero)]
     pub draft_min: Option<usize>,
     /// The draft model stops proposing when its top token's probability falls below this,
-    /// 0 to 1 [0.75].
+    /// 0 to 1 [0].
     #[arg(long, value_parser = unit_float)]
     pub draft_p_min: Option<f32>,
 }

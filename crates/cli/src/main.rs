@@ -5,6 +5,7 @@
 //! code and a one-line message.
 
 mod bench;
+mod bench_spec;
 mod common;
 mod generate;
 mod perplexity;

@@ -82,7 +82,7 @@ pub struct ServeArgs {
     /// Fewest guessed tokens worth checking [0].
     #[arg(long, env = "CAPY_DRAFT_MIN")]
     pub draft_min: Option<usize>,
-    /// A draft model stops guessing below this top-token probability, 0 to 1 [0.75].
+    /// A draft model stops guessing below this top-token probability, 0 to 1 [0].
     #[arg(long, env = "CAPY_DRAFT_P_MIN")]
     pub draft_p_min: Option<f64>,
     /// Requests that may wait per model before 429 [default: 64].

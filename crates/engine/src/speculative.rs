@@ -60,7 +60,10 @@ pub struct SpecParams {
     /// step decodes one token as usual.
     pub draft_min: usize,
     /// The draft model stops proposing when its most likely token's probability falls
-    /// below this (`--draft-p-min`, default 0.75, llama.cpp's server default).
+    /// below this (`--draft-p-min`; default 0, llama.cpp b11312's: a floor such as 0.5 or
+    /// llama.cpp's older 0.75 stops a good draft early where it is unsure yet right, which
+    /// cost the SmolLM2 pair a quarter of its speed-up (bench/RESULTS.md); a weak draft may
+    /// gain from one).
     pub p_min: f32,
     /// N-gram lookup: the longest and shortest suffix of the sequence searched for earlier
     /// in it (longest first; the most recent earlier match wins).
@@ -73,7 +76,7 @@ impl Default for SpecParams {
         SpecParams {
             draft_max: 8,
             draft_min: 0,
-            p_min: 0.75,
+            p_min: 0.0,
             ngram_max: 4,
             ngram_min: 2,
         }

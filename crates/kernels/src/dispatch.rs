@@ -158,6 +158,10 @@ pub struct Kernels {
     pub dot4_q8_0: Option<Dot4Fn<BlockQ8_0, BlockQ8_0>>,
     pub dot4_q4k: Option<Dot4Fn<BlockQ4K, BlockQ8K>>,
     pub dot4_q6k: Option<Dot4Fn<BlockQ6K, BlockQ8K>>,
+    /// Float weights, four tokens per pass over a row; each token's result is bit for bit
+    /// the table's `dot_f32` / `dot_f16` (so batch size never changes a token's logits).
+    pub dot4_f32: Option<Dot4Fn<f32, f32>>,
+    pub dot4_f16: Option<Dot4Fn<f16, f32>>,
     pub axpy_f16: AxpyF16Fn,
     pub gemm_f16b: GemmF16bFn,
     /// The attention products over an 8-bit cache: keys (scales along `k`) and values
@@ -213,6 +217,8 @@ impl Kernels {
         dot4_q8_0: None,
         dot4_q4k: None,
         dot4_q6k: None,
+        dot4_f32: None,
+        dot4_f16: None,
         axpy_f16: dot::axpy_f16,
         gemm_f16b: crate::attn::gemm_f16b,
         gemm_q8_0_k: crate::kvquant::scalar::gemm_q8_0_k,

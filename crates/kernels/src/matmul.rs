@@ -242,8 +242,8 @@ pub fn matmul(
         GgmlType::Q4_K => go!(k.dot_q4k, k.dot4_q4k),
         GgmlType::Q5_K => go!(k.dot_q5k),
         GgmlType::Q6_K => go!(k.dot_q6k, k.dot4_q6k),
-        GgmlType::F32 => go!(k.dot_f32),
-        GgmlType::F16 => go!(k.dot_f16),
+        GgmlType::F32 => go!(k.dot_f32, k.dot4_f32),
+        GgmlType::F16 => go!(k.dot_f16, k.dot4_f16),
         GgmlType::BF16 => go!(k.dot_bf16),
         GgmlType::Q8_1 | GgmlType::Q8_K => {
             return Err(Error::Unsupported {

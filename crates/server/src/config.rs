@@ -219,7 +219,7 @@ impl Default for Config {
             spec_type: String::new(),
             draft_max: 8,
             draft_min: 0,
-            draft_p_min: 0.75,
+            draft_p_min: 0.0,
             max_queue: 64,
             max_body_size: "16MiB".into(),
             max_connections: 512,

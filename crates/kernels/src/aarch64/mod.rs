@@ -77,6 +77,8 @@ pub(crate) fn neon_kernels(level: Level) -> Kernels {
         dot4_q8_0: Some(quant::dot4_q8_0_neon),
         dot4_q4k: Some(quant::dot4_q4k_neon),
         dot4_q6k: Some(quant::dot4_q6k_neon),
+        dot4_f32: None,
+        dot4_f16: None,
         dot_f32: float::dot_f32,
         dot_f16: float::dot_f16,
         dot_bf16: float::dot_bf16,

@@ -229,6 +229,61 @@ parity_test!(
     |b: &mut BlockQ6K, r: &mut Rng| b.d = r.small_f16()
 );
 
+/// The four-token float dots give each token exactly what the table's one-token dot gives
+/// (batch size never changes a logit), and agree with the scalar reference.
+#[test]
+fn float_dot4_equals_the_one_token_dot_bit_for_bit() {
+    let mut rng = Rng::new(11);
+    let mut covered = 0;
+    for n in (0..70).chain([576, 1536, 2049]) {
+        let x = random_acts(&mut rng, n);
+        let xh: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+        let ys: Vec<Vec<f32>> = (0..4).map(|_| random_acts(&mut rng, n)).collect();
+        let refs: [&[f32]; 4] = std::array::from_fn(|i| ys[i].as_slice());
+        for k in Kernels::all_variants() {
+            if let Some(d4) = k.dot4_f32 {
+                covered += 1;
+                let got = d4(&x, refs);
+                for t in 0..4 {
+                    assert_eq!(
+                        got[t].to_bits(),
+                        (k.dot_f32)(&x, refs[t]).to_bits(),
+                        "{} n={n}",
+                        k.name
+                    );
+                    let want = dot::vec_dot_f32(&x, refs[t]);
+                    assert!(
+                        (got[t] - want).abs() < 1e-4 * (n as f32).sqrt().max(1.0),
+                        "{} n={n}",
+                        k.name
+                    );
+                }
+            }
+            if let Some(d4) = k.dot4_f16 {
+                let got = d4(&xh, refs);
+                for t in 0..4 {
+                    assert_eq!(
+                        got[t].to_bits(),
+                        (k.dot_f16)(&xh, refs[t]).to_bits(),
+                        "{} n={n}",
+                        k.name
+                    );
+                    let want = dot::vec_dot_f16_f32(&xh, refs[t]);
+                    assert!(
+                        (got[t] - want).abs() < 1e-4 * (n as f32).sqrt().max(1.0),
+                        "{} n={n}",
+                        k.name
+                    );
+                }
+            }
+        }
+    }
+    // the x86 AVX2 table has them wherever it runs
+    if Kernels::all_variants().iter().any(|k| k.isa == Isa::Avx2) {
+        assert!(covered > 0);
+    }
+}
+
 #[test]
 fn float_dots_every_tail_length() {
     let mut rng = Rng::new(7);

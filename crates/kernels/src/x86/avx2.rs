@@ -334,67 +334,116 @@ fn dot_q2k_impl(x: &[BlockQ2K], y: &[BlockQ8K]) -> f32 {
     hsum_ps(acc) - acc_m
 }
 
-#[target_feature(enable = "avx2,fma")]
-fn dot_f32_impl(x: &[f32], y: &[f32]) -> f32 {
-    let n = x.len().min(y.len());
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut i = 0;
-    while i + 32 <= n {
-        for (k, a) in acc.iter_mut().enumerate() {
-            // SAFETY: i + 8k + 8 <= i + 32 <= n, within both slices.
-            let (vx, vy) = unsafe {
-                (
-                    _mm256_loadu_ps(x.as_ptr().add(i + 8 * k)),
-                    _mm256_loadu_ps(y.as_ptr().add(i + 8 * k)),
-                )
-            };
-            *a = _mm256_fmadd_ps(vx, vy, *a);
+/// Float weights: one weight row with one or four activation rows. Each token's sum takes
+/// the same path whichever entry computes it (two accumulators over 16-value steps, one
+/// 8-value step, the sum of both, the scalar tail), so a token's result is bit for bit the
+/// same alone or in a group of four: speculative decoding's greedy output then equals
+/// plain decoding's on float models too.
+macro_rules! float_dots {
+    ($one:ident, $four:ident, $w:ty, $load_w:expr, $to_f32:expr, $feat:literal) => {
+        #[target_feature(enable = $feat)]
+        fn $one(x: &[$w], y: &[f32]) -> f32 {
+            let n = x.len().min(y.len());
+            let lw = $load_w;
+            let mut a = [_mm256_setzero_ps(); 2];
+            let mut i = 0;
+            while i + 16 <= n {
+                // SAFETY: i + 16 <= n, within x and y.
+                unsafe {
+                    a[0] = _mm256_fmadd_ps(
+                        lw(x.as_ptr().add(i)),
+                        _mm256_loadu_ps(y.as_ptr().add(i)),
+                        a[0],
+                    );
+                    a[1] = _mm256_fmadd_ps(
+                        lw(x.as_ptr().add(i + 8)),
+                        _mm256_loadu_ps(y.as_ptr().add(i + 8)),
+                        a[1],
+                    );
+                }
+                i += 16;
+            }
+            if i + 8 <= n {
+                // SAFETY: i + 8 <= n.
+                unsafe {
+                    a[0] = _mm256_fmadd_ps(
+                        lw(x.as_ptr().add(i)),
+                        _mm256_loadu_ps(y.as_ptr().add(i)),
+                        a[0],
+                    );
+                }
+                i += 8;
+            }
+            let mut sum = hsum_ps(_mm256_add_ps(a[0], a[1]));
+            for j in i..n {
+                sum += $to_f32(x[j]) * y[j];
+            }
+            sum
         }
-        i += 32;
-    }
-    while i + 8 <= n {
-        // SAFETY: i + 8 <= n.
-        let (vx, vy) = unsafe {
-            (
-                _mm256_loadu_ps(x.as_ptr().add(i)),
-                _mm256_loadu_ps(y.as_ptr().add(i)),
-            )
-        };
-        acc[0] = _mm256_fmadd_ps(vx, vy, acc[0]);
-        i += 8;
-    }
-    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    let mut sum = hsum_ps(s);
-    for j in i..n {
-        sum += x[j] * y[j];
-    }
-    sum
+
+        #[target_feature(enable = $feat)]
+        fn $four(x: &[$w], ys: [&[f32]; 4]) -> [f32; 4] {
+            let n = ys.iter().fold(x.len(), |m, y| m.min(y.len()));
+            let lw = $load_w;
+            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+            let mut i = 0;
+            while i + 16 <= n {
+                // SAFETY: i + 16 <= n, within x and every y.
+                let (w0, w1) = unsafe { (lw(x.as_ptr().add(i)), lw(x.as_ptr().add(i + 8))) };
+                for (a, y) in acc.iter_mut().zip(&ys) {
+                    // SAFETY: as above.
+                    let (y0, y1) = unsafe {
+                        (
+                            _mm256_loadu_ps(y.as_ptr().add(i)),
+                            _mm256_loadu_ps(y.as_ptr().add(i + 8)),
+                        )
+                    };
+                    a[0] = _mm256_fmadd_ps(w0, y0, a[0]);
+                    a[1] = _mm256_fmadd_ps(w1, y1, a[1]);
+                }
+                i += 16;
+            }
+            if i + 8 <= n {
+                // SAFETY: i + 8 <= n.
+                let w0 = unsafe { lw(x.as_ptr().add(i)) };
+                for (a, y) in acc.iter_mut().zip(&ys) {
+                    // SAFETY: as above.
+                    let y0 = unsafe { _mm256_loadu_ps(y.as_ptr().add(i)) };
+                    a[0] = _mm256_fmadd_ps(w0, y0, a[0]);
+                }
+                i += 8;
+            }
+            let mut out = [0.0f32; 4];
+            for ((o, a), y) in out.iter_mut().zip(&acc).zip(&ys) {
+                let mut sum = hsum_ps(_mm256_add_ps(a[0], a[1]));
+                for j in i..n {
+                    sum += $to_f32(x[j]) * y[j];
+                }
+                *o = sum;
+            }
+            out
+        }
+    };
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-fn dot_f16_impl(x: &[f16], y: &[f32]) -> f32 {
-    let n = x.len().min(y.len());
-    let mut acc = [_mm256_setzero_ps(); 2];
-    let mut i = 0;
-    while i + 16 <= n {
-        for (k, a) in acc.iter_mut().enumerate() {
-            // SAFETY: i + 8k + 8 <= n for both slices; f16 is 2 bytes so 8 of them are 128 bits.
-            let (vx, vy) = unsafe {
-                (
-                    _mm256_cvtph_ps(_mm_loadu_si128(x.as_ptr().add(i + 8 * k) as *const __m128i)),
-                    _mm256_loadu_ps(y.as_ptr().add(i + 8 * k)),
-                )
-            };
-            *a = _mm256_fmadd_ps(vx, vy, *a);
-        }
-        i += 16;
-    }
-    let mut sum = hsum_ps(_mm256_add_ps(acc[0], acc[1]));
-    for j in i..n {
-        sum += x[j].to_f32() * y[j];
-    }
-    sum
-}
+float_dots!(
+    dot_f32_impl,
+    dot4_f32_impl,
+    f32,
+    // SAFETY (of the closure's callers): 8 values from p are in bounds.
+    |p: *const f32| unsafe { _mm256_loadu_ps(p) },
+    |v: f32| v,
+    "avx2,fma"
+);
+float_dots!(
+    dot_f16_impl,
+    dot4_f16_impl,
+    f16,
+    // SAFETY (of the closure's callers): 8 f16 values (128 bits) from p are in bounds.
+    |p: *const f16| unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) },
+    |v: f16| v.to_f32(),
+    "avx2,fma,f16c"
+);
 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn axpy_f16_impl(y: &mut [f32], a: f32, x: &[f16]) {
@@ -626,6 +675,8 @@ safe_wrapper4!(dot4_q4_1, dot4_q4_1_impl, BlockQ4_1, BlockQ8_1);
 safe_wrapper4!(dot4_q5_0, dot4_q5_0_impl, BlockQ5_0, BlockQ8_0);
 safe_wrapper4!(dot4_q4k, dot4_q4k_impl, BlockQ4K, BlockQ8K);
 safe_wrapper4!(dot4_q6k, dot4_q6k_impl, BlockQ6K, BlockQ8K);
+safe_wrapper4!(dot4_f32, dot4_f32_impl, f32, f32);
+safe_wrapper4!(dot4_f16, dot4_f16_impl, f16, f32);
 
 // ---- activations for repacked weights ----------------------------------------------------
 

@@ -49,6 +49,8 @@ pub(crate) fn avx2_kernels() -> Kernels {
         dot4_q8_0: Some(avx2::dot4_q8_0),
         dot4_q4k: Some(avx2::dot4_q4k),
         dot4_q6k: Some(avx2::dot4_q6k),
+        dot4_f32: Some(avx2::dot4_f32),
+        dot4_f16: Some(avx2::dot4_f16),
         r16_gemm: r16::gemm_r16_avx2,
         r16_unpacked: Some(r16::UNPACKED_AVX2),
         r16_preferred: true,
@@ -112,6 +114,10 @@ pub(crate) fn avx512_kernels() -> Kernels {
         dot4_q8_0: Some(avx512::dot4_q8_0),
         dot4_q4k: Some(avx512::dot4_q4k),
         dot4_q6k: Some(avx512::dot4_q6k),
+        // its own one-token float dots sum in another order: none rather than a
+        // four-token kernel whose results could differ from them in the last bits
+        dot4_f32: None,
+        dot4_f16: None,
         ..below
     }
 }
