@@ -221,10 +221,18 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     }
     let mut rows = Vec::new();
     let spec = spec_settings(&a)?;
+    if let Some(p) = a.draft_p_min {
+        if !(0.0..=1.0).contains(&p) {
+            bail!("--draft-p-min must be between 0 and 1, got {p}");
+        }
+    }
     let draft = match &a.draft_model {
         Some(d) if spec.is_some() => {
             let p = model_path(d, false)?;
-            Some(Engine::load(&p).with_context(|| format!("loading {}", p.display()))?)
+            Some(
+                Engine::load(&p)
+                    .with_context(|| format!("loading the draft model {}", p.display()))?,
+            )
         }
         _ => None,
     };
@@ -238,6 +246,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     for m in &a.model {
         let path = model_path(m, false)?;
         let engine = Engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
+        if let Some(d) = &draft {
+            // before the plain rows, not after them
+            capy_engine::speculative::check_vocab(&engine.tokenizer, &d.tokenizer)?;
+        }
         let hp = &engine.model.hp;
         let g = &engine.model.gguf;
         let params = g.n_params();

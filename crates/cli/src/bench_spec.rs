@@ -140,17 +140,18 @@ pub fn print(model: &str, rows: &[SpecRow]) {
             format!("tg{} text", r.n_gen),
             r.setting.label(),
             format!("{:.2} ± {:.2}", r.mean(), sd),
-            format!("{:.2}x", speedup(rows, r)),
+            speedup(rows, r).map_or("-".into(), |x| format!("{x:.2}x")),
             acc,
             per
         );
     }
 }
 
-fn speedup(rows: &[SpecRow], r: &SpecRow) -> f64 {
+/// The speed over the same length's row without speculation; `None` without such a row.
+fn speedup(rows: &[SpecRow], r: &SpecRow) -> Option<f64> {
     rows.iter()
         .find(|b| b.setting.ty.is_none() && b.n_gen == r.n_gen && b.threads == r.threads)
-        .map_or(1.0, |b| r.mean() / b.mean().max(1e-9))
+        .map(|b| r.mean() / b.mean().max(1e-9))
 }
 
 /// The rows as JSON objects (llama-bench's field names where they apply).

@@ -289,8 +289,28 @@ impl SpecArgs {
         ctx: &capy_engine::ContextParams,
     ) -> Result<Option<capy_engine::Speculator>> {
         let Some(ty) = self.spec_type() else {
+            if self.draft_max.is_some() || self.draft_min.is_some() || self.draft_p_min.is_some() {
+                return Err(anyhow!(
+                    "--draft-max/--draft-min/--draft-p-min need speculation: give --draft-model \
+                     (-md) or --spec-type ngram"
+                ));
+            }
             return Ok(None);
         };
+        let p = self.params();
+        if p.draft_min > p.draft_max {
+            return Err(anyhow!(
+                "--draft-min {} exceeds --draft-max {}: nothing would ever be checked",
+                p.draft_min,
+                p.draft_max
+            ));
+        }
+        if ty == capy_engine::SpecType::Ngram && self.draft_model.is_some() {
+            return Err(anyhow!(
+                "--spec-type ngram uses no draft model: drop --draft-model (-md), or use \
+                 --spec-type draft"
+            ));
+        }
         let draft = match (ty, &self.draft_model) {
             (capy_engine::SpecType::Draft, Some(name)) => {
                 let path = model_path(name, true)?;

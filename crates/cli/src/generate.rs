@@ -120,6 +120,10 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     })?;
     let spec_kind = session.speculator().map(|s| s.spec_type().name());
     if a.verbose {
+        if stream {
+            // the text streamed without a final newline
+            println!();
+        }
         let n_gen = r.tokens.len();
         eprintln!(
             "prompt: {} tokens, {:.1} ms | generation: {} tokens, {:.1} ms, {:.2} tokens/s",

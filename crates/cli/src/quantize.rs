@@ -64,6 +64,15 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     if same_file(&input, &a.output) {
         bail!("the output would overwrite the input {}", input.display());
     }
+    if a.output.is_dir() {
+        bail!("{} is a directory; give a file name", a.output.display());
+    }
+    // fail now, not after the work, when the output cannot be written
+    let probe = a.output.with_extension("gguf.partial");
+    std::fs::File::create(&probe)
+        .and_then(|_| std::fs::remove_file(&probe))
+        .with_context(|| format!("cannot write {}", a.output.display()))?;
+    let threads = crate::common::capped_threads(a.threads);
     let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         let b = ProgressBar::new(0);
         b.set_style(
@@ -80,7 +89,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         &input,
         &a.output,
         a.r#type,
-        a.threads,
+        threads,
         &mut |done, total, name| {
             bar.set_length(total);
             bar.set_position(done);

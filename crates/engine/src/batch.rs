@@ -746,6 +746,9 @@ impl Loop {
         let cap = self.ctx.kv.n_ctx;
         let n_ctx = n_ctx.map_or(cap, |c| c.clamp(2, cap));
         let keep = self.attach(si, &prompt, plan);
+        if let Some(spec) = self.spec.as_mut() {
+            spec.new_request(si);
+        }
         if !sink.send(Event::Started { cached: keep }) {
             let _ = self.ctx.kv.clear(si);
             return;

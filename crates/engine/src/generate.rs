@@ -314,6 +314,7 @@ impl Session {
             i = end;
         }
         if let Some(spec) = self.spec.as_mut() {
+            spec.new_request(0);
             spec.prefill(0, prompt)?;
         }
         let prompt_n = prompt.len() - keep;

@@ -51,7 +51,8 @@ pub enum Error {
     QueueFull { max: usize },
     #[error("{n} choices in one request, but the queue holds at most {max}: ask for fewer (n x prompts)")]
     TooManyChoices { n: usize, max: usize },
-    /// A draft model that cannot propose for its target (another vocabulary).
+    /// A draft model that cannot propose for its target (another vocabulary, or it does
+    /// not load).
     #[error("{0}")]
     DraftMismatch(String),
     #[error("the engine has stopped")]

@@ -62,7 +62,7 @@ pub struct SpecParams {
     /// The draft model stops proposing when its most likely token's probability falls
     /// below this (`--draft-p-min`; default 0, llama.cpp b11312's: a floor such as 0.5 or
     /// llama.cpp's older 0.75 stops a good draft early where it is unsure yet right, which
-    /// cost the SmolLM2 pair a quarter of its speed-up (bench/RESULTS.md); a weak draft may
+    /// cost the SmolLM2 pair a fifth of its speed-up (bench/RESULTS.md); a weak draft may
     /// gain from one).
     pub p_min: f32,
     /// N-gram lookup: the longest and shortest suffix of the sequence searched for earlier
@@ -193,6 +193,14 @@ impl DraftModel {
         }
     }
 
+    /// A new request starts on sequence `seq`: its draws start from its own seed (the
+    /// cache is kept, for a prompt that shares its start).
+    pub fn new_request(&mut self, seq: usize) {
+        if let Some(d) = self.seqs.get_mut(seq) {
+            d.sampler = None;
+        }
+    }
+
     /// Forgets what sequence `seq` holds (its request ended).
     pub fn clear(&mut self, seq: usize) {
         if let Some(d) = self.seqs.get_mut(seq) {
@@ -285,18 +293,17 @@ impl DraftModel {
         for r in &live {
             let d = &mut self.seqs[r.seq];
             d.left = r.k;
-            if r.sampling.temperature > 0.0 {
-                if d.sampler.as_ref().map(|s| &s.0) != Some(r.sampling) {
-                    let sp = SamplerParams {
-                        // the draft's own draws must not repeat the target's
-                        seed: r.sampling.seed.map(|s| s ^ 0xd1a5_7ed5_eed5_0001),
-                        ..r.sampling.clone()
-                    };
-                    d.sampler = Some((r.sampling.clone(), Sampler::new(sp)));
-                }
-                if let Some((_, s)) = d.sampler.as_mut() {
-                    s.set_history(r.tokens);
-                }
+            // greedy requests too: their guesses must see the same penalties
+            if d.sampler.as_ref().map(|s| &s.0) != Some(r.sampling) {
+                let sp = SamplerParams {
+                    // the draft's own draws must not repeat the target's
+                    seed: r.sampling.seed.map(|s| s ^ 0xd1a5_7ed5_eed5_0001),
+                    ..r.sampling.clone()
+                };
+                d.sampler = Some((r.sampling.clone(), Sampler::new(sp)));
+            }
+            if let Some((_, s)) = d.sampler.as_mut() {
+                s.set_history(r.tokens);
             }
         }
         let n_vocab = self.ctx.n_vocab();
@@ -310,8 +317,8 @@ impl DraftModel {
                 if d.left == 0 {
                     continue;
                 }
-                let (tok, top) = match (r.sampling.temperature > 0.0, d.sampler.as_mut()) {
-                    (true, Some((_, s))) => {
+                let (tok, top) = match d.sampler.as_mut() {
+                    Some((_, s)) if !s.is_greedy() => {
                         let q = s.distribution(&d.logits);
                         let top = q.first().map(|x| x.1).unwrap_or(0.0);
                         let t = s.draw(&q).unwrap_or(0);
@@ -319,7 +326,13 @@ impl DraftModel {
                         prop.qs.push(q);
                         (t, top)
                     }
-                    _ => {
+                    // greedy: the argmax after the request's penalties
+                    Some((_, s)) => {
+                        let t = s.distribution(&d.logits).first().map_or(0, |x| x.0);
+                        s.accept(t);
+                        (t, top_prob(&d.logits, t))
+                    }
+                    None => {
                         let t = argmax(&d.logits);
                         (t, top_prob(&d.logits, t))
                     }
@@ -431,6 +444,14 @@ impl Speculator {
             }
         }
         Ok(())
+    }
+
+    /// A new request starts on sequence `seq`: the draft's random draws restart from the
+    /// request's seed, so a seeded request gives the same tokens every time.
+    pub fn new_request(&mut self, seq: usize) {
+        if let Proposer::Draft(d) = &mut self.proposer {
+            d.new_request(seq);
+        }
     }
 
     /// Forgets sequence `seq`'s draft state (its request ended).

@@ -704,6 +704,35 @@ fn speculative_batches_give_the_plain_greedy_output() {
             let (ids, _, _, _) = collect(rx);
             assert_eq!(&ids, w, "{ty:?} together: {p:?}");
         }
+        // a seeded sampled request gives the same tokens each time (the draft's draws
+        // restart from the request's seed), with a repeat penalty too
+        let seeded = GenerateParams {
+            max_tokens: 24,
+            sampler: SamplerParams {
+                temperature: 0.7,
+                seed: Some(5),
+                repeat_penalty: 1.2,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let runs: Vec<Vec<u32>> = (0..3)
+            .map(|i| {
+                let params = if i == 1 {
+                    GenerateParams {
+                        sampler: SamplerParams {
+                            seed: Some(6),
+                            ..seeded.sampler.clone()
+                        },
+                        ..seeded.clone()
+                    }
+                } else {
+                    seeded.clone()
+                };
+                collect(submit(&b, prompts[1].clone(), params).unwrap()).0
+            })
+            .collect();
+        assert_eq!(runs[0], runs[2], "{ty:?}: seed 5 twice, seed 6 between");
         let st = b.stats();
         let (d, a) = (
             st.spec_drafted.load(Ordering::Relaxed),

@@ -136,7 +136,8 @@ impl GgufWriter {
         Ok(())
     }
 
-    /// Writes to a file (through a temporary name, renamed into place when complete).
+    /// Writes to a file (through a temporary name, renamed into place when complete; the
+    /// temporary file is removed when writing fails, e.g. on a full disk).
     pub fn write_file(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let io = |source| Error::Io {
@@ -145,10 +146,18 @@ impl GgufWriter {
         };
         let tmp = path.with_extension("gguf.partial");
         let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
-        self.write_to(&mut f).map_err(io)?;
-        f.flush().map_err(io)?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(io)
+        let written = self
+            .write_to(&mut f)
+            .and_then(|()| f.flush())
+            .and_then(|()| {
+                drop(f);
+                std::fs::rename(&tmp, path)
+            });
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(e));
+        }
+        Ok(())
     }
 }
 

@@ -403,8 +403,10 @@ impl Config {
                     ));
                 }
             }
+            m.spec.or(&spec).check(&format!("models.{}: ", m.key))?;
             models.push(m);
         }
+        spec.check("")?;
         Ok(Checked {
             models,
             spec,
@@ -746,6 +748,25 @@ impl SpecSettings {
 
     /// The speculation these settings ask for: `ngram`, or `draft` with a draft model (the
     /// default when one is given); `None` for none.
+    /// Settings that can never take effect: fewer guesses allowed than the least worth
+    /// checking, or a draft model with n-gram lookup.
+    pub fn check(&self, at: &str) -> Result<(), String> {
+        if let (Some(min), Some(max)) = (self.draft_min, self.draft_max) {
+            if min > max {
+                return Err(format!(
+                    "{at}draft_min {min} exceeds draft_max {max}: nothing would ever be checked"
+                ));
+            }
+        }
+        if self.spec_type == Some(SpecType::Ngram) && self.draft_model.is_some() {
+            return Err(format!(
+                "{at}spec_type = \"ngram\" uses no draft model: drop draft_model or use \
+                 spec_type = \"draft\""
+            ));
+        }
+        Ok(())
+    }
+
     pub fn resolved(&self) -> Option<(SpecType, SpecParams)> {
         let ty = match (self.spec_type, &self.draft_model) {
             (Some(t), _) => t,

@@ -557,7 +557,12 @@ impl Registry {
             let mut params = params;
             let draft = match draft {
                 Some((dpath, own)) => {
-                    let d = Engine::load(&dpath)?;
+                    let d = Engine::load(&dpath).map_err(|e| {
+                        capy_engine::Error::DraftMismatch(format!(
+                            "cannot load its draft model {}: {e}",
+                            dpath.display()
+                        ))
+                    })?;
                     match capy_engine::speculative::check_vocab(&engine.tokenizer, &d.tokenizer) {
                         Ok(()) => Some(Arc::clone(&d.model)),
                         Err(e) if own => return Err(e),
