@@ -403,10 +403,12 @@ impl Config {
                     ));
                 }
             }
-            m.spec.or(&spec).check(&format!("models.{}: ", m.key))?;
+            m.spec
+                .or(&spec)
+                .check(&m.spec, &format!("models.{}: ", m.key))?;
             models.push(m);
         }
-        spec.check("")?;
+        spec.check(&spec, "")?;
         Ok(Checked {
             models,
             spec,
@@ -749,8 +751,10 @@ impl SpecSettings {
     /// The speculation these settings ask for: `ngram`, or `draft` with a draft model (the
     /// default when one is given); `None` for none.
     /// Settings that can never take effect: fewer guesses allowed than the least worth
-    /// checking, or a draft model with n-gram lookup.
-    pub fn check(&self, at: &str) -> Result<(), String> {
+    /// checking (of these settings, merged), or a draft model given together with n-gram
+    /// lookup in the same place (`own`: these settings before merging; an n-gram model may
+    /// inherit a server-wide draft model, which it then does not use).
+    pub fn check(&self, own: &SpecSettings, at: &str) -> Result<(), String> {
         if let (Some(min), Some(max)) = (self.draft_min, self.draft_max) {
             if min > max {
                 return Err(format!(
@@ -758,7 +762,7 @@ impl SpecSettings {
                 ));
             }
         }
-        if self.spec_type == Some(SpecType::Ngram) && self.draft_model.is_some() {
+        if own.spec_type == Some(SpecType::Ngram) && own.draft_model.is_some() {
             return Err(format!(
                 "{at}spec_type = \"ngram\" uses no draft model: drop draft_model or use \
                  spec_type = \"draft\""
