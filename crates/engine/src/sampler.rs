@@ -442,11 +442,6 @@ impl Sampler {
         self.params.temperature <= 0.0
     }
 
-    /// The tokens recorded so far (prompt and generated), for the penalties.
-    pub fn history(&self) -> &[u32] {
-        &self.history
-    }
-
     /// Replaces the recorded tokens (a draft model's sampler follows the target's sequence).
     pub fn set_history(&mut self, tokens: &[u32]) {
         self.history.clear();
