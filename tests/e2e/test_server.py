@@ -61,7 +61,10 @@ def setUpModule():
     global SERVER, URL
     port = free_port()
     URL = f"http://127.0.0.1:{port}"
-    args = [CAPY, "serve", "--port", str(port), "-t", "2", "--parallel", "16", "-c", "2048"]
+    # a database of its own: keys in CAPY_HOME's would lock these tests out
+    db = f"sqlite:///tmp/capy-e2e-server-{os.getpid()}.db"
+    args = [CAPY, "serve", "--port", str(port), "-t", "2", "--parallel", "16", "-c", "2048",
+            "--database-url", db]
     for m in MODELS:
         args += ["-m", m]
     SERVER = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=sys.stderr)
@@ -84,6 +87,11 @@ def tearDownModule():
     if SERVER:
         SERVER.terminate()
         SERVER.wait(timeout=30)
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.remove(f"/tmp/capy-e2e-server-{os.getpid()}.db{suffix}")
+        except OSError:
+            pass
 
 
 CLIENTS = {}
@@ -489,7 +497,8 @@ class PerModelConfig(unittest.TestCase):
         port = free_port()
         cls.url = f"http://127.0.0.1:{port}"
         cls.server = subprocess.Popen(
-            [CAPY, "serve", "--config", cfg, "--port", str(port), "-t", "2"],
+            [CAPY, "serve", "--config", cfg, "--port", str(port), "-t", "2", "--auth", "off",
+             "--no-usage"],
             stdout=subprocess.DEVNULL, stderr=sys.stderr)
         deadline = time.time() + 120
         while time.time() < deadline:

@@ -1,5 +1,5 @@
-//! The `capy` command: pull, list, show, rm, run, generate, perplexity, bench, serve, ps,
-//! stop.
+//! The `capy` command: pull, list, show, rm, run, generate, perplexity, bench, quantize,
+//! serve, ps, stop, keys, usage.
 //!
 //! The only crate that uses `anyhow`: library errors get context here and become an exit
 //! code and a one-line message.
@@ -8,6 +8,7 @@ mod bench;
 mod bench_spec;
 mod common;
 mod generate;
+mod keys;
 mod perplexity;
 mod progress;
 mod quantize;
@@ -57,6 +58,10 @@ enum Cmd {
     Ps,
     /// Unload a model from a running server now (server at CAPY_HOST).
     Stop(remote::StopArgs),
+    /// Create, list, update and revoke the API keys of `capy serve`.
+    Keys(keys::KeysArgs),
+    /// Requests and tokens used, per day, key or model, from the usage records.
+    Usage(keys::UsageArgs),
 }
 
 fn main() {
@@ -86,6 +91,8 @@ fn main() {
         Cmd::Serve(a) => serve::serve(*a),
         Cmd::Ps => remote::ps(),
         Cmd::Stop(a) => remote::stop(a),
+        Cmd::Keys(a) => keys::keys(a),
+        Cmd::Usage(a) => keys::usage(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -116,12 +116,30 @@ pub struct ServeArgs {
     /// [default: 5m].
     #[arg(long, env = "CAPY_LOAD_TIMEOUT")]
     pub load_timeout: Option<String>,
+    /// Database of API keys and usage: sqlite:PATH or postgres://USER@HOST/DB (shared by
+    /// replicas) [default: capy.db in CAPY_HOME].
+    #[arg(long, env = "CAPY_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// When requests need an API key: auto (once `capy keys create` made one), required,
+    /// off [default: auto].
+    #[arg(long, env = "CAPY_AUTH")]
+    pub auth: Option<String>,
+    /// Keep the per-minute limits in the PostgreSQL database, so every replica sharing it
+    /// enforces them together.
+    #[arg(long, env = "CAPY_SHARED_LIMITS", value_parser = clap::builder::FalseyValueParser::new())]
+    pub shared_limits: bool,
+    /// This server's name in usage records [default: HOSTNAME:PORT].
+    #[arg(long, env = "CAPY_REPLICA")]
+    pub replica: Option<String>,
+    /// Record no usage rows (with `--auth off` as well, no database is opened at all).
+    #[arg(long, env = "CAPY_NO_USAGE", value_parser = clap::builder::FalseyValueParser::new())]
+    pub no_usage: bool,
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
     // the server's log (errors with their request ids) on stderr; CAPY_LOG=debug for more
     let filter = tracing_subscriber::EnvFilter::try_from_env("CAPY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -164,6 +182,11 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         pull_hosts: a.pull_hosts,
         max_pull_size: a.max_pull_size,
         load_timeout: a.load_timeout,
+        database_url: a.database_url,
+        auth: a.auth,
+        shared_limits: a.shared_limits.then_some(true),
+        replica: a.replica,
+        usage: a.no_usage.then_some(false),
     });
     let checked = cfg.validate().map_err(|e| anyhow!(e))?;
     // the configured models must be on disk before the server starts: pull built-ins now

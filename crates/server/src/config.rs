@@ -194,6 +194,17 @@ pub struct Config {
     pub max_pull_size: String,
     /// How long a request waits for a busy model to make room for its own ("5m").
     pub load_timeout: String,
+    /// Database of API keys and usage records: `sqlite:PATH` or `postgres://USER@HOST/DB`;
+    /// empty: `capy.db` in CAPY_HOME.
+    pub database_url: String,
+    /// When requests need an API key: `auto` (once any key exists), `required` or `off`.
+    pub auth: String,
+    /// Keep the per-minute limits in the (PostgreSQL) database, so replicas share them.
+    pub shared_limits: bool,
+    /// This server's name in usage records; empty: the host name and port.
+    pub replica: String,
+    /// Record one usage row per generation request.
+    pub usage: bool,
 }
 
 impl Default for Config {
@@ -229,6 +240,11 @@ impl Default for Config {
             pull_hosts: Vec::new(),
             max_pull_size: String::new(),
             load_timeout: "5m".into(),
+            database_url: String::new(),
+            auth: "auto".into(),
+            shared_limits: false,
+            replica: String::new(),
+            usage: true,
         }
     }
 }
@@ -265,6 +281,11 @@ pub struct Overrides {
     pub pull_hosts: Vec<String>,
     pub max_pull_size: Option<String>,
     pub load_timeout: Option<String>,
+    pub database_url: Option<String>,
+    pub auth: Option<String>,
+    pub shared_limits: Option<bool>,
+    pub replica: Option<String>,
+    pub usage: Option<bool>,
 }
 
 impl Config {
@@ -335,6 +356,11 @@ impl Config {
         }
         set(&mut self.max_pull_size, o.max_pull_size);
         set(&mut self.load_timeout, o.load_timeout);
+        set(&mut self.database_url, o.database_url);
+        set(&mut self.auth, o.auth);
+        set(&mut self.shared_limits, o.shared_limits);
+        set(&mut self.replica, o.replica);
+        set(&mut self.usage, o.usage);
     }
 
     /// Checks the values and turns the strings into numbers.
@@ -422,6 +448,23 @@ impl Config {
             read_timeout: duration("read_timeout", &self.read_timeout)?,
             shutdown_timeout: duration("shutdown_timeout", &self.shutdown_timeout)?,
             load_timeout: duration("load_timeout", &self.load_timeout)?,
+            auth: self.auth.parse()?,
+            database_url: self.database_url.trim().to_string(),
+            shared_limits: self.shared_limits,
+            replica: self.replica.trim().to_string(),
+            usage: self.usage,
+        })
+        .and_then(|c| {
+            if c.shared_limits && !c.database_url.starts_with("postgres") {
+                return Err(
+                    "shared_limits needs database_url = postgres://... (the replicas' database)"
+                        .to_string(),
+                );
+            }
+            if !c.database_url.is_empty() {
+                capy_db::Backend::of(&c.database_url).map_err(|e| e.to_string())?;
+            }
+            Ok(c)
         })
     }
 }
@@ -446,6 +489,43 @@ pub struct Checked {
     pub read_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub load_timeout: Duration,
+    pub auth: crate::gateway::AuthMode,
+    /// Empty: the default SQLite file.
+    pub database_url: String,
+    pub shared_limits: bool,
+    pub replica: String,
+    pub usage: bool,
+}
+
+impl Checked {
+    /// The gateway's settings (the default database is `capy.db` in `home`); `None` when
+    /// there is nothing for it to do (`auth = "off"` and `usage = false`): no database.
+    pub fn gateway(&self, home: &Path, port: u16) -> Option<crate::gateway::GatewayConfig> {
+        if self.auth == crate::gateway::AuthMode::Off && !self.usage {
+            return None;
+        }
+        let replica = if self.replica.is_empty() {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".into());
+            format!("{host}:{port}")
+        } else {
+            self.replica.clone()
+        };
+        Some(crate::gateway::GatewayConfig {
+            database_url: if self.database_url.is_empty() {
+                capy_db::default_url(home)
+            } else {
+                self.database_url.clone()
+            },
+            auth: self.auth,
+            replica,
+            shared_limits: self.shared_limits,
+            usage: self.usage,
+        })
+    }
 }
 
 /// A served model as the config file gives it: its name (a `[models.NAME]` table's key, or

@@ -13,6 +13,7 @@ use capy_engine::{Event, GenerateParams, PromptLogprob, Request, Sink, Summary, 
 use tokio::sync::mpsc;
 
 use crate::error::ApiError;
+use crate::gateway::Ticket;
 use crate::registry::Lease;
 use crate::AppState;
 
@@ -52,6 +53,43 @@ pub struct Gens {
     state: Arc<AppState>,
     t0: Instant,
     last: Vec<Option<Instant>>,
+    /// Per choice: its prompt's length when it is the first choice of its prompt (the
+    /// prompt a response's `usage` counts once), else 0.
+    prompt_of: Vec<usize>,
+    /// Per choice: tokens received, and its summary once done.
+    seen: Vec<(usize, Option<(usize, usize)>)>,
+    started: bool,
+    failed: bool,
+    ticket: Option<Arc<Ticket>>,
+}
+
+impl Drop for Gens {
+    /// Reports what the request used to its usage ticket: the summaries' counts for the
+    /// choices that ended, the tokens received for those cut short (a disconnect).
+    fn drop(&mut self) {
+        let Some(t) = &self.ticket else { return };
+        let (mut prompt, mut cached, mut completion) = (0, 0, 0);
+        let mut cut = false;
+        for (i, &(n, done)) in self.seen.iter().enumerate() {
+            let first = self.prompt_of[i];
+            match done {
+                Some((c, k)) => {
+                    completion += c;
+                    if first > 0 {
+                        cached += k;
+                    }
+                }
+                None => {
+                    completion += n;
+                    cut = true;
+                }
+            }
+            if self.started {
+                prompt += first;
+            }
+        }
+        t.set_tokens(prompt, cached, completion, cut && !self.failed);
+    }
 }
 
 /// Everything one choice produced.
@@ -64,16 +102,27 @@ pub struct Outcome {
 }
 
 impl Gens {
-    /// Queues one choice per `(prompt, params)` on the leased model.
+    /// Queues one choice per `(prompt, params)` on the leased model; `per_prompt`
+    /// consecutive choices share a prompt (a request's `n`). The usage `ticket` hears
+    /// what the request used and gives its tenant's prefix-cache salt.
     pub fn start(
         state: &Arc<AppState>,
         lease: Lease,
         choices: Vec<(Vec<u32>, GenerateParams)>,
+        per_prompt: usize,
         n_ctx: Option<usize>,
         t0: Instant,
+        ticket: Option<Arc<Ticket>>,
     ) -> Result<Gens, ApiError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let n = choices.len();
+        let per_prompt = per_prompt.max(1);
+        let prompt_of = choices
+            .iter()
+            .enumerate()
+            .map(|(i, (p, _))| if i % per_prompt == 0 { p.len() } else { 0 })
+            .collect();
+        let salt = ticket.as_ref().map(|t| t.salt()).unwrap_or_default();
         let reqs = choices
             .into_iter()
             .enumerate()
@@ -81,7 +130,7 @@ impl Gens {
                 prompt,
                 params,
                 n_ctx,
-                salt: String::new(),
+                salt: salt.clone(),
                 sink: Box::new(ChannelSink {
                     tx: tx.clone(),
                     index,
@@ -103,6 +152,11 @@ impl Gens {
             state: Arc::clone(state),
             t0,
             last: vec![None; n],
+            prompt_of,
+            seen: vec![(0, None); n],
+            started: false,
+            failed: false,
+            ticket,
         })
     }
 
@@ -116,7 +170,15 @@ impl Gens {
         let (i, ev) = self.rx.recv().await?;
         let m = &self.state.metrics;
         match &ev {
+            Event::Started { .. } => self.started = true,
+            Event::Failed(_) => self.failed = true,
             Event::Token { .. } => {
+                if let Some(s) = self.seen.get_mut(i) {
+                    s.0 += 1;
+                }
+                if let Some(t) = &self.ticket {
+                    t.first_token();
+                }
                 let now = Instant::now();
                 match self.last.get(i).copied().flatten() {
                     Some(prev) => m.itl.observe((now - prev).as_secs_f64()),
@@ -128,6 +190,9 @@ impl Gens {
                 m.generated_tokens.fetch_add(1, Relaxed);
             }
             Event::Done(s) => {
+                if let Some(x) = self.seen.get_mut(i) {
+                    x.1 = Some((s.completion_tokens, s.cached_tokens));
+                }
                 m.prompt_tokens.fetch_add(s.prompt_tokens as u64, Relaxed);
                 m.cached_tokens.fetch_add(s.cached_tokens as u64, Relaxed);
             }
@@ -222,16 +287,7 @@ pub fn rfc3339(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs() as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // civil date from days since 1970-01-01 (Howard Hinnant's algorithm)
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day) = capy_db::time::civil_from_days(days);
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
         rem / 3600,

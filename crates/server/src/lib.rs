@@ -5,8 +5,10 @@
 //! queues them on the right model and streams back what the engine reports. Models are
 //! held by a [`registry::Registry`] under one memory budget.
 
+pub mod admin;
 pub mod config;
 pub mod error;
+pub mod gateway;
 pub mod gen;
 pub mod info;
 pub mod metrics;
@@ -43,6 +45,8 @@ pub struct AppState {
     pub limits: Limits,
     /// What `/api/pull` may do; `None`: pulls through the API are refused.
     pub pull: Option<capy_store::PullPolicy>,
+    /// Keys, limits and usage records; `None`: no database (every request is served).
+    pub gateway: Option<Arc<gateway::Gateway>>,
 }
 
 /// What one request may take of the server.
@@ -75,6 +79,7 @@ impl AppState {
             ready: AtomicBool::new(false),
             limits,
             pull: Some(capy_store::PullPolicy::default()),
+            gateway: None,
         })
     }
 
@@ -175,14 +180,32 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/api/embeddings", post(not_yet))
         .route("/v1/embeddings", post(not_yet))
         .route("/", get(|| async { "capy is running" }))
+        .route("/admin/keys", get(admin::list_keys).post(admin::create_key))
+        .route(
+            "/admin/keys/{name}",
+            get(admin::get_key)
+                .patch(admin::update_key)
+                .delete(admin::revoke_key),
+        )
+        .route("/admin/usage", get(admin::usage))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
+        // innermost: a key's models and limits, and the usage ticket (needs the body)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            gateway::limit,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             read_body,
         ))
         // read_body enforces the limit, in each API's error shape
         .layer(axum::extract::DefaultBodyLimit::disable())
+        // the key is checked before the body is read
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            gateway::authenticate,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             count_requests,
@@ -246,7 +269,7 @@ async fn read_body(State(st): State<Arc<AppState>>, req: Request, next: Next) ->
 }
 
 /// The error shape of a path: Ollama's under `/api/`, OpenAI's elsewhere.
-fn flavor_of(path: &str) -> Flavor {
+pub(crate) fn flavor_of(path: &str) -> Flavor {
     if path == "/api" || path.starts_with("/api/") {
         Flavor::Ollama
     } else {
@@ -322,11 +345,11 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        st.metrics.render(&st.registry),
-    )
-        .into_response()
+    let mut text = st.metrics.render(&st.registry);
+    if let Some(gw) = &st.gateway {
+        gw.render_metrics(&mut text);
+    }
+    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
 }
 
 /// The model a `/tokenize` or `/detokenize` request means: the one named, else the first
@@ -433,14 +456,27 @@ pub fn run(cfg: Config, store: capy_store::Store) -> Result<(), String> {
 /// while the warm set loads), unloads idle models in the background.
 pub async fn serve(cfg: Config, store: capy_store::Store) -> Result<(), String> {
     let checked = cfg.validate()?;
-    let state = AppState::from_config(&cfg, checked.clone(), store);
+    let gw_cfg = checked.gateway(&store.root, cfg.port);
+    let mut state = AppState::from_config(&cfg, checked.clone(), store);
     state.registry.check_warm_set().map_err(|e| e.message)?;
+    let gw = match gw_cfg {
+        Some(c) => Some(gateway::Gateway::start(c).await?),
+        None => None,
+    };
+    let auth = match gw.as_ref().map(|g| (g.auth_mode(), g.required())) {
+        None | Some((gateway::AuthMode::Off, _)) => "off",
+        Some((_, true)) => "API keys required",
+        Some((_, false)) => "open (no API key exists yet)",
+    };
+    if let Some(s) = Arc::get_mut(&mut state) {
+        s.gateway = gw.clone();
+    }
     let addr = format!("{}:{}", cfg.host, cfg.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     eprintln!(
-        "capy: listening on http://{addr} (kernels: {})",
+        "capy: listening on http://{addr} (kernels: {}; auth: {auth})",
         capy_engine::kernels_name()
     );
     // a warm set that cannot load stops the server with its error
@@ -506,6 +542,10 @@ pub async fn serve(cfg: Config, store: capy_store::Store) -> Result<(), String> 
         }
     })
     .await;
+    // usage records of the requests that just ended
+    if let Some(gw) = &gw {
+        gw.flush().await;
+    }
     let err = warm_error.lock().unwrap_or_else(|p| p.into_inner()).take();
     match err {
         Some(e) => Err(format!("loading the warm set: {e}")),

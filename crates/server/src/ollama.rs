@@ -8,13 +8,14 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use capy_engine::{Event, GenerateParams, Message, StopReason};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::config::KeepAlive;
 use crate::error::{parse_json, ApiError, Flavor};
+use crate::gateway::Ticket;
 use crate::gen::{rfc3339, stream_response, Gens};
 use crate::params;
 use crate::registry::Lease;
@@ -145,13 +146,21 @@ async fn load_only(
     Ok(Json(v).into_response())
 }
 
-pub async fn generate(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
-    generate_inner(st, body)
+pub async fn generate(
+    State(st): State<Arc<AppState>>,
+    ticket: Option<Extension<Arc<Ticket>>>,
+    body: Bytes,
+) -> Response {
+    generate_inner(st, body, ticket.map(|t| t.0))
         .await
         .unwrap_or_else(|e| ollama(e).into_response())
 }
 
-async fn generate_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError> {
+async fn generate_inner(
+    st: Arc<AppState>,
+    body: Bytes,
+    ticket: Option<Arc<Ticket>>,
+) -> Result<Response, ApiError> {
     let t0 = Instant::now();
     let req: GenerateRequest = params::parse(&body, params::GENERATE, Flavor::Ollama)?;
     let ka = keep_alive(&req.keep_alive)?;
@@ -206,6 +215,7 @@ async fn generate_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiE
         req.stream.unwrap_or(true),
         t0,
         false,
+        ticket,
     )
     .await
 }
@@ -233,13 +243,21 @@ struct ChatRequest {
     format: Option<Value>,
 }
 
-pub async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
-    chat_inner(st, body)
+pub async fn chat(
+    State(st): State<Arc<AppState>>,
+    ticket: Option<Extension<Arc<Ticket>>>,
+    body: Bytes,
+) -> Response {
+    chat_inner(st, body, ticket.map(|t| t.0))
         .await
         .unwrap_or_else(|e| ollama(e).into_response())
 }
 
-async fn chat_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError> {
+async fn chat_inner(
+    st: Arc<AppState>,
+    body: Bytes,
+    ticket: Option<Arc<Ticket>>,
+) -> Result<Response, ApiError> {
     let t0 = Instant::now();
     let req: ChatRequest = params::parse(&body, params::CHAT, Flavor::Ollama)?;
     let ka = keep_alive(&req.keep_alive)?;
@@ -284,6 +302,7 @@ async fn chat_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError
         req.stream.unwrap_or(true),
         t0,
         true,
+        ticket,
     )
     .await
 }
@@ -299,6 +318,7 @@ async fn run(
     stream: bool,
     t0: Instant,
     chat: bool,
+    ticket: Option<Arc<Ticket>>,
 ) -> Result<Response, ApiError> {
     let model = format!("{}:latest", lease.name);
     let load_ms = if lease.loaded_at.elapsed().unwrap_or_default()
@@ -308,7 +328,15 @@ async fn run(
     } else {
         0.0
     };
-    let gens = Gens::start(&st, lease, vec![(prompt.clone(), params)], num_ctx, t0)?;
+    let gens = Gens::start(
+        &st,
+        lease,
+        vec![(prompt.clone(), params)],
+        1,
+        num_ctx,
+        t0,
+        ticket,
+    )?;
     let piece = move |text: &str| -> Value {
         let mut v =
             json!({"model": model, "created_at": rfc3339(SystemTime::now()), "done": false});

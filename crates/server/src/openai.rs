@@ -7,12 +7,13 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use capy_engine::{GenerateParams, Message, StopReason, TokenOut, Tokenizer};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::{ApiError, Flavor};
+use crate::gateway::Ticket;
 use crate::gen::{new_id, stream_response, unix_now, Gens, Outcome};
 use crate::params::{self, Stop};
 use crate::{AppState, Knobs};
@@ -227,13 +228,21 @@ fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
     })
 }
 
-pub async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
-    chat_inner(st, body)
+pub async fn chat(
+    State(st): State<Arc<AppState>>,
+    ticket: Option<Extension<Arc<Ticket>>>,
+    body: Bytes,
+) -> Response {
+    chat_inner(st, body, ticket.map(|t| t.0))
         .await
         .unwrap_or_else(|e| e.into_response())
 }
 
-async fn chat_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError> {
+async fn chat_inner(
+    st: Arc<AppState>,
+    body: Bytes,
+    ticket: Option<Arc<Ticket>>,
+) -> Result<Response, ApiError> {
     let t0 = Instant::now();
     let req: ChatRequest = params::parse(&body, params::CHAT_COMPLETIONS, Flavor::OpenAi)?;
     req.common.check()?;
@@ -281,7 +290,7 @@ async fn chat_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError
         .into_iter()
         .map(|p| (prompt.clone(), p))
         .collect();
-    let gens = Gens::start(&st, lease, choices, None, t0)?;
+    let gens = Gens::start(&st, lease, choices, n, None, t0, ticket)?;
     let id = new_id("chatcmpl");
     let created = unix_now();
     let fingerprint = format!("capy-{}", env!("CARGO_PKG_VERSION"));
@@ -522,13 +531,21 @@ fn completion_logprobs(
     json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs})
 }
 
-pub async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
-    completions_inner(st, body)
+pub async fn completions(
+    State(st): State<Arc<AppState>>,
+    ticket: Option<Extension<Arc<Ticket>>>,
+    body: Bytes,
+) -> Response {
+    completions_inner(st, body, ticket.map(|t| t.0))
         .await
         .unwrap_or_else(|e| e.into_response())
 }
 
-async fn completions_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, ApiError> {
+async fn completions_inner(
+    st: Arc<AppState>,
+    body: Bytes,
+    ticket: Option<Arc<Ticket>>,
+) -> Result<Response, ApiError> {
     let t0 = Instant::now();
     let req: CompletionRequest = params::parse(&body, params::COMPLETIONS, Flavor::OpenAi)?;
     req.common.check()?;
@@ -564,7 +581,7 @@ async fn completions_inner(st: Arc<AppState>, body: Bytes) -> Result<Response, A
             choices.push((p.tokens.clone(), b.clone()));
         }
     }
-    let gens = Gens::start(&st, lease, choices, None, t0).map_err(|e| {
+    let gens = Gens::start(&st, lease, choices, n, None, t0, ticket).map_err(|e| {
         // what the engine refuses in a completion is the prompt's fault
         if e.code == Some("context_length_exceeded")
             || (e.status == StatusCode::BAD_REQUEST && e.param.is_none())

@@ -1,0 +1,1253 @@
+//! The gateway in front of the API: API keys, per-key limits and one usage record per
+//! generation request.
+//!
+//! - **Keys** live in the database ([`capy_db`]) as SHA-256 hashes; the server holds them in
+//!   memory and reloads them when their version changes (polled every 500 ms, so a key
+//!   revoked by `capy keys revoke` or another replica is refused within a second).
+//! - **Auth**: `Authorization: Bearer KEY` or `x-api-key: KEY`. Required once any key
+//!   exists (revoked ones count: revoking the last key does not open the server), or always
+//!   with `--auth required`; `--auth off` never asks. `/health` is always open; `/admin/*`,
+//!   `/api/pull` and `/api/delete` need an admin key.
+//! - **Limits** per key: requests and tokens in any 60 s (sliding windows, exact: a 60 rpm
+//!   key gets 60 requests in any minute, not GCRA's 60 plus one a second), requests at
+//!   once, tokens per UTC day and month (checked when a request starts: a budget stops a
+//!   key within one request). With `--shared-limits` (PostgreSQL), the minute windows live
+//!   in the database, one transaction per request under a per-key advisory lock, so
+//!   replicas share them exactly; concurrency is per replica; budgets are the database's
+//!   totals refreshed every 500 ms plus this replica's unwritten usage.
+//! - **Usage**: a [`Ticket`] rides with each generation request; when the last holder (the
+//!   handler, or the stream that outlives it) lets go, its record is queued for a writer
+//!   task that inserts in batches (every 200 ms or 256 records) and retries a database
+//!   that is down, so the request path never waits on the database.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use capy_db::{Db, Key, UsageRecord};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{ApiError, Flavor};
+use crate::AppState;
+
+/// When requests need a key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Once any key exists.
+    #[default]
+    Auto,
+    /// Always (no key yet: every request but `/health` is refused).
+    Required,
+    /// Never (keys are ignored; usage is still recorded).
+    Off,
+}
+
+impl std::str::FromStr for AuthMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<AuthMode, String> {
+        match s {
+            "auto" | "" => Ok(AuthMode::Auto),
+            "required" | "on" => Ok(AuthMode::Required),
+            "off" => Ok(AuthMode::Off),
+            _ => Err(format!("bad auth {s:?}: use auto, required or off")),
+        }
+    }
+}
+
+/// How the gateway runs.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    pub database_url: String,
+    pub auth: AuthMode,
+    /// This process's name in usage records (default: host name and port).
+    pub replica: String,
+    /// Keep the minute windows in the database, shared by every replica (PostgreSQL).
+    pub shared_limits: bool,
+    /// Record usage rows (limits and budgets work either way).
+    pub usage: bool,
+}
+
+const WINDOW_MS: i64 = 60_000;
+const POLL: Duration = Duration::from_millis(500);
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A UTC day or month and the tokens used in it.
+#[derive(Clone, Copy, Debug, Default)]
+struct Period {
+    end: i64,
+    used: i64,
+}
+
+impl Period {
+    /// Moves to the period holding `now` (used from 0) when it has passed.
+    fn roll(&mut self, now: i64, bounds: fn(i64) -> (i64, i64)) {
+        if now >= self.end {
+            *self = Period {
+                end: bounds(now).1,
+                used: 0,
+            };
+        }
+    }
+}
+
+/// A key's running counts (kept across key reloads, by key id).
+#[derive(Debug, Default)]
+struct KeyState {
+    /// Times (ms) of the requests admitted in the last minute.
+    requests: VecDeque<i64>,
+    /// (time ms, tokens) used in the last minute.
+    tokens: VecDeque<(i64, i64)>,
+    tokens_in_window: i64,
+    in_flight: i64,
+    day: Period,
+    month: Period,
+    /// Tokens of records not yet in the database (shared budgets add them to its totals).
+    unwritten: i64,
+}
+
+impl KeyState {
+    fn prune(&mut self, now: i64) {
+        while self.requests.front().is_some_and(|&t| t <= now - WINDOW_MS) {
+            self.requests.pop_front();
+        }
+        while let Some(&(t, n)) = self.tokens.front() {
+            if t > now - WINDOW_MS {
+                break;
+            }
+            self.tokens.pop_front();
+            self.tokens_in_window -= n;
+        }
+    }
+}
+
+/// A key as the server holds it.
+pub struct Entry {
+    pub key: Key,
+    hash: [u8; 32],
+    state: Arc<Mutex<KeyState>>,
+}
+
+impl Entry {
+    /// The prefix-cache salt of the key's tenant.
+    pub fn salt(&self) -> String {
+        format!("tenant:{}", self.key.tenant_id())
+    }
+}
+
+#[derive(Default)]
+struct KeyTable {
+    by_hash: HashMap<[u8; 32], Arc<Entry>>,
+    /// Any key exists (revoked ones too).
+    any: bool,
+    version: (i64, i64),
+}
+
+/// Why a request was refused before it ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    Missing,
+    Invalid,
+    Revoked,
+    Expired,
+    Forbidden,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 5] = [
+        Refusal::Missing,
+        Refusal::Invalid,
+        Refusal::Revoked,
+        Refusal::Expired,
+        Refusal::Forbidden,
+    ];
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::Missing => "missing",
+            Refusal::Invalid => "invalid",
+            Refusal::Revoked => "revoked",
+            Refusal::Expired => "expired",
+            Refusal::Forbidden => "forbidden",
+        }
+    }
+}
+
+/// Per-key counters for `/metrics` (by key name).
+#[derive(Default, Clone, Copy)]
+struct KeyCounters {
+    requests: u64,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    limited: u64,
+}
+
+/// Buckets of the time the gateway's checks take per request, seconds.
+const CHECK_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.005, 0.025,
+];
+
+struct Counters {
+    /// Time spent on a request's key, model and limit checks (not the handler).
+    check: crate::metrics::Histogram,
+    auth_failures: [AtomicU64; 5],
+    per_key: Mutex<HashMap<String, KeyCounters>>,
+    records_written: AtomicU64,
+    records_dropped: AtomicU64,
+    write_errors: AtomicU64,
+    pending: AtomicU64,
+}
+
+impl Default for Counters {
+    fn default() -> Counters {
+        Counters {
+            check: crate::metrics::Histogram::new(CHECK_BUCKETS),
+            auth_failures: Default::default(),
+            per_key: Default::default(),
+            records_written: Default::default(),
+            records_dropped: Default::default(),
+            write_errors: Default::default(),
+            pending: Default::default(),
+        }
+    }
+}
+
+enum Msg {
+    Record(UsageRecord),
+    Flush(oneshot::Sender<()>),
+}
+
+/// The gateway: keys, limits and the usage writer.
+pub struct Gateway {
+    pub db: Db,
+    cfg: GatewayConfig,
+    keys: RwLock<Arc<KeyTable>>,
+    states: Mutex<HashMap<String, Arc<Mutex<KeyState>>>>,
+    writer: mpsc::UnboundedSender<Msg>,
+    counters: Counters,
+}
+
+/// Most records held while the database is down; older ones are dropped (and counted).
+const MAX_PENDING: usize = 100_000;
+
+impl Gateway {
+    /// Opens the database, loads the keys and starts the usage writer and the key poller.
+    ///
+    /// # Errors
+    /// The database's (unreachable, bad URL, failed migration).
+    pub async fn start(cfg: GatewayConfig) -> Result<Arc<Gateway>, String> {
+        let db = Db::open(&cfg.database_url)
+            .await
+            .map_err(|e| e.to_string())?;
+        if cfg.shared_limits && db.backend() != capy_db::Backend::Postgres {
+            return Err("shared_limits needs a PostgreSQL database_url".into());
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let gw = Arc::new(Gateway {
+            db,
+            cfg,
+            keys: RwLock::new(Arc::new(KeyTable::default())),
+            states: Mutex::new(HashMap::new()),
+            writer: tx,
+            counters: Counters::default(),
+        });
+        gw.reload(true).await.map_err(|e| e.to_string())?;
+        tokio::spawn(writer(Arc::downgrade(&gw), rx));
+        let weak = Arc::downgrade(&gw);
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            loop {
+                tokio::time::sleep(POLL).await;
+                let Some(gw) = weak.upgrade() else { return };
+                n += 1;
+                if let Err(e) = gw.reload(false).await {
+                    tracing::warn!("reloading API keys: {e}");
+                }
+                if gw.cfg.shared_limits {
+                    if let Err(e) = gw.refresh_budgets().await {
+                        tracing::warn!("reading shared token budgets: {e}");
+                    }
+                    if n.is_multiple_of(20) {
+                        let _ = gw.db.prune_rate_events(now_ms() - 2 * WINDOW_MS).await;
+                    }
+                }
+            }
+        });
+        Ok(gw)
+    }
+
+    /// Reloads the keys now (after the admin API changed one).
+    pub async fn reload_now(&self) {
+        if let Err(e) = self.reload(true).await {
+            tracing::warn!("reloading API keys: {e}");
+        }
+    }
+
+    pub fn auth_mode(&self) -> AuthMode {
+        self.cfg.auth
+    }
+
+    /// Whether requests need a key now.
+    pub fn required(&self) -> bool {
+        match self.cfg.auth {
+            AuthMode::Off => false,
+            AuthMode::Required => true,
+            AuthMode::Auto => self.table().any,
+        }
+    }
+
+    fn table(&self) -> Arc<KeyTable> {
+        Arc::clone(&self.keys.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Reloads the keys when their version changed (always with `force`); a key new to
+    /// this process gets its day and month totals from the usage table.
+    async fn reload(&self, force: bool) -> capy_db::Result<()> {
+        let version = self.db.keys_version().await?;
+        if !force && version == self.table().version {
+            return Ok(());
+        }
+        let keys = self.db.keys().await?;
+        let now = now_ms();
+        let mut fresh = Vec::new();
+        let mut by_hash = HashMap::new();
+        {
+            let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+            for k in &keys {
+                let Some(hash) = unhex32(&k.secret_hash) else {
+                    tracing::warn!("key {:?} has a malformed hash; skipped", k.name);
+                    continue;
+                };
+                let state = Arc::clone(states.entry(k.id.clone()).or_insert_with(|| {
+                    fresh.push(k.id.clone());
+                    Arc::new(Mutex::new(KeyState::default()))
+                }));
+                by_hash.insert(
+                    hash,
+                    Arc::new(Entry {
+                        key: k.clone(),
+                        hash,
+                        state,
+                    }),
+                );
+            }
+        }
+        if !fresh.is_empty() {
+            self.load_budgets(now, Some(&fresh)).await?;
+        }
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(KeyTable {
+            by_hash,
+            any: !keys.is_empty(),
+            version,
+        });
+        Ok(())
+    }
+
+    /// Sets the day and month totals of the keys `only` names (all with `None`) from the
+    /// usage table, plus what this process has not written yet.
+    async fn load_budgets(&self, now: i64, only: Option<&[String]>) -> capy_db::Result<()> {
+        let (day0, day1) = capy_db::time::day_bounds(now);
+        let (month0, month1) = capy_db::time::month_bounds(now);
+        let day: HashMap<String, i64> = self.db.tokens_since(day0).await?.into_iter().collect();
+        let month: HashMap<String, i64> = self.db.tokens_since(month0).await?.into_iter().collect();
+        let states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, s) in states.iter() {
+            if only.is_some_and(|o| !o.contains(id)) {
+                continue;
+            }
+            let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
+            let extra = s.unwritten;
+            s.day = Period {
+                end: day1,
+                used: day.get(id).copied().unwrap_or(0) + extra,
+            };
+            s.month = Period {
+                end: month1,
+                used: month.get(id).copied().unwrap_or(0) + extra,
+            };
+        }
+        Ok(())
+    }
+
+    async fn refresh_budgets(&self) -> capy_db::Result<()> {
+        self.load_budgets(now_ms(), None).await
+    }
+
+    /// The key a request's headers carry, checked.
+    fn identify(&self, headers: &HeaderMap) -> Result<Arc<Entry>, Refusal> {
+        let secret = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let (scheme, rest) = v.trim().split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+            })
+            .or_else(|| {
+                headers
+                    .get("x-api-key")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::trim)
+            })
+            .filter(|s| !s.is_empty())
+            .ok_or(Refusal::Missing)?;
+        let hash: [u8; 32] = sha2_32(secret);
+        let table = self.table();
+        let e = table.by_hash.get(&hash).ok_or(Refusal::Invalid)?;
+        // the map found it by hash; compare the whole hash in constant time all the same
+        if !constant_time_eq(&e.hash, &hash) {
+            return Err(Refusal::Invalid);
+        }
+        if e.key.revoked_at.is_some() {
+            return Err(Refusal::Revoked);
+        }
+        if !e.key.active(now_ms() / 1000) {
+            return Err(Refusal::Expired);
+        }
+        Ok(Arc::clone(e))
+    }
+
+    fn refuse(&self, r: Refusal, flavor: Flavor) -> Response {
+        self.counters.auth_failures[Refusal::ALL.iter().position(|&x| x == r).unwrap_or(0)]
+            .fetch_add(1, Relaxed);
+        let (status, code, msg) = match r {
+            Refusal::Missing => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_api_key",
+                "an API key is required: send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
+            ),
+            Refusal::Invalid => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_api_key",
+                "incorrect API key provided",
+            ),
+            Refusal::Revoked => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_api_key",
+                "this API key has been revoked",
+            ),
+            Refusal::Expired => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_api_key",
+                "this API key has expired",
+            ),
+            Refusal::Forbidden => (
+                StatusCode::FORBIDDEN,
+                "admin_required",
+                "this route needs an admin key (capy keys create NAME --admin)",
+            ),
+        };
+        let mut resp = ApiError::new(status, msg)
+            .code(code)
+            .flavor(flavor)
+            .into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
+    }
+
+    /// Checks a key's limits for a new request at `now` and, when it may run, counts it.
+    async fn admit(&self, e: &Entry, now: i64) -> Result<Quota, Box<Limited>> {
+        let l = &e.key.limits;
+        let shared = self.cfg.shared_limits && (l.rpm.is_some() || l.tpm.is_some());
+        let mut quota = {
+            let mut s = e.state.lock().unwrap_or_else(|p| p.into_inner());
+            s.day.roll(now, capy_db::time::day_bounds);
+            s.month.roll(now, capy_db::time::month_bounds);
+            s.prune(now);
+            if let Some(max) = l.max_concurrent {
+                if s.in_flight >= max {
+                    return Err(Box::new(Limited {
+                        what: "concurrent requests",
+                        limit: max,
+                        retry_after_ms: 1000,
+                        quota: Quota::default(),
+                        budget: false,
+                    }));
+                }
+            }
+            for (what, p, max) in [
+                ("tokens per day", s.day, l.tokens_per_day),
+                ("tokens per month", s.month, l.tokens_per_month),
+            ] {
+                if let Some(max) = max {
+                    if p.used >= max {
+                        return Err(Box::new(Limited {
+                            what,
+                            limit: max,
+                            retry_after_ms: p.end - now,
+                            quota: Quota::default(),
+                            budget: true,
+                        }));
+                    }
+                }
+            }
+            let quota = Quota::local(l, &s, now);
+            if !shared {
+                quota.check()?;
+                if l.rpm.is_some() {
+                    s.requests.push_back(now);
+                }
+            }
+            s.in_flight += 1;
+            // what the response reports: the window with this request in it
+            Quota::local(l, &s, now)
+        };
+        if shared {
+            let w = self
+                .db
+                .admit_shared(&e.key.id, now, l.rpm, l.tpm)
+                .await
+                .map_err(|err| {
+                    tracing::warn!("shared limits unavailable: {err}");
+                    err
+                });
+            let r = match w {
+                Ok(w) => {
+                    quota = Quota::shared(l, &w, now);
+                    if w.admitted {
+                        Ok(quota)
+                    } else {
+                        quota.check().map(|()| quota)
+                    }
+                }
+                // the database is down: the replica's own windows decide
+                Err(_) => {
+                    let mut s = e.state.lock().unwrap_or_else(|p| p.into_inner());
+                    let q = Quota::local(l, &s, now);
+                    q.check().map(|()| {
+                        if l.rpm.is_some() {
+                            s.requests.push_back(now);
+                        }
+                        q
+                    })
+                }
+            };
+            if r.is_err() {
+                e.state.lock().unwrap_or_else(|p| p.into_inner()).in_flight -= 1;
+            }
+            return r;
+        }
+        Ok(quota)
+    }
+
+    fn count_key(&self, name: &str, f: impl FnOnce(&mut KeyCounters)) {
+        let mut m = self
+            .counters
+            .per_key
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        f(m.entry(name.to_string()).or_default());
+    }
+
+    /// Writes every queued usage record now (at shutdown).
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.writer.send(Msg::Flush(tx)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
+        }
+    }
+
+    /// The gateway's lines of `/metrics`.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        self.counters.check.render(
+            out,
+            "capy_gateway_check_seconds",
+            "Time the gateway's key, model and limit checks took per request.",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP capy_auth_failures_total Requests refused for their API key, by reason.\n\
+             # TYPE capy_auth_failures_total counter"
+        );
+        for (r, n) in Refusal::ALL.iter().zip(&self.counters.auth_failures) {
+            let _ = writeln!(
+                out,
+                "capy_auth_failures_total{{reason=\"{}\"}} {}",
+                r.label(),
+                n.load(Relaxed)
+            );
+        }
+        let per_key = self
+            .counters
+            .per_key
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut names: Vec<&String> = per_key.keys().collect();
+        names.sort();
+        for (metric, help, get) in [
+            (
+                "capy_key_requests_total",
+                "Generation requests by API key name.",
+                (|c: &KeyCounters| c.requests) as fn(&KeyCounters) -> u64,
+            ),
+            (
+                "capy_key_prompt_tokens_total",
+                "Prompt tokens by API key name.",
+                |c: &KeyCounters| c.prompt_tokens,
+            ),
+            (
+                "capy_key_completion_tokens_total",
+                "Completion tokens by API key name.",
+                |c: &KeyCounters| c.completion_tokens,
+            ),
+            (
+                "capy_key_rate_limited_total",
+                "Requests refused by a limit (429), by API key name.",
+                |c: &KeyCounters| c.limited,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} counter");
+            for n in &names {
+                let _ = writeln!(out, "{metric}{{key=\"{n}\"}} {}", get(&per_key[*n]));
+            }
+        }
+        for (metric, help, v) in [
+            (
+                "capy_usage_records_written_total",
+                "Usage records written to the database.",
+                self.counters.records_written.load(Relaxed),
+            ),
+            (
+                "capy_usage_records_dropped_total",
+                "Usage records lost because the database stayed down too long.",
+                self.counters.records_dropped.load(Relaxed),
+            ),
+            (
+                "capy_usage_write_errors_total",
+                "Failed attempts to write usage records (retried).",
+                self.counters.write_errors.load(Relaxed),
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {metric} {help}\n# TYPE {metric} counter\n{metric} {v}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP capy_usage_records_pending Usage records waiting to be written.\n\
+             # TYPE capy_usage_records_pending gauge\ncapy_usage_records_pending {}",
+            self.counters.pending.load(Relaxed)
+        );
+    }
+}
+
+fn sha2_32(secret: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(secret.as_bytes()).into()
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    let b = s.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        let hi = (b[2 * i] as char).to_digit(16)?;
+        let lo = (b[2 * i + 1] as char).to_digit(16)?;
+        *o = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}
+
+/// Equality that takes the same time wherever the inputs differ.
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let d = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(d) == 0
+}
+
+/// A key's minute windows as a response reports them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Quota {
+    rpm: Option<i64>,
+    requests: i64,
+    /// ms until the oldest counted request leaves the window.
+    request_free_ms: i64,
+    /// ms until every counted request has left.
+    request_reset_ms: i64,
+    tpm: Option<i64>,
+    tokens: i64,
+    token_free_ms: i64,
+    token_reset_ms: i64,
+}
+
+impl Quota {
+    fn local(l: &capy_db::Limits, s: &KeyState, now: i64) -> Quota {
+        let left = |t: Option<i64>| t.map_or(0, |t| (t + WINDOW_MS - now).max(0));
+        Quota {
+            rpm: l.rpm,
+            requests: s.requests.len() as i64,
+            request_free_ms: left(s.requests.front().copied()),
+            request_reset_ms: left(s.requests.back().copied()),
+            tpm: l.tpm,
+            tokens: s.tokens_in_window,
+            token_free_ms: left(s.tokens.front().map(|x| x.0)),
+            token_reset_ms: left(s.tokens.back().map(|x| x.0)),
+        }
+    }
+
+    fn shared(l: &capy_db::Limits, w: &capy_db::Window, now: i64) -> Quota {
+        let left = |t: Option<i64>| t.map_or(0, |t| (t + WINDOW_MS - now).max(0));
+        Quota {
+            rpm: l.rpm,
+            requests: w.requests,
+            request_free_ms: left(w.oldest_request_ms),
+            request_reset_ms: left(w.newest_request_ms),
+            tpm: l.tpm,
+            tokens: w.tokens,
+            token_free_ms: left(w.oldest_token_ms),
+            token_reset_ms: left(w.newest_token_ms),
+        }
+    }
+
+    /// Refuses a request the windows have no room for.
+    fn check(&self) -> Result<(), Box<Limited>> {
+        if let Some(rpm) = self.rpm {
+            if self.requests >= rpm {
+                return Err(Box::new(Limited {
+                    what: "requests per minute",
+                    limit: rpm,
+                    retry_after_ms: self.request_free_ms,
+                    quota: *self,
+                    budget: false,
+                }));
+            }
+        }
+        if let Some(tpm) = self.tpm {
+            if self.tokens >= tpm {
+                return Err(Box::new(Limited {
+                    what: "tokens per minute",
+                    limit: tpm,
+                    retry_after_ms: self.token_free_ms,
+                    quota: *self,
+                    budget: false,
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    /// OpenAI's `x-ratelimit-*` headers (for the limits the key has).
+    fn headers(&self, h: &mut HeaderMap) {
+        let mut put = |name: &'static str, v: String| {
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                h.insert(HeaderName::from_static(name), v);
+            }
+        };
+        if let Some(rpm) = self.rpm {
+            put("x-ratelimit-limit-requests", rpm.to_string());
+            put(
+                "x-ratelimit-remaining-requests",
+                (rpm - self.requests).max(0).to_string(),
+            );
+            put(
+                "x-ratelimit-reset-requests",
+                go_duration(self.request_reset_ms),
+            );
+        }
+        if let Some(tpm) = self.tpm {
+            put("x-ratelimit-limit-tokens", tpm.to_string());
+            put(
+                "x-ratelimit-remaining-tokens",
+                (tpm - self.tokens).max(0).to_string(),
+            );
+            put("x-ratelimit-reset-tokens", go_duration(self.token_reset_ms));
+        }
+    }
+}
+
+/// A duration as OpenAI's headers write it (Go's format: `20ms`, `1.5s`, `6m0s`).
+fn go_duration(ms: i64) -> String {
+    let ms = ms.max(0);
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let (m, rest) = (ms / 60_000, ms % 60_000);
+    let secs = if rest % 1000 == 0 {
+        format!("{}s", rest / 1000)
+    } else {
+        let s = format!("{:.3}", rest as f64 / 1000.0);
+        format!("{}s", s.trim_end_matches('0'))
+    };
+    if m > 0 {
+        format!("{m}m{secs}")
+    } else {
+        secs
+    }
+}
+
+/// A request over one of its key's limits.
+#[derive(Debug)]
+pub struct Limited {
+    what: &'static str,
+    limit: i64,
+    retry_after_ms: i64,
+    quota: Quota,
+    budget: bool,
+}
+
+impl Limited {
+    fn response(&self, key: &str, flavor: Flavor) -> Response {
+        let secs = ((self.retry_after_ms.max(0) + 999) / 1000).max(1) as u64;
+        let (code, msg) = if self.budget {
+            (
+                "insufficient_quota",
+                format!(
+                    "key {key:?} has used its {} {} budget; it renews in {}",
+                    self.limit,
+                    self.what,
+                    go_duration(self.retry_after_ms)
+                ),
+            )
+        } else {
+            (
+                "rate_limit_exceeded",
+                format!(
+                    "rate limit reached for key {key:?}: {} {}; try again in {}",
+                    self.limit,
+                    self.what,
+                    go_duration(self.retry_after_ms)
+                ),
+            )
+        };
+        let mut r = ApiError::new(StatusCode::TOO_MANY_REQUESTS, msg)
+            .code(code)
+            .retry_after(secs)
+            .flavor(flavor)
+            .into_response();
+        self.quota.headers(r.headers_mut());
+        r
+    }
+}
+
+/// One generation request's usage, recorded when the last holder drops it.
+pub struct Ticket {
+    gw: Arc<Gateway>,
+    pub key: Option<Arc<Entry>>,
+    t0: Instant,
+    time_ms: i64,
+    endpoint: &'static str,
+    model: Option<String>,
+    tally: Mutex<Tally>,
+}
+
+/// What a request used, filled in by the handler and its generation.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Tally {
+    pub status: u16,
+    pub prompt_tokens: usize,
+    pub cached_tokens: usize,
+    pub completion_tokens: usize,
+    /// Seconds from arrival to the first token.
+    pub ttft: Option<f64>,
+    pub disconnected: bool,
+}
+
+impl Ticket {
+    /// The prefix-cache salt: the key's tenant, or none.
+    pub fn salt(&self) -> String {
+        self.key.as_ref().map_or_else(String::new, |e| e.salt())
+    }
+
+    /// Notes the first generated token (the first call counts).
+    pub fn first_token(&self) {
+        let mut t = self.tally.lock().unwrap_or_else(|e| e.into_inner());
+        if t.ttft.is_none() {
+            t.ttft = Some(self.t0.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Sets what the generation used.
+    pub fn set_tokens(&self, prompt: usize, cached: usize, completion: usize, gone: bool) {
+        let mut t = self.tally.lock().unwrap_or_else(|e| e.into_inner());
+        t.prompt_tokens = prompt;
+        t.cached_tokens = cached;
+        t.completion_tokens = completion;
+        t.disconnected = gone;
+    }
+
+    fn set_status(&self, status: u16) {
+        self.tally.lock().unwrap_or_else(|e| e.into_inner()).status = status;
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let t = *self.tally.get_mut().unwrap_or_else(|e| e.into_inner());
+        let used = (t.prompt_tokens + t.completion_tokens) as i64;
+        let now = now_ms();
+        if let Some(e) = &self.key {
+            let mut s = e.state.lock().unwrap_or_else(|p| p.into_inner());
+            s.in_flight -= 1;
+            if used > 0 {
+                s.prune(now);
+                if e.key.limits.tpm.is_some() {
+                    s.tokens.push_back((now, used));
+                    s.tokens_in_window += used;
+                }
+                s.day.roll(now, capy_db::time::day_bounds);
+                s.month.roll(now, capy_db::time::month_bounds);
+                s.day.used += used;
+                s.month.used += used;
+                s.unwritten += used;
+            }
+            drop(s);
+            self.gw.count_key(&e.key.name, |c| {
+                c.requests += 1;
+                c.prompt_tokens += t.prompt_tokens as u64;
+                c.completion_tokens += t.completion_tokens as u64;
+            });
+        }
+        let rec = UsageRecord {
+            time_ms: self.time_ms,
+            key_id: self.key.as_ref().map(|e| e.key.id.clone()),
+            model: self.model.take(),
+            endpoint: self.endpoint.to_string(),
+            prompt_tokens: t.prompt_tokens as i64,
+            cached_tokens: t.cached_tokens as i64,
+            completion_tokens: t.completion_tokens as i64,
+            status: i64::from(t.status),
+            ttft_ms: t.ttft.map(|s| s * 1e3),
+            latency_ms: self.t0.elapsed().as_secs_f64() * 1e3,
+            disconnected: t.disconnected,
+            replica: self.gw.cfg.replica.clone(),
+        };
+        if self.gw.cfg.usage {
+            self.gw.counters.pending.fetch_add(1, Relaxed);
+            let _ = self.gw.writer.send(Msg::Record(rec));
+        }
+    }
+}
+
+/// Writes usage records in batches; keeps them (up to [`MAX_PENDING`]) while the database
+/// is down and retries every second.
+async fn writer(gw: std::sync::Weak<Gateway>, mut rx: mpsc::UnboundedReceiver<Msg>) {
+    let mut pending: VecDeque<UsageRecord> = VecDeque::new();
+    let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut failing = false;
+    loop {
+        // wait for work: at once when something is pending (after a pause when failing)
+        let wait = if failing {
+            Duration::from_secs(1)
+        } else if pending.is_empty() {
+            Duration::from_secs(3600)
+        } else {
+            Duration::from_millis(200)
+        };
+        let deadline = tokio::time::sleep(wait);
+        tokio::pin!(deadline);
+        let mut closed = false;
+        loop {
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(Msg::Record(r)) => {
+                        pending.push_back(r);
+                        if failing {
+                            continue;
+                        }
+                        if pending.len() >= 256 {
+                            break;
+                        }
+                        if pending.len() == 1 {
+                            // the first record of a batch: written within 200 ms
+                            deadline
+                                .as_mut()
+                                .reset(tokio::time::Instant::now() + Duration::from_millis(200));
+                        }
+                    }
+                    Some(Msg::Flush(done)) => { waiting.push(done); break; }
+                    None => { closed = true; break; }
+                },
+                _ = &mut deadline => break,
+            }
+        }
+        let Some(g) = gw.upgrade() else { return };
+        while pending.len() > MAX_PENDING {
+            pending.pop_front();
+            g.counters.records_dropped.fetch_add(1, Relaxed);
+            g.counters.pending.fetch_sub(1, Relaxed);
+        }
+        if !pending.is_empty() {
+            let batch: Vec<UsageRecord> = pending.iter().take(1024).cloned().collect();
+            match g.db.insert_usage(&batch, g.cfg.shared_limits).await {
+                Ok(()) => {
+                    if failing {
+                        tracing::info!("usage records are being written again");
+                    }
+                    failing = false;
+                    pending.drain(..batch.len());
+                    let n = batch.len() as u64;
+                    g.counters.records_written.fetch_add(n, Relaxed);
+                    g.counters.pending.fetch_sub(n, Relaxed);
+                    let states = g.states.lock().unwrap_or_else(|e| e.into_inner());
+                    for r in &batch {
+                        if let Some(s) = r.key_id.as_ref().and_then(|id| states.get(id)) {
+                            s.lock().unwrap_or_else(|e| e.into_inner()).unwritten -=
+                                r.prompt_tokens + r.completion_tokens;
+                        }
+                    }
+                }
+                Err(e) => {
+                    g.counters.write_errors.fetch_add(1, Relaxed);
+                    if !failing {
+                        tracing::warn!(
+                            "writing {} usage records: {e}; keeping them and retrying",
+                            pending.len()
+                        );
+                    }
+                    failing = true;
+                }
+            }
+        }
+        // a flush is answered once everything before it is written (or the database is down)
+        if pending.is_empty() || failing {
+            for w in waiting.drain(..) {
+                let _ = w.send(());
+            }
+        }
+        if closed && (pending.is_empty() || failing) {
+            return;
+        }
+    }
+}
+
+/// The generation routes: the ones limits and usage records apply to.
+pub fn is_generation(route: &str) -> bool {
+    matches!(
+        route,
+        "/v1/chat/completions" | "/v1/completions" | "/api/generate" | "/api/chat"
+    )
+}
+
+/// Routes only an admin key may use when keys are required.
+fn admin_only(path: &str) -> bool {
+    path == "/admin" || path.starts_with("/admin/") || path == "/api/pull" || path == "/api/delete"
+}
+
+/// The caller of a request, once its key is checked.
+#[derive(Clone)]
+pub struct Caller(pub Option<Arc<Entry>>);
+
+/// First layer (before the body is read): checks the request's key.
+pub async fn authenticate(
+    State(st): State<Arc<AppState>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let Some(gw) = st.gateway.clone() else {
+        return next.run(req).await;
+    };
+    let path = req.uri().path().to_string();
+    if path == "/health" {
+        return next.run(req).await;
+    }
+    let t = Instant::now();
+    let flavor = crate::flavor_of(&path);
+    let required = gw.required();
+    let admin = path == "/admin" || path.starts_with("/admin/");
+    let caller = if required || admin {
+        match gw.identify(req.headers()) {
+            Ok(e) => {
+                if admin_only(&path) && !e.key.admin {
+                    return gw.refuse(Refusal::Forbidden, flavor);
+                }
+                Some(e)
+            }
+            Err(Refusal::Missing) if admin && !required => {
+                return ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "the admin API needs an admin key: create one with `capy keys create NAME --admin`",
+                )
+                .code("admin_required")
+                .into_response();
+            }
+            Err(r) => return gw.refuse(r, flavor),
+        }
+    } else {
+        None
+    };
+    req.extensions_mut().insert(Caller(caller));
+    let spent = t.elapsed();
+    if is_generation(&path) {
+        // the limit layer adds its part and records the whole
+        req.extensions_mut().insert(CheckTime(spent));
+    } else {
+        gw.counters.check.observe(spent.as_secs_f64());
+    }
+    next.run(req).await
+}
+
+/// Time [`authenticate`] spent on a request.
+#[derive(Clone, Copy)]
+struct CheckTime(Duration);
+
+#[derive(serde::Deserialize)]
+struct ModelField {
+    model: Option<serde_json::Value>,
+}
+
+/// Second layer (after the body is read), on the generation routes: the key's models and
+/// limits, then a [`Ticket`] for the handler, and the limit headers on the response.
+pub async fn limit(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let Some(gw) = st.gateway.clone() else {
+        return next.run(req).await;
+    };
+    let route = match req.extensions().get::<MatchedPath>().map(|m| m.as_str()) {
+        Some(r) if is_generation(r) => r,
+        _ => return next.run(req).await,
+    };
+    let endpoint: &'static str = match route {
+        "/v1/chat/completions" => "/v1/chat/completions",
+        "/v1/completions" => "/v1/completions",
+        "/api/generate" => "/api/generate",
+        _ => "/api/chat",
+    };
+    let flavor = crate::flavor_of(endpoint);
+    let key = req.extensions().get::<Caller>().and_then(|c| c.0.clone());
+    let t0 = Instant::now();
+    let time_ms = now_ms();
+    // the model named, for the key's list and the usage record (a malformed body is the
+    // handler's to report)
+    let (parts, body) = req.into_parts();
+    // read_body has the whole body in memory already: this takes it back without a copy
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let model = serde_json::from_slice::<ModelField>(&bytes)
+        .ok()
+        .and_then(|m| m.model)
+        .and_then(|m| m.as_str().map(str::to_string));
+    let mut req = Request::from_parts(parts, axum::body::Body::from(bytes));
+    let quota = match &key {
+        Some(e) => {
+            if let Some(m) = &model {
+                if !e.key.allows(m) {
+                    gw.counters.auth_failures[4].fetch_add(1, Relaxed);
+                    return ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        format!("this API key may not use model {m:?}"),
+                    )
+                    .code("model_not_allowed")
+                    .param("model")
+                    .flavor(flavor)
+                    .into_response();
+                }
+            }
+            match gw.admit(e, time_ms).await {
+                Ok(q) => Some(q),
+                Err(l) => {
+                    gw.count_key(&e.key.name, |c| c.limited += 1);
+                    let r = l.response(&e.key.name, flavor);
+                    // the refusal is a request too: recorded, with its status
+                    e.state.lock().unwrap_or_else(|p| p.into_inner()).in_flight += 1;
+                    let t = Ticket {
+                        gw: Arc::clone(&gw),
+                        key: Some(Arc::clone(e)),
+                        t0,
+                        time_ms,
+                        endpoint,
+                        model,
+                        tally: Mutex::new(Tally::default()),
+                    };
+                    t.set_status(r.status().as_u16());
+                    return r;
+                }
+            }
+        }
+        None => None,
+    };
+    let ticket = Arc::new(Ticket {
+        gw: Arc::clone(&gw),
+        key,
+        t0,
+        time_ms,
+        endpoint,
+        model,
+        tally: Mutex::new(Tally::default()),
+    });
+    req.extensions_mut().insert(Arc::clone(&ticket));
+    let before = req
+        .extensions()
+        .get::<CheckTime>()
+        .map_or(Duration::ZERO, |c| c.0);
+    gw.counters
+        .check
+        .observe((before + t0.elapsed()).as_secs_f64());
+    let mut resp = next.run(req).await;
+    ticket.set_status(resp.status().as_u16());
+    if let Some(q) = quota {
+        q.headers(resp.headers_mut());
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_as_openai_writes_them() {
+        assert_eq!(go_duration(20), "20ms");
+        assert_eq!(go_duration(1000), "1s");
+        assert_eq!(go_duration(1500), "1.5s");
+        assert_eq!(go_duration(360_000), "6m0s");
+        assert_eq!(go_duration(61_250), "1m1.25s");
+        assert_eq!(go_duration(-5), "0ms");
+    }
+
+    #[test]
+    fn hashes_and_comparison() {
+        let h = sha2_32("capy-abc");
+        assert_eq!(unhex32(&capy_db::hash_secret("capy-abc")), Some(h));
+        assert!(constant_time_eq(&h, &h));
+        let mut g = h;
+        g[31] ^= 1;
+        assert!(!constant_time_eq(&h, &g));
+        assert_eq!(unhex32("zz"), None);
+        assert_eq!("required".parse::<AuthMode>(), Ok(AuthMode::Required));
+        assert!("maybe".parse::<AuthMode>().is_err());
+    }
+
+    #[test]
+    fn windows_slide() {
+        let mut s = KeyState::default();
+        for t in [0, 10_000, 59_999] {
+            s.requests.push_back(t);
+            s.tokens.push_back((t, 5));
+            s.tokens_in_window += 5;
+        }
+        s.prune(60_000);
+        assert_eq!(s.requests.len(), 2);
+        assert_eq!(s.tokens_in_window, 10);
+        let l = capy_db::Limits {
+            rpm: Some(2),
+            tpm: Some(100),
+            ..Default::default()
+        };
+        let q = Quota::local(&l, &s, 60_000);
+        let e = q.check().unwrap_err();
+        assert_eq!(e.retry_after_ms, 10_000);
+        assert_eq!(q.request_reset_ms, 59_999);
+        let mut h = HeaderMap::new();
+        q.headers(&mut h);
+        assert_eq!(h["x-ratelimit-remaining-requests"], "0");
+        assert_eq!(h["x-ratelimit-remaining-tokens"], "90");
+        assert_eq!(h["x-ratelimit-reset-requests"], "59.999s");
+    }
+}
