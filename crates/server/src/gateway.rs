@@ -234,6 +234,8 @@ pub struct Gateway {
     states: Mutex<HashMap<String, Arc<Mutex<KeyState>>>>,
     writer: mpsc::UnboundedSender<Msg>,
     counters: Counters,
+    /// Until when (ms) the shared windows are not asked (the database failed).
+    shared_down_until: std::sync::atomic::AtomicI64,
 }
 
 /// Most records held while the database is down; older ones are dropped (and counted).
@@ -259,20 +261,32 @@ impl Gateway {
             states: Mutex::new(HashMap::new()),
             writer: tx,
             counters: Counters::default(),
+            shared_down_until: Default::default(),
         });
         gw.reload(true).await.map_err(|e| e.to_string())?;
         tokio::spawn(writer(Arc::downgrade(&gw), rx));
         let weak = Arc::downgrade(&gw);
         tokio::spawn(async move {
             let mut n = 0u64;
+            let mut down = false;
             loop {
                 tokio::time::sleep(POLL).await;
                 let Some(gw) = weak.upgrade() else { return };
                 n += 1;
-                if let Err(e) = gw.reload(false).await {
-                    tracing::warn!("reloading API keys: {e}");
+                // a database that stays down is logged when it goes and when it comes back,
+                // not twice a second
+                match gw.reload(false).await {
+                    Err(e) if !down => {
+                        tracing::warn!("reloading API keys: {e}; keeping the keys loaded");
+                        down = true;
+                    }
+                    Ok(()) if down => {
+                        tracing::info!("the key database answers again");
+                        down = false;
+                    }
+                    _ => {}
                 }
-                if gw.cfg.shared_limits {
+                if gw.cfg.shared_limits && !down {
                     if let Err(e) = gw.refresh_budgets().await {
                         tracing::warn!("reading shared token budgets: {e}");
                     }
@@ -506,14 +520,31 @@ impl Gateway {
             Quota::local(l, &s, now)
         };
         if shared {
-            let w = self
-                .db
-                .admit_shared(&e.key.id, now, l.rpm, l.tpm)
+            // a database that is down or slow is skipped for 2 s at a time (the replica's
+            // own windows decide meanwhile): requests never queue behind it
+            let w = if now < self.shared_down_until.load(Relaxed) {
+                Err(())
+            } else {
+                match tokio::time::timeout(
+                    Duration::from_secs(1),
+                    self.db.admit_shared(&e.key.id, now, l.rpm, l.tpm),
+                )
                 .await
-                .map_err(|err| {
-                    tracing::warn!("shared limits unavailable: {err}");
-                    err
-                });
+                {
+                    Ok(Ok(w)) => Ok(w),
+                    Ok(Err(err)) => {
+                        tracing::warn!("shared limits unavailable for 2 s: {err}");
+                        Err(())
+                    }
+                    Err(_) => {
+                        tracing::warn!("shared limits unavailable for 2 s: no answer within 1 s");
+                        Err(())
+                    }
+                }
+            };
+            if w.is_err() {
+                self.shared_down_until.store(now_ms() + 2000, Relaxed);
+            }
             let r = match w {
                 Ok(w) => {
                     quota = Quota::shared(l, &w, now);
@@ -889,7 +920,12 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let t = *self.tally.get_mut().unwrap_or_else(|e| e.into_inner());
+        let mut t = *self.tally.get_mut().unwrap_or_else(|e| e.into_inner());
+        if t.status == 0 {
+            // the handler never answered: the client left first (nginx's 499)
+            t.status = 499;
+            t.disconnected = true;
+        }
         let used = (t.prompt_tokens + t.completion_tokens) as i64;
         let now = now_ms();
         if let Some(e) = &self.key {
@@ -1100,6 +1136,36 @@ struct CheckTime(Duration);
 #[derive(serde::Deserialize)]
 struct ModelField {
     model: Option<serde_json::Value>,
+    /// Ollama's older spelling (`/api/show`).
+    name: Option<serde_json::Value>,
+}
+
+/// Whether the key may use `model`: a name on its list, or a name (alias, `NAME:latest`)
+/// of a served model that is.
+fn model_allowed(st: &AppState, e: &Entry, model: &str) -> bool {
+    e.key.allows(model)
+        || st
+            .registry
+            .resolve(model)
+            .is_ok_and(|r| e.key.allows(&r.name))
+}
+
+fn not_allowed(model: &str, flavor: Flavor) -> Response {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        format!("this API key may not use model {model:?}"),
+    )
+    .code("model_not_allowed")
+    .param("model")
+    .flavor(flavor)
+    .into_response()
+}
+
+impl Caller {
+    /// Whether the caller may see or use `model` (no key: any).
+    pub fn allows(&self, model: &str) -> bool {
+        self.0.as_ref().is_none_or(|e| e.key.allows(model))
+    }
 }
 
 /// Second layer (after the body is read), on the generation routes: the key's models and
@@ -1108,18 +1174,45 @@ pub async fn limit(State(st): State<Arc<AppState>>, req: Request, next: Next) ->
     let Some(gw) = st.gateway.clone() else {
         return next.run(req).await;
     };
-    let route = match req.extensions().get::<MatchedPath>().map(|m| m.as_str()) {
-        Some(r) if is_generation(r) => r,
-        _ => return next.run(req).await,
-    };
-    let endpoint: &'static str = match route {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_default();
+    let key = req.extensions().get::<Caller>().and_then(|c| c.0.clone());
+    if !is_generation(&route) {
+        // other routes that name a model (/api/show, /tokenize, /v1/models/ID) keep to
+        // the key's models too
+        let Some(e) = key.filter(|e| e.key.models.is_some()) else {
+            return next.run(req).await;
+        };
+        let path = req.uri().path().to_string();
+        let (parts, body) = req.into_parts();
+        let bytes = axum::body::to_bytes(body, usize::MAX)
+            .await
+            .unwrap_or_default();
+        let named = path
+            .strip_prefix("/v1/models/")
+            .map(str::to_string)
+            .or_else(|| {
+                let f = serde_json::from_slice::<ModelField>(&bytes).ok()?;
+                f.model.or(f.name)?.as_str().map(str::to_string)
+            });
+        if let Some(m) = named.filter(|m| !model_allowed(&st, &e, m)) {
+            gw.counters.auth_failures[4].fetch_add(1, Relaxed);
+            return not_allowed(&m, crate::flavor_of(&path));
+        }
+        return next
+            .run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+            .await;
+    }
+    let endpoint: &'static str = match route.as_str() {
         "/v1/chat/completions" => "/v1/chat/completions",
         "/v1/completions" => "/v1/completions",
         "/api/generate" => "/api/generate",
         _ => "/api/chat",
     };
     let flavor = crate::flavor_of(endpoint);
-    let key = req.extensions().get::<Caller>().and_then(|c| c.0.clone());
     let t0 = Instant::now();
     let time_ms = now_ms();
     // the model named, for the key's list and the usage record (a malformed body is the
@@ -1136,18 +1229,9 @@ pub async fn limit(State(st): State<Arc<AppState>>, req: Request, next: Next) ->
     let mut req = Request::from_parts(parts, axum::body::Body::from(bytes));
     let quota = match &key {
         Some(e) => {
-            if let Some(m) = &model {
-                if !e.key.allows(m) {
-                    gw.counters.auth_failures[4].fetch_add(1, Relaxed);
-                    return ApiError::new(
-                        StatusCode::FORBIDDEN,
-                        format!("this API key may not use model {m:?}"),
-                    )
-                    .code("model_not_allowed")
-                    .param("model")
-                    .flavor(flavor)
-                    .into_response();
-                }
+            if let Some(m) = model.as_ref().filter(|m| !model_allowed(&st, e, m)) {
+                gw.counters.auth_failures[4].fetch_add(1, Relaxed);
+                return not_allowed(m, flavor);
             }
             match gw.admit(e, time_ms).await {
                 Ok(q) => Some(q),

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use crate::config::KeepAlive;
 use crate::error::{parse_json, ApiError, Flavor};
-use crate::gateway::Ticket;
+use crate::gateway::{Caller, Ticket};
 use crate::gen::{rfc3339, stream_response, Gens};
 use crate::params;
 use crate::registry::Lease;
@@ -425,9 +425,13 @@ async fn details(st: &AppState, path: &std::path::Path) -> Value {
     }
 }
 
-pub async fn tags(State(st): State<Arc<AppState>>) -> Response {
+/// The served models (those the caller's key may use).
+pub async fn tags(State(st): State<Arc<AppState>>, caller: Option<Extension<Caller>>) -> Response {
     let mut models = Vec::new();
     for r in st.registry.served() {
+        if caller.as_ref().is_some_and(|c| !c.allows(&r.name)) {
+            continue;
+        }
         let name = format!("{}:latest", r.name);
         let info = st.registry.info.get(&r.path).await.ok();
         models.push(json!({

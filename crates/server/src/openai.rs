@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::{ApiError, Flavor};
-use crate::gateway::Ticket;
+use crate::gateway::{Caller, Ticket};
 use crate::gen::{new_id, stream_response, unix_now, Gens, Outcome};
 use crate::params::{self, Stop};
 use crate::{AppState, Knobs};
@@ -740,11 +740,16 @@ fn model_card(st: &AppState, name: &str, path: &std::path::Path) -> Value {
     json!({"id": name, "object": "model", "created": created, "owned_by": "capy"})
 }
 
-pub async fn models(State(st): State<Arc<AppState>>) -> Response {
+/// The served models (those the caller's key may use).
+pub async fn models(
+    State(st): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
+) -> Response {
     let data: Vec<Value> = st
         .registry
         .served()
         .iter()
+        .filter(|r| caller.as_ref().is_none_or(|c| c.allows(&r.name)))
         .map(|r| model_card(&st, &r.name, &r.path))
         .collect();
     Json(json!({"object": "list", "data": data})).into_response()

@@ -19,18 +19,30 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 
 async fn gated(tag: &str, url: &str) -> (axum::Router, Arc<AppState>, Arc<Gateway>) {
+    gated_with(tag, url, false).await
+}
+
+async fn gated_with(
+    tag: &str,
+    url: &str,
+    shared_limits: bool,
+) -> (axum::Router, Arc<AppState>, Arc<Gateway>) {
     let gw = Gateway::start(GatewayConfig {
         database_url: url.to_string(),
         auth: AuthMode::Auto,
         replica: format!("test-{tag}"),
-        shared_limits: false,
+        shared_limits,
         usage: true,
     })
     .await
     .expect("gateway starts");
     let mut batch = small_batch();
     batch.n_ctx = 512;
-    let mut st = AppState::new(registry_at(temp_store(tag, &["m1", "m2"]), batch, &["m1"]));
+    let mut st = AppState::new(registry_at(
+        temp_store(tag, &["m1", "m2"]),
+        batch,
+        &["m1", "m2"],
+    ));
     Arc::get_mut(&mut st).expect("unshared").gateway = Some(Arc::clone(&gw));
     st.load_warm_set().await.expect("warm set loads");
     (capy_server::app(Arc::clone(&st)), st, gw)
@@ -248,6 +260,39 @@ async fn scenario(tag: &str, url: &str) {
     .await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
     assert_eq!(v["error"]["code"], "model_not_allowed");
+    // lists show the key's models only; routes naming another model refuse it; a served
+    // model's other names (NAME:latest) count as the model
+    let (_, _, v) = send(&app, "GET", "/v1/models", &[("authorization", &lb)], "").await;
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["m1"], "{v}");
+    let (_, _, v) = send(&app, "GET", "/api/tags", &[("authorization", &ub)], "").await;
+    assert_eq!(v["models"].as_array().map(Vec::len), Some(2), "{v}");
+    let (s, _, _) = send(&app, "GET", "/v1/models/m2", &[("authorization", &lb)], "").await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _, v) = send(
+        &app,
+        "POST",
+        "/api/show",
+        &[("authorization", &lb)],
+        r#"{"name":"m2"}"#,
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert!(v["error"].is_string(), "{v}");
+    let (s, _, v) = send(
+        &app,
+        "POST",
+        "/api/show",
+        &[("authorization", &lb)],
+        r#"{"model":"m1:latest"}"#,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
 
     // 3 requests a minute: three pass with falling remaining counts, the fourth is a 429
     let mut by_limited = Reported::default();
@@ -507,11 +552,12 @@ async fn gateway_on_postgres() {
 }
 
 /// A database that goes away loses no usage: records wait and are written when it is back;
-/// keys already loaded keep working.
+/// keys already loaded keep working, and shared limits fall back to the server's own
+/// windows without making requests wait for the database.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_database_loses_no_usage() {
     let pg = Postgres::start().expect("PostgreSQL (apt-get install postgresql)");
-    let (app, _st, gw) = gated("gw-dead", &pg.database("capy").unwrap()).await;
+    let (app, _st, gw) = gated_with("gw-dead", &pg.database("capy").unwrap(), true).await;
     let (_, user) = gw
         .db
         .create_key(&NewKey {
@@ -528,6 +574,7 @@ async fn a_dead_database_loses_no_usage() {
     pg.stop();
     let ub = bearer(&user);
     let mut completion = 0;
+    let t = std::time::Instant::now();
     for _ in 0..3 {
         let (s, _, v) = send(
             &app,
@@ -540,6 +587,7 @@ async fn a_dead_database_loses_no_usage() {
         assert_eq!(s, StatusCode::OK, "{v}");
         completion += v["usage"]["completion_tokens"].as_i64().unwrap();
     }
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
     tokio::time::sleep(Duration::from_millis(1500)).await;
     pg.restart().expect("restarts");
     // the writer retries every second
