@@ -25,6 +25,7 @@ impl DbArgs {
         if let Some(u) = self.database_url.as_ref().filter(|u| !u.trim().is_empty()) {
             return Ok(u.trim().to_string());
         }
+        // the config file named (or CAPY_HOME's config.toml) gives the server's database
         let home = capy_store::Store::open_default().root;
         if let Some(p) = capy_server::config::config_path(self.config.as_deref(), &home) {
             let cfg = capy_server::config::Config::from_file(&p).map_err(|e| anyhow!(e))?;
@@ -193,6 +194,15 @@ fn describe(k: &Key) -> String {
     if parts.is_empty() {
         parts.push("no limits".into());
     }
+    if let Some(m) = &k.models {
+        parts.push(format!("models {}", m.join(",")));
+    }
+    if let Some(t) = &k.tenant {
+        parts.push(format!("tenant {t}"));
+    }
+    if let Some(e) = k.expires_at {
+        parts.push(format!("expires {}", capy_db::time::date(e)));
+    }
     parts.join(", ")
 }
 
@@ -325,11 +335,12 @@ pub struct UsageArgs {
     /// Only this model's requests.
     #[arg(long)]
     model: Option<String>,
-    /// From this date (2026-11-01) or span back from now (24h, 7d) on [default: all].
+    /// From this date (2026-11-01) or span back from now (30s, 90m, 24h, 7d) on
+    /// [default: all].
     #[arg(long)]
     since: Option<String>,
-    /// Rows per day, key or model.
-    #[arg(long, default_value = "day", value_parser = ["day", "key", "model"])]
+    /// Rows per day, key, model or replica (the server that served them).
+    #[arg(long, default_value = "day", value_parser = ["day", "key", "model", "replica"])]
     by: String,
     /// As JSON.
     #[arg(long)]
@@ -355,6 +366,7 @@ pub fn usage(a: UsageArgs) -> Result<()> {
         let by = match a.by.as_str() {
             "key" => GroupBy::Key,
             "model" => GroupBy::Model,
+            "replica" => GroupBy::Replica,
             _ => GroupBy::Day,
         };
         let rows = db.usage_totals(&f, by).await;

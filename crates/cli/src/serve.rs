@@ -143,6 +143,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // colours only on a terminal, not in log files
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
     let mut cfg = match config_path(a.config.as_deref(), &capy_store::Store::open_default().root) {
         Some(p) => Config::from_file(&p).map_err(|e| anyhow!(e))?,

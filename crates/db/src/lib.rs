@@ -33,6 +33,8 @@ pub enum Error {
     NoSuchKey(String),
     #[error("a key named {0:?} exists already")]
     KeyExists(String),
+    #[error("the key {0:?} is revoked already")]
+    Revoked(String),
     #[error("{0}")]
     Invalid(String),
 }
@@ -67,6 +69,7 @@ impl Backend {
 
 /// `url` without its password (for messages and logs).
 pub fn redact_url(url: &str) -> String {
+    let url = &redact_query(url);
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => {
             let cred = &url[s + 3..at];
@@ -79,17 +82,41 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// The SQLite URL of the default database in a capy home directory.
+/// `url` with the value of a `password=` query parameter hidden.
+fn redact_query(url: &str) -> String {
+    let Some((base, q)) = url.split_once('?') else {
+        return url.to_string();
+    };
+    let q: Vec<String> = q
+        .split('&')
+        .map(|p| match p.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => p.to_string(),
+        })
+        .collect();
+    format!("{base}?{}", q.join("&"))
+}
+
+/// The SQLite URL of the default database in a capy home directory (created if missing,
+/// so the database can be; an explicit URL's directory must exist).
 pub fn default_url(home: &std::path::Path) -> String {
+    let _ = std::fs::create_dir_all(home);
     format!("sqlite://{}?mode=rwc", home.join("capy.db").display())
 }
 
 /// The schema's migrations, in order.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "keys and usage",
-    include_str!("../migrations/0001_keys_and_usage.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "keys and usage",
+        include_str!("../migrations/0001_keys_and_usage.sql"),
+    ),
+    (
+        2,
+        "key version and daily totals",
+        include_str!("../migrations/0002_versions_and_daily_totals.sql"),
+    ),
+];
 
 /// An open database (a pool of connections).
 #[derive(Clone, Debug)]
@@ -255,6 +282,7 @@ pub enum GroupBy {
     Day,
     Key,
     Model,
+    Replica,
 }
 
 /// One group of a usage report.
@@ -410,10 +438,20 @@ impl Db {
                 .split('?')
                 .next()
                 .unwrap_or("");
+            if path.is_empty() || path == ":memory:" || url.contains("mode=memory") {
+                return Err(Error::Invalid(
+                    "an in-memory SQLite database cannot hold keys and usage: use a file \
+                     (sqlite:///path/capy.db)"
+                        .into(),
+                ));
+            }
             if let Some(dir) = std::path::Path::new(path).parent() {
-                if !dir.as_os_str().is_empty() && !path.is_empty() && path != ":memory:" {
-                    std::fs::create_dir_all(dir)
-                        .map_err(|e| Error::Invalid(format!("creating {}: {e}", dir.display())))?;
+                if !dir.as_os_str().is_empty() && !dir.is_dir() {
+                    return Err(Error::Invalid(format!(
+                        "cannot open the database {}: no directory {}",
+                        redact_url(url),
+                        dir.display()
+                    )));
                 }
             }
         }
@@ -486,48 +524,82 @@ impl Db {
         self.pool.close().await;
     }
 
+    /// Runs a write on one connection; a failed one is closed instead of going back to the
+    /// pool (a SQLite connection whose COMMIT failed can stay inside its transaction and
+    /// hold the file's write lock).
+    async fn write<T>(
+        &self,
+        f: impl for<'c> FnOnce(
+            &'c mut sqlx::AnyConnection,
+        ) -> futures_util::future::BoxFuture<'c, Result<T>>,
+    ) -> Result<T> {
+        let mut conn = self.pool.acquire().await?;
+        let r = f(&mut conn).await;
+        if r.is_err() {
+            conn.close_on_drop();
+        }
+        r
+    }
+
     /// Stores a new key; returns it with its secret (shown once, never stored).
     ///
     /// # Errors
-    /// A bad name or limit, [`Error::KeyExists`], or the database's.
+    /// A bad name, limit or expiry, [`Error::KeyExists`], or the database's.
     pub async fn create_key(&self, k: &NewKey) -> Result<(Key, String)> {
         check_name(&k.name)?;
         check_limits(&k.limits)?;
         let models = join_models(&k.models)?;
+        let now = now_ms();
+        if k.expires_at.is_some_and(|e| e <= now / 1000) {
+            return Err(Error::Invalid("expires_at is in the past".into()));
+        }
         if self.key(&k.name).await?.is_some() {
             return Err(Error::KeyExists(k.name.clone()));
         }
         let (secret, hash) = new_secret()?;
         let id = random_id("key_")?;
-        let now = now_ms();
-        let l = &k.limits;
-        query(
-            "INSERT INTO api_keys (id, name, secret_hash, secret_prefix, tenant, is_admin, rpm, \
-             tpm, max_concurrent, tokens_per_day, tokens_per_month, models, expires_at, \
-             created_at, revoked_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, NULL, $15)",
-        )
-        .bind(&id)
-        .bind(&k.name)
-        .bind(&hash)
-        .bind(&secret[..9])
-        .bind(&k.tenant)
-        .bind(i64::from(k.admin))
-        .bind(l.rpm)
-        .bind(l.tpm)
-        .bind(l.max_concurrent)
-        .bind(l.tokens_per_day)
-        .bind(l.tokens_per_month)
-        .bind(&models)
-        .bind(k.expires_at)
-        .bind(now / 1000)
-        .bind(now)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| match &e {
-            sqlx::Error::Database(d) if d.is_unique_violation() => Error::KeyExists(k.name.clone()),
-            _ => Error::Sql(e),
-        })?;
+        let k2 = k.clone();
+        let prefix = secret[..9].to_string();
+        self.write(move |c| {
+            Box::pin(async move {
+                let mut tx = sqlx::Connection::begin(c).await?;
+                let l = &k2.limits;
+                query(
+                    "INSERT INTO api_keys (id, name, secret_hash, secret_prefix, tenant, \
+                     is_admin, rpm, tpm, max_concurrent, tokens_per_day, tokens_per_month, \
+                     models, expires_at, created_at, revoked_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
+                     NULL, $15)",
+                )
+                .bind(&id)
+                .bind(&k2.name)
+                .bind(&hash)
+                .bind(&prefix)
+                .bind(&k2.tenant)
+                .bind(i64::from(k2.admin))
+                .bind(l.rpm)
+                .bind(l.tpm)
+                .bind(l.max_concurrent)
+                .bind(l.tokens_per_day)
+                .bind(l.tokens_per_month)
+                .bind(&models)
+                .bind(k2.expires_at)
+                .bind(now / 1000)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| match &e {
+                    sqlx::Error::Database(d) if d.is_unique_violation() => {
+                        Error::KeyExists(k2.name.clone())
+                    }
+                    _ => Error::Sql(e),
+                })?;
+                bump_version(&mut tx).await?;
+                tx.commit().await?;
+                Ok(())
+            })
+        })
+        .await?;
         let key = self
             .key(&k.name)
             .await?
@@ -552,12 +624,12 @@ impl Db {
         rows.iter().map(key_of).collect()
     }
 
-    /// A number that changes whenever any key is created, changed or revoked (servers
-    /// poll it to reload their keys).
+    /// The keys' version (bumped by every creation, change and revocation, in the same
+    /// transaction; servers poll it to reload their keys) and how many keys exist.
     pub async fn keys_version(&self) -> Result<(i64, i64)> {
         let r = query(
-            "SELECT CAST(COALESCE(MAX(updated_at), 0) AS BIGINT) AS v, COUNT(*) AS n \
-             FROM api_keys",
+            "SELECT (SELECT v FROM key_version WHERE id = 1) AS v, \
+             (SELECT COUNT(*) FROM api_keys) AS n",
         )
         .fetch_one(&self.pool)
         .await?;
@@ -567,19 +639,102 @@ impl Db {
     /// Revokes the key named `name` (it stays listed, and in usage reports).
     ///
     /// # Errors
-    /// [`Error::NoSuchKey`] when there is none, or it is revoked already.
+    /// [`Error::NoSuchKey`], [`Error::Revoked`] when it is revoked already.
     pub async fn revoke_key(&self, name: &str) -> Result<Key> {
         let now = now_ms();
-        let done = query(
-            "UPDATE api_keys SET revoked_at = $1, updated_at = $2 \
-             WHERE name = $3 AND revoked_at IS NULL",
-        )
-        .bind(now / 1000)
-        .bind(self.next_version(now).await?)
-        .bind(name)
-        .execute(&self.pool)
-        .await?;
-        if done.rows_affected() == 0 {
+        let n = name.to_string();
+        let changed = self
+            .write(move |c| {
+                Box::pin(async move {
+                    let mut tx = sqlx::Connection::begin(c).await?;
+                    let done = query(
+                        "UPDATE api_keys SET revoked_at = $1, updated_at = $2 \
+                         WHERE name = $3 AND revoked_at IS NULL",
+                    )
+                    .bind(now / 1000)
+                    .bind(now)
+                    .bind(&n)
+                    .execute(&mut *tx)
+                    .await?;
+                    if done.rows_affected() > 0 {
+                        bump_version(&mut tx).await?;
+                    }
+                    tx.commit().await?;
+                    Ok(done.rows_affected() > 0)
+                })
+            })
+            .await?;
+        let k = self
+            .key(name)
+            .await?
+            .ok_or_else(|| Error::NoSuchKey(name.to_string()))?;
+        if !changed {
+            return Err(Error::Revoked(name.to_string()));
+        }
+        Ok(k)
+    }
+
+    /// Applies `u` to the key named `name`: one UPDATE of the fields `u` gives, so
+    /// concurrent updates of different fields all land.
+    ///
+    /// # Errors
+    /// [`Error::NoSuchKey`], a bad limit or model list, or the database's.
+    pub async fn update_key(&self, name: &str, u: &KeyUpdate) -> Result<Key> {
+        check_limits(&Limits {
+            rpm: u.rpm.flatten(),
+            tpm: u.tpm.flatten(),
+            max_concurrent: u.max_concurrent.flatten(),
+            tokens_per_day: u.tokens_per_day.flatten(),
+            tokens_per_month: u.tokens_per_month.flatten(),
+        })?;
+        let mut sets: Vec<(&'static str, Bind)> = Vec::new();
+        let opt = |v: Option<i64>| v.map_or(Bind::Null, Bind::Int);
+        if let Some(v) = &u.tenant {
+            sets.push(("tenant", v.clone().map_or(Bind::NullText, Bind::Text)));
+        }
+        if let Some(v) = u.admin {
+            sets.push(("is_admin", Bind::Int(i64::from(v))));
+        }
+        for (col, v) in [
+            ("rpm", u.rpm),
+            ("tpm", u.tpm),
+            ("max_concurrent", u.max_concurrent),
+            ("tokens_per_day", u.tokens_per_day),
+            ("tokens_per_month", u.tokens_per_month),
+            ("expires_at", u.expires_at),
+        ] {
+            if let Some(v) = v {
+                sets.push((col, opt(v)));
+            }
+        }
+        if let Some(m) = &u.models {
+            sets.push(("models", join_models(m)?.map_or(Bind::NullText, Bind::Text)));
+        }
+        let now = now_ms();
+        let n = name.to_string();
+        let changed = self
+            .write(move |c| {
+                Box::pin(async move {
+                    let mut tx = sqlx::Connection::begin(c).await?;
+                    let mut sql = String::from("UPDATE api_keys SET updated_at = $1");
+                    for (i, (col, _)) in sets.iter().enumerate() {
+                        sql.push_str(&format!(", {col} = ${}", i + 2));
+                    }
+                    sql.push_str(&format!(" WHERE name = ${}", sets.len() + 2));
+                    let mut q = query(sqlx::AssertSqlSafe(sql)).bind(now);
+                    for (_, b) in sets {
+                        q = b.bind(q);
+                    }
+                    let done = q.bind(n).execute(&mut *tx).await?;
+                    if done.rows_affected() > 0 {
+                        bump_version(&mut tx).await?;
+                    }
+                    tx.commit().await?;
+                    Ok(done.rows_affected() > 0)
+                })
+            })
+            .await?;
+        if !changed {
             return Err(Error::NoSuchKey(name.to_string()));
         }
         self.key(name)
@@ -587,108 +742,66 @@ impl Db {
             .ok_or_else(|| Error::NoSuchKey(name.to_string()))
     }
 
-    /// A version stamp later than every stored one, so pollers see each change even when
-    /// two land in the same millisecond.
-    async fn next_version(&self, now: i64) -> Result<i64> {
-        let (v, _) = self.keys_version().await?;
-        Ok(now.max(v + 1))
-    }
-
-    /// Applies `u` to the key named `name`.
-    ///
-    /// # Errors
-    /// [`Error::NoSuchKey`], a bad limit or model list, or the database's.
-    pub async fn update_key(&self, name: &str, u: &KeyUpdate) -> Result<Key> {
-        let Some(mut k) = self.key(name).await? else {
-            return Err(Error::NoSuchKey(name.to_string()));
-        };
-        if let Some(v) = &u.tenant {
-            k.tenant = v.clone();
-        }
-        if let Some(v) = u.admin {
-            k.admin = v;
-        }
-        let l = &mut k.limits;
-        for (dst, src) in [
-            (&mut l.rpm, u.rpm),
-            (&mut l.tpm, u.tpm),
-            (&mut l.max_concurrent, u.max_concurrent),
-            (&mut l.tokens_per_day, u.tokens_per_day),
-            (&mut l.tokens_per_month, u.tokens_per_month),
-        ] {
-            if let Some(v) = src {
-                *dst = v;
-            }
-        }
-        check_limits(&k.limits)?;
-        if let Some(v) = &u.models {
-            k.models = v.clone();
-        }
-        if let Some(v) = u.expires_at {
-            k.expires_at = v;
-        }
-        let models = join_models(&k.models)?;
-        let l = &k.limits;
-        query(
-            "UPDATE api_keys SET tenant = $1, is_admin = $2, rpm = $3, tpm = $4, \
-             max_concurrent = $5, tokens_per_day = $6, tokens_per_month = $7, models = $8, \
-             expires_at = $9, updated_at = $10 WHERE id = $11",
-        )
-        .bind(&k.tenant)
-        .bind(i64::from(k.admin))
-        .bind(l.rpm)
-        .bind(l.tpm)
-        .bind(l.max_concurrent)
-        .bind(l.tokens_per_day)
-        .bind(l.tokens_per_month)
-        .bind(&models)
-        .bind(k.expires_at)
-        .bind(self.next_version(now_ms()).await?)
-        .bind(&k.id)
-        .execute(&self.pool)
-        .await?;
-        Ok(k)
-    }
-
-    /// Appends usage records in one transaction; with `shared`, also their tokens to the
-    /// shared minute windows.
+    /// Appends usage records in one transaction, with their tokens in the keys' daily
+    /// totals and, with `shared`, in the shared minute windows. Text fields lose NUL
+    /// characters (PostgreSQL refuses them) and keep at most 256 characters.
     pub async fn insert_usage(&self, rows: &[UsageRecord], shared: bool) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        for u in rows {
-            query(
-                "INSERT INTO usage_records (time_ms, key_id, model, endpoint, prompt_tokens, \
-                 cached_tokens, completion_tokens, status, ttft_ms, latency_ms, disconnected, \
-                 replica) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-            )
-            .bind(u.time_ms)
-            .bind(&u.key_id)
-            .bind(&u.model)
-            .bind(&u.endpoint)
-            .bind(u.prompt_tokens)
-            .bind(u.cached_tokens)
-            .bind(u.completion_tokens)
-            .bind(u.status)
-            .bind(u.ttft_ms)
-            .bind(u.latency_ms)
-            .bind(i64::from(u.disconnected))
-            .bind(&u.replica)
-            .execute(&mut *tx)
-            .await?;
-            let tokens = u.prompt_tokens + u.completion_tokens;
-            if let (true, Some(k), true) = (shared, &u.key_id, tokens > 0) {
-                query(
-                    "INSERT INTO rate_events (key_id, time_ms, requests, tokens) \
-                     VALUES ($1, $2, 0, $3)",
-                )
-                .bind(k)
-                .bind(u.time_ms + u.latency_ms as i64)
-                .bind(tokens)
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
-        tx.commit().await?;
-        Ok(())
+        let rows: Vec<UsageRecord> = rows.iter().map(clean_record).collect();
+        self.write(move |c| {
+            Box::pin(async move {
+                let mut tx = sqlx::Connection::begin(c).await?;
+                for u in &rows {
+                    query(
+                        "INSERT INTO usage_records (time_ms, key_id, model, endpoint, \
+                         prompt_tokens, cached_tokens, completion_tokens, status, ttft_ms, \
+                         latency_ms, disconnected, replica) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                    )
+                    .bind(u.time_ms)
+                    .bind(&u.key_id)
+                    .bind(&u.model)
+                    .bind(&u.endpoint)
+                    .bind(u.prompt_tokens)
+                    .bind(u.cached_tokens)
+                    .bind(u.completion_tokens)
+                    .bind(u.status)
+                    .bind(u.ttft_ms)
+                    .bind(u.latency_ms)
+                    .bind(i64::from(u.disconnected))
+                    .bind(&u.replica)
+                    .execute(&mut *tx)
+                    .await?;
+                    let tokens = u.prompt_tokens + u.completion_tokens;
+                    let Some(k) = u.key_id.as_ref().filter(|_| tokens > 0) else {
+                        continue;
+                    };
+                    query(
+                        "INSERT INTO usage_daily (key_id, day, tokens) VALUES ($1, $2, $3) \
+                         ON CONFLICT (key_id, day) \
+                         DO UPDATE SET tokens = usage_daily.tokens + excluded.tokens",
+                    )
+                    .bind(k)
+                    .bind(u.time_ms.div_euclid(86_400_000))
+                    .bind(tokens)
+                    .execute(&mut *tx)
+                    .await?;
+                    if shared {
+                        query(
+                            "INSERT INTO rate_events (key_id, time_ms, requests, tokens) \
+                             VALUES ($1, $2, 0, $3)",
+                        )
+                        .bind(k)
+                        .bind(u.time_ms + u.latency_ms as i64)
+                        .bind(tokens)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                }
+                tx.commit().await?;
+                Ok(())
+            })
+        })
+        .await
     }
 
     /// The shared minute window of a key at `now_ms` and, when it has room (fewer than
@@ -761,13 +874,14 @@ impl Db {
         Ok(())
     }
 
-    /// Prompt plus completion tokens each key used from `since_ms` on.
-    pub async fn tokens_since(&self, since_ms: i64) -> Result<Vec<(String, i64)>> {
+    /// Prompt plus completion tokens each key used from UTC day `from_day` (days since the
+    /// Unix epoch) on, from the daily totals.
+    pub async fn tokens_from_day(&self, from_day: i64) -> Result<Vec<(String, i64)>> {
         let rows = query(
-            "SELECT key_id, CAST(SUM(prompt_tokens + completion_tokens) AS BIGINT) AS t \
-             FROM usage_records WHERE time_ms >= $1 AND key_id IS NOT NULL GROUP BY key_id",
+            "SELECT key_id, CAST(SUM(tokens) AS BIGINT) AS t FROM usage_daily \
+             WHERE day >= $1 GROUP BY key_id",
         )
-        .bind(since_ms)
+        .bind(from_day)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -822,7 +936,10 @@ impl Db {
             cond.push(format!("u.key_id = ${}", binds.len()));
         }
         if let Some(m) = &f.model {
-            binds.push(Bind::Text(m.clone()));
+            // records keep a served model's name, as Ollama's answers add ":latest"
+            binds.push(Bind::Text(
+                m.strip_suffix(":latest").unwrap_or(m).to_string(),
+            ));
             cond.push(format!("u.model = ${}", binds.len()));
         }
         if let Some(t) = f.since_ms {
@@ -842,6 +959,7 @@ impl Db {
                 "LEFT JOIN api_keys k ON k.id = u.key_id",
             ),
             GroupBy::Model => ("COALESCE(u.model, '(none)')", ""),
+            GroupBy::Replica => ("u.replica", ""),
         };
         let q = format!(
             "SELECT {select} AS g, COUNT(*) AS requests, \
@@ -885,6 +1003,30 @@ impl Db {
 enum Bind {
     Text(String),
     Int(i64),
+    /// A NULL in an integer column.
+    Null,
+    /// A NULL in a text column.
+    NullText,
+}
+
+/// Bumps the keys' version inside a key change's transaction.
+async fn bump_version(tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> Result<()> {
+    query("UPDATE key_version SET v = v + 1 WHERE id = 1")
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// A record fit for any database: no NUL characters, text at most 256 characters.
+fn clean_record(u: &UsageRecord) -> UsageRecord {
+    let clean = |s: &str| -> String { s.chars().filter(|&c| c != '\0').take(256).collect() };
+    UsageRecord {
+        key_id: u.key_id.as_deref().map(clean),
+        model: u.model.as_deref().map(clean),
+        endpoint: clean(&u.endpoint),
+        replica: clean(&u.replica),
+        ..u.clone()
+    }
 }
 
 type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
@@ -901,6 +1043,8 @@ impl Bind {
         match self {
             Bind::Text(s) => q.bind(s),
             Bind::Int(i) => q.bind(i),
+            Bind::Null => q.bind(None::<i64>),
+            Bind::NullText => q.bind(None::<String>),
         }
     }
 }

@@ -100,7 +100,7 @@ fn days_in_month(y: i64, m: u32) -> u32 {
 }
 
 /// A start time for reports: a date (see [`parse_date`]) or a span back from `now_ms`
-/// (`90m`, `24h`, `7d`), as ms since the epoch.
+/// (`30s`, `90m`, `24h`, `7d`), as ms since the epoch.
 ///
 /// # Errors
 /// A message naming the expected forms.
@@ -118,6 +118,8 @@ pub fn parse_since(s: &str, now_ms: i64) -> Result<i64, String> {
         span(3_600_000, n)
     } else if let Some(n) = s.strip_suffix('m') {
         span(60_000, n)
+    } else if let Some(n) = s.strip_suffix('s') {
+        span(1000, n)
     } else {
         None
     };
@@ -163,5 +165,6 @@ mod tests {
         assert_eq!(parse_since("24h", t).unwrap(), t - 86_400_000);
         assert_eq!(parse_since("7d", t).unwrap(), t - 7 * 86_400_000);
         assert!(parse_since("-3d", t).is_err());
+        assert_eq!(parse_since("30s", t).unwrap(), t - 30_000);
     }
 }

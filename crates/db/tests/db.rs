@@ -76,7 +76,27 @@ async fn exercise(url: &str) -> String {
         .unwrap();
     assert_eq!(b.tenant_id(), "shared");
     let v1 = db.keys_version().await.unwrap();
-    assert_eq!(v1.1, 2);
+    assert_eq!(v1, (2, 2));
+    assert!(matches!(
+        db.create_key(&NewKey {
+            name: "late".into(),
+            expires_at: Some(1_000_000),
+            ..NewKey::default()
+        })
+        .await,
+        Err(Error::Invalid(_))
+    ));
+    // concurrent updates of different fields all land
+    let (u1, u2): (KeyUpdate, KeyUpdate) = (
+        serde_json::from_str(r#"{"rpm": 7}"#).unwrap(),
+        serde_json::from_str(r#"{"tpm": 700}"#).unwrap(),
+    );
+    let (x, y) = tokio::join!(db.update_key("admin", &u1), db2.update_key("admin", &u2));
+    x.unwrap();
+    y.unwrap();
+    let adm = db.key("admin").await.unwrap().unwrap();
+    assert_eq!((adm.limits.rpm, adm.limits.tpm), (Some(7), Some(700)));
+    assert!(adm.admin && adm.tenant.as_deref() == Some("shared"));
 
     // updates: set, clear, keep
     let u: KeyUpdate =
@@ -100,6 +120,10 @@ async fn exercise(url: &str) -> String {
     assert!(db2.keys_version().await.unwrap().0 > v2.0);
     assert!(matches!(
         db.revoke_key("team-a").await,
+        Err(Error::Revoked(_))
+    ));
+    assert!(matches!(
+        db.revoke_key("nobody").await,
         Err(Error::NoSuchKey(_))
     ));
     let keys = db2.keys().await.unwrap();
@@ -192,9 +216,14 @@ async fn exercise(url: &str) -> String {
         .await,
         Err(Error::NoSuchKey(_))
     ));
-    let mut since = db.tokens_since(day + 1500).await.unwrap();
+    // daily totals: from the day of `day` on, and from the next day on
+    let mut since = db.tokens_from_day(day / 86_400_000).await.unwrap();
     since.sort();
-    let mut want = vec![(a.id.clone(), 27 + 43), (b.id.clone(), 30)];
+    let mut want = vec![(a.id.clone(), 15 + 27 + 43), (b.id.clone(), 30)];
+    want.sort();
+    assert_eq!(since, want);
+    let since = db.tokens_from_day(day / 86_400_000 + 1).await.unwrap();
+    let mut want = vec![(a.id.clone(), 43)];
     want.sort();
     assert_eq!(since, want);
 
@@ -284,6 +313,16 @@ async fn keys_and_usage_on_postgres() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_urls_and_unreachable_databases_are_clear_errors() {
+    for url in ["sqlite::memory:", "sqlite:", "sqlite://x.db?mode=memory"] {
+        let e = Db::open(url).await.unwrap_err().to_string();
+        assert!(e.contains("in-memory"), "{url}: {e}");
+    }
+    let e = Db::open("sqlite:///nonexistent-capy-dir/sub/x.db")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no directory"), "{e}");
+    assert!(!std::path::Path::new("/nonexistent-capy-dir").exists());
     let e = Db::open("mysql://x@y/z").await.unwrap_err().to_string();
     assert!(e.contains("unsupported database URL"), "{e}");
     let e = Db::open("postgres://capy:secret@127.0.0.1:1/capy")

@@ -5,8 +5,8 @@
 //!   "tokens_per_day", "tokens_per_month", "models": [..], "expires_at", "tenant",
 //!   "admin"}`; the answer carries the secret, once), `GET|PATCH|DELETE /admin/keys/{name}`
 //!   (PATCH sets the fields given, `null` clears one; DELETE revokes).
-//! - `GET /admin/usage?key=&model=&since=&by=day|key|model` (totals), with `records=true`
-//!   the rows themselves (`limit`, default 1000).
+//! - `GET /admin/usage?key=&model=&since=&by=day|key|model|replica` (totals, by day unless
+//!   told), with `records=true` the rows themselves (`limit`, default 1000).
 
 use std::sync::Arc;
 
@@ -31,6 +31,7 @@ impl From<capy_db::Error> for ApiError {
             E::KeyExists(_) => {
                 ApiError::new(StatusCode::CONFLICT, e.to_string()).code("key_exists")
             }
+            E::Revoked(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()).code("key_revoked"),
             E::Invalid(_) => ApiError::bad_request(e.to_string()),
             E::Sql(_) | E::Migrate(_) => {
                 tracing::warn!("admin API: {e}");
@@ -51,11 +52,21 @@ fn gateway(st: &AppState) -> Result<&Arc<Gateway>, ApiError> {
 }
 
 /// A date or unix seconds.
-#[derive(Deserialize)]
-#[serde(untagged)]
 enum When {
     Unix(i64),
     Date(String),
+}
+
+impl<'de> Deserialize<'de> for When {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<When, D::Error> {
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::Number(n) if n.is_i64() => Ok(When::Unix(n.as_i64().unwrap_or(0))),
+            serde_json::Value::String(s) => Ok(When::Date(s)),
+            _ => Err(serde::de::Error::custom(
+                "expires_at must be a date (YYYY-MM-DD) or unix seconds",
+            )),
+        }
+    }
 }
 
 impl When {
@@ -193,7 +204,10 @@ pub fn group_by(s: &str) -> Result<GroupBy, String> {
         "day" => Ok(GroupBy::Day),
         "key" => Ok(GroupBy::Key),
         "model" => Ok(GroupBy::Model),
-        _ => Err(format!("bad grouping {s:?}: use day, key or model")),
+        "replica" => Ok(GroupBy::Replica),
+        _ => Err(format!(
+            "bad grouping {s:?}: use day, key, model or replica"
+        )),
     }
 }
 
@@ -212,11 +226,12 @@ pub async fn usage(
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
+        // an empty parameter is no filter
+        let given = |v: Option<String>| v.filter(|s| !s.trim().is_empty());
         let f = UsageFilter {
-            key: q.key,
-            model: q.model,
-            since_ms: q
-                .since
+            key: given(q.key),
+            model: given(q.model),
+            since_ms: given(q.since)
                 .as_deref()
                 .map(|s| capy_db::time::parse_since(s, now))
                 .transpose()
@@ -228,7 +243,7 @@ pub async fn usage(
                 Json(json!({"object": "list", "data": rows})).into_response(),
             );
         }
-        let by = group_by(q.by.as_deref().unwrap_or("key"))
+        let by = group_by(given(q.by).as_deref().unwrap_or("day"))
             .map_err(|e| ApiError::bad_request(e).param("by"))?;
         let totals = gw.db.usage_totals(&f, by).await?;
         Ok(Json(json!({"object": "list", "data": totals})).into_response())

@@ -110,6 +110,9 @@ struct KeyState {
     tokens: VecDeque<(i64, i64)>,
     tokens_in_window: i64,
     in_flight: i64,
+    /// Tokens the requests in flight may still use (their estimates), so concurrent
+    /// requests cannot all pass a budget that has room for one.
+    reserved: i64,
     day: Period,
     month: Period,
     /// Tokens of records not yet in the database (shared budgets add them to its totals).
@@ -286,7 +289,8 @@ impl Gateway {
                     }
                     _ => {}
                 }
-                if gw.cfg.shared_limits && !down {
+                // shared budgets: the database's daily totals every 2 s, when a key has one
+                if gw.cfg.shared_limits && !down && n.is_multiple_of(4) && gw.any_budget() {
                     if let Err(e) = gw.refresh_budgets().await {
                         tracing::warn!("reading shared token budgets: {e}");
                     }
@@ -297,6 +301,12 @@ impl Gateway {
             }
         });
         Ok(gw)
+    }
+
+    fn any_budget(&self) -> bool {
+        self.table().by_hash.values().any(|e| {
+            e.key.limits.tokens_per_day.is_some() || e.key.limits.tokens_per_month.is_some()
+        })
     }
 
     /// Reloads the keys now (after the admin API changed one).
@@ -358,6 +368,9 @@ impl Gateway {
         if !fresh.is_empty() {
             self.load_budgets(now, Some(&fresh)).await?;
         }
+        if !self.table().any && !keys.is_empty() && self.cfg.auth == AuthMode::Auto {
+            tracing::info!("an API key exists now: every request but /health needs one");
+        }
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(KeyTable {
             by_hash,
             any: !keys.is_empty(),
@@ -371,8 +384,19 @@ impl Gateway {
     async fn load_budgets(&self, now: i64, only: Option<&[String]>) -> capy_db::Result<()> {
         let (day0, day1) = capy_db::time::day_bounds(now);
         let (month0, month1) = capy_db::time::month_bounds(now);
-        let day: HashMap<String, i64> = self.db.tokens_since(day0).await?.into_iter().collect();
-        let month: HashMap<String, i64> = self.db.tokens_since(month0).await?.into_iter().collect();
+        const DAY_MS: i64 = 86_400_000;
+        let day: HashMap<String, i64> = self
+            .db
+            .tokens_from_day(day0 / DAY_MS)
+            .await?
+            .into_iter()
+            .collect();
+        let month: HashMap<String, i64> = self
+            .db
+            .tokens_from_day(month0 / DAY_MS)
+            .await?
+            .into_iter()
+            .collect();
         let states = self.states.lock().unwrap_or_else(|e| e.into_inner());
         for (id, s) in states.iter() {
             if only.is_some_and(|o| !o.contains(id)) {
@@ -473,7 +497,10 @@ impl Gateway {
     }
 
     /// Checks a key's limits for a new request at `now` and, when it may run, counts it.
-    async fn admit(&self, e: &Entry, now: i64) -> Result<Quota, Box<Limited>> {
+    /// `reserve` is the request's estimated tokens (prompt and the most it may generate):
+    /// while other requests of the key run, a token limit admits it only if their estimates
+    /// and its own fit too, so a budget is overrun by one request at most.
+    async fn admit(&self, e: &Entry, now: i64, reserve: i64) -> Result<Quota, Box<Limited>> {
         let l = &e.key.limits;
         let shared = self.cfg.shared_limits && (l.rpm.is_some() || l.tpm.is_some());
         let mut quota = {
@@ -481,41 +508,52 @@ impl Gateway {
             s.day.roll(now, capy_db::time::day_bounds);
             s.month.roll(now, capy_db::time::month_bounds);
             s.prune(now);
+            let before = Quota::local(l, &s, now);
+            let refuse = |what, limit, retry_after_ms, budget| {
+                Err(Box::new(Limited {
+                    what,
+                    limit,
+                    retry_after_ms,
+                    quota: before,
+                    budget,
+                }))
+            };
             if let Some(max) = l.max_concurrent {
                 if s.in_flight >= max {
-                    return Err(Box::new(Limited {
-                        what: "concurrent requests",
-                        limit: max,
-                        retry_after_ms: 1000,
-                        quota: Quota::default(),
-                        budget: false,
-                    }));
+                    return refuse("concurrent requests", max, 1000, false);
                 }
             }
+            let busy = s.in_flight > 0;
+            let ahead = s.reserved + reserve;
             for (what, p, max) in [
                 ("tokens per day", s.day, l.tokens_per_day),
                 ("tokens per month", s.month, l.tokens_per_month),
             ] {
                 if let Some(max) = max {
                     if p.used >= max {
-                        return Err(Box::new(Limited {
-                            what,
-                            limit: max,
-                            retry_after_ms: p.end - now,
-                            quota: Quota::default(),
-                            budget: true,
-                        }));
+                        return refuse(what, max, p.end - now, true);
+                    }
+                    if busy && p.used + ahead > max {
+                        // room for what runs now, not for this one too: try once they end
+                        return refuse(what, max, 1000, false);
                     }
                 }
             }
-            let quota = Quota::local(l, &s, now);
             if !shared {
-                quota.check()?;
-                if l.rpm.is_some() {
-                    s.requests.push_back(now);
+                before.check()?;
+                if let Some(tpm) = l.tpm {
+                    if busy && s.tokens_in_window + ahead > tpm {
+                        return refuse("tokens per minute", tpm, 1000, false);
+                    }
                 }
             }
+            // the replica's own window is kept in shared mode too: it decides while the
+            // database is unreachable
+            if l.rpm.is_some() {
+                s.requests.push_back(now);
+            }
             s.in_flight += 1;
+            s.reserved += reserve;
             // what the response reports: the window with this request in it
             Quota::local(l, &s, now)
         };
@@ -554,20 +592,28 @@ impl Gateway {
                         quota.check().map(|()| quota)
                     }
                 }
-                // the database is down: the replica's own windows decide
+                // the database is down: the replica's own windows decide (without this
+                // request, counted in them above)
                 Err(_) => {
                     let mut s = e.state.lock().unwrap_or_else(|p| p.into_inner());
-                    let q = Quota::local(l, &s, now);
-                    q.check().map(|()| {
-                        if l.rpm.is_some() {
-                            s.requests.push_back(now);
-                        }
-                        q
-                    })
+                    let mine = s.requests.iter().rposition(|&t| t == now);
+                    if let Some(i) = mine {
+                        s.requests.remove(i);
+                    }
+                    let r = Quota::local(l, &s, now).check();
+                    if l.rpm.is_some() {
+                        s.requests.push_back(now);
+                    }
+                    r.map(|()| Quota::local(l, &s, now))
                 }
             };
             if r.is_err() {
-                e.state.lock().unwrap_or_else(|p| p.into_inner()).in_flight -= 1;
+                let mut s = e.state.lock().unwrap_or_else(|p| p.into_inner());
+                s.in_flight -= 1;
+                s.reserved -= reserve;
+                if let Some(i) = s.requests.iter().rposition(|&t| t == now) {
+                    s.requests.remove(i);
+                }
             }
             return r;
         }
@@ -588,6 +634,10 @@ impl Gateway {
         let (tx, rx) = oneshot::channel();
         if self.writer.send(Msg::Flush(tx)).is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
+        }
+        let left = self.counters.pending.load(Relaxed);
+        if left > 0 {
+            tracing::error!("{left} usage records could not be written (the database is down)");
         }
     }
 
@@ -809,6 +859,7 @@ fn go_duration(ms: i64) -> String {
     if ms < 1000 {
         return format!("{ms}ms");
     }
+    let (h, ms) = (ms / 3_600_000, ms % 3_600_000);
     let (m, rest) = (ms / 60_000, ms % 60_000);
     let secs = if rest % 1000 == 0 {
         format!("{}s", rest / 1000)
@@ -816,7 +867,9 @@ fn go_duration(ms: i64) -> String {
         let s = format!("{:.3}", rest as f64 / 1000.0);
         format!("{}s", s.trim_end_matches('0'))
     };
-    if m > 0 {
+    if h > 0 {
+        format!("{h}h{m}m{secs}")
+    } else if m > 0 {
         format!("{m}m{secs}")
     } else {
         secs
@@ -871,6 +924,8 @@ impl Limited {
 pub struct Ticket {
     gw: Arc<Gateway>,
     pub key: Option<Arc<Entry>>,
+    /// The tokens reserved for it at admission, given back when it ends.
+    reserve: i64,
     t0: Instant,
     time_ms: i64,
     endpoint: &'static str,
@@ -931,6 +986,7 @@ impl Drop for Ticket {
         if let Some(e) = &self.key {
             let mut s = e.state.lock().unwrap_or_else(|p| p.into_inner());
             s.in_flight -= 1;
+            s.reserved -= self.reserve;
             if used > 0 {
                 s.prune(now);
                 if e.key.limits.tpm.is_some() {
@@ -1020,34 +1076,77 @@ async fn writer(gw: std::sync::Weak<Gateway>, mut rx: mpsc::UnboundedReceiver<Ms
             g.counters.pending.fetch_sub(1, Relaxed);
         }
         if !pending.is_empty() {
-            let batch: Vec<UsageRecord> = pending.iter().take(1024).cloned().collect();
-            match g.db.insert_usage(&batch, g.cfg.shared_limits).await {
-                Ok(()) => {
-                    if failing {
-                        tracing::info!("usage records are being written again");
-                    }
-                    failing = false;
-                    pending.drain(..batch.len());
-                    let n = batch.len() as u64;
-                    g.counters.records_written.fetch_add(n, Relaxed);
-                    g.counters.pending.fetch_sub(n, Relaxed);
-                    let states = g.states.lock().unwrap_or_else(|e| e.into_inner());
-                    for r in &batch {
-                        if let Some(s) = r.key_id.as_ref().and_then(|id| states.get(id)) {
-                            s.lock().unwrap_or_else(|e| e.into_inner()).unwritten -=
-                                r.prompt_tokens + r.completion_tokens;
-                        }
-                    }
-                }
+            let mut batch: Vec<UsageRecord> = pending.iter().take(1024).cloned().collect();
+            let written = match g.db.insert_usage(&batch, g.cfg.shared_limits).await {
+                Ok(()) => batch.len(),
                 Err(e) => {
                     g.counters.write_errors.fetch_add(1, Relaxed);
-                    if !failing {
-                        tracing::warn!(
-                            "writing {} usage records: {e}; keeping them and retrying",
-                            pending.len()
-                        );
+                    // one by one: a record the database refuses while it takes the others
+                    // would otherwise hold every later one back forever
+                    let mut ok = vec![false; batch.len()];
+                    let mut errors = Vec::new();
+                    if batch.len() > 1 {
+                        for (i, r) in batch.iter().enumerate() {
+                            match g
+                                .db
+                                .insert_usage(std::slice::from_ref(r), g.cfg.shared_limits)
+                                .await
+                            {
+                                Ok(()) => ok[i] = true,
+                                Err(e) => errors.push(e.to_string()),
+                            }
+                        }
                     }
-                    failing = true;
+                    let n_ok = ok.iter().filter(|&&x| x).count();
+                    if n_ok == 0 {
+                        if !failing {
+                            tracing::warn!(
+                                "writing {} usage records: {e}; keeping them and retrying",
+                                pending.len()
+                            );
+                        }
+                        failing = true;
+                        0
+                    } else {
+                        // the database works: the refused records are dropped
+                        let refused = batch.len() - n_ok;
+                        tracing::warn!(
+                            "the database refused {refused} usage records ({}); dropped",
+                            errors.first().map_or("", String::as_str)
+                        );
+                        g.counters
+                            .records_dropped
+                            .fetch_add(refused as u64, Relaxed);
+                        g.counters.pending.fetch_sub(refused as u64, Relaxed);
+                        let mut i = 0;
+                        batch.retain(|_| {
+                            i += 1;
+                            ok[i - 1]
+                        });
+                        pending.drain(..ok.len());
+                        for r in batch.iter().rev() {
+                            pending.push_front(r.clone());
+                        }
+                        // those written one by one are done: take them off again below
+                        batch.len()
+                    }
+                }
+            };
+            if written > 0 {
+                if failing {
+                    tracing::info!("usage records are being written again");
+                }
+                failing = false;
+                pending.drain(..written);
+                let n = written as u64;
+                g.counters.records_written.fetch_add(n, Relaxed);
+                g.counters.pending.fetch_sub(n, Relaxed);
+                let states = g.states.lock().unwrap_or_else(|e| e.into_inner());
+                for r in &batch[..written] {
+                    if let Some(s) = r.key_id.as_ref().and_then(|id| states.get(id)) {
+                        s.lock().unwrap_or_else(|e| e.into_inner()).unwritten -=
+                            r.prompt_tokens + r.completion_tokens;
+                    }
                 }
             }
         }
@@ -1058,6 +1157,12 @@ async fn writer(gw: std::sync::Weak<Gateway>, mut rx: mpsc::UnboundedReceiver<Ms
             }
         }
         if closed && (pending.is_empty() || failing) {
+            if !pending.is_empty() {
+                tracing::error!(
+                    "{} usage records could not be written before the server stopped",
+                    pending.len()
+                );
+            }
             return;
         }
     }
@@ -1071,9 +1176,12 @@ pub fn is_generation(route: &str) -> bool {
     )
 }
 
-/// Routes only an admin key may use when keys are required.
+/// Routes only an admin key may use when keys are required (`/metrics` names every key
+/// and its usage).
 fn admin_only(path: &str) -> bool {
-    path == "/admin" || path.starts_with("/admin/") || path == "/api/pull" || path == "/api/delete"
+    path == "/admin"
+        || path.starts_with("/admin/")
+        || matches!(path, "/api/pull" | "/api/delete" | "/metrics")
 }
 
 /// The caller of a request, once its key is checked.
@@ -1133,13 +1241,6 @@ pub async fn authenticate(
 #[derive(Clone, Copy)]
 struct CheckTime(Duration);
 
-#[derive(serde::Deserialize)]
-struct ModelField {
-    model: Option<serde_json::Value>,
-    /// Ollama's older spelling (`/api/show`).
-    name: Option<serde_json::Value>,
-}
-
 /// Whether the key may use `model`: a name on its list, or a name (alias, `NAME:latest`)
 /// of a served model that is.
 fn model_allowed(st: &AppState, e: &Entry, model: &str) -> bool {
@@ -1180,31 +1281,10 @@ pub async fn limit(State(st): State<Arc<AppState>>, req: Request, next: Next) ->
         .map(|m| m.as_str().to_string())
         .unwrap_or_default();
     let key = req.extensions().get::<Caller>().and_then(|c| c.0.clone());
-    if !is_generation(&route) {
-        // other routes that name a model (/api/show, /tokenize, /v1/models/ID) keep to
-        // the key's models too
-        let Some(e) = key.filter(|e| e.key.models.is_some()) else {
-            return next.run(req).await;
-        };
-        let path = req.uri().path().to_string();
-        let (parts, body) = req.into_parts();
-        let bytes = axum::body::to_bytes(body, usize::MAX)
-            .await
-            .unwrap_or_default();
-        let named = path
-            .strip_prefix("/v1/models/")
-            .map(str::to_string)
-            .or_else(|| {
-                let f = serde_json::from_slice::<ModelField>(&bytes).ok()?;
-                f.model.or(f.name)?.as_str().map(str::to_string)
-            });
-        if let Some(m) = named.filter(|m| !model_allowed(&st, &e, m)) {
-            gw.counters.auth_failures[4].fetch_add(1, Relaxed);
-            return not_allowed(&m, crate::flavor_of(&path));
-        }
-        return next
-            .run(Request::from_parts(parts, axum::body::Body::from(bytes)))
-            .await;
+    // only a POST runs a generation (a GET or an OPTIONS preflight is the handler's 405)
+    let generation = is_generation(&route) && req.method() == axum::http::Method::POST;
+    if !generation {
+        return bound_to_models(&st, &gw, key, &route, req, next).await;
     }
     let endpoint: &'static str = match route.as_str() {
         "/v1/chat/completions" => "/v1/chat/completions",
@@ -1215,25 +1295,30 @@ pub async fn limit(State(st): State<Arc<AppState>>, req: Request, next: Next) ->
     let flavor = crate::flavor_of(endpoint);
     let t0 = Instant::now();
     let time_ms = now_ms();
-    // the model named, for the key's list and the usage record (a malformed body is the
-    // handler's to report)
     let (parts, body) = req.into_parts();
     // read_body has the whole body in memory already: this takes it back without a copy
     let bytes = axum::body::to_bytes(body, usize::MAX)
         .await
         .unwrap_or_default();
-    let model = serde_json::from_slice::<ModelField>(&bytes)
-        .ok()
-        .and_then(|m| m.model)
-        .and_then(|m| m.as_str().map(str::to_string));
+    // read as the handlers read it (a repeated field: the last one wins); a body that is
+    // not JSON is the handler's to refuse
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let named = v.get("model").and_then(|m| m.as_str()).map(str::to_string);
+    let reserve = estimate_tokens(&v, bytes.len());
     let mut req = Request::from_parts(parts, axum::body::Body::from(bytes));
+    // the record names the served model (an alias or NAME:latest as its name)
+    let model = named.as_ref().map(|m| {
+        st.registry
+            .resolve(m)
+            .map_or_else(|_| m.clone(), |r| r.name.clone())
+    });
     let quota = match &key {
         Some(e) => {
-            if let Some(m) = model.as_ref().filter(|m| !model_allowed(&st, e, m)) {
+            if let Some(m) = named.as_ref().filter(|m| !model_allowed(&st, e, m)) {
                 gw.counters.auth_failures[4].fetch_add(1, Relaxed);
                 return not_allowed(m, flavor);
             }
-            match gw.admit(e, time_ms).await {
+            match gw.admit(e, time_ms, reserve).await {
                 Ok(q) => Some(q),
                 Err(l) => {
                     gw.count_key(&e.key.name, |c| c.limited += 1);
@@ -1243,6 +1328,7 @@ pub async fn limit(State(st): State<Arc<AppState>>, req: Request, next: Next) ->
                     let t = Ticket {
                         gw: Arc::clone(&gw),
                         key: Some(Arc::clone(e)),
+                        reserve: 0,
                         t0,
                         time_ms,
                         endpoint,
@@ -1258,6 +1344,7 @@ pub async fn limit(State(st): State<Arc<AppState>>, req: Request, next: Next) ->
     };
     let ticket = Arc::new(Ticket {
         gw: Arc::clone(&gw),
+        reserve: if key.is_some() { reserve } else { 0 },
         key,
         t0,
         time_ms,
@@ -1281,6 +1368,80 @@ pub async fn limit(State(st): State<Arc<AppState>>, req: Request, next: Next) ->
     resp
 }
 
+/// A request's tokens, estimated before it is tokenized: its body's bytes over 4 for the
+/// prompt, plus the most it may generate (`max_tokens`, `max_completion_tokens` or
+/// `options.num_predict`, else 256) for each of its `n` choices.
+fn estimate_tokens(v: &serde_json::Value, body_bytes: usize) -> i64 {
+    let most = ["max_tokens", "max_completion_tokens"]
+        .iter()
+        .find_map(|k| v.get(*k).and_then(|x| x.as_i64()))
+        .or_else(|| v.pointer("/options/num_predict").and_then(|x| x.as_i64()))
+        .filter(|&m| m > 0)
+        .unwrap_or(256)
+        .min(1 << 20);
+    let n = v
+        .get("n")
+        .and_then(|x| x.as_i64())
+        .unwrap_or(1)
+        .clamp(1, 16);
+    (body_bytes / 4) as i64 + most * n
+}
+
+/// The routes besides generation that name a model keep to a key's models: `/api/show`
+/// (`model` or `name`), `/tokenize` and `/detokenize` (`model`; a key with a list must
+/// name one), `/v1/models/ID`.
+async fn bound_to_models(
+    st: &AppState,
+    gw: &Gateway,
+    key: Option<Arc<Entry>>,
+    route: &str,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(e) = key.filter(|e| e.key.models.is_some()) else {
+        return next.run(req).await;
+    };
+    let path = req.uri().path().to_string();
+    let flavor = crate::flavor_of(&path);
+    if route == "/v1/models/{*id}" {
+        let id = path.strip_prefix("/v1/models/").unwrap_or_default();
+        if !model_allowed(st, &e, id) {
+            gw.counters.auth_failures[4].fetch_add(1, Relaxed);
+            return not_allowed(id, flavor);
+        }
+        return next.run(req).await;
+    }
+    let fields: &[&str] = match route {
+        "/api/show" => &["model", "name"],
+        "/tokenize" | "/detokenize" => &["model"],
+        _ => return next.run(req).await,
+    };
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let named = fields
+        .iter()
+        .find_map(|f| v.get(*f).and_then(|m| m.as_str()).map(str::to_string));
+    match named {
+        Some(m) if !model_allowed(st, &e, &m) => {
+            gw.counters.auth_failures[4].fetch_add(1, Relaxed);
+            return not_allowed(&m, flavor);
+        }
+        None if route != "/api/show" => {
+            // the server's default model may not be one of the key's
+            return ApiError::bad_request("this API key must name a model it may use")
+                .param("model")
+                .flavor(flavor)
+                .into_response();
+        }
+        _ => {}
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1293,6 +1454,7 @@ mod tests {
         assert_eq!(go_duration(360_000), "6m0s");
         assert_eq!(go_duration(61_250), "1m1.25s");
         assert_eq!(go_duration(-5), "0ms");
+        assert_eq!(go_duration(33_724_731), "9h22m4.731s");
     }
 
     #[test]

@@ -612,3 +612,217 @@ async fn a_dead_database_loses_no_usage() {
         completion
     );
 }
+
+/// What an outside tester found: duplicate JSON fields slipped past a key's models,
+/// concurrent requests overran budgets 8x, a NUL in a model name stopped every usage write
+/// on PostgreSQL, 405s and preflights used up rpm, an admin key with a model list could not
+/// create keys, `/tokenize` without a model used a model outside the key's list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_findings() {
+    let pg = Postgres::start().expect("PostgreSQL (apt-get install postgresql)");
+    let (app, _st, gw) = gated("gw-breaker", &pg.database("capy").unwrap()).await;
+    let mk = |name: &str, limits: Limits, models: Option<Vec<String>>, admin: bool| NewKey {
+        name: name.into(),
+        limits,
+        models,
+        admin,
+        ..NewKey::default()
+    };
+    let (_, only_m1) = gw
+        .db
+        .create_key(&mk(
+            "only-m1",
+            Limits {
+                rpm: Some(2),
+                ..Limits::default()
+            },
+            Some(vec!["m1".into()]),
+            false,
+        ))
+        .await
+        .unwrap();
+    let (_, budget) = gw
+        .db
+        .create_key(&mk(
+            "budget",
+            Limits {
+                tokens_per_day: Some(60),
+                ..Limits::default()
+            },
+            None,
+            false,
+        ))
+        .await
+        .unwrap();
+    let (_, admin) = gw
+        .db
+        .create_key(&mk(
+            "admin-m1",
+            Limits::default(),
+            Some(vec!["m1".into()]),
+            true,
+        ))
+        .await
+        .unwrap();
+    gw.reload_now().await;
+    let k1 = bearer(&only_m1);
+
+    // a repeated field: the handler takes the last one, and so does the check
+    let dup =
+        r#"{"model":"m1","model":"m2","max_tokens":2,"messages":[{"role":"user","content":"hi"}]}"#;
+    let (s, _, v) = send(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        &[("authorization", &k1)],
+        dup,
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    // wrong methods are not generations: no rpm used, no record
+    for m in ["GET", "OPTIONS", "PUT"] {
+        let (s, _, _) = send(
+            &app,
+            m,
+            "/v1/chat/completions",
+            &[("authorization", &k1)],
+            "",
+        )
+        .await;
+        assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED, "{m}");
+    }
+    let hi = chat_body("m1", "hi", 2);
+    for _ in 0..2 {
+        let (s, _, v) = send(
+            &app,
+            "POST",
+            "/v1/chat/completions",
+            &[("authorization", &k1)],
+            &hi,
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    // /tokenize must name one of the key's models
+    let (s, _, v) = send(
+        &app,
+        "POST",
+        "/tokenize",
+        &[("authorization", &k1)],
+        r#"{"content":"hi"}"#,
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, _, v) = send(
+        &app,
+        "POST",
+        "/tokenize",
+        &[("authorization", &k1)],
+        r#"{"content":"hi","model":"m2"}"#,
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    let (s, _, v) = send(
+        &app,
+        "POST",
+        "/tokenize",
+        &[("authorization", &k1)],
+        r#"{"content":"hi","model":"m1"}"#,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // an admin key with a model list manages keys (a key's "name" is no model)
+    let (s, _, v) = send(
+        &app,
+        "POST",
+        "/admin/keys",
+        &[("authorization", &bearer(&admin))],
+        r#"{"name":"bob"}"#,
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, _, v) = send(
+        &app,
+        "DELETE",
+        "/admin/keys/bob",
+        &[("authorization", &bearer(&admin))],
+        "",
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, _, v) = send(
+        &app,
+        "DELETE",
+        "/admin/keys/bob",
+        &[("authorization", &bearer(&admin))],
+        "",
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    let (s, _, v) = send(
+        &app,
+        "POST",
+        "/admin/keys",
+        &[("authorization", &bearer(&admin))],
+        r#"{"name":"old","expires_at":"2020-01-01"}"#,
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+
+    // eight at once against a 60-token day: the key stops within one request of it
+    let kb = bearer(&budget);
+    let body = chat_body("m1", "Write a poem.", 8);
+    let auth = [("authorization", kb.as_str())];
+    let runs = (0..8).map(|_| send(&app, "POST", "/v1/chat/completions", &auth, &body));
+    let results = futures_util::future::join_all(runs).await;
+    let mut used = 0;
+    let mut largest = 0;
+    for (s, _, v) in &results {
+        if *s == StatusCode::OK {
+            let t = v["usage"]["total_tokens"].as_i64().unwrap();
+            used += t;
+            largest = largest.max(t);
+        } else {
+            assert_eq!(*s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+        }
+    }
+    assert!(
+        used > 0 && used < 60 + largest,
+        "used {used}, largest request {largest}"
+    );
+
+    // a NUL in a model name: an error record like any other, and later records still land
+    let nul = "{\"model\":\"m1\\u0000\",\"prompt\":\"hi\",\"stream\":false}";
+    let (s, _, _) = send(
+        &app,
+        "POST",
+        "/api/generate",
+        &[("authorization", &kb)],
+        nul,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _, v) = send(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        &[("authorization", &k1)],
+        &chat_body("m1", "x", 1),
+    )
+    .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    gw.flush().await;
+    let rows = gw
+        .db
+        .usage_records(&UsageFilter::default(), 1000)
+        .await
+        .unwrap();
+    assert!(
+        rows.iter()
+            .any(|r| r.status == 404 && r.model.as_deref() == Some("m1")),
+        "{rows:?}"
+    );
+    assert!(rows.iter().any(|r| r.status == 429), "{rows:?}");
+    assert!(!rows.iter().any(|r| r.status == 405));
+    assert_eq!(rows.iter().filter(|r| r.status == 403).count(), 0);
+}
