@@ -1247,8 +1247,8 @@ fn model_allowed(st: &AppState, e: &Entry, model: &str) -> bool {
     e.key.allows(model)
         || st
             .registry
-            .resolve(model)
-            .is_ok_and(|r| e.key.allows(&r.name))
+            .served_name(model)
+            .is_some_and(|n| e.key.allows(&n))
 }
 
 fn not_allowed(model: &str, flavor: Flavor) -> Response {
@@ -1307,11 +1307,9 @@ pub async fn limit(State(st): State<Arc<AppState>>, req: Request, next: Next) ->
     let reserve = estimate_tokens(&v, bytes.len());
     let mut req = Request::from_parts(parts, axum::body::Body::from(bytes));
     // the record names the served model (an alias or NAME:latest as its name)
-    let model = named.as_ref().map(|m| {
-        st.registry
-            .resolve(m)
-            .map_or_else(|_| m.clone(), |r| r.name.clone())
-    });
+    let model = named
+        .as_ref()
+        .map(|m| st.registry.served_name(m).unwrap_or_else(|| m.clone()));
     let quota = match &key {
         Some(e) => {
             if let Some(m) = named.as_ref().filter(|m| !model_allowed(&st, e, m)) {

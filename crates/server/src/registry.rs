@@ -363,6 +363,23 @@ impl Registry {
     }
 
     /// Finds a model by the name a client gave (a trailing `:latest` is ignored).
+    /// The served name that a request's model name means (an alias, `NAME:latest`), found
+    /// without touching the disk (the gateway asks on every request); `None` for a name
+    /// the server does not serve.
+    pub fn served_name(&self, name: &str) -> Option<String> {
+        let name = name.trim();
+        let name = name.strip_suffix(":latest").unwrap_or(name);
+        if name.is_empty() {
+            return None;
+        }
+        if !self.models.is_empty() {
+            return crate::config::find_model(&self.models, name).map(|m| m.name.clone());
+        }
+        capy_store::ModelRef::parse(name)
+            .ok()
+            .map(|r| r.store_name())
+    }
+
     pub fn resolve(&self, name: &str) -> Result<Resolved, ApiError> {
         let name = name.trim();
         let name = name.strip_suffix(":latest").unwrap_or(name);
