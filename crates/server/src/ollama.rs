@@ -460,10 +460,14 @@ fn kv_cache(st: &capy_engine::Stats) -> Value {
            "preemptions": st.preemptions.load(Relaxed)})
 }
 
-pub async fn ps(State(st): State<Arc<AppState>>) -> Response {
+/// The loaded models (those the caller's key may use).
+pub async fn ps(State(st): State<Arc<AppState>>, caller: Option<Extension<Caller>>) -> Response {
     let now = Instant::now();
     let mut models = Vec::new();
     for l in st.registry.loaded() {
+        if caller.as_ref().is_some_and(|c| !c.allows(&l.model.name)) {
+            continue;
+        }
         let details = details(&st, &l.model.path).await;
         models.push({
             let m = &l.model;

@@ -272,6 +272,14 @@ async fn scenario(tag: &str, url: &str) {
     assert_eq!(ids, ["m1"], "{v}");
     let (_, _, v) = send(&app, "GET", "/api/tags", &[("authorization", &ub)], "").await;
     assert_eq!(v["models"].as_array().map(Vec::len), Some(2), "{v}");
+    let (_, _, v) = send(&app, "GET", "/api/ps", &[("authorization", &lb)], "").await;
+    let names: Vec<&str> = v["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["m1:latest"], "{v}");
     let (s, _, _) = send(&app, "GET", "/v1/models/m2", &[("authorization", &lb)], "").await;
     assert_eq!(s, StatusCode::FORBIDDEN);
     let (s, _, v) = send(
