@@ -178,19 +178,12 @@ fn opt(v: Option<i64>) -> String {
 }
 
 fn describe(k: &Key) -> String {
-    let l = &k.limits;
-    let mut parts = Vec::new();
-    for (n, v) in [
-        ("rpm", l.rpm),
-        ("tpm", l.tpm),
-        ("concurrent", l.max_concurrent),
-        ("tokens/day", l.tokens_per_day),
-        ("tokens/month", l.tokens_per_month),
-    ] {
-        if let Some(v) = v {
-            parts.push(format!("{n} {v}"));
-        }
-    }
+    let mut parts: Vec<String> = k
+        .limits
+        .named()
+        .iter()
+        .filter_map(|(n, v)| v.map(|v| format!("{n} {v}")))
+        .collect();
     if parts.is_empty() {
         parts.push("no limits".into());
     }
@@ -219,10 +212,7 @@ fn status(k: &Key, now: i64) -> String {
 }
 
 fn now_s() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    capy_db::time::now_ms() / 1000
 }
 
 pub fn keys(a: KeysArgs) -> Result<()> {
@@ -352,7 +342,7 @@ pub struct UsageArgs {
 pub fn usage(a: UsageArgs) -> Result<()> {
     runtime()?.block_on(async {
         let db = open(&a.db).await?;
-        let now = now_s() * 1000;
+        let now = capy_db::time::now_ms();
         let f = UsageFilter {
             key: a.key.clone(),
             model: a.model.clone(),

@@ -16,6 +16,8 @@
 pub mod testing;
 pub mod time;
 
+use time::now_ms;
+
 use std::borrow::Cow;
 
 use sha2::{Digest, Sha256};
@@ -185,6 +187,19 @@ pub struct Limits {
     pub tokens_per_month: Option<i64>,
 }
 
+impl Limits {
+    /// Each limit with its field name, in the table's order.
+    pub fn named(&self) -> [(&'static str, Option<i64>); 5] {
+        [
+            ("rpm", self.rpm),
+            ("tpm", self.tpm),
+            ("max_concurrent", self.max_concurrent),
+            ("tokens_per_day", self.tokens_per_day),
+            ("tokens_per_month", self.tokens_per_month),
+        ]
+    }
+}
+
 /// What `create_key` stores.
 #[derive(Clone, Debug, Default)]
 pub struct NewKey {
@@ -351,13 +366,7 @@ pub fn check_name(name: &str) -> Result<()> {
 }
 
 fn check_limits(l: &Limits) -> Result<()> {
-    for (name, v) in [
-        ("rpm", l.rpm),
-        ("tpm", l.tpm),
-        ("max_concurrent", l.max_concurrent),
-        ("tokens_per_day", l.tokens_per_day),
-        ("tokens_per_month", l.tokens_per_month),
-    ] {
+    for (name, v) in l.named() {
         if v.is_some_and(|v| v < 1) {
             return Err(Error::Invalid(format!(
                 "{name} must be at least 1 (leave it out for no limit)"
@@ -379,13 +388,6 @@ fn join_models(m: &Option<Vec<String>>) -> Result<Option<String>> {
             Ok(Some(v.join(",")))
         }
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 const KEY_COLUMNS: &str = "id, name, secret_hash, secret_prefix, tenant, is_admin, rpm, tpm, \

@@ -2,6 +2,14 @@
 //! by Howard Hinnant's `days_from_civil` / `civil_from_days` algorithms
 //! (<https://howardhinnant.github.io/date_algorithms.html>).
 
+/// The time now, ms since the Unix epoch (0 before it).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// `(year, month 1-12, day 1-31)` of a day number (days since 1970-01-01).
 pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;

@@ -222,10 +222,7 @@ pub async fn usage(
                 "bad query ({e}): use key, model, since, by, records, limit"
             ))
         })?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+        let now = capy_db::time::now_ms();
         // an empty parameter is no filter
         let given = |v: Option<String>| v.filter(|s| !s.trim().is_empty());
         let f = UsageFilter {

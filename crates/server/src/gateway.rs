@@ -75,12 +75,7 @@ pub struct GatewayConfig {
 const WINDOW_MS: i64 = 60_000;
 const POLL: Duration = Duration::from_millis(500);
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+use capy_db::time::now_ms;
 
 /// A UTC day or month and the tokens used in it.
 #[derive(Clone, Copy, Debug, Default)]
@@ -453,9 +448,12 @@ impl Gateway {
         Ok(Arc::clone(e))
     }
 
+    fn count_refusal(&self, r: Refusal) {
+        self.counters.auth_failures[r as usize].fetch_add(1, Relaxed);
+    }
+
     fn refuse(&self, r: Refusal, flavor: Flavor) -> Response {
-        self.counters.auth_failures[Refusal::ALL.iter().position(|&x| x == r).unwrap_or(0)]
-            .fetch_add(1, Relaxed);
+        self.count_refusal(r);
         let (status, code, msg) = match r {
             Refusal::Missing => (
                 StatusCode::UNAUTHORIZED,
@@ -769,18 +767,18 @@ pub struct Quota {
 }
 
 impl Quota {
+    /// The server's own windows, as [`Quota::shared`] reads the database's.
     fn local(l: &capy_db::Limits, s: &KeyState, now: i64) -> Quota {
-        let left = |t: Option<i64>| t.map_or(0, |t| (t + WINDOW_MS - now).max(0));
-        Quota {
-            rpm: l.rpm,
+        let w = capy_db::Window {
+            admitted: false,
             requests: s.requests.len() as i64,
-            request_free_ms: left(s.requests.front().copied()),
-            request_reset_ms: left(s.requests.back().copied()),
-            tpm: l.tpm,
             tokens: s.tokens_in_window,
-            token_free_ms: left(s.tokens.front().map(|x| x.0)),
-            token_reset_ms: left(s.tokens.back().map(|x| x.0)),
-        }
+            oldest_request_ms: s.requests.front().copied(),
+            newest_request_ms: s.requests.back().copied(),
+            oldest_token_ms: s.tokens.front().map(|x| x.0),
+            newest_token_ms: s.tokens.back().map(|x| x.0),
+        };
+        Quota::shared(l, &w, now)
     }
 
     fn shared(l: &capy_db::Limits, w: &capy_db::Window, now: i64) -> Quota {
@@ -926,6 +924,8 @@ pub struct Ticket {
     pub key: Option<Arc<Entry>>,
     /// The tokens reserved for it at admission, given back when it ends.
     reserve: i64,
+    /// Its key's limits let it run (it holds a place in the key's concurrency count).
+    admitted: bool,
     t0: Instant,
     time_ms: i64,
     endpoint: &'static str,
@@ -951,7 +951,7 @@ impl Ticket {
         self.key.as_ref().map_or_else(String::new, |e| e.salt())
     }
 
-    /// Notes the first generated token (the first call counts).
+    /// Notes the request's first generated token (later calls change nothing).
     pub fn first_token(&self) {
         let mut t = self.tally.lock().unwrap_or_else(|e| e.into_inner());
         if t.ttft.is_none() {
@@ -985,8 +985,10 @@ impl Drop for Ticket {
         let now = now_ms();
         if let Some(e) = &self.key {
             let mut s = e.state.lock().unwrap_or_else(|p| p.into_inner());
-            s.in_flight -= 1;
-            s.reserved -= self.reserve;
+            if self.admitted {
+                s.in_flight -= 1;
+                s.reserved -= self.reserve;
+            }
             if used > 0 {
                 s.prune(now);
                 if e.key.limits.tpm.is_some() {
@@ -1070,84 +1072,62 @@ async fn writer(gw: std::sync::Weak<Gateway>, mut rx: mpsc::UnboundedReceiver<Ms
             }
         }
         let Some(g) = gw.upgrade() else { return };
-        while pending.len() > MAX_PENDING {
-            pending.pop_front();
-            g.counters.records_dropped.fetch_add(1, Relaxed);
-            g.counters.pending.fetch_sub(1, Relaxed);
+        if pending.len() > MAX_PENDING {
+            let lost: Vec<UsageRecord> = pending.drain(..pending.len() - MAX_PENDING).collect();
+            g.counters
+                .records_dropped
+                .fetch_add(lost.len() as u64, Relaxed);
+            settle(&g, &lost);
         }
         if !pending.is_empty() {
-            let mut batch: Vec<UsageRecord> = pending.iter().take(1024).cloned().collect();
-            let written = match g.db.insert_usage(&batch, g.cfg.shared_limits).await {
-                Ok(()) => batch.len(),
-                Err(e) => {
-                    g.counters.write_errors.fetch_add(1, Relaxed);
-                    // one by one: a record the database refuses while it takes the others
-                    // would otherwise hold every later one back forever
-                    let mut ok = vec![false; batch.len()];
-                    let mut errors = Vec::new();
-                    if batch.len() > 1 {
-                        for (i, r) in batch.iter().enumerate() {
-                            match g
-                                .db
-                                .insert_usage(std::slice::from_ref(r), g.cfg.shared_limits)
-                                .await
-                            {
-                                Ok(()) => ok[i] = true,
-                                Err(e) => errors.push(e.to_string()),
+            let batch: Vec<UsageRecord> = pending.iter().take(1024).cloned().collect();
+            // which of the batch were written; `None`: none, the database is down
+            let written: Option<Vec<bool>> =
+                match g.db.insert_usage(&batch, g.cfg.shared_limits).await {
+                    Ok(()) => Some(vec![true; batch.len()]),
+                    Err(e) => {
+                        g.counters.write_errors.fetch_add(1, Relaxed);
+                        // one by one: a record the database refuses while it takes the
+                        // others would otherwise hold every later one back forever
+                        let mut ok = vec![false; batch.len()];
+                        if batch.len() > 1 {
+                            for (i, r) in batch.iter().enumerate() {
+                                let one = std::slice::from_ref(r);
+                                ok[i] = g.db.insert_usage(one, g.cfg.shared_limits).await.is_ok();
                             }
                         }
-                    }
-                    let n_ok = ok.iter().filter(|&&x| x).count();
-                    if n_ok == 0 {
-                        if !failing {
-                            tracing::warn!(
-                                "writing {} usage records: {e}; keeping them and retrying",
-                                pending.len()
-                            );
+                        if ok.contains(&true) {
+                            Some(ok)
+                        } else {
+                            if !failing {
+                                tracing::warn!(
+                                    "writing {} usage records: {e}; keeping them and retrying",
+                                    pending.len()
+                                );
+                            }
+                            failing = true;
+                            None
                         }
-                        failing = true;
-                        0
-                    } else {
-                        // the database works: the refused records are dropped
-                        let refused = batch.len() - n_ok;
-                        tracing::warn!(
-                            "the database refused {refused} usage records ({}); dropped",
-                            errors.first().map_or("", String::as_str)
-                        );
-                        g.counters
-                            .records_dropped
-                            .fetch_add(refused as u64, Relaxed);
-                        g.counters.pending.fetch_sub(refused as u64, Relaxed);
-                        let mut i = 0;
-                        batch.retain(|_| {
-                            i += 1;
-                            ok[i - 1]
-                        });
-                        pending.drain(..ok.len());
-                        for r in batch.iter().rev() {
-                            pending.push_front(r.clone());
-                        }
-                        // those written one by one are done: take them off again below
-                        batch.len()
                     }
-                }
-            };
-            if written > 0 {
+                };
+            if let Some(ok) = written {
                 if failing {
                     tracing::info!("usage records are being written again");
                 }
                 failing = false;
-                pending.drain(..written);
-                let n = written as u64;
-                g.counters.records_written.fetch_add(n, Relaxed);
-                g.counters.pending.fetch_sub(n, Relaxed);
-                let states = g.states.lock().unwrap_or_else(|e| e.into_inner());
-                for r in &batch[..written] {
-                    if let Some(s) = r.key_id.as_ref().and_then(|id| states.get(id)) {
-                        s.lock().unwrap_or_else(|e| e.into_inner()).unwritten -=
-                            r.prompt_tokens + r.completion_tokens;
-                    }
+                let done: Vec<UsageRecord> = pending.drain(..ok.len()).collect();
+                let refused = ok.iter().filter(|&&w| !w).count();
+                if refused > 0 {
+                    // the database works: the records it refuses are dropped
+                    tracing::warn!("the database refused {refused} usage records; dropped");
+                    g.counters
+                        .records_dropped
+                        .fetch_add(refused as u64, Relaxed);
                 }
+                g.counters
+                    .records_written
+                    .fetch_add((ok.len() - refused) as u64, Relaxed);
+                settle(&g, &done);
             }
         }
         // a flush is answered once everything before it is written (or the database is down)
@@ -1164,6 +1144,19 @@ async fn writer(gw: std::sync::Weak<Gateway>, mut rx: mpsc::UnboundedReceiver<Ms
                 );
             }
             return;
+        }
+    }
+}
+
+/// Records that left the writer's queue (written or dropped): no longer pending, and
+/// their tokens no longer "not yet in the database" for shared budgets.
+fn settle(g: &Gateway, records: &[UsageRecord]) {
+    g.counters.pending.fetch_sub(records.len() as u64, Relaxed);
+    let states = g.states.lock().unwrap_or_else(|e| e.into_inner());
+    for r in records {
+        if let Some(s) = r.key_id.as_ref().and_then(|id| states.get(id)) {
+            s.lock().unwrap_or_else(|e| e.into_inner()).unwritten -=
+                r.prompt_tokens + r.completion_tokens;
         }
     }
 }
@@ -1310,46 +1303,43 @@ pub async fn limit(State(st): State<Arc<AppState>>, req: Request, next: Next) ->
     let model = named
         .as_ref()
         .map(|m| st.registry.served_name(m).unwrap_or_else(|| m.clone()));
+    if let Some(e) = &key {
+        if let Some(m) = named.as_ref().filter(|m| !model_allowed(&st, e, m)) {
+            gw.count_refusal(Refusal::Forbidden);
+            return not_allowed(m, flavor);
+        }
+    }
+    let mut ticket = Ticket {
+        gw: Arc::clone(&gw),
+        key: key.clone(),
+        reserve: 0,
+        admitted: false,
+        t0,
+        time_ms,
+        endpoint,
+        model,
+        tally: Mutex::new(Tally::default()),
+    };
     let quota = match &key {
         Some(e) => {
-            if let Some(m) = named.as_ref().filter(|m| !model_allowed(&st, e, m)) {
-                gw.counters.auth_failures[4].fetch_add(1, Relaxed);
-                return not_allowed(m, flavor);
-            }
             match gw.admit(e, time_ms, reserve).await {
-                Ok(q) => Some(q),
+                Ok(q) => {
+                    ticket.reserve = reserve;
+                    ticket.admitted = true;
+                    Some(q)
+                }
                 Err(l) => {
                     gw.count_key(&e.key.name, |c| c.limited += 1);
                     let r = l.response(&e.key.name, flavor);
-                    // the refusal is a request too: recorded, with its status
-                    e.state.lock().unwrap_or_else(|p| p.into_inner()).in_flight += 1;
-                    let t = Ticket {
-                        gw: Arc::clone(&gw),
-                        key: Some(Arc::clone(e)),
-                        reserve: 0,
-                        t0,
-                        time_ms,
-                        endpoint,
-                        model,
-                        tally: Mutex::new(Tally::default()),
-                    };
-                    t.set_status(r.status().as_u16());
+                    // the refusal is a request too: recorded (on drop), with its status
+                    ticket.set_status(r.status().as_u16());
                     return r;
                 }
             }
         }
         None => None,
     };
-    let ticket = Arc::new(Ticket {
-        gw: Arc::clone(&gw),
-        reserve: if key.is_some() { reserve } else { 0 },
-        key,
-        t0,
-        time_ms,
-        endpoint,
-        model,
-        tally: Mutex::new(Tally::default()),
-    });
+    let ticket = Arc::new(ticket);
     req.extensions_mut().insert(Arc::clone(&ticket));
     let before = req
         .extensions()
@@ -1404,7 +1394,7 @@ async fn bound_to_models(
     if route == "/v1/models/{*id}" {
         let id = path.strip_prefix("/v1/models/").unwrap_or_default();
         if !model_allowed(st, &e, id) {
-            gw.counters.auth_failures[4].fetch_add(1, Relaxed);
+            gw.count_refusal(Refusal::Forbidden);
             return not_allowed(id, flavor);
         }
         return next.run(req).await;
@@ -1424,7 +1414,7 @@ async fn bound_to_models(
         .find_map(|f| v.get(*f).and_then(|m| m.as_str()).map(str::to_string));
     match named {
         Some(m) if !model_allowed(st, &e, &m) => {
-            gw.counters.auth_failures[4].fetch_add(1, Relaxed);
+            gw.count_refusal(Refusal::Forbidden);
             return not_allowed(&m, flavor);
         }
         None if route != "/api/show" => {

@@ -59,6 +59,7 @@ pub struct Gens {
     /// Per choice: tokens received, and its summary once done.
     seen: Vec<(usize, Option<(usize, usize)>)>,
     started: bool,
+    any_token: bool,
     failed: bool,
     ticket: Option<Arc<Ticket>>,
 }
@@ -155,6 +156,7 @@ impl Gens {
             prompt_of,
             seen: vec![(0, None); n],
             started: false,
+            any_token: false,
             failed: false,
             ticket,
         })
@@ -176,8 +178,12 @@ impl Gens {
                 if let Some(s) = self.seen.get_mut(i) {
                     s.0 += 1;
                 }
-                if let Some(t) = &self.ticket {
-                    t.first_token();
+                if !self.any_token {
+                    // the request's first token (the ticket's lock, once per request)
+                    self.any_token = true;
+                    if let Some(t) = &self.ticket {
+                        t.first_token();
+                    }
                 }
                 let now = Instant::now();
                 match self.last.get(i).copied().flatten() {
