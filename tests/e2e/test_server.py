@@ -10,45 +10,26 @@ import concurrent.futures
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
 import unittest
-import urllib.error
 import urllib.request
 
 import jsonschema
 import ollama
 import openai
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CAPY = os.environ.get("CAPY_BIN", os.path.join(ROOT, "target", "release", "capy"))
-MODELS = ["smollm2-135m", "gemma3-270m"]
+from e2e_server import CAPY, MODELS, Server, free_port
+from e2e_server import http as http_at
+
 SERVER = None
 URL = None
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http(method, path, body=None):
-    """(status, parsed JSON or text) of a plain request."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(URL + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            raw, status = r.read().decode(), r.status
-    except urllib.error.HTTPError as e:
-        raw, status = e.read().decode(), e.code
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, raw
+    """(status, parsed JSON or text) of a plain request to the test server."""
+    return http_at(URL, method, path, body)
 
 
 def metric(name):
@@ -59,39 +40,15 @@ def metric(name):
 
 def setUpModule():
     global SERVER, URL
-    port = free_port()
-    URL = f"http://127.0.0.1:{port}"
-    # a database of its own: keys in CAPY_HOME's would lock these tests out
-    db = f"sqlite:///tmp/capy-e2e-server-{os.getpid()}.db"
-    args = [CAPY, "serve", "--port", str(port), "-t", "2", "--parallel", "16", "-c", "2048",
-            "--database-url", db]
-    for m in MODELS:
-        args += ["-m", m]
-    SERVER = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=sys.stderr)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if http("GET", "/health")[0] == 200:
-                return
-        except OSError:
-            pass
-        if SERVER.poll() is not None:
-            raise RuntimeError(f"capy serve exited with {SERVER.returncode}")
-        time.sleep(0.2)
-    raise RuntimeError("capy serve did not become ready")
+    SERVER = Server("server", ["-c", "2048"])
+    URL = SERVER.url
 
 
 def tearDownModule():
     for c in CLIENTS.values():
         c.close() if hasattr(c, "close") else c._client.close()
     if SERVER:
-        SERVER.terminate()
-        SERVER.wait(timeout=30)
-    for suffix in ("", "-wal", "-shm"):
-        try:
-            os.remove(f"/tmp/capy-e2e-server-{os.getpid()}.db{suffix}")
-        except OSError:
-            pass
+        SERVER.stop()
 
 
 CLIENTS = {}

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
+use capy_engine::grammar::{Grammar, GrammarSpec};
 use capy_engine::{params, Engine, SamplingOptions};
 use capy_server::config::{config_path, Config, ServedModel};
 use capy_store::{ModelRef, Store};
@@ -99,6 +100,63 @@ pub fn ctx_size(s: &str) -> Result<usize, String> {
         _ => Err(format!(
             "ctx-size must be between 16 and 16777216 positions, got {s:?}"
         )),
+    }
+}
+
+/// Structured-output flags shared by `run` and `generate`.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct GrammarArgs {
+    /// Constrain the answer to JSON: `json` for any JSON object, or a JSON schema (a file,
+    /// or the schema itself when it starts with `{`).
+    #[arg(long, value_name = "json|SCHEMA", conflicts_with = "grammar")]
+    pub format: Option<String>,
+    /// Constrain the answer to a grammar file: GBNF as llama.cpp writes it (`root ::= ...`),
+    /// or llguidance's Lark when the file name ends in `.lark`.
+    #[arg(long, value_name = "FILE")]
+    pub grammar: Option<PathBuf>,
+}
+
+impl GrammarArgs {
+    /// The grammar asked for, compiled for this tokenizer.
+    ///
+    /// # Errors
+    /// An unreadable file, a schema that is not JSON, a grammar llguidance cannot compile.
+    pub fn grammar(&self, tok: &capy_engine::Tokenizer) -> Result<Option<Grammar>> {
+        let spec = if let Some(f) = &self.format {
+            if f == "json" {
+                GrammarSpec::json_object()
+            } else {
+                let text = if f.trim_start().starts_with('{') {
+                    f.clone()
+                } else {
+                    std::fs::read_to_string(f)
+                        .with_context(|| format!("--format: reading the schema file {f}"))?
+                };
+                let schema: serde_json::Value = serde_json::from_str(&text)
+                    .with_context(|| format!("--format: {f} is not JSON"))?;
+                GrammarSpec::JsonSchema(schema)
+            }
+        } else if let Some(path) = &self.grammar {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--grammar: reading {}", path.display()))?;
+            if path.extension().is_some_and(|e| e == "lark") {
+                GrammarSpec::Lark(text)
+            } else {
+                GrammarSpec::Gbnf(text)
+            }
+        } else {
+            return Ok(None);
+        };
+        let flag = if self.format.is_some() {
+            "--format"
+        } else {
+            "--grammar"
+        };
+        let grammars = tok.grammars().map_err(|e| anyhow!("{flag}: {e}"))?;
+        let g = grammars
+            .compile(&spec)
+            .map_err(|e| anyhow!("{flag}: {e}"))?;
+        Ok(Some(g))
     }
 }
 

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use crate::common::{
     capped_threads, configured_model, ctx_size, default_threads, model_sampling, threads,
-    SamplingArgs, SpecArgs,
+    GrammarArgs, SamplingArgs, SpecArgs,
 };
 
 #[derive(clap::Args)]
@@ -62,6 +62,8 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub sampling: SamplingArgs,
     #[command(flatten)]
+    pub grammar: GrammarArgs,
+    #[command(flatten)]
     pub spec: SpecArgs,
 }
 
@@ -110,6 +112,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         top_logprobs: a.top_logprobs,
         echo: a.echo,
         ignore_eos: a.ignore_eos,
+        grammar: a.grammar.grammar(&engine.tokenizer)?,
     };
     let stream = !a.json;
     let r = session.generate(&prompt, &params, |_, text| {

@@ -7,6 +7,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
+use capy_engine::grammar::Grammar;
 use capy_engine::{
     params, ContextParams, Engine, GenerateParams, Message, SamplingOptions, Session,
 };
@@ -14,7 +15,7 @@ use rustyline::error::ReadlineError;
 
 use crate::common::{
     capped_threads, configured_model, ctx_size, default_threads, model_sampling, threads,
-    SamplingArgs, SpecArgs,
+    GrammarArgs, SamplingArgs, SpecArgs,
 };
 
 #[derive(clap::Args)]
@@ -55,6 +56,8 @@ pub struct RunArgs {
     #[command(flatten)]
     pub sampling: SamplingArgs,
     #[command(flatten)]
+    pub grammar: GrammarArgs,
+    #[command(flatten)]
     pub spec: SpecArgs,
 }
 
@@ -75,6 +78,8 @@ struct Chat {
     max_tokens: usize,
     /// Stop strings (`/set parameter stop ...`).
     stop: Vec<String>,
+    /// `--format` / `--grammar`: every answer follows it
+    grammar: Option<Grammar>,
     verbose: bool,
 }
 
@@ -228,6 +233,7 @@ impl Chat {
             max_tokens: self.max_tokens,
             stop: self.stop.clone(),
             sampler: self.options.or(&self.model_options).params(),
+            grammar: self.grammar.clone(),
             ..Default::default()
         };
         let mut out = std::io::stdout();
@@ -302,8 +308,10 @@ pub fn run(a: RunArgs) -> Result<()> {
         options: a.sampling.options(),
         max_tokens: a.max_tokens,
         stop: Vec::new(),
+        grammar: None,
         verbose: a.verbose,
     };
+    chat.grammar = a.grammar.grammar(&chat.engine.tokenizer)?;
     if let Some(prompt) = &a.prompt {
         return chat.ask(prompt);
     }

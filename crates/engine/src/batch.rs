@@ -27,8 +27,10 @@ use capy_model::{
 };
 
 use crate::generate::{
-    emit_token, prompt_logprob, GenerateParams, PromptLogprob, StopReason, TextStream, TokenOut,
+    choose, emit_token, prompt_logprob, GenerateParams, PromptLogprob, StopReason, TextStream,
+    TokenOut,
 };
+use crate::grammar::Grammar;
 use crate::sampler::Sampler;
 use crate::speculative::{
     judge, DraftModel, Proposal, ProposeReq, Proposer, SpecParams, SpecStats, SpecType, Speculator,
@@ -505,6 +507,8 @@ struct Active {
     next: usize,
     cached_tokens: usize,
     sampler: Sampler,
+    /// the request's grammar, advanced token by token (structured outputs)
+    grammar: Option<Grammar>,
     text: Option<TextStream>,
     n_gen: usize,
     /// The sampled token to feed at the next step.
@@ -738,7 +742,7 @@ impl Loop {
     fn start(&mut self, si: usize, req: Request, t_queued: Instant, salt: u64, plan: &PrefixPlan) {
         let Request {
             prompt,
-            params,
+            mut params,
             n_ctx,
             mut sink,
             ..
@@ -757,6 +761,11 @@ impl Loop {
         for &t in &prompt {
             sampler.accept(t);
         }
+        // a grammar's end is an end-of-generation token, ignore_eos or not
+        let grammar = params.grammar.take();
+        if grammar.is_some() {
+            params.ignore_eos = false;
+        }
         let st = &self.shared.stats;
         st.prompt_tokens
             .fetch_add(prompt.len() as u64, Ordering::Relaxed);
@@ -772,6 +781,7 @@ impl Loop {
             next: keep,
             cached_tokens: keep,
             sampler,
+            grammar,
             n_gen: 0,
             pending: None,
             order: self.admitted,
@@ -874,7 +884,8 @@ impl Loop {
             let k = per_seq
                 .min(a.params.max_tokens.saturating_sub(a.n_gen + 1))
                 .min(a.n_ctx.saturating_sub(pos + 2));
-            if k > 0 {
+            // (a grammar would have to check each guess: constrained sequences don't guess)
+            if k > 0 && a.grammar.is_none() {
                 reqs.push(ProposeReq {
                     seq: si,
                     tokens: &a.tokens,
@@ -1139,8 +1150,15 @@ fn verify(
 /// it is done (then `true`: its sequence is free).
 fn emit(s: &mut Option<Active>, row: &[f32], tok: &Tokenizer, stats: &Stats) -> bool {
     let Some(a) = s.as_mut() else { return false };
-    let id = a.sampler.sample(row);
-    emit_chosen(s, id, row, tok, stats)
+    match choose(&mut a.sampler, a.grammar.as_mut(), row) {
+        Ok(id) => emit_chosen(s, id, row, tok, stats),
+        Err(e) => {
+            if let Some(mut a) = s.take() {
+                a.sink.send(Event::Failed(e));
+            }
+            true
+        }
+    }
 }
 
 /// Reports a chosen token `id` (sampled from `row`, or a kept guess), and ends the request

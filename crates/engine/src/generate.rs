@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use capy_model::{Batch, Context};
 
+use crate::grammar::Grammar;
 use crate::sampler::{logprobs, Sampler, SamplerParams};
 use crate::speculative::{judge, Proposal, ProposeReq, SpecStats, Speculator};
 use crate::tokenizer::{Tokenizer, Utf8Stream};
@@ -24,8 +25,12 @@ pub struct GenerateParams {
     pub top_logprobs: usize,
     /// Also report the prompt's logprobs.
     pub echo: bool,
-    /// Keep going past end-of-generation tokens.
+    /// Keep going past end-of-generation tokens (not with a grammar: its end is one).
     pub ignore_eos: bool,
+    /// Constrains the output (structured outputs): only tokens the grammar allows are
+    /// sampled. Each sequence advances its own copy. Logprobs stay the model's, taken
+    /// before the mask, as OpenAI and llama.cpp report them.
+    pub grammar: Option<Grammar>,
 }
 
 impl Default for GenerateParams {
@@ -38,6 +43,7 @@ impl Default for GenerateParams {
             top_logprobs: 0,
             echo: false,
             ignore_eos: false,
+            grammar: None,
         }
     }
 }
@@ -321,6 +327,19 @@ impl Session {
         let prompt_ms = t0.elapsed().as_secs_f64() * 1e3;
 
         let t1 = Instant::now();
+        // a grammar's end is an end-of-generation token, ignore_eos or not
+        let mut grammar = params.grammar.clone();
+        let own;
+        let params = if grammar.is_some() && params.ignore_eos {
+            own = GenerateParams {
+                ignore_eos: false,
+                grammar: None,
+                ..params.clone()
+            };
+            &own
+        } else {
+            params
+        };
         let mut sampler = Sampler::new(params.sampler.clone());
         for &t in prompt {
             sampler.accept(t);
@@ -349,7 +368,8 @@ impl Session {
                     None
                 }
             };
-            let first = sampler.sample(&last_logits);
+            let first =
+                choose(&mut sampler, grammar.as_mut(), &last_logits).map_err(Error::Grammar)?;
             let mut next = emit(&mut sampler, first, &last_logits).map_or(Ok(first), Err);
             let mut seq = Vec::new();
             let mut scratch = SpecScratch::default();
@@ -362,7 +382,7 @@ impl Session {
                 }
                 // guesses that could all be kept without passing max_tokens or the context
                 let k = (params.max_tokens - n_out.get() - 1).min(n_ctx - 2 - pos);
-                if self.spec.is_some() && k > 0 {
+                if self.spec.is_some() && k > 0 && grammar.is_none() {
                     next = self.speculative_step(
                         id,
                         k,
@@ -380,7 +400,8 @@ impl Session {
                     last_logits.clear();
                     last_logits.extend_from_slice(logits);
                     self.cached.push(id);
-                    let t = sampler.sample(&last_logits);
+                    let t = choose(&mut sampler, grammar.as_mut(), &last_logits)
+                        .map_err(Error::Grammar)?;
                     next = emit(&mut sampler, t, &last_logits).map_or(Ok(t), Err);
                 }
             }
@@ -414,6 +435,38 @@ pub(crate) fn prompt_logprob(row: &[f32], next: u32, top_k: usize) -> PromptLogp
         logprob: l.unwrap_or(f32::NEG_INFINITY),
         top,
     }
+}
+
+/// Samples the next token from a logit row, among the tokens a grammar allows when there is
+/// one (which then advances past it; end-of-generation tokens end it).
+///
+/// # Errors
+/// The grammar allows no token, or failed (not expected of a compiled grammar).
+pub(crate) fn choose(
+    sampler: &mut Sampler,
+    grammar: Option<&mut Grammar>,
+    row: &[f32],
+) -> std::result::Result<u32, String> {
+    let Some(g) = grammar else {
+        return Ok(sampler.sample(row));
+    };
+    let mask = g.mask()?;
+    if mask.is_zero() {
+        return Err("grammar: no token can continue the output".into());
+    }
+    let id = sampler.sample_masked(row, &mask);
+    if !mask.is_allowed(id) {
+        // every allowed token's logit was -inf or NaN: take the first allowed one
+        let mut first = None;
+        mask.iter_set_entries(|i| {
+            first.get_or_insert(i as u32);
+        });
+        let id = first.unwrap_or(id);
+        g.accept(id)?;
+        return Ok(id);
+    }
+    g.accept(id)?;
+    Ok(id)
 }
 
 /// Hands a chosen token out (sampler, token, the logit row it was chosen at); says why

@@ -6,6 +6,7 @@
 pub mod batch;
 pub mod chat;
 pub mod generate;
+pub mod grammar;
 pub mod params;
 pub mod sampler;
 pub mod speculative;
@@ -57,6 +58,9 @@ pub enum Error {
     DraftMismatch(String),
     #[error("the engine has stopped")]
     Stopped,
+    /// A grammar failed during generation (a compiled grammar is not expected to).
+    #[error("{0}")]
+    Grammar(String),
     #[error("{0}")]
     Failed(String),
 }

@@ -1,6 +1,8 @@
 //! Token sampling: penalties, top-k, top-p, min-p, temperature, seeded draws; greedy when the
 //! temperature is zero. Stages run in llama.cpp's default order.
 
+use llguidance::toktrie::SimpleVob;
+
 /// Sampling settings; the defaults are llama.cpp's.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplerParams {
@@ -275,6 +277,8 @@ pub struct Sampler {
     cand: Vec<(u32, f32)>,
     /// logits with penalties applied, reused between calls
     penalized: Vec<f32>,
+    /// logits with a grammar's mask applied, reused between calls
+    masked: Vec<f32>,
 }
 
 impl Sampler {
@@ -291,6 +295,7 @@ impl Sampler {
             history: Vec::new(),
             cand: Vec::new(),
             penalized: Vec::new(),
+            masked: Vec::new(),
         }
     }
 
@@ -327,16 +332,73 @@ impl Sampler {
         }
     }
 
-    /// Picks the next token from raw logits.
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+    /// Runs `f` on the logits with the penalties applied (the raw logits when there are
+    /// none), without allocating.
+    fn penalized<R>(&mut self, logits: &[f32], f: impl FnOnce(&mut Self, &[f32]) -> R) -> R {
         if !self.has_penalties() {
-            return self.sample_from(logits);
+            return f(self, logits);
         }
         self.apply_penalties(logits);
         let penalized = std::mem::take(&mut self.penalized);
-        let id = self.sample_from(&penalized);
+        let out = f(self, &penalized);
         self.penalized = penalized;
-        id
+        out
+    }
+
+    /// Picks the next token from raw logits.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        self.penalized(logits, |s, l| s.sample_from(l))
+    }
+
+    /// Picks the next token from raw logits among the tokens `mask` allows (a grammar's,
+    /// [`crate::grammar::Grammar::mask`]); the others count as `-inf`. With no allowed
+    /// token at all, token 0 (callers check the mask first).
+    ///
+    /// A mask that allows few tokens (a quarter of the vocabulary or less) is sampled from
+    /// its tokens alone, without a pass over the whole row; a wider one from a copy of the
+    /// row with the others set to `-inf`. Both draw what [`Sampler::sample`] would draw
+    /// from the masked row (tokens with equal logits aside: either may come first).
+    pub fn sample_masked(&mut self, logits: &[f32], mask: &SimpleVob) -> u32 {
+        self.penalized(logits, |s, l| s.sample_masked_from(l, mask))
+    }
+
+    fn sample_masked_from(&mut self, logits: &[f32], mask: &SimpleVob) -> u32 {
+        if mask.num_set() * 4 <= logits.len() {
+            self.cand.clear();
+            let cand = &mut self.cand;
+            mask.iter_set_entries(|i| {
+                if let Some(&l) = logits.get(i) {
+                    cand.push((i as u32, l));
+                }
+            });
+            if self.params.temperature <= 0.0 {
+                // the first of equal maxima, as argmax
+                let mut best = (0, f32::NEG_INFINITY);
+                for &(t, l) in self.cand.iter() {
+                    if l > best.1 {
+                        best = (t, l);
+                    }
+                }
+                best.0
+            } else {
+                let k = self.params.top_k;
+                if k > 0 && k < self.cand.len() {
+                    self.cand
+                        .select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+                    self.cand.truncate(k);
+                }
+                let probs = self.cut_candidates();
+                self.draw_candidate(&probs)
+            }
+        } else {
+            let mut masked = std::mem::take(&mut self.masked);
+            masked.clear();
+            masked.extend_from_slice(logits);
+            crate::grammar::apply_mask(mask, &mut masked);
+            let id = self.sample_from(&masked);
+            self.masked = masked;
+            id
+        }
     }
 
     fn sample_from(&mut self, logits: &[f32]) -> u32 {
@@ -344,6 +406,11 @@ impl Sampler {
             return argmax(logits);
         }
         let probs = self.candidates(logits);
+        self.draw_candidate(&probs)
+    }
+
+    /// Draws one of `self.cand` by its probability in `probs`.
+    fn draw_candidate(&mut self, probs: &[f64]) -> u32 {
         let r = self.rng.uniform();
         let mut cum = 0.0;
         for (i, pr) in probs.iter().enumerate() {
@@ -358,14 +425,21 @@ impl Sampler {
     /// Fills `self.cand` with the tokens that survive top-k, top-p and min-p (best first)
     /// and returns their probabilities at the sampler's temperature.
     fn candidates(&mut self, logits: &[f32]) -> Vec<f64> {
-        let p = self.params.clone();
+        let k = self.params.top_k;
         self.cand.clear();
-        if p.top_k > 0 && p.top_k < logits.len() {
-            top_k_into(logits, p.top_k, &mut self.cand);
+        if k > 0 && k < logits.len() {
+            top_k_into(logits, k, &mut self.cand);
         } else {
             self.cand
                 .extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
         }
+        self.cut_candidates()
+    }
+
+    /// Sorts `self.cand` (already cut to top-k), cuts it by top-p and min-p, and returns
+    /// the survivors' probabilities at the sampler's temperature.
+    fn cut_candidates(&mut self) -> Vec<f64> {
+        let p = self.params.clone();
         // sort by logit, descending
         self.cand.sort_by(|a, b| b.1.total_cmp(&a.1));
         // probabilities at temperature 1 for top-p / min-p, as llama.cpp does
@@ -396,25 +470,14 @@ impl Sampler {
     /// (temperature <= 0): the argmax alone. Speculative decoding compares the target's and
     /// the draft's distributions through this.
     pub fn distribution(&mut self, logits: &[f32]) -> Vec<(u32, f64)> {
-        let penalized;
-        let logits = if self.has_penalties() {
-            self.apply_penalties(logits);
-            penalized = std::mem::take(&mut self.penalized);
-            &penalized[..]
-        } else {
-            penalized = Vec::new();
-            logits
-        };
-        let out = if self.params.temperature <= 0.0 {
-            vec![(argmax(logits), 1.0)]
-        } else {
-            let probs = self.candidates(logits);
-            self.cand.iter().map(|c| c.0).zip(probs).collect()
-        };
-        if !penalized.is_empty() {
-            self.penalized = penalized;
-        }
-        out
+        self.penalized(logits, |s, logits| {
+            if s.params.temperature <= 0.0 {
+                vec![(argmax(logits), 1.0)]
+            } else {
+                let probs = s.candidates(logits);
+                s.cand.iter().map(|c| c.0).zip(probs).collect()
+            }
+        })
     }
 
     /// Draws a token from `dist` (`(token, probability)` pairs summing to 1, as
@@ -617,6 +680,56 @@ mod tests {
         assert_eq!(da, db);
         assert!(da.iter().all(|&t| t == 1 || t == 5));
         assert!(da.contains(&1) && da.contains(&5));
+    }
+
+    #[test]
+    fn masked_sampling_draws_what_the_masked_row_draws() {
+        // a row of 1000 distinct logits (ties may be ordered either way); sparse masks take
+        // the gather path, dense ones the copy
+        let row: Vec<f32> = (0..1000)
+            .map(|i| ((i * 337 % 1009) as f32) * 0.005)
+            .collect();
+        for every in [7usize, 2] {
+            let mut mask = SimpleVob::alloc(row.len());
+            for i in (3..row.len()).step_by(every) {
+                mask.allow_token(i as u32);
+            }
+            let mut masked = row.clone();
+            crate::grammar::apply_mask(&mask, &mut masked);
+            for p in [
+                SamplerParams::greedy(),
+                SamplerParams {
+                    temperature: 0.9,
+                    top_k: 20,
+                    top_p: 0.9,
+                    min_p: 0.02,
+                    repeat_penalty: 1.2,
+                    seed: Some(7),
+                    ..Default::default()
+                },
+                SamplerParams {
+                    temperature: 1.3,
+                    top_k: 0,
+                    top_p: 1.0,
+                    min_p: 0.0,
+                    seed: Some(9),
+                    ..Default::default()
+                },
+            ] {
+                let (mut a, mut b) = (Sampler::new(p.clone()), Sampler::new(p.clone()));
+                for s in [&mut a, &mut b] {
+                    s.set_history(&[3, 10, 17]);
+                }
+                for _ in 0..40 {
+                    let x = a.sample_masked(&row, &mask);
+                    let y = b.sample(&masked);
+                    assert_eq!(x, y, "every {every}, {p:?}");
+                    assert!(mask.is_allowed(x));
+                    a.accept(x);
+                    b.accept(y);
+                }
+            }
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! UTF-8 sequences can be streamed.
 
 use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 
 use capy_gguf::{Array, Gguf};
 use tokenizers::models::bpe::BPE;
@@ -21,6 +22,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{PreTokenizerWrapper, SplitDelimiterBehavior};
 
+use crate::grammar::Grammars;
 use crate::spm::{PieceTable, Spm};
 use crate::{Error, Result};
 
@@ -115,6 +117,8 @@ pub struct Tokenizer {
     add_space_prefix: bool,
     /// tokens that end a generation (EOS, EOT and their like)
     eog: Vec<u32>,
+    /// the grammar compiler, built on first use (a token trie over the whole vocabulary)
+    grammars: OnceLock<Result<Arc<Grammars>, String>>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -323,7 +327,19 @@ impl Tokenizer {
             add_eos,
             add_space_prefix,
             eog,
+            grammars: OnceLock::new(),
         })
+    }
+
+    /// The grammar compiler for this vocabulary (structured outputs), built on the first
+    /// call (tens of milliseconds for a 262k vocabulary) and kept.
+    ///
+    /// # Errors
+    /// A vocabulary llguidance cannot take (no end-of-generation token).
+    pub fn grammars(&self) -> std::result::Result<Arc<Grammars>, String> {
+        self.grammars
+            .get_or_init(|| Grammars::new(self).map(Arc::new))
+            .clone()
     }
 
     /// The most bytes of text one token stands for: a text of `n` bytes has at least

@@ -16,6 +16,7 @@ pub mod ollama;
 pub mod openai;
 pub mod params;
 pub mod registry;
+pub mod structured;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

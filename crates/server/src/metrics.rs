@@ -49,6 +49,25 @@ impl Histogram {
     }
 }
 
+/// `capy_grammar_mask_seconds`: the engine's [`capy_engine::grammar::MASK_TIMES`].
+fn render_mask_times(out: &mut String) {
+    use capy_engine::grammar::{MASK_BUCKETS, MASK_TIMES};
+    let name = "capy_grammar_mask_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time to compute a constrained sequence's allowed tokens (structured outputs), per token.\n# TYPE {name} histogram"
+    );
+    let (counts, sum) = MASK_TIMES.snapshot();
+    let mut cum = 0;
+    for (b, c) in MASK_BUCKETS.iter().zip(&counts) {
+        cum += c;
+        let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
+    }
+    let count: u64 = counts.iter().sum();
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+    let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+}
+
 const TTFT_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 const ITL_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
 
@@ -147,6 +166,7 @@ impl Metrics {
             "capy_inter_token_latency_seconds",
             "Time between consecutive generated tokens of a request.",
         );
+        render_mask_times(&mut out);
         let loaded = registry.loaded();
         let (mut queued, mut running, mut kv_used, mut kv_cap) = (0, 0, 0, 0);
         let (mut blocks, mut blocks_free, mut block_bytes_used, mut pool_bytes) = (0, 0, 0, 0);

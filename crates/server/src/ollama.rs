@@ -19,6 +19,7 @@ use crate::gateway::{Caller, Ticket};
 use crate::gen::{rfc3339, stream_response, Gens};
 use crate::params;
 use crate::registry::Lease;
+use crate::structured;
 use crate::{AppState, Knobs};
 
 /// `options` of a request (other Ollama options are accepted and ignored).
@@ -110,14 +111,14 @@ struct GenerateRequest {
 
 /// `format` (JSON mode, a JSON schema) is refused until structured outputs exist, rather
 /// than ignored: a client relying on it would get prose. `null` and `""` mean none.
-fn no_format(format: &Option<Value>) -> Result<(), ApiError> {
-    match format {
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::String(s)) if s.is_empty() => Ok(()),
-        Some(_) => Err(ApiError::bad_request(
-            "format (JSON mode and JSON schemas) is not supported yet",
-        )
-        .param("format")),
+/// The compiled grammar of a request's `format`, if it has one.
+async fn format_grammar(
+    format: &Option<Value>,
+    lease: &Lease,
+) -> Result<Option<capy_engine::grammar::Grammar>, ApiError> {
+    match structured::ollama_format(format.as_ref())? {
+        Some(a) => Ok(Some(structured::compile(&lease.engine.tokenizer, a).await?)),
+        None => Ok(None),
     }
 }
 
@@ -164,7 +165,7 @@ async fn generate_inner(
     let t0 = Instant::now();
     let req: GenerateRequest = params::parse(&body, params::GENERATE, Flavor::Ollama)?;
     let ka = keep_alive(&req.keep_alive)?;
-    no_format(&req.format)?;
+    structured::ollama_format(req.format.as_ref())?;
     if req.template.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(ApiError::bad_request(
             "template (a prompt template for this request) is not supported; the model's own chat template is used",
@@ -185,7 +186,8 @@ async fn generate_inner(
         return load_only(&st, &req.model, ka, false).await;
     }
     let lease = st.registry.acquire(&req.model, ka).await?;
-    let params = req.options.params(&lease.sampling)?;
+    let mut params = req.options.params(&lease.sampling)?;
+    params.grammar = format_grammar(&req.format, &lease).await?;
     let m = &lease.model;
     let mut prompt = req.context.clone().unwrap_or_default();
     m.check_text(
@@ -264,7 +266,7 @@ async fn chat_inner(
     if req.messages.is_empty() {
         return load_only(&st, &req.model, ka, true).await;
     }
-    no_format(&req.format)?;
+    structured::ollama_format(req.format.as_ref())?;
     if let Some((i, m)) = req
         .messages
         .iter()
@@ -286,7 +288,8 @@ async fn chat_inner(
         return Err(ApiError::bad_request("tools are not supported yet"));
     }
     let lease = st.registry.acquire(&req.model, ka).await?;
-    let params = req.options.params(&lease.sampling)?;
+    let mut params = req.options.params(&lease.sampling)?;
+    params.grammar = format_grammar(&req.format, &lease).await?;
     let msgs: Vec<Message> = req
         .messages
         .iter()

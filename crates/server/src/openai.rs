@@ -16,6 +16,7 @@ use crate::error::{ApiError, Flavor};
 use crate::gateway::{Caller, Ticket};
 use crate::gen::{new_id, stream_response, unix_now, Gens, Outcome};
 use crate::params::{self, Stop};
+use crate::structured::{self, Asked};
 use crate::{AppState, Knobs};
 
 #[derive(Deserialize, Default)]
@@ -43,6 +44,9 @@ struct Common {
     user: Option<String>,
     #[serde(default)]
     ignore_eos: bool,
+    /// llama-server's structured outputs: a GBNF grammar or a JSON schema
+    grammar: Option<String>,
+    json_schema: Option<Value>,
 }
 
 impl Common {
@@ -91,7 +95,13 @@ impl Common {
             top_logprobs: top,
             echo: false,
             ignore_eos: self.ignore_eos,
+            grammar: None,
         }
+    }
+
+    /// The grammar llama-server's `grammar` or `json_schema` asks for.
+    fn asked(&self) -> Result<Option<Asked>, ApiError> {
+        structured::llama_fields(self.grammar.as_deref(), self.json_schema.as_ref())
     }
 
     /// A prompt of `n_prompt` tokens and an explicit `max_tokens` must fit the context
@@ -258,16 +268,13 @@ async fn chat_inner(
     if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(ApiError::bad_request("tools are not supported yet").param("tools"));
     }
-    if req
-        .response_format
-        .as_ref()
-        .is_some_and(|f| f["type"].as_str().is_some_and(|t| t != "text"))
-    {
-        return Err(
-            ApiError::bad_request("response_format other than text is not supported yet")
-                .param("response_format"),
-        );
-    }
+    let asked = structured::one_of([
+        req.common.asked()?,
+        match &req.response_format {
+            Some(rf) => structured::response_format(rf)?,
+            None => None,
+        },
+    ])?;
     let messages = req
         .messages
         .iter()
@@ -279,8 +286,15 @@ async fn chat_inner(
     let want_lp = req.logprobs;
     let top = req.top_logprobs.unwrap_or(0);
     let lease = st.registry.acquire(&c.model, None).await?;
+    let grammar = match asked {
+        Some(a) => Some(structured::compile(&lease.engine.tokenizer, a).await?),
+        None => None,
+    };
     let choices_params: Vec<_> = (0..n)
-        .map(|i| c.params(want_lp, top, i, &lease.sampling))
+        .map(|i| GenerateParams {
+            grammar: grammar.clone(),
+            ..c.params(want_lp, top, i, &lease.sampling)
+        })
         .collect();
     let prompt = lease.model.chat_tokens(messages, false).await?;
     let n_prompt = prompt.len();
@@ -553,14 +567,20 @@ async fn completions_inner(
         return Err(ApiError::bad_request("suffix is not supported").param("suffix"));
     }
     let c = &req.common;
+    let asked = c.asked()?;
     let n = c.n();
     let want_lp = req.logprobs.is_some();
     let top = req.logprobs.unwrap_or(0);
     let lease = st.registry.acquire(&c.model, None).await?;
     let tok = Arc::clone(&lease.engine.tokenizer);
+    let grammar = match asked {
+        Some(a) => Some(structured::compile(&tok, a).await?),
+        None => None,
+    };
     let mut base = Vec::with_capacity(n);
     for i in 0..n {
         let mut p = c.params(want_lp, top, i, &lease.sampling);
+        p.grammar = grammar.clone();
         // prompt logprobs are computed only when echo and logprobs are both asked for
         p.echo = req.echo && want_lp;
         base.push(p);

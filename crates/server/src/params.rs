@@ -110,10 +110,14 @@ pub(crate) const OPENAI_COMMON: &[Field] = &[
     num(&p::N),
     opt("user", Ty::Str),
     opt("ignore_eos", Ty::Bool),
+    // llama-server's structured outputs
+    opt("grammar", Ty::Str),
+    opt("json_schema", Ty::Any),
 ];
 
 pub(crate) const OPENAI_CHAT: &[Field] = &[
     req("messages", Ty::Array),
+    opt("response_format", Ty::Any),
     opt("logprobs", Ty::Bool),
     num(&p::TOP_LOGPROBS),
 ];

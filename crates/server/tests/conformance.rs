@@ -448,8 +448,21 @@ async fn breaker_findings() {
         ),
         (json!({"tools": [{"type": "function"}]}), "tools"),
         (
-            json!({"response_format": {"type": "json_object"}}),
+            json!({"response_format": {"type": "xml"}}),
+            "response_format.type",
+        ),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {
+                "name": "x", "schema": {"type": "string", "format": "no-such-format"}}}}),
             "response_format",
+        ),
+        (
+            json!({"grammar": "root ::= \"a\" | undefined-rule"}),
+            "grammar",
+        ),
+        (
+            json!({"grammar": "root ::= \"a\"", "json_schema": {"type": "object"}}),
+            "grammar",
         ),
     ] {
         let (s, v, _) = call(&app, "POST", "/v1/chat/completions", &chat(extra.clone())).await;

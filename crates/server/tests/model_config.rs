@@ -334,7 +334,7 @@ async fn a_context_beyond_the_trained_one_is_capped() {
     assert_eq!(ps["models"][0]["context_length"], 8192, "{ps}");
 }
 
-/// Ollama's routes: an unknown chat role, `format` and `template` were accepted and
+/// Ollama's routes: an unknown chat role, a bad `format` and `template` were accepted and
 /// ignored; `"system": ""` dropped the configured system message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ollama_requests_refuse_what_they_cannot_honour() {
@@ -352,13 +352,19 @@ async fn ollama_requests_refuse_what_they_cannot_honour() {
         ),
         (
             "/api/chat",
-            json!({"model": "terse", "format": "json",
+            json!({"model": "terse", "format": "yaml",
                    "messages": [{"role": "user", "content": "Hi"}]}),
             "format",
         ),
         (
             "/api/generate",
-            json!({"model": "terse", "prompt": "Hi", "format": {"type": "object"}}),
+            json!({"model": "terse", "prompt": "Hi", "format": {"type": "object",
+                   "properties": {"a": {"$ref": "#/$defs/missing"}}}}),
+            "format",
+        ),
+        (
+            "/api/generate",
+            json!({"model": "terse", "prompt": "Hi", "format": 7}),
             "format",
         ),
         (

@@ -1,0 +1,72 @@
+"""What the end-to-end tests share: a free port, plain HTTP requests, and a `capy serve`
+started with both real models and a database of its own (keys in CAPY_HOME's would lock the
+tests out), stopped and cleaned up after."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CAPY = os.environ.get("CAPY_BIN", os.path.join(ROOT, "target", "release", "capy"))
+MODELS = ["smollm2-135m", "gemma3-270m"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(url, method, path, body=None, timeout=60):
+    """(status, parsed JSON or text) of a plain request."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw, status = r.read().decode(), r.status
+    except urllib.error.HTTPError as e:
+        raw, status = e.read().decode(), e.code
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw
+
+
+class Server:
+    """`capy serve` on a free port with `MODELS` warm; `tag` names its SQLite file."""
+
+    def __init__(self, tag, extra=()):
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.db = f"/tmp/capy-e2e-{tag}-{os.getpid()}.db"
+        args = [CAPY, "serve", "--port", str(port), "-t", "2", "--parallel", "16",
+                "--database-url", "sqlite://" + self.db, *extra]
+        for m in MODELS:
+            args += ["-m", m]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=sys.stderr)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if http(self.url, "GET", "/health")[0] == 200:
+                    return
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"capy serve exited with {self.proc.returncode}")
+            time.sleep(0.2)
+        raise RuntimeError("capy serve did not become ready")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.remove(self.db + suffix)
+            except OSError:
+                pass

@@ -1,0 +1,224 @@
+"""End-to-end tests of structured outputs with the official `openai` and `ollama` clients.
+
+Starts `capy serve` with both real models and checks:
+- the bundled JSON schemas (tests/e2e/structured-schemas.json: objects, arrays, enums,
+  nested, required/optional, number ranges, patterns, formats, combinations) x both models
+  x greedy and sampled: every output parses and validates (the `jsonschema` package, with
+  its format checker);
+- `client.chat.completions.parse(response_format=PydanticModel)`, streaming, `n > 1` with
+  logprobs, llama-server's `grammar` (GBNF) and `json_schema`, Ollama's `format`;
+- clear 400s for what cannot be compiled.
+
+Run by scripts/test.sh; alone: `target/e2e-venv/bin/python tests/e2e/test_structured.py`
+(CAPY_BIN picks the binary). Prints a cargo-style `test result:` line.
+"""
+
+import concurrent.futures
+import json
+import os
+import re
+import sys
+import typing
+import unittest
+
+import jsonschema
+import ollama
+import openai
+import pydantic
+
+from e2e_server import MODELS, ROOT, Server
+from e2e_server import http as http_at
+
+SCHEMAS = json.load(open(os.path.join(ROOT, "tests", "e2e", "structured-schemas.json")))
+SERVER = None
+URL = None
+CLIENTS = {}
+
+
+def http(method, path, body=None):
+    return http_at(URL, method, path, body, timeout=300)
+
+
+def setUpModule():
+    global SERVER, URL
+    SERVER = Server("structured", ["-c", "8192"])
+    URL = SERVER.url
+
+
+def tearDownModule():
+    for c in CLIENTS.values():
+        c.close() if hasattr(c, "close") else c._client.close()
+    if SERVER:
+        SERVER.stop()
+
+
+def oai():
+    if "openai" not in CLIENTS:
+        CLIENTS["openai"] = openai.OpenAI(base_url=URL + "/v1", api_key="none", max_retries=0,
+                                          timeout=600)
+    return CLIENTS["openai"]
+
+
+def oll():
+    if "ollama" not in CLIENTS:
+        CLIENTS["ollama"] = ollama.Client(host=URL)
+    return CLIENTS["ollama"]
+
+
+def validate(text, schema):
+    value = json.loads(text)
+    jsonschema.validate(value, schema, format_checker=jsonschema.FormatChecker())
+    return value
+
+
+class Person(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=30)
+    age: int = pydantic.Field(ge=0, le=120)
+    city: typing.Optional[str] = pydantic.Field(default=None, max_length=30)
+
+
+class Schemas(unittest.TestCase):
+    def test_bundled_schemas_validate_on_both_models_greedy_and_sampled(self):
+        self.assertGreaterEqual(len(SCHEMAS), 50)
+        jobs = [(m, t, s) for m in MODELS for t in (0.0, 0.8) for s in SCHEMAS]
+
+        def one(job):
+            model, temp, s = job
+            r = oai().chat.completions.create(
+                model=model, temperature=temp, seed=5, max_tokens=400,
+                messages=[{"role": "user", "content": s["prompt"] + " Answer in JSON."}],
+                response_format={"type": "json_schema", "json_schema": {
+                    "name": s["name"], "schema": s["schema"], "strict": True}})
+            c = r.choices[0]
+            try:
+                validate(c.message.content, s["schema"])
+                return None
+            except (ValueError, jsonschema.ValidationError) as e:
+                return f"{model} temp={temp} {s['name']} ({c.finish_reason}): " \
+                       f"{str(e)[:120]}: {c.message.content[:160]!r}"
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            failures = [f for f in pool.map(one, jobs) if f]
+        self.assertEqual(failures, [], f"{len(failures)} of {len(jobs)} outputs failed")
+        _, text = http("GET", "/metrics")
+        count = re.search(r"^capy_grammar_mask_seconds_count (\d+)$", text, re.M)
+        self.assertGreater(int(count.group(1)), len(jobs))
+
+    def test_openai_parse_with_a_pydantic_model(self):
+        for model in MODELS:
+            with self.subTest(model=model):
+                r = oai().chat.completions.parse(
+                    model=model, temperature=0, max_tokens=200, response_format=Person,
+                    messages=[{"role": "user", "content": "Invent a person: name, age, city."}])
+                p = r.choices[0].message.parsed
+                self.assertIsInstance(p, Person)
+                self.assertTrue(0 <= p.age <= 120)
+
+    def test_streaming_n_and_logprobs(self):
+        schema = next(s["schema"] for s in SCHEMAS if s["name"] == "recipe")
+        rf = {"type": "json_schema", "json_schema": {"name": "recipe", "schema": schema}}
+        msgs = [{"role": "user", "content": "Write a tiny recipe as JSON."}]
+        parts, finish = [], None
+        for chunk in oai().chat.completions.create(model="gemma3-270m", messages=msgs,
+                                                   temperature=0, max_tokens=300, stream=True,
+                                                   response_format=rf):
+            for c in chunk.choices:
+                parts.append(c.delta.content or "")
+                finish = c.finish_reason or finish
+        self.assertEqual(finish, "stop")
+        streamed = "".join(parts)
+        validate(streamed, schema)
+        whole = oai().chat.completions.create(model="gemma3-270m", messages=msgs,
+                                              temperature=0, max_tokens=300, response_format=rf)
+        self.assertEqual(whole.choices[0].message.content, streamed)
+        # two sampled choices, each constrained on its own; logprobs are the model's
+        r = oai().chat.completions.create(model="smollm2-135m", messages=msgs, n=2, seed=3,
+                                          temperature=1.0, max_tokens=300, response_format=rf,
+                                          logprobs=True, top_logprobs=2)
+        self.assertEqual(len(r.choices), 2)
+        for c in r.choices:
+            validate(c.message.content, schema)
+            lps = c.logprobs.content
+            self.assertEqual("".join(t.token for t in lps), c.message.content)
+            self.assertTrue(all(t.logprob <= 0 for t in lps))
+            self.assertTrue(all(len(t.top_logprobs) == 2 for t in lps))
+
+    def test_json_object_mode(self):
+        r = oai().chat.completions.create(
+            model="smollm2-135m", temperature=0, max_tokens=300,
+            response_format={"type": "json_object"},
+            messages=[{"role": "user", "content": "Describe the moon in JSON."}])
+        self.assertIsInstance(json.loads(r.choices[0].message.content), dict)
+
+    def test_llama_server_grammar_and_json_schema(self):
+        gbnf = 'root ::= "The answer is " answer "."\nanswer ::= "yes" | "no" | [0-9]{1,3}\n'
+        for seed in range(3):
+            r = oai().completions.create(model="smollm2-135m", prompt="Is the sky blue?",
+                                         max_tokens=20, temperature=1.0, seed=seed,
+                                         extra_body={"grammar": gbnf})
+            self.assertRegex(r.choices[0].text, r"^The answer is (yes|no|[0-9]{1,3})\.$")
+            self.assertEqual(r.choices[0].finish_reason, "stop")
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}},
+                  "required": ["ok"], "additionalProperties": False}
+        r = oai().completions.create(model="gemma3-270m", prompt="Answer in JSON: is fire hot?",
+                                     max_tokens=40, temperature=0,
+                                     extra_body={"json_schema": schema})
+        validate(r.choices[0].text, schema)
+
+    def test_ollama_format(self):
+        r = oll().chat(model="gemma3-270m", format=Person.model_json_schema(),
+                       messages=[{"role": "user", "content": "Invent a person as JSON."}],
+                       options={"temperature": 0, "num_predict": 200})
+        p = Person.model_validate_json(r.message.content)
+        self.assertTrue(p.name)
+        r = oll().generate(model="smollm2-135m", prompt="Describe a cat in JSON.",
+                           format="json", options={"temperature": 0.7, "num_predict": 300})
+        self.assertIsInstance(json.loads(r.response), dict)
+        self.assertEqual(r.done_reason, "stop")
+
+    def test_what_cannot_be_compiled_is_a_clear_400(self):
+        cases = [
+            ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {
+                "name": "x", "schema": {"type": "string", "format": "no-such-format"}}}},
+             "response_format", "no-such-format"),
+            ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {
+                "name": "x", "schema": {"type": "object", "properties": {
+                    "a": {"$ref": "#/$defs/missing"}}}}}},
+             "response_format", "missing"),
+            ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {
+                "name": "x", "schema": {"type": "integer", "minimum": 5, "maximum": 1}}}},
+             "response_format", "minimum"),
+            ("/v1/chat/completions", {"response_format": {"type": "yaml"}},
+             "response_format.type", "yaml"),
+            ("/v1/completions", {"grammar": "root ::= item\n"}, "grammar", "item"),
+            ("/v1/completions", {"grammar": "root ::= [a-z"}, "grammar",
+             "unterminated character class"),
+            ("/v1/completions", {"json_schema": "not a schema"}, "json_schema", "schema"),
+        ]
+        for path, extra, param, words in cases:
+            with self.subTest(extra=extra):
+                body = {"model": "smollm2-135m", "max_tokens": 4, **extra}
+                if path == "/v1/completions":
+                    body["prompt"] = "Hi"
+                else:
+                    body["messages"] = [{"role": "user", "content": "Hi"}]
+                status, v = http("POST", path, body)
+                self.assertEqual(status, 400, v)
+                self.assertEqual(v["error"]["param"], param, v)
+                self.assertIn(words, v["error"]["message"], v)
+        status, v = http("POST", "/api/generate", {"model": "smollm2-135m", "prompt": "Hi",
+                                                   "format": "yaml"})
+        self.assertEqual(status, 400, v)
+        self.assertIn("format", v["error"])
+        # the server is fine afterwards
+        r = oai().chat.completions.create(model="smollm2-135m", max_tokens=4,
+                                          messages=[{"role": "user", "content": "Hi"}])
+        self.assertTrue(r.choices[0].message.content)
+
+
+if __name__ == "__main__":
+    result = unittest.main(exit=False, verbosity=2).result
+    failed = len(result.failures) + len(result.errors)
+    passed = result.testsRun - failed - len(result.skipped)
+    print(f"test result: {'ok' if failed == 0 else 'FAILED'}. {passed} passed; {failed} failed")
+    sys.exit(1 if failed else 0)
