@@ -8,10 +8,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// One chat message as templates see it (Hugging Face's shape): `role`, `content`, and for
+/// tool calling an assistant's `tool_calls` (`[{"id", "type": "function", "function":
+/// {"name", "arguments": {...}}}]`, arguments as an object, which templates print with
+/// `tojson`) and a tool result's `tool_call_id` and `name`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
     pub content: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl Message {
@@ -19,6 +29,9 @@ impl Message {
         Message {
             role: role.to_string(),
             content: content.to_string(),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
         }
     }
 }
@@ -77,14 +90,31 @@ impl ChatTemplate {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<(String, Vec<Range<usize>>)> {
+        self.render_marked_tools(messages, None, add_generation_prompt)
+    }
+
+    /// [`ChatTemplate::render_marked`] with `tools` (Hugging Face's list of
+    /// `{"type": "function", "function": {...}}`) given to the template.
+    ///
+    /// # Errors
+    /// As [`ChatTemplate::render`].
+    pub fn render_marked_tools(
+        &self,
+        messages: &[Message],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<(String, Vec<Range<usize>>)> {
         const PAD: char = '\u{2003}';
         let marker = |i: usize| format!("\u{F8F0}capy{i}\u{F8F1}");
         let marked: Vec<Message> = messages
             .iter()
             .enumerate()
-            .map(|(i, m)| Message::new(&m.role, &format!("{PAD}{}{PAD}", marker(i))))
+            .map(|(i, m)| Message {
+                content: format!("{PAD}{}{PAD}", marker(i)),
+                ..m.clone()
+            })
             .collect();
-        let rendered = self.render(&marked, add_generation_prompt)?;
+        let rendered = self.render_tools(&marked, tools, add_generation_prompt)?;
         let mut out = String::with_capacity(rendered.len());
         let mut spans = Vec::new();
         let mut rest = rendered.as_str();
@@ -127,6 +157,25 @@ impl ChatTemplate {
     }
 
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Whether the template reads a `tools` variable (Hugging Face's tool-calling
+    /// templates do); others get tools through a system message ([`crate::tools`]).
+    pub fn takes_tools(&self) -> bool {
+        self.source.contains("tools")
+    }
+
+    /// Renders a conversation, with `tools` for templates that take them.
+    ///
+    /// # Errors
+    /// A template that does not compile or raises an exception.
+    pub fn render_tools(
+        &self,
+        messages: &[Message],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let mut env = Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
@@ -149,6 +198,7 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
+            tools => tools,
         })
         .map_err(|e| Error::Template(e.to_string()))
     }

@@ -450,6 +450,12 @@ pub(crate) fn choose(
     let Some(g) = grammar else {
         return Ok(sampler.sample(row));
     };
+    if !g.is_active() {
+        // a lazy grammar waiting for its trigger sees every token
+        let id = sampler.sample(row);
+        g.accept(id)?;
+        return Ok(id);
+    }
     let mask = g.mask()?;
     if mask.is_zero() {
         return Err("grammar: no token can continue the output".into());

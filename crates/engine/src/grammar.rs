@@ -60,31 +60,50 @@ impl GrammarSpec {
     fn top_level(&self) -> Result<TopLevelGrammar, String> {
         Ok(match self {
             GrammarSpec::JsonSchema(schema) => {
-                let mut schema = match schema {
-                    Value::Object(_) => schema.clone(),
-                    Value::Bool(true) => serde_json::json!({}),
-                    other => {
-                        return Err(format!(
-                            "a JSON schema must be an object, got {}",
-                            short(other)
-                        ))
-                    }
-                };
-                no_unlisted_properties(&mut schema);
-                if let Value::Object(m) = &mut schema {
-                    m.entry("x-guidance").or_insert_with(|| {
-                        serde_json::json!({
-                            "whitespace_pattern": r"\x20|\n[\x20\x09]{0,20}",
-                        })
-                    });
-                }
-                TopLevelGrammar::from_json_schema(schema)
+                TopLevelGrammar::from_json_schema(prepare_schema(schema)?)
             }
             GrammarSpec::Lark(g) => TopLevelGrammar::from_lark(g.clone()),
             GrammarSpec::Gbnf(g) => TopLevelGrammar::from_lark(gbnf_to_lark(g)?),
             GrammarSpec::Regex(r) => TopLevelGrammar::from_regex(r),
         })
     }
+}
+
+/// A schema as capy compiles it: objects get no unlisted properties
+/// ([`no_unlisted_properties`]) and JSON whitespace is limited (the module's notes).
+///
+/// # Errors
+/// A schema that is neither an object nor `true`.
+pub fn prepare_schema(schema: &Value) -> Result<Value, String> {
+    let mut schema = closed_schema(schema)?;
+    if let Value::Object(m) = &mut schema {
+        m.entry("x-guidance").or_insert_with(|| {
+            serde_json::json!({
+                "whitespace_pattern": r"\x20|\n[\x20\x09]{0,20}",
+            })
+        });
+    }
+    Ok(schema)
+}
+
+/// A schema with no unlisted properties ([`no_unlisted_properties`]), for use inside
+/// another (no whitespace options: llguidance reads those at the top only).
+///
+/// # Errors
+/// A schema that is neither an object nor `true`.
+pub fn closed_schema(schema: &Value) -> Result<Value, String> {
+    let mut schema = match schema {
+        Value::Object(_) => schema.clone(),
+        Value::Bool(true) => serde_json::json!({}),
+        other => {
+            return Err(format!(
+                "a JSON schema must be an object, got {}",
+                short(other)
+            ))
+        }
+    };
+    no_unlisted_properties(&mut schema);
+    Ok(schema)
 }
 
 /// Objects whose schema lists `properties` but says nothing of others get none
@@ -187,14 +206,30 @@ impl Grammars {
         let Some(&first_eog) = eog.first() else {
             return Err("the model has no end-of-generation token to end a grammar with".into());
         };
+        // The trie holds one token per byte string: where two tokens spell the same text
+        // (SentencePiece's byte-fallback `<0x22>` and the piece `"`), the ordinary piece
+        // keeps it, the model's usual choice; the other becomes unreachable by text.
+        let mut owner: std::collections::HashMap<&[u8], (u32, bool)> = Default::default();
+        for id in 0..n as u32 {
+            let bytes = tok.token_bytes(id, true);
+            let byte_fallback = tok.token_type(id) == Some(TokenType::Byte);
+            match owner.get(bytes) {
+                Some(&(_, false)) => {}
+                Some(&(_, true)) if byte_fallback => {}
+                _ => {
+                    owner.insert(bytes, (id, byte_fallback));
+                }
+            }
+        }
         let words: Vec<Vec<u8>> = (0..n as u32)
             .map(|id| {
+                let bytes = tok.token_bytes(id, true);
                 let special = tok.is_eog(id)
                     || matches!(
                         tok.token_type(id),
                         Some(TokenType::Control | TokenType::Unknown | TokenType::Unused)
-                    );
-                let bytes = tok.token_bytes(id, true);
+                    )
+                    || owner.get(bytes).is_some_and(|&(o, _)| o != id);
                 if special || bytes.is_empty() {
                     let mut w = vec![TokTrie::SPECIAL_TOKEN_MARKER];
                     match tok.piece(id) {
@@ -235,6 +270,19 @@ impl Grammars {
         })
     }
 
+    /// A grammar that starts only once the output contains `trigger` (a text, or a special
+    /// token's text such as `[TOOL_CALLS]`), right after it: text before the trigger is
+    /// free (llama.cpp's "lazy" grammars: a tool call's arguments are constrained once the
+    /// call starts).
+    ///
+    /// # Errors
+    /// As [`Grammars::compile`].
+    pub fn compile_lazy(&self, spec: &GrammarSpec, trigger: &str) -> Result<Grammar, String> {
+        let mut g = self.compile(spec)?;
+        g.start_after(trigger);
+        Ok(g)
+    }
+
     /// Compiles a grammar for one sequence, in its start state.
     ///
     /// # Errors
@@ -257,6 +305,8 @@ impl Grammars {
             digit_start: Arc::clone(&self.digit_start),
             zero_start: Arc::clone(&self.zero_start),
             digit_run: 0,
+            trigger: None,
+            dropped: false,
         })
     }
 }
@@ -275,6 +325,18 @@ pub struct Grammar {
     zero_start: Arc<SimpleVob>,
     /// ASCII digits at the end of the output so far
     digit_run: usize,
+    /// a lazy grammar's trigger, until it is seen
+    trigger: Option<Trigger>,
+    /// the output after the trigger did not fit the grammar: no constraint any more
+    dropped: bool,
+}
+
+/// What a lazy grammar waits for, and the output bytes seen so far (a trigger may span
+/// tokens).
+#[derive(Clone, Debug)]
+struct Trigger {
+    text: Vec<u8>,
+    seen: Vec<u8>,
 }
 
 impl Clone for Grammar {
@@ -287,6 +349,8 @@ impl Clone for Grammar {
             digit_start: Arc::clone(&self.digit_start),
             zero_start: Arc::clone(&self.zero_start),
             digit_run: self.digit_run,
+            trigger: self.trigger.clone(),
+            dropped: self.dropped,
         }
     }
 }
@@ -300,6 +364,20 @@ impl std::fmt::Debug for Grammar {
 }
 
 impl Grammar {
+    /// Makes the grammar lazy: it starts after the output contains `trigger`
+    /// ([`Grammars::compile_lazy`]). For a grammar in its start state.
+    pub fn start_after(&mut self, trigger: &str) {
+        self.trigger = Some(Trigger {
+            text: trigger.as_bytes().to_vec(),
+            seen: Vec::new(),
+        });
+    }
+
+    /// Whether the grammar constrains the next token (a lazy one only after its trigger).
+    pub fn is_active(&self) -> bool {
+        self.trigger.is_none() && !self.dropped
+    }
+
     /// The tokens that may come next (one bit per token id). Once the grammar is complete
     /// and nothing more may follow, only end-of-generation tokens. After
     /// [`MAX_DIGIT_RUN`] digits in a row, no token that begins with a digit unless nothing
@@ -336,7 +414,26 @@ impl Grammar {
     /// # Errors
     /// The grammar does not allow the token.
     pub fn accept(&mut self, id: u32) -> Result<(), String> {
-        if self.matcher.is_stopped() || self.eog.contains(&id) {
+        if self.dropped || self.matcher.is_stopped() || self.eog.contains(&id) {
+            return Ok(());
+        }
+        if let Some(t) = self.trigger.as_mut() {
+            t.seen.extend_from_slice(self.env.tok_trie().token(id));
+            let Some(at) = t.seen.windows(t.text.len()).position(|w| w == t.text) else {
+                // keep only what a trigger could still start in
+                let keep = t.text.len().saturating_sub(1);
+                if t.seen.len() > keep {
+                    t.seen.drain(..t.seen.len() - keep);
+                }
+                return Ok(());
+            };
+            // the grammar starts after the trigger, with the bytes that followed it
+            let rest = t.seen[at + t.text.len()..].to_vec();
+            self.trigger = None;
+            let toks = self.env.tok_trie().greedy_tokenize(&rest);
+            if self.matcher.consume_tokens(&toks).is_err() {
+                self.dropped = true;
+            }
             return Ok(());
         }
         let bytes = self.env.tok_trie().token(id);

@@ -12,6 +12,7 @@ pub mod sampler;
 pub mod speculative;
 pub mod spm;
 pub mod tokenizer;
+pub mod tools;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -172,7 +173,23 @@ impl Engine {
     /// # Errors
     /// A template that fails to render, or the tokenizer's errors.
     pub fn chat_tokens(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        let (text, literal) = self.template.render_marked(messages, true)?;
+        self.chat_tokens_tools(messages, &[])
+    }
+
+    /// [`Engine::chat_tokens`] with tools the model may call: given to templates that take
+    /// them, else described in a system message ([`tools::prompt_messages`]).
+    ///
+    /// # Errors
+    /// As [`Engine::chat_tokens`].
+    pub fn chat_tokens_tools(
+        &self,
+        messages: &[Message],
+        tools: &[tools::Tool],
+    ) -> Result<Vec<u32>> {
+        let (messages, listed) = tools::prompt_messages(&self.template, messages, tools);
+        let (text, literal) =
+            self.template
+                .render_marked_tools(&messages, listed.as_ref(), true)?;
         let starts_with_bos =
             !self.template.bos_token.is_empty() && text.starts_with(&self.template.bos_token);
         self.tokenizer
@@ -185,7 +202,8 @@ impl Engine {
     /// # Errors
     /// As [`Engine::chat_tokens`].
     pub fn chat_turn_tokens(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        let (text, literal) = self.template.render_marked(messages, true)?;
+        let (messages, _) = tools::prompt_messages(&self.template, messages, &[]);
+        let (text, literal) = self.template.render_marked(&messages, true)?;
         let bos = self.template.bos_token.as_str();
         let skip = if !bos.is_empty() && text.starts_with(bos) {
             bos.len()

@@ -269,3 +269,126 @@ fn compile_errors_name_the_problem() {
         assert!(err.contains(words), "{spec:?}: {err}");
     }
 }
+
+#[test]
+fn tool_calls_are_constrained_from_the_start_or_once_they_start() {
+    use capy_engine::tools::{call_grammar, parse_calls, Tool, ToolChoice, ToolFormat};
+    let tools = vec![
+        Tool {
+            name: "get_weather".into(),
+            description: Some("The weather in a city".into()),
+            parameters: json!({"type": "object", "properties": {
+                "city": {"type": "string", "maxLength": 30},
+                "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"]}),
+        },
+        Tool {
+            name: "add".into(),
+            description: None,
+            parameters: json!({"type": "object", "properties": {
+                "a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}),
+        },
+    ];
+    for name in ["smollm2-135m", "gemma3-270m"] {
+        let e = engine(name);
+        let g = e.tokenizer.grammars().expect("grammar compiler");
+        let format = ToolFormat::of(&e.template);
+        let msgs = [capy_engine::Message::new(
+            "user",
+            "What is the weather in Paris?",
+        )];
+        let prompt = e.chat_tokens_tools(&msgs, &tools).expect("prompt");
+        let mut s = e.session(ContextParams {
+            n_ctx: 2048,
+            ..Default::default()
+        });
+        for (choice, parallel) in [
+            (ToolChoice::Required, true),
+            (ToolChoice::Named("add".into()), false),
+        ] {
+            let (spec, trigger) = call_grammar(format, &tools, &choice, parallel, &e.tokenizer)
+                .expect("grammar")
+                .expect("a grammar for required calls");
+            assert!(trigger.is_none());
+            let grammar = g.compile(&spec).unwrap_or_else(|e| panic!("{e}\n{spec:?}"));
+            for seed in [1, 2] {
+                let params = GenerateParams {
+                    max_tokens: 300,
+                    sampler: SamplerParams {
+                        temperature: 0.8,
+                        seed: Some(seed),
+                        ..Default::default()
+                    },
+                    grammar: Some(grammar.clone()),
+                    ..Default::default()
+                };
+                let r = s
+                    .generate(&prompt, &params, |_, _| true)
+                    .expect("generates");
+                let (text, calls) = parse_calls(format, &r.text, &tools);
+                assert!(!calls.is_empty(), "{name} {choice:?}: {:?}", r.text);
+                assert_eq!(text, "");
+                for c in &calls {
+                    if let ToolChoice::Named(n) = &choice {
+                        assert_eq!(&c.name, n);
+                        assert!(c.arguments["a"].is_i64() && c.arguments["b"].is_i64());
+                    } else if c.name == "get_weather" {
+                        assert!(c.arguments["city"].is_string());
+                    }
+                }
+            }
+        }
+        // auto: free text until "<tool_call>", then a call that fits
+        let (spec, trigger) = call_grammar(format, &tools, &ToolChoice::Auto, true, &e.tokenizer)
+            .expect("grammar")
+            .expect("a lazy grammar");
+        let trigger = trigger.expect("a trigger");
+        let mut lazy = g.compile_lazy(&spec, &trigger).expect("compiles");
+        assert!(!lazy.is_active());
+        let head = e
+            .tokenizer
+            .encode("Checking.\n<tool_call>\n{\"name\": \"add\", ", false, false)
+            .unwrap();
+        for &t in &head {
+            lazy.accept(t).unwrap();
+        }
+        assert!(lazy.is_active());
+        let m = lazy.mask().unwrap();
+        let quote = e.tokenizer.token_id("\"").expect("a quote token");
+        let brace = e.tokenizer.token_id("}").expect("a brace token");
+        let allowed: Vec<String> = (0..e.tokenizer.n_vocab() as u32)
+            .filter(|&t| m.is_allowed(t))
+            .take(20)
+            .map(|t| format!("{:?}", e.tokenizer.decode(&[t], true)))
+            .collect();
+        assert!(
+            m.is_allowed(quote) && !m.is_allowed(brace),
+            "{name}: {} allowed: {allowed:?}",
+            m.num_set()
+        );
+    }
+}
+
+#[test]
+fn a_grammar_can_start_after_a_thinking_block() {
+    let e = engine("smollm2-135m");
+    let g = e.tokenizer.grammars().expect("grammar compiler");
+    let mut json_after = g.compile(&GrammarSpec::json_object()).expect("compiles");
+    json_after.start_after("</think>");
+    let open = e.tokenizer.token_id("{").expect("a brace token");
+    for &t in &e
+        .tokenizer
+        .encode("Reasoning: 2 < 3, so no braces yet.</thi", false, false)
+        .unwrap()
+    {
+        assert!(!json_after.is_active());
+        json_after.accept(t).unwrap();
+    }
+    for &t in &e.tokenizer.encode("nk>", false, false).unwrap() {
+        json_after.accept(t).unwrap();
+    }
+    assert!(json_after.is_active());
+    let m = json_after.mask().unwrap();
+    assert!(m.is_allowed(open));
+    let word = e.tokenizer.token_id("The").expect("a word token");
+    assert!(!m.is_allowed(word));
+}

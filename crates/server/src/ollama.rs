@@ -21,6 +21,7 @@ use crate::params;
 use crate::registry::Lease;
 use crate::structured;
 use crate::{AppState, Knobs};
+use capy_engine::tools::ToolFormat;
 
 /// `options` of a request (other Ollama options are accepted and ignored).
 #[derive(Deserialize, Default)]
@@ -207,6 +208,7 @@ async fn generate_inner(
         // a follow-up turn: the template's rendering of this turn alone, no new BOS
         let turn = !prompt.is_empty();
         prompt.extend(m.chat_tokens(msgs, turn).await?);
+        structured::after_thinking(&lease.engine.tokenizer, &prompt, &mut params.grammar);
     }
     run(
         st,
@@ -217,6 +219,7 @@ async fn generate_inner(
         req.stream.unwrap_or(true),
         t0,
         false,
+        None,
         ticket,
     )
     .await
@@ -229,6 +232,39 @@ struct ChatMessage {
     content: String,
     #[serde(default)]
     images: Vec<Value>,
+    /// an assistant's calls: `[{"function": {"name", "arguments": {...}}}]`
+    #[serde(default)]
+    tool_calls: Vec<Value>,
+    /// a tool result's function (`tool_name`, or the older `name`)
+    tool_name: Option<String>,
+    name: Option<String>,
+}
+
+impl ChatMessage {
+    fn to_message(&self) -> Message {
+        let mut m = Message::new(&self.role, &self.content);
+        if !self.tool_calls.is_empty() {
+            m.tool_calls = Some(
+                self.tool_calls
+                    .iter()
+                    .map(|c| {
+                        let f = &c["function"];
+                        let arguments = match &f["arguments"] {
+                            Value::String(a) => {
+                                serde_json::from_str(a).unwrap_or_else(|_| json!(a))
+                            }
+                            Value::Null => json!({}),
+                            other => other.clone(),
+                        };
+                        json!({"type": "function",
+                               "function": {"name": f["name"], "arguments": arguments}})
+                    })
+                    .collect(),
+            );
+        }
+        m.name = self.tool_name.clone().or_else(|| self.name.clone());
+        m
+    }
 }
 
 #[derive(Deserialize)]
@@ -284,18 +320,26 @@ async fn chat_inner(
             "images are not supported by this model",
         ));
     }
-    if !req.tools.is_empty() {
-        return Err(ApiError::bad_request("tools are not supported yet"));
+    // Ollama has no tool_choice: the model calls when it decides to
+    let tools = structured::tools(Some(&req.tools), None, None)?;
+    if tools.is_some() && req.format.as_ref().is_some_and(|f| f != "") {
+        return Err(ApiError::bad_request("format cannot be combined with tools").param("format"));
     }
     let lease = st.registry.acquire(&req.model, ka).await?;
     let mut params = req.options.params(&lease.sampling)?;
     params.grammar = format_grammar(&req.format, &lease).await?;
-    let msgs: Vec<Message> = req
-        .messages
-        .iter()
-        .map(|m| Message::new(&m.role, &m.content))
-        .collect();
-    let prompt = lease.model.chat_tokens(msgs, false).await?;
+    let format = ToolFormat::of(&lease.engine.template);
+    if let Some(t) = &tools {
+        params.grammar = structured::tool_grammar(&lease.engine.tokenizer, format, t).await?;
+    }
+    let msgs: Vec<Message> = req.messages.iter().map(ChatMessage::to_message).collect();
+    let tool_list = tools.as_ref().map(|t| t.tools.clone()).unwrap_or_default();
+    let prompt = lease
+        .model
+        .chat_tokens_tools(msgs, tool_list, false)
+        .await?;
+    structured::after_thinking(&lease.engine.tokenizer, &prompt, &mut params.grammar);
+    let tools = tools.map(|t| (t, format));
     run(
         st,
         lease,
@@ -305,6 +349,7 @@ async fn chat_inner(
         req.stream.unwrap_or(true),
         t0,
         true,
+        tools,
         ticket,
     )
     .await
@@ -321,6 +366,7 @@ async fn run(
     stream: bool,
     t0: Instant,
     chat: bool,
+    tools: Option<(structured::ToolsAsked, ToolFormat)>,
     ticket: Option<Arc<Ticket>>,
 ) -> Result<Response, ApiError> {
     let model = format!("{}:latest", lease.name);
@@ -350,11 +396,28 @@ async fn run(
         }
         v
     };
+    let tok = Arc::clone(&gens.lease.engine.tokenizer);
+    // Ollama's calls: arguments as an object
+    let calls_json = |calls: &[capy_engine::tools::ToolCall]| -> Value {
+        calls
+            .iter()
+            .map(|c| json!({"function": {"name": c.name, "arguments": c.arguments}}))
+            .collect()
+    };
     if !stream {
         let mut outs = gens.collect().await?;
         let o = outs.pop().unwrap_or_default();
         let s = o.summary.ok_or_else(|| ApiError::internal("no result"))?;
-        let mut v = piece(&o.text);
+        let mut calls = Vec::new();
+        let mut text = o.text.clone();
+        if let Some((t, format)) = &tools {
+            let ids: Vec<u32> = o.tokens.iter().map(|t| t.id).collect();
+            (text, calls) = structured::read_calls(&tok, *format, t, &ids, &o.text);
+        }
+        let mut v = piece(&text);
+        if !calls.is_empty() {
+            v["message"]["tool_calls"] = calls_json(&calls);
+        }
         finals(&mut v, &s, t0, load_ms);
         if !chat {
             let mut ctx = prompt;
@@ -368,17 +431,33 @@ async fn run(
         move |out| async move {
             let mut gens = gens;
             let mut ctx = prompt;
+            let mut cs = structured::CallStream::default();
             while let Some((_, ev)) = gens.next().await {
                 match ev {
                     Event::Token { token, text } => {
                         ctx.push(token.id);
+                        let text = match &tools {
+                            Some((t, format)) => cs.push(&tok, *format, &t.choice, token.id, &text),
+                            None => text,
+                        };
                         if !text.is_empty() && !out.line(&piece(&text)).await {
                             return;
                         }
                     }
                     Event::Done(s) => {
-                        if !s.tail.is_empty() && !out.line(&piece(&s.tail)).await {
+                        let (rest, calls) = match &tools {
+                            Some((t, format)) => cs.finish(&tok, *format, t, &s.tail),
+                            None => (s.tail.clone(), Vec::new()),
+                        };
+                        if !rest.is_empty() && !out.line(&piece(&rest)).await {
                             return;
+                        }
+                        if !calls.is_empty() {
+                            let mut v = piece("");
+                            v["message"]["tool_calls"] = calls_json(&calls);
+                            if !out.line(&v).await {
+                                return;
+                            }
                         }
                         let mut v = piece("");
                         finals(&mut v, &s, t0, load_ms);
@@ -538,7 +617,7 @@ pub async fn show(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
                 "template": info.template,
                 "details": info.details,
                 "model_info": info.metadata,
-                "capabilities": ["completion"],
+                "capabilities": ["completion", "tools"],
                 "modified_at": rfc3339(info.modified),
         });
         if let Some(s) = &r.settings.system {

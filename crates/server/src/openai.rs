@@ -8,6 +8,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
+use capy_engine::tools::{ToolCall, ToolChoice, ToolFormat};
 use capy_engine::{GenerateParams, Message, StopReason, TokenOut, Tokenizer};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -130,6 +131,11 @@ struct ChatMessage {
     role: String,
     /// a string, an array of content parts, or absent
     content: Option<Value>,
+    /// an assistant's calls: `[{"id", "type": "function", "function": {"name", "arguments"}}]`
+    tool_calls: Option<Vec<Value>>,
+    /// a tool result's call
+    tool_call_id: Option<String>,
+    name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -138,8 +144,9 @@ struct ChatRequest {
     #[serde(default)]
     logprobs: bool,
     top_logprobs: Option<usize>,
-    /// not supported yet: refused rather than silently ignored
     tools: Option<Vec<Value>>,
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
     response_format: Option<Value>,
     #[serde(flatten)]
     common: Common,
@@ -199,7 +206,56 @@ fn to_message(i: usize, m: &ChatMessage) -> Result<Message, ApiError> {
     } else {
         m.role.as_str()
     };
-    Ok(Message::new(role, &content))
+    let mut msg = Message::new(role, &content);
+    if let Some(calls) = m.tool_calls.as_ref().filter(|c| !c.is_empty()) {
+        if m.role != "assistant" {
+            return Err(bad(
+                "tool_calls",
+                format!("messages[{i}] has tool_calls but only assistant messages make calls"),
+            ));
+        }
+        let mut out = Vec::with_capacity(calls.len());
+        for (j, c) in calls.iter().enumerate() {
+            let f = &c["function"];
+            let Some(name) = f["name"].as_str() else {
+                return Err(bad(
+                    &format!("tool_calls[{j}].function.name"),
+                    format!("messages[{i}].tool_calls[{j}].function.name must be a string"),
+                ));
+            };
+            // templates print the arguments as an object (`tojson`)
+            let arguments = match &f["arguments"] {
+                Value::String(a) => serde_json::from_str(a).unwrap_or_else(|_| json!(a)),
+                Value::Null => json!({}),
+                other => other.clone(),
+            };
+            out.push(json!({"id": c["id"], "type": "function",
+                            "function": {"name": name, "arguments": arguments}}));
+        }
+        msg.tool_calls = Some(out);
+    }
+    msg.tool_call_id = m.tool_call_id.clone();
+    msg.name = m.name.clone();
+    Ok(msg)
+}
+
+/// An answer's `tool_calls` in OpenAI's form (arguments as a JSON string).
+fn tool_calls_json(calls: &[ToolCall]) -> Vec<Value> {
+    calls
+        .iter()
+        .map(|c| {
+            json!({"id": structured::call_id(), "type": "function",
+                   "function": {"name": c.name, "arguments": c.arguments.to_string()}})
+        })
+        .collect()
+}
+
+fn finish_reason_calls(r: StopReason, calls: bool) -> &'static str {
+    if calls {
+        "tool_calls"
+    } else {
+        finish_reason(r)
+    }
 }
 
 fn finish_reason(r: StopReason) -> &'static str {
@@ -265,9 +321,11 @@ async fn chat_inner(
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty").param("messages"));
     }
-    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(ApiError::bad_request("tools are not supported yet").param("tools"));
-    }
+    let tools = structured::tools(
+        req.tools.as_deref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+    )?;
     let asked = structured::one_of([
         req.common.asked()?,
         match &req.response_format {
@@ -275,6 +333,15 @@ async fn chat_inner(
             None => None,
         },
     ])?;
+    if let (Some(a), Some(t)) = (&asked, &tools) {
+        if t.choice != ToolChoice::None {
+            return Err(ApiError::bad_request(format!(
+                "{} cannot be combined with tools (unless tool_choice is none)",
+                a.param
+            ))
+            .param(a.param));
+        }
+    }
     let messages = req
         .messages
         .iter()
@@ -286,17 +353,24 @@ async fn chat_inner(
     let want_lp = req.logprobs;
     let top = req.top_logprobs.unwrap_or(0);
     let lease = st.registry.acquire(&c.model, None).await?;
-    let grammar = match asked {
-        Some(a) => Some(structured::compile(&lease.engine.tokenizer, a).await?),
-        None => None,
+    let format = ToolFormat::of(&lease.engine.template);
+    let mut grammar = match (asked, &tools) {
+        (Some(a), _) => Some(structured::compile(&lease.engine.tokenizer, a).await?),
+        (None, Some(t)) => structured::tool_grammar(&lease.engine.tokenizer, format, t).await?,
+        (None, None) => None,
     };
+    let tool_list = tools.as_ref().map(|t| t.tools.clone()).unwrap_or_default();
+    let prompt = lease
+        .model
+        .chat_tokens_tools(messages, tool_list, false)
+        .await?;
+    structured::after_thinking(&lease.engine.tokenizer, &prompt, &mut grammar);
     let choices_params: Vec<_> = (0..n)
         .map(|i| GenerateParams {
             grammar: grammar.clone(),
             ..c.params(want_lp, top, i, &lease.sampling)
         })
         .collect();
-    let prompt = lease.model.chat_tokens(messages, false).await?;
     let n_prompt = prompt.len();
     c.check_fits(n_prompt, lease.batch.params.n_ctx, "messages")?;
     let (model, tok) = (lease.name.clone(), Arc::clone(&lease.engine.tokenizer));
@@ -322,14 +396,25 @@ async fn chat_inner(
                 if i == 0 {
                     cached = s.map_or(0, |s| s.cached_tokens);
                 }
+                let mut message = json!({"role": "assistant", "content": o.text, "refusal": null});
+                let mut called = false;
+                if let Some(t) = &tools {
+                    let ids: Vec<u32> = o.tokens.iter().map(|t| t.id).collect();
+                    let (text, calls) = structured::read_calls(&tok, format, t, &ids, &o.text);
+                    if !calls.is_empty() {
+                        called = true;
+                        message["content"] = if text.is_empty() { Value::Null } else { json!(text) };
+                        message["tool_calls"] = json!(tool_calls_json(&calls));
+                    }
+                }
                 json!({
                     "index": i,
-                    "message": {"role": "assistant", "content": o.text, "refusal": null},
+                    "message": message,
                     "logprobs": want_lp.then(|| json!({
                         "content": o.tokens.iter().map(|t| chat_logprob(&tok, t)).collect::<Vec<_>>(),
                         "refusal": null,
                     })),
-                    "finish_reason": s.map(|s| finish_reason(s.stop_reason)),
+                    "finish_reason": s.map(|s| finish_reason_calls(s.stop_reason, called)),
                 })
             })
             .collect();
@@ -365,6 +450,9 @@ async fn chat_inner(
                 }
             }
             let (mut left, mut completion, mut cached) = (n, 0, 0);
+            // with tools, per choice: the text so far, how much of it was sent, the tokens
+            let mut calls_seen: Vec<structured::CallStream> =
+                (0..n).map(|_| structured::CallStream::default()).collect();
             while left > 0 {
                 let Some((i, ev)) = gens.next().await else {
                     // the engine went away before every choice ended: say so, no [DONE]
@@ -374,6 +462,12 @@ async fn chat_inner(
                 };
                 let frame = match ev {
                     capy_engine::Event::Token { token, text } => {
+                        let text = match (&tools, calls_seen.get_mut(i)) {
+                            (Some(t), Some(cs)) if t.choice != ToolChoice::None => {
+                                cs.push(&tok, format, &t.choice, token.id, &text)
+                            }
+                            _ => text,
+                        };
                         if text.is_empty() && !want_lp {
                             continue;
                         }
@@ -389,15 +483,30 @@ async fn chat_inner(
                         if i == 0 {
                             cached = s.cached_tokens;
                         }
-                        if !s.tail.is_empty() {
-                            let tail = json!({"index": i, "delta": {"content": s.tail},
+                        let (rest, calls) = match (&tools, calls_seen.get_mut(i)) {
+                            (Some(t), Some(cs)) if t.choice != ToolChoice::None => {
+                                cs.finish(&tok, format, t, &s.tail)
+                            }
+                            _ => (s.tail.clone(), Vec::new()),
+                        };
+                        if !rest.is_empty() {
+                            let tail = json!({"index": i, "delta": {"content": rest},
                                           "logprobs": null, "finish_reason": null});
                             if !out.sse(&chunk(tail, include_usage)).await {
                                 return;
                             }
                         }
+                        for (k, c) in tool_calls_json(&calls).into_iter().enumerate() {
+                            let mut c = c;
+                            c["index"] = json!(k);
+                            let d = json!({"index": i, "delta": {"tool_calls": [c]},
+                                           "logprobs": null, "finish_reason": null});
+                            if !out.sse(&chunk(d, include_usage)).await {
+                                return;
+                            }
+                        }
                         json!({"index": i, "delta": {}, "logprobs": null,
-                           "finish_reason": finish_reason(s.stop_reason)})
+                           "finish_reason": finish_reason_calls(s.stop_reason, !calls.is_empty())})
                     }
                     capy_engine::Event::Failed(m) => {
                         let _ = out.sse(&ApiError::internal(m).for_client().body()).await;

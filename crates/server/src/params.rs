@@ -118,6 +118,9 @@ pub(crate) const OPENAI_COMMON: &[Field] = &[
 pub(crate) const OPENAI_CHAT: &[Field] = &[
     req("messages", Ty::Array),
     opt("response_format", Ty::Any),
+    opt("tools", Ty::Array),
+    opt("tool_choice", Ty::Any),
+    opt("parallel_tool_calls", Ty::Bool),
     opt("logprobs", Ty::Bool),
     num(&p::TOP_LOGPROBS),
 ];

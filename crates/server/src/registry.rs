@@ -107,7 +107,21 @@ impl Loaded {
     /// [`Loaded::check_text`]'s, the template's and the tokenizer's.
     pub async fn chat_tokens(
         self: &Arc<Self>,
+        messages: Vec<Message>,
+        turn: bool,
+    ) -> Result<Vec<u32>, ApiError> {
+        self.chat_tokens_tools(messages, Vec::new(), turn).await
+    }
+
+    /// [`Loaded::chat_tokens`] with tools the model may call
+    /// ([`capy_engine::Engine::chat_tokens_tools`]).
+    ///
+    /// # Errors
+    /// As [`Loaded::chat_tokens`].
+    pub async fn chat_tokens_tools(
+        self: &Arc<Self>,
         mut messages: Vec<Message>,
+        tools: Vec<capy_engine::tools::Tool>,
         turn: bool,
     ) -> Result<Vec<u32>, ApiError> {
         if let Some(system) = &self.settings.system {
@@ -125,7 +139,7 @@ impl Loaded {
             Ok(if turn {
                 e.chat_turn_tokens(&messages)?
             } else {
-                e.chat_tokens(&messages)?
+                e.chat_tokens_tools(&messages, &tools)?
             })
         })
         .await

@@ -11,8 +11,9 @@
 use std::sync::Arc;
 
 use capy_engine::grammar::{Grammar, GrammarSpec};
+use capy_engine::tools::{call_grammar, parse_calls, Tool, ToolCall, ToolChoice, ToolFormat};
 use capy_engine::Tokenizer;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::error::ApiError;
 use crate::gen::blocking;
@@ -181,10 +182,300 @@ pub(crate) async fn compile(tok: &Arc<Tokenizer>, asked: Asked) -> Result<Gramma
     .await
 }
 
+/// What a request's `tools` ask for.
+#[derive(Clone, Debug)]
+pub(crate) struct ToolsAsked {
+    pub tools: Vec<Tool>,
+    pub choice: ToolChoice,
+    pub parallel: bool,
+}
+
+/// A function name as OpenAI takes it: 1 to 64 letters, digits, underscores or dashes.
+fn good_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// The tools of a request (OpenAI's and Ollama's shape: `{"type": "function", "function":
+/// {"name", "description", "parameters"}}`), `tool_choice` and `parallel_tool_calls`.
+/// `None` without tools.
+///
+/// # Errors
+/// A 400 naming the field: a tool that is not a function, has no name or a bad one, or
+/// parameters that are not a schema object; two tools of one name; a `tool_choice` that is
+/// not `none`, `auto`, `required` or a named function of `tools`, or given without tools.
+pub(crate) fn tools(
+    tools: Option<&[Value]>,
+    choice: Option<&Value>,
+    parallel: Option<bool>,
+) -> Result<Option<ToolsAsked>, ApiError> {
+    let list = tools.unwrap_or_default();
+    let mut out: Vec<Tool> = Vec::with_capacity(list.len());
+    for (i, t) in list.iter().enumerate() {
+        let at = |f: &str| format!("tools[{i}]{f}");
+        let Value::Object(m) = t else {
+            return Err(bad(&at(""), format!("{} must be an object", at(""))));
+        };
+        if let Some(ty) = m.get("type") {
+            if ty != "function" {
+                return Err(bad(
+                    &at(".type"),
+                    format!("{} must be \"function\", got {ty}", at(".type")),
+                ));
+            }
+        }
+        let Some(Value::Object(f)) = m.get("function") else {
+            return Err(bad(
+                &at(".function"),
+                format!(
+                    "{} must be an object with the function's name, description and parameters",
+                    at(".function")
+                ),
+            ));
+        };
+        let name = match f.get("name") {
+            Some(Value::String(n)) if good_name(n) => n.clone(),
+            Some(Value::String(n)) => {
+                return Err(bad(
+                    &at(".function.name"),
+                    format!(
+                        "{} must be 1 to 64 letters, digits, underscores or dashes, got {n:?}",
+                        at(".function.name")
+                    ),
+                ))
+            }
+            _ => {
+                return Err(bad(
+                    &at(".function.name"),
+                    format!("a tool needs a name: {} is missing", at(".function.name")),
+                ))
+            }
+        };
+        if out.iter().any(|t| t.name == name) {
+            return Err(bad(
+                &at(".function.name"),
+                format!("two tools are named {name:?}"),
+            ));
+        }
+        let parameters = match f.get("parameters") {
+            None => json!({"type": "object", "properties": {}}),
+            Some(p @ Value::Object(_)) => p.clone(),
+            Some(_) => {
+                return Err(bad(
+                    &at(".function.parameters"),
+                    format!(
+                        "{} must be a JSON schema object",
+                        at(".function.parameters")
+                    ),
+                ))
+            }
+        };
+        let description = match f.get("description") {
+            None => None,
+            Some(Value::String(d)) => Some(d.clone()),
+            Some(_) => {
+                return Err(bad(
+                    &at(".function.description"),
+                    format!("{} must be a string", at(".function.description")),
+                ))
+            }
+        };
+        out.push(Tool {
+            name,
+            description,
+            parameters,
+        });
+    }
+    const C: &str = "tool_choice";
+    let choice = match choice {
+        None if out.is_empty() => return Ok(None),
+        None => ToolChoice::Auto,
+        Some(_) if out.is_empty() => {
+            return Err(bad(C, "tool_choice is only allowed when tools are given"))
+        }
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            other => {
+                return Err(bad(
+                    C,
+                    format!(
+                        "tool_choice must be none, auto, required or {{\"type\": \"function\", \
+                         \"function\": {{\"name\": ...}}}}, got {other:?}"
+                    ),
+                ))
+            }
+        },
+        Some(v) => {
+            let name = v
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    bad(
+                        C,
+                        "tool_choice must be none, auto, required or {\"type\": \"function\", \
+                         \"function\": {\"name\": ...}}",
+                    )
+                })?;
+            if !out.iter().any(|t| t.name == name) {
+                return Err(bad(
+                    C,
+                    format!("tool_choice names function {name:?}, which is not in tools"),
+                ));
+            }
+            ToolChoice::Named(name.to_string())
+        }
+    };
+    Ok(Some(ToolsAsked {
+        tools: out,
+        choice,
+        parallel: parallel.unwrap_or(true),
+    }))
+}
+
+/// The grammar for a request's tool calls on this model (lazy for `auto`), if any.
+///
+/// # Errors
+/// A 400 (`param` `tools`) when a function's parameters cannot be compiled.
+pub(crate) async fn tool_grammar(
+    tok: &Arc<Tokenizer>,
+    format: ToolFormat,
+    asked: &ToolsAsked,
+) -> Result<Option<Grammar>, ApiError> {
+    let (tok, asked) = (Arc::clone(tok), asked.clone());
+    blocking(move || {
+        let Some((spec, trigger)) =
+            call_grammar(format, &asked.tools, &asked.choice, asked.parallel, &tok)
+                .map_err(|e| bad("tools", e))?
+        else {
+            return Ok(None);
+        };
+        let grammars = tok
+            .grammars()
+            .map_err(|e| bad("tools", format!("this model cannot take a grammar: {e}")))?;
+        let g = match &trigger {
+            Some(t) => grammars.compile_lazy(&spec, t),
+            None => grammars.compile(&spec),
+        };
+        g.map(Some).map_err(|e| {
+            bad(
+                "tools",
+                format!("tools: a function's parameters cannot be used: {e}"),
+            )
+        })
+    })
+    .await
+}
+
+/// The calls in an answer (`tokens` as generated; `text` as shown) and the text before
+/// them; no calls: `text` as it is.
+pub(crate) fn read_calls(
+    tok: &Tokenizer,
+    format: ToolFormat,
+    asked: &ToolsAsked,
+    tokens: &[u32],
+    text: &str,
+) -> (String, Vec<ToolCall>) {
+    if asked.choice == ToolChoice::None {
+        return (text.to_string(), Vec::new());
+    }
+    // rendered with the special tokens' text, which some formats' markers are
+    let ids: Vec<u32> = tokens.iter().copied().filter(|&t| !tok.is_eog(t)).collect();
+    let raw = tok.decode(&ids, true);
+    let (before, calls) = parse_calls(format, &raw, &asked.tools);
+    if calls.is_empty() {
+        (text.to_string(), calls)
+    } else {
+        (before, calls)
+    }
+}
+
+/// A streamed choice's text while it may hold tool calls: plain text goes out as it comes,
+/// until it is or may become a call ([`capy_engine::tools::call_start`]); from there it is
+/// held until the answer ends and its calls are read.
+#[derive(Default)]
+pub(crate) struct CallStream {
+    text: String,
+    sent: usize,
+    ids: Vec<u32>,
+    /// a call started (or the choice must call): nothing more goes out as text
+    frozen: bool,
+}
+
+impl CallStream {
+    /// Takes a token and its text; returns the text to send now.
+    pub(crate) fn push(
+        &mut self,
+        tok: &Tokenizer,
+        format: ToolFormat,
+        choice: &ToolChoice,
+        id: u32,
+        text: &str,
+    ) -> String {
+        self.ids.push(id);
+        self.text.push_str(text);
+        if *choice != ToolChoice::Auto {
+            self.frozen = true;
+        }
+        // a special token that is the format's marker (Mistral's [TOOL_CALLS])
+        if text.is_empty() && !tok.is_eog(id) && !tok.token_bytes(id, true).is_empty() {
+            let special = String::from_utf8_lossy(tok.token_bytes(id, true)).into_owned();
+            if capy_engine::tools::call_start(format, &special).is_some() {
+                self.frozen = true;
+            }
+        }
+        if self.frozen {
+            return String::new();
+        }
+        let end = capy_engine::tools::call_start(format, &self.text).unwrap_or(self.text.len());
+        if end <= self.sent {
+            return String::new();
+        }
+        let out = self.text[self.sent..end].to_string();
+        self.sent = end;
+        out
+    }
+
+    /// The end of the answer (`tail`: text the engine held back): the text not sent yet,
+    /// and the calls.
+    pub(crate) fn finish(
+        &mut self,
+        tok: &Tokenizer,
+        format: ToolFormat,
+        asked: &ToolsAsked,
+        tail: &str,
+    ) -> (String, Vec<ToolCall>) {
+        self.text.push_str(tail);
+        let (text, calls) = read_calls(tok, format, asked, &self.ids, &self.text);
+        let rest = text.get(self.sent..).unwrap_or_default().to_string();
+        (rest, calls)
+    }
+}
+
+/// A chat prompt that ends inside a thinking block the template opened (`<think>`, as
+/// reasoning models' templates do): the grammar starts after the model closes it
+/// (`</think>`), so the reasoning stays free.
+pub(crate) fn after_thinking(tok: &Tokenizer, prompt: &[u32], grammar: &mut Option<Grammar>) {
+    let Some(g) = grammar.as_mut() else { return };
+    let tail = &prompt[prompt.len().saturating_sub(8)..];
+    let text = tok.decode(tail, true);
+    if text.trim_end().ends_with("<think>") && g.is_active() {
+        g.start_after("</think>");
+    }
+}
+
+/// A call id as OpenAI's look (`call_` and 24 hex digits).
+pub(crate) fn call_id() -> String {
+    crate::gen::new_id("call").replace("call-", "call_")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn response_formats_map_to_specs() {
