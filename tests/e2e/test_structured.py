@@ -236,6 +236,64 @@ def check_call(call, tools):
     return args
 
 
+class BreakerFindings(unittest.TestCase):
+    """Found by trying to break it: a deep grammar overflowed the compiler's stack and killed
+    the server; tools whose parameters use $defs were refused; grammars that accept nothing
+    or overflow the parser's limits were 500s; a complete grammar ended with "length"."""
+
+    def chat(self, **extra):
+        return http("POST", "/v1/chat/completions", {
+            "model": "smollm2-135m", "max_tokens": 20,
+            "messages": [{"role": "user", "content": "Hi"}], **extra})
+
+    def test_deep_wide_and_empty_grammars_are_400s_and_the_server_lives(self):
+        chain = "\n".join(["root ::= r0"] + [f'r{i} ::= "x{i}" | r{i + 1}' for i in range(1000)]
+                          + ['r1000 ::= "end"'])
+        refs = {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(3000)}
+        refs["d3000"] = {"type": "integer"}
+        wide = {"type": "object", "properties": {f"p{i}": {"type": "integer"}
+                                                 for i in range(10000)}}
+        cases = [
+            ({"grammar": chain}, "grammar"),
+            ({"response_format": {"type": "json_schema", "json_schema": {
+                "name": "x", "schema": {"$ref": "#/$defs/d0", "$defs": refs}}}}, None),
+            ({"response_format": {"type": "json_schema", "json_schema": {
+                "name": "x", "schema": wide}}}, "response_format"),
+            ({"response_format": {"type": "json_schema", "json_schema": {
+                "name": "x", "schema": {"$ref": "#"}}}}, "response_format"),
+            ({"grammar": "root ::= root"}, "grammar"),
+            ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+                "$ref": "#"}}}], "tool_choice": "required"}, None),
+        ]
+        for extra, param in cases:
+            with self.subTest(extra=str(extra)[:80]):
+                status, v = self.chat(**extra)
+                self.assertIn(status, (200, 400), v)
+                if status == 400:
+                    self.assertLess(len(v["error"]["message"]), 1200)
+                    if param:
+                        self.assertEqual(v["error"]["param"], param, v)
+                self.assertEqual(http("GET", "/health")[0], 200)
+
+    def test_tool_parameters_with_defs(self):
+        unit = {"$defs": {"Unit": {"type": "string", "enum": ["C", "F"]}}, "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 20},
+                               "unit": {"$ref": "#/$defs/Unit"}},
+                "required": ["city", "unit"]}
+        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": unit}}]
+        r = oai().chat.completions.create(
+            model="smollm2-135m", tools=tools, tool_choice="required", temperature=0,
+            max_tokens=80, messages=[{"role": "user", "content": "Weather in Paris?"}])
+        args = json.loads(r.choices[0].message.tool_calls[0].function.arguments)
+        jsonschema.validate(args, unit)
+
+    def test_a_complete_grammar_stops(self):
+        r = oai().completions.create(model="smollm2-135m", prompt="x", max_tokens=1,
+                                     extra_body={"grammar": 'root ::= "ab"'})
+        self.assertEqual(r.choices[0].text, "ab")
+        self.assertEqual(r.choices[0].finish_reason, "stop")
+
+
 class Tools(unittest.TestCase):
     def test_openai_round_trip_required_then_answer(self):
         for model in MODELS:
@@ -287,6 +345,23 @@ class Tools(unittest.TestCase):
                 args = json.loads(calls[0]["arguments"])
                 self.assertIsInstance(args["a"], int)
                 self.assertIsInstance(args["b"], int)
+                # the round trip, streamed: the call and its result, then the answer
+                msgs = [{"role": "user", "content": "Add 2 and 3."},
+                        {"role": "assistant", "content": None, "tool_calls": [
+                            {"id": "call_1", "type": "function",
+                             "function": {"name": "add", "arguments": calls[0]["arguments"]}}]},
+                        {"role": "tool", "tool_call_id": "call_1",
+                         "content": str(args["a"] + args["b"])}]
+                parts, finish = [], None
+                for chunk in oai().chat.completions.create(
+                        model=model, stream=True, temperature=0, max_tokens=40, messages=msgs,
+                        tools=[WEATHER, ADD], tool_choice="none"):
+                    for ch in chunk.choices:
+                        finish = ch.finish_reason or finish
+                        parts.append(ch.delta.content or "")
+                        self.assertFalse(ch.delta.tool_calls)
+                self.assertTrue("".join(parts))
+                self.assertIn(finish, ("stop", "length"))
 
     def test_ollama_tools_with_a_python_function(self):
         def get_weather(city: str) -> str:

@@ -129,7 +129,7 @@ impl GrammarArgs {
                 let text = if f.trim_start().starts_with('{') {
                     f.clone()
                 } else {
-                    std::fs::read_to_string(f)
+                    read_capped(Path::new(f))
                         .with_context(|| format!("--format: reading the schema file {f}"))?
                 };
                 let schema: serde_json::Value = serde_json::from_str(&text)
@@ -137,7 +137,7 @@ impl GrammarArgs {
                 GrammarSpec::JsonSchema(schema)
             }
         } else if let Some(path) = &self.grammar {
-            let text = std::fs::read_to_string(path)
+            let text = read_capped(path)
                 .with_context(|| format!("--grammar: reading {}", path.display()))?;
             if path.extension().is_some_and(|e| e == "lark") {
                 GrammarSpec::Lark(text)
@@ -158,6 +158,20 @@ impl GrammarArgs {
             .map_err(|e| anyhow!("{flag}: {e}"))?;
         Ok(Some(g))
     }
+}
+
+/// A schema or grammar file's text, refused past 16 MiB (`/dev/zero` would never end).
+fn read_capped(path: &Path) -> Result<String> {
+    use std::io::Read;
+    const MAX: u64 = 16 << 20;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(MAX + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > MAX {
+        anyhow::bail!("larger than 16 MiB");
+    }
+    Ok(text)
 }
 
 /// Sampling flags shared by `run` and `generate`, checked against the engine's ranges

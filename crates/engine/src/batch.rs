@@ -332,6 +332,8 @@ impl BatchEngine {
         let (sh, p) = (Arc::clone(&shared), params.clone());
         let thread = std::thread::Builder::new()
             .name("capy-batch".into())
+            // grammar masks recurse as deep as a request's grammar nests
+            .stack_size(crate::grammar::COMPILE_STACK / 4)
             .spawn(move || {
                 let run = std::panic::AssertUnwindSafe(|| {
                     let cp = p.context_params(&model.hp);
@@ -509,6 +511,8 @@ struct Active {
     sampler: Sampler,
     /// the request's grammar, advanced token by token (structured outputs)
     grammar: Option<Grammar>,
+    /// the grammar allows nothing after the token being handed out
+    grammar_done: bool,
     text: Option<TextStream>,
     n_gen: usize,
     /// The sampled token to feed at the next step.
@@ -782,6 +786,7 @@ impl Loop {
             cached_tokens: keep,
             sampler,
             grammar,
+            grammar_done: false,
             n_gen: 0,
             pending: None,
             order: self.admitted,
@@ -1151,7 +1156,18 @@ fn verify(
 fn emit(s: &mut Option<Active>, row: &[f32], tok: &Tokenizer, stats: &Stats) -> bool {
     let Some(a) = s.as_mut() else { return false };
     match choose(&mut a.sampler, a.grammar.as_mut(), row) {
-        Ok(id) => emit_chosen(s, id, row, tok, stats),
+        Ok(id) => match crate::generate::finished(&mut a.grammar) {
+            Ok(complete) => {
+                a.grammar_done = complete;
+                emit_chosen(s, id, row, tok, stats)
+            }
+            Err(e) => {
+                if let Some(mut a) = s.take() {
+                    a.sink.send(Event::Failed(e.to_string()));
+                }
+                true
+            }
+        },
         Err(e) => {
             if let Some(mut a) = s.take() {
                 a.sink.send(Event::Failed(e));
@@ -1182,6 +1198,9 @@ fn emit_chosen(
         end
     } else if !alive {
         Some(StopReason::Cancelled)
+    } else if a.grammar_done {
+        // the grammar allows nothing more: the answer is whole, as if the model ended it
+        Some(StopReason::Eos)
     } else if a.n_gen >= a.params.max_tokens {
         Some(StopReason::Length)
     } else if a.tokens.len() + 1 >= a.n_ctx {

@@ -348,6 +348,8 @@ impl Session {
         let mut tokens = Vec::new();
         let mut text = TextStream::new(&params.stop);
         let n_out = std::cell::Cell::new(0usize);
+        // the grammar allows nothing more after the token being handed out
+        let complete = std::cell::Cell::new(false);
         let mut stats = SpecStats::default();
         let mut stop_reason = StopReason::Length;
         if params.max_tokens > 0 {
@@ -362,14 +364,19 @@ impl Session {
                     end
                 } else if !go_on {
                     Some(StopReason::Cancelled)
+                } else if complete.get() {
+                    // the answer is whole, as if the model had ended it
+                    Some(StopReason::Eos)
                 } else if tokens.len() >= params.max_tokens {
                     Some(StopReason::Length)
                 } else {
                     None
                 }
             };
+            // the grammar allows nothing more: the answer is whole
             let first =
                 choose(&mut sampler, grammar.as_mut(), &last_logits).map_err(Error::Grammar)?;
+            complete.set(finished(&mut grammar)?);
             let mut next = emit(&mut sampler, first, &last_logits).map_or(Ok(first), Err);
             let mut seq = Vec::new();
             let mut scratch = SpecScratch::default();
@@ -402,6 +409,7 @@ impl Session {
                     self.cached.push(id);
                     let t = choose(&mut sampler, grammar.as_mut(), &last_logits)
                         .map_err(Error::Grammar)?;
+                    complete.set(finished(&mut grammar)?);
                     next = emit(&mut sampler, t, &last_logits).map_or(Ok(t), Err);
                 }
             }
@@ -435,6 +443,16 @@ pub(crate) fn prompt_logprob(row: &[f32], next: u32, top_k: usize) -> PromptLogp
         logprob: l.unwrap_or(f32::NEG_INFINITY),
         top,
     }
+}
+
+/// Whether a sequence's grammar allows nothing more (its answer is whole).
+///
+/// # Errors
+/// The grammar's, as [`Grammar::is_finished`].
+pub(crate) fn finished(grammar: &mut Option<Grammar>) -> Result<bool> {
+    grammar
+        .as_mut()
+        .map_or(Ok(false), |g| g.is_finished().map_err(Error::Grammar))
 }
 
 /// Samples the next token from a logit row, among the tokens a grammar allows when there is

@@ -288,8 +288,36 @@ impl Grammars {
     /// # Errors
     /// What llguidance says of a grammar or schema it cannot compile (it names the
     /// unsupported keyword or the line of the grammar).
+    ///
+    /// Compiling recurses as deep as the grammar nests (a chain of a thousand rules or
+    /// `$ref`s), so it runs on a thread of its own with a [`COMPILE_STACK`] stack, and the
+    /// first mask is computed there too: a grammar that accepts nothing (`root ::= root`,
+    /// `{"$ref": "#"}`) or that overflows the parser's limits at its first step is refused
+    /// here rather than failing the request later. A panic in llguidance is an error too.
     pub fn compile(&self, spec: &GrammarSpec) -> Result<Grammar, String> {
+        let size = match spec {
+            GrammarSpec::JsonSchema(v) => v.to_string().len(),
+            GrammarSpec::Lark(t) | GrammarSpec::Gbnf(t) | GrammarSpec::Regex(t) => t.len(),
+        };
+        if size > MAX_GRAMMAR_BYTES {
+            return Err(format!(
+                "it is {size} bytes; at most {MAX_GRAMMAR_BYTES} are compiled"
+            ));
+        }
         let top = spec.top_level()?;
+        std::thread::scope(|sc| {
+            let worker = std::thread::Builder::new()
+                .name("capy-grammar".into())
+                .stack_size(COMPILE_STACK)
+                .spawn_scoped(sc, || self.compile_here(top))
+                .map_err(|e| format!("cannot start the grammar compiler: {e}"))?;
+            worker
+                .join()
+                .unwrap_or_else(|_| Err("the grammar compiler failed on this grammar".into()))
+        })
+    }
+
+    fn compile_here(&self, top: TopLevelGrammar) -> Result<Grammar, String> {
         let parser = self
             .factory
             .create_parser(top)
@@ -298,7 +326,7 @@ impl Grammars {
         if let Some(e) = matcher.get_error() {
             return Err(clean_error(&e));
         }
-        Ok(Grammar {
+        let g = Grammar {
             matcher,
             eog: Arc::clone(&self.eog),
             env: Arc::clone(&self.env),
@@ -306,14 +334,56 @@ impl Grammars {
             zero_start: Arc::clone(&self.zero_start),
             digit_run: 0,
             trigger: None,
+            next_mask: None,
             dropped: false,
-        })
+        };
+        let mut probe = g.clone();
+        match probe.matcher.compute_mask() {
+            Ok(m) if !m.is_zero() => {}
+            Ok(_) => return Err("the grammar accepts no output".into()),
+            Err(e) => {
+                let e = e.to_string();
+                return Err(if e.contains("NoExtensionBias") {
+                    "the grammar accepts no output (a rule or $ref that only refers to itself?)"
+                        .into()
+                } else {
+                    clean_error(&e)
+                });
+            }
+        }
+        Ok(g)
     }
 }
 
-/// llguidance's message, without its internal prefixes.
+/// A grammar's failure while generating, for the request (`grammar: ` and the reason).
+fn runtime_error(e: &str) -> String {
+    if e.contains("NoExtensionBias") {
+        "grammar: no output can continue here (a rule or $ref that only refers to itself?)".into()
+    } else {
+        format!("grammar: {}", clean_error(e))
+    }
+}
+
+/// The largest grammar or schema compiled, in bytes of its text (a schema's JSON):
+/// compiling takes seconds per hundred kilobytes of a wide schema.
+pub const MAX_GRAMMAR_BYTES: usize = 256 << 10;
+
+/// The stack of the thread that compiles a grammar (virtual memory: only what the
+/// recursion touches is committed).
+pub const COMPILE_STACK: usize = 256 << 20;
+
+/// llguidance's message, cut to 500 characters (it may quote the whole grammar).
 fn clean_error(e: &str) -> String {
-    e.trim().to_string()
+    // (without the parser state llguidance appends)
+    let e = e.split("\n<state>").next().unwrap_or(e).trim();
+    if e.len() <= 500 {
+        return e.to_string();
+    }
+    let mut end = 500;
+    while !e.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} characters more)", &e[..end], e.len() - end)
 }
 
 /// One sequence's grammar state.
@@ -327,6 +397,8 @@ pub struct Grammar {
     digit_run: usize,
     /// a lazy grammar's trigger, until it is seen
     trigger: Option<Trigger>,
+    /// the next mask, when [`Grammar::is_finished`] computed it already
+    next_mask: Option<SimpleVob>,
     /// the output after the trigger did not fit the grammar: no constraint any more
     dropped: bool,
 }
@@ -350,6 +422,7 @@ impl Clone for Grammar {
             zero_start: Arc::clone(&self.zero_start),
             digit_run: self.digit_run,
             trigger: self.trigger.clone(),
+            next_mask: self.next_mask.clone(),
             dropped: self.dropped,
         }
     }
@@ -386,11 +459,18 @@ impl Grammar {
     /// # Errors
     /// The parser's error state (a token it refused was accepted anyway).
     pub fn mask(&mut self) -> Result<SimpleVob, String> {
+        match self.next_mask.take() {
+            Some(m) => Ok(m),
+            None => self.compute(),
+        }
+    }
+
+    fn compute(&mut self) -> Result<SimpleVob, String> {
         let t = Instant::now();
         let m = self
             .matcher
             .compute_mask_or_eos()
-            .map_err(|e| format!("grammar: {e}"));
+            .map_err(|e| runtime_error(&e.to_string()));
         MASK_TIMES.observe(t.elapsed().as_secs_f64());
         let mut m = m?;
         if self.digit_run >= MAX_DIGIT_RUN && !m.and_is_zero(&self.digit_start) {
@@ -414,6 +494,7 @@ impl Grammar {
     /// # Errors
     /// The grammar does not allow the token.
     pub fn accept(&mut self, id: u32) -> Result<(), String> {
+        self.next_mask = None;
         if self.dropped || self.matcher.is_stopped() || self.eog.contains(&id) {
             return Ok(());
         }
@@ -449,7 +530,29 @@ impl Grammar {
         };
         self.matcher
             .consume_token(id)
-            .map_err(|e| format!("grammar: {e}"))
+            .map_err(|e| runtime_error(&e.to_string()))
+    }
+
+    /// Whether the output is complete and nothing may follow but the end (`root ::= "ab"`
+    /// after `ab`): the sequence ends there, as if the model had ended it.
+    ///
+    /// # Errors
+    /// As [`Grammar::mask`] (the next mask is computed here, and kept for it).
+    pub fn is_finished(&mut self) -> Result<bool, String> {
+        if !self.is_active() {
+            return Ok(false);
+        }
+        if self.matcher.is_stopped() {
+            return Ok(true);
+        }
+        let m = match self.next_mask.take() {
+            Some(m) => m,
+            None => self.compute()?,
+        };
+        let ends = self.eog.iter().filter(|&&t| m.is_allowed(t)).count();
+        let finished = ends > 0 && ends == m.num_set();
+        self.next_mask = Some(m);
+        Ok(finished)
     }
 
     /// Whether the output so far is complete (end-of-generation is allowed).

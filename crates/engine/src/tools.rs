@@ -190,25 +190,74 @@ pub fn prompt_messages(
 }
 
 /// The JSON schema of one call of one of `tools` (`name` fixed, arguments by the tool's
-/// schema), in the format's shape.
-fn call_schema(format: ToolFormat, tools: &[&Tool]) -> Result<Value, String> {
+/// schema), in the format's shape, and the definitions its references need. Each tool's
+/// parameters go into the definitions as `<name>.root`, with their own `$defs` beside them
+/// as `<name>.<def>` and every `$ref` rewritten to match, so references inside a tool's
+/// schema (`#/$defs/...`, `#`, `#/properties/...`) still find their targets once the schema
+/// sits inside the call's.
+fn call_schema(format: ToolFormat, tools: &[&Tool]) -> Result<(Value, Value), String> {
     let key = format.args_key();
     let mut one = Vec::with_capacity(tools.len());
+    let mut defs = serde_json::Map::new();
     for t in tools {
-        let params = closed_schema(&t.parameters)
+        let mut params = closed_schema(&t.parameters)
             .map_err(|e| format!("the parameters of function {:?}: {e}", t.name))?;
+        let prefix = format!("{}.", t.name);
+        for k in ["$defs", "definitions"] {
+            if let Some(Value::Object(d)) = params.as_object_mut().and_then(|m| m.remove(k)) {
+                for (name, mut def) in d {
+                    rebase_refs(&mut def, &prefix);
+                    defs.insert(format!("{prefix}{name}"), def);
+                }
+            }
+        }
+        rebase_refs(&mut params, &prefix);
+        defs.insert(format!("{prefix}root"), params);
         one.push(json!({
             "type": "object",
-            "properties": {"name": {"const": t.name}, key: params},
+            "properties": {"name": {"const": t.name},
+                           key: {"$ref": format!("#/$defs/{prefix}root")}},
             "required": ["name", key],
             "additionalProperties": false,
         }));
     }
-    Ok(if one.len() == 1 {
+    let call = if one.len() == 1 {
         one.remove(0)
     } else {
         json!({"anyOf": one})
-    })
+    };
+    Ok((call, Value::Object(defs)))
+}
+
+/// Rewrites a tool schema's local references for its place among the call's definitions
+/// (see [`call_schema`]); other references are left for llguidance to refuse.
+fn rebase_refs(v: &mut Value, prefix: &str) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m.iter_mut() {
+                match (k.as_str(), x) {
+                    ("$ref", Value::String(r)) => {
+                        let rest = r.strip_prefix('#').map(str::to_string);
+                        if let Some(rest) = rest {
+                            *r = if let Some(d) = rest
+                                .strip_prefix("/$defs/")
+                                .or_else(|| rest.strip_prefix("/definitions/"))
+                            {
+                                format!("#/$defs/{prefix}{d}")
+                            } else {
+                                format!("#/$defs/{prefix}root{rest}")
+                            };
+                        }
+                    }
+                    // an enum's or a const's values are data, not schemas
+                    ("enum" | "const" | "default" | "examples", _) => {}
+                    (_, x) => rebase_refs(x, prefix),
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| rebase_refs(x, prefix)),
+        _ => {}
+    }
 }
 
 /// What the output must look like for `choice`, and the text after which it starts
@@ -236,9 +285,14 @@ pub fn call_grammar(
         _ => tools.iter().collect(),
     };
     let lazy = *choice == ToolChoice::Auto;
-    let call = call_schema(format, &chosen)?;
-    // (the whitespace options go at the top of each %json, where llguidance reads them)
-    let schema = prepare_schema(&call)?.to_string();
+    let (call, defs) = call_schema(format, &chosen)?;
+    // (the definitions and the whitespace options go at the top of each %json, where
+    // llguidance reads them)
+    let with_defs = |mut v: Value| {
+        v["$defs"] = defs.clone();
+        v
+    };
+    let schema = prepare_schema(&with_defs(call.clone()))?.to_string();
     let more = if parallel && !matches!(choice, ToolChoice::Named(_)) {
         MAX_PARALLEL_CALLS - 1
     } else {
@@ -259,9 +313,9 @@ pub fn call_grammar(
             }
         }
         ToolFormat::Mistral => {
-            let list = prepare_schema(
-                &json!({"type": "array", "items": call, "minItems": 1, "maxItems": more + 1}),
-            )?;
+            let list = prepare_schema(&with_defs(
+                json!({"type": "array", "items": call, "minItems": 1, "maxItems": more + 1}),
+            ))?;
             if lazy {
                 format!("start: %json {list}\n")
             } else {

@@ -392,3 +392,31 @@ fn a_grammar_can_start_after_a_thinking_block() {
     let word = e.tokenizer.token_id("The").expect("a word token");
     assert!(!m.is_allowed(word));
 }
+
+#[test]
+fn a_complete_grammar_ends_the_answer_without_waiting_for_an_end_token() {
+    let e = engine("smollm2-135m");
+    let g = e.tokenizer.grammars().expect("grammar compiler");
+    let yes = g
+        .compile(&GrammarSpec::Gbnf("root ::= \"yes\" | \"no\"\n".into()))
+        .expect("compiles");
+    let prompt = e.tokenizer.encode("Is water wet?", true, true).unwrap();
+    let mut s = e.session(ContextParams {
+        n_ctx: 256,
+        ..Default::default()
+    });
+    let params = GenerateParams {
+        max_tokens: 8,
+        sampler: SamplerParams::greedy(),
+        grammar: Some(yes),
+        ..Default::default()
+    };
+    let r = s
+        .generate(&prompt, &params, |_, _| true)
+        .expect("generates");
+    assert!(r.text == "yes" || r.text == "no", "{:?}", r.text);
+    assert_eq!(r.stop_reason, StopReason::Eos);
+    // no end-of-generation token was needed (or sampled) after the last word
+    let last = r.tokens.last().expect("a token").id;
+    assert!(!e.tokenizer.is_eog(last), "{:?}", r.tokens);
+}

@@ -46,6 +46,18 @@ pub async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("a blocking task failed: {e}")))?
 }
 
+/// What a request hears when its generation failed: a request's own grammar that failed
+/// on the way (llguidance's limits, a part that accepts nothing) is a 400 naming it, with
+/// the reason; anything else a 500.
+pub fn failure(m: String) -> ApiError {
+    match m.strip_prefix("grammar: ") {
+        Some(why) => ApiError::bad_request(format!(
+            "the request's grammar or schema failed during generation: {why}"
+        )),
+        None => ApiError::internal(m),
+    }
+}
+
 /// The running choices of one request.
 pub struct Gens {
     rx: mpsc::UnboundedReceiver<(usize, Event)>,
@@ -228,7 +240,7 @@ impl Gens {
                     o.summary = Some(s);
                     left -= 1;
                 }
-                Event::Failed(m) => return Err(ApiError::internal(m)),
+                Event::Failed(m) => return Err(failure(m)),
             }
         }
         Ok(out)

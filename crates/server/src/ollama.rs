@@ -468,7 +468,7 @@ async fn run(
                         return;
                     }
                     Event::Failed(m) => {
-                        let e = ApiError::internal(m).for_client();
+                        let e = crate::gen::failure(m).for_client();
                         let _ = out.line(&json!({"error": e.message})).await;
                         return;
                     }

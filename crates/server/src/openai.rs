@@ -354,6 +354,12 @@ async fn chat_inner(
     let top = req.top_logprobs.unwrap_or(0);
     let lease = st.registry.acquire(&c.model, None).await?;
     let format = ToolFormat::of(&lease.engine.template);
+    // the field a grammar that fails during generation came from
+    let grammar_param = match (&asked, &tools) {
+        (Some(a), _) => Some(a.param),
+        (None, Some(_)) => Some("tools"),
+        _ => None,
+    };
     let mut grammar = match (asked, &tools) {
         (Some(a), _) => Some(structured::compile(&lease.engine.tokenizer, a).await?),
         (None, Some(t)) => structured::tool_grammar(&lease.engine.tokenizer, format, t).await?,
@@ -384,7 +390,10 @@ async fn chat_inner(
     let fingerprint = format!("capy-{}", env!("CARGO_PKG_VERSION"));
 
     if !c.stream {
-        let outs = gens.collect().await?;
+        let outs = gens
+            .collect()
+            .await
+            .map_err(|e| structured::blame(e, grammar_param))?;
         let mut completion = 0;
         let mut cached = 0;
         let choices: Vec<Value> = outs
@@ -509,7 +518,7 @@ async fn chat_inner(
                            "finish_reason": finish_reason_calls(s.stop_reason, !calls.is_empty())})
                     }
                     capy_engine::Event::Failed(m) => {
-                        let _ = out.sse(&ApiError::internal(m).for_client().body()).await;
+                        let _ = out.sse(&crate::gen::failure(m).for_client().body()).await;
                         return;
                     }
                     _ => continue,
@@ -677,6 +686,7 @@ async fn completions_inner(
     }
     let c = &req.common;
     let asked = c.asked()?;
+    let grammar_param = asked.as_ref().map(|a| a.param);
     let n = c.n();
     let want_lp = req.logprobs.is_some();
     let top = req.logprobs.unwrap_or(0);
@@ -726,7 +736,10 @@ async fn completions_inner(
     let echo = req.echo;
 
     if !c.stream {
-        let outs = gens.collect().await?;
+        let outs = gens
+            .collect()
+            .await
+            .map_err(|e| structured::blame(e, grammar_param))?;
         let (mut completion, mut cached) = (0, 0);
         let choices: Vec<Value> = outs
             .iter()
@@ -828,7 +841,7 @@ async fn completions_inner(
                            "finish_reason": finish_reason(s.stop_reason)})
                     }
                     capy_engine::Event::Failed(m) => {
-                        let _ = out.sse(&ApiError::internal(m).for_client().body()).await;
+                        let _ = out.sse(&crate::gen::failure(m).for_client().body()).await;
                         return;
                     }
                     capy_engine::Event::Started { .. } => continue,

@@ -468,6 +468,16 @@ pub(crate) fn after_thinking(tok: &Tokenizer, prompt: &[u32], grammar: &mut Opti
     }
 }
 
+/// A 400 from a grammar that failed during generation names the field it came from.
+pub(crate) fn blame(e: ApiError, param: Option<&str>) -> ApiError {
+    match param {
+        Some(p) if e.status == axum::http::StatusCode::BAD_REQUEST && e.param.is_none() => {
+            e.param(p)
+        }
+        _ => e,
+    }
+}
+
 /// A call id as OpenAI's look (`call_` and 24 hex digits).
 pub(crate) fn call_id() -> String {
     crate::gen::new_id("call").replace("call-", "call_")

@@ -446,7 +446,10 @@ async fn breaker_findings() {
             json!({"messages": [{"role": "user", "content": [{"type": "text"}]}]}),
             "messages[0].content",
         ),
-        (json!({"tools": [{"type": "function"}]}), "tools"),
+        (
+            json!({"tools": [{"type": "function"}]}),
+            "tools[0].function",
+        ),
         (
             json!({"response_format": {"type": "xml"}}),
             "response_format.type",
