@@ -287,6 +287,18 @@ class BreakerFindings(unittest.TestCase):
         args = json.loads(r.choices[0].message.tool_calls[0].function.arguments)
         jsonschema.validate(args, unit)
 
+    def test_cut_calls_leave_no_markup_and_completions_take_response_format(self):
+        r = oai().chat.completions.create(
+            model="gemma3-270m", tools=[WEATHER], tool_choice="required", max_tokens=6,
+            messages=[{"role": "user", "content": "Weather in Paris?"}])
+        c = r.choices[0]
+        self.assertEqual(c.finish_reason, "length")
+        self.assertNotIn("<tool_call>", c.message.content or "")
+        r = oai().completions.create(model="smollm2-135m", prompt="A JSON object:",
+                                     max_tokens=200, temperature=0,
+                                     extra_body={"response_format": {"type": "json_object"}})
+        self.assertIsInstance(json.loads(r.choices[0].text), dict)
+
     def test_a_complete_grammar_stops(self):
         r = oai().completions.create(model="smollm2-135m", prompt="x", max_tokens=1,
                                      extra_body={"grammar": 'root ::= "ab"'})
@@ -320,8 +332,10 @@ class Tools(unittest.TestCase):
                 self.assertIsNone(f.message.tool_calls)
                 self.assertTrue(f.message.content)
                 self.assertIn(f.finish_reason, ("stop", "length"))
-                # the tool's result reached the prompt
-                self.assertGreater(final.usage.prompt_tokens, r.usage.prompt_tokens + 10)
+                # the call and its result reached the prompt
+                base = oai().chat.completions.create(model=model, messages=msgs[:1],
+                                                     max_tokens=1)
+                self.assertGreater(final.usage.prompt_tokens, base.usage.prompt_tokens + 10)
 
     def test_openai_streamed_calls_assemble(self):
         for model in MODELS:
@@ -407,6 +421,10 @@ class Tools(unittest.TestCase):
             ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name", "two tools"),
             ({"tools": [{"type": "function", "function": {"name": "f", "parameters": 3}}]},
              "tools[0].function.parameters", "schema"),
+            ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+                "type": "string"}}}]}, "tools[0].function.parameters", "object"),
+            ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+             "response_format.json_schema.name", "name"),
             ({"tools": [WEATHER], "tool_choice": {"type": "function",
                                                   "function": {"name": "get_time"}}},
              "tool_choice", "get_time"),

@@ -129,8 +129,12 @@ impl GrammarArgs {
                 let text = if f.trim_start().starts_with('{') {
                     f.clone()
                 } else {
-                    read_capped(Path::new(f))
-                        .with_context(|| format!("--format: reading the schema file {f}"))?
+                    read_capped(Path::new(f)).with_context(|| {
+                        format!(
+                            "--format takes json, a JSON schema file or a schema ({{...}}): \
+                             reading the file {f}"
+                        )
+                    })?
                 };
                 let schema: serde_json::Value = serde_json::from_str(&text)
                     .with_context(|| format!("--format: {f} is not JSON"))?;

@@ -93,6 +93,15 @@ impl ToolFormat {
         }
     }
 
+    /// The text that opens a call.
+    pub fn marker(self) -> &'static str {
+        match self {
+            ToolFormat::Hermes => "<tool_call>",
+            ToolFormat::Mistral => "[TOOL_CALLS]",
+            ToolFormat::Llama3 => "<|python_tag|>",
+        }
+    }
+
     /// The key of a call's arguments.
     fn args_key(self) -> &'static str {
         match self {
@@ -373,11 +382,7 @@ fn calls_in(v: &Value, tools: &[Tool]) -> Option<Vec<ToolCall>> {
 /// call there (for streaming: text from here on is held back). `None` while the output is
 /// plain text.
 pub fn call_start(format: ToolFormat, text: &str) -> Option<usize> {
-    let marker = match format {
-        ToolFormat::Hermes => "<tool_call>",
-        ToolFormat::Mistral => "[TOOL_CALLS]",
-        ToolFormat::Llama3 => "<|python_tag|>",
-    };
+    let marker = format.marker();
     if let Some(at) = text.find(marker) {
         return Some(at);
     }
@@ -407,10 +412,12 @@ pub fn parse_calls(format: ToolFormat, text: &str, tools: &[Tool]) -> (String, V
             let blocks: Vec<&str> = text[first..].split("<tool_call>").skip(1).collect();
             for (k, block) in blocks.iter().enumerate() {
                 let body = block.split("</tool_call>").next().unwrap_or("");
-                match serde_json::from_str::<Value>(body.trim())
-                    .ok()
-                    .and_then(|v| calls_in(&v, tools))
-                {
+                // the first JSON value of the block (a closing tag cut short may follow)
+                let first = serde_json::Deserializer::from_str(body.trim())
+                    .into_iter::<Value>()
+                    .next()
+                    .and_then(Result::ok);
+                match first.and_then(|v| calls_in(&v, tools)) {
                     Some(c) => calls.extend(c),
                     // a last call cut by the token limit after complete ones
                     None if k + 1 == blocks.len()
@@ -419,7 +426,13 @@ pub fn parse_calls(format: ToolFormat, text: &str, tools: &[Tool]) -> (String, V
                     None => return none(),
                 }
             }
-            (text[..first].trim_end().to_string(), calls)
+            // a stray closing tag before the first call is markup, not text
+            let before = text[..first].trim_end();
+            let before = before
+                .strip_suffix("</tool_call>")
+                .unwrap_or(before)
+                .trim_end();
+            (before.to_string(), calls)
         }
         ToolFormat::Mistral => {
             let Some(at) = text.find("[TOOL_CALLS]") else {

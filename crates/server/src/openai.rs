@@ -365,7 +365,13 @@ async fn chat_inner(
         (None, Some(t)) => structured::tool_grammar(&lease.engine.tokenizer, format, t).await?,
         (None, None) => None,
     };
-    let tool_list = tools.as_ref().map(|t| t.tools.clone()).unwrap_or_default();
+    // with tool_choice none the tools stay out of the prompt (a fallback prompt would ask
+    // for calls)
+    let tool_list = tools
+        .as_ref()
+        .filter(|t| t.choice != ToolChoice::None)
+        .map(|t| t.tools.clone())
+        .unwrap_or_default();
     let prompt = lease
         .model
         .chat_tokens_tools(messages, tool_list, false)
@@ -410,7 +416,9 @@ async fn chat_inner(
                 if let Some(t) = &tools {
                     let ids: Vec<u32> = o.tokens.iter().map(|t| t.id).collect();
                     let (text, calls) = structured::read_calls(&tok, format, t, &ids, &o.text);
-                    if !calls.is_empty() {
+                    if calls.is_empty() {
+                        message["content"] = json!(text);
+                    } else {
                         called = true;
                         message["content"] = if text.is_empty() { Value::Null } else { json!(text) };
                         message["tool_calls"] = json!(tool_calls_json(&calls));
@@ -551,6 +559,8 @@ struct CompletionRequest {
     logprobs: Option<usize>,
     #[serde(default)]
     suffix: Option<String>,
+    /// llama-server takes it on completions too
+    response_format: Option<Value>,
     #[serde(flatten)]
     common: Common,
 }
@@ -685,7 +695,13 @@ async fn completions_inner(
         return Err(ApiError::bad_request("suffix is not supported").param("suffix"));
     }
     let c = &req.common;
-    let asked = c.asked()?;
+    let asked = structured::one_of([
+        c.asked()?,
+        match &req.response_format {
+            Some(rf) => structured::response_format(rf)?,
+            None => None,
+        },
+    ])?;
     let grammar_param = asked.as_ref().map(|a| a.param);
     let n = c.n();
     let want_lp = req.logprobs.is_some();

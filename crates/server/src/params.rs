@@ -128,6 +128,7 @@ pub(crate) const OPENAI_CHAT: &[Field] = &[
 pub(crate) const OPENAI_COMPLETION: &[Field] = &[
     req("prompt", Ty::Any),
     opt("echo", Ty::Bool),
+    opt("response_format", Ty::Any),
     num(&p::LOGPROBS),
     opt("suffix", Ty::Str),
 ];

@@ -69,7 +69,14 @@ pub(crate) fn response_format(rf: &Value) -> Result<Option<Asked>, ApiError> {
                     "response_format.json_schema must be an object",
                 ));
             };
-            if let Some(n) = js.get("name") {
+            let Some(n) = js.get("name") else {
+                return Err(bad(
+                    "response_format.json_schema.name",
+                    "response_format.json_schema needs a name (1 to 64 letters, digits, \
+                     underscores or dashes)",
+                ));
+            };
+            {
                 let ok = n.as_str().is_some_and(|n| {
                     !n.is_empty()
                         && n.len() <= 64
@@ -261,7 +268,24 @@ pub(crate) fn tools(
         }
         let parameters = match f.get("parameters") {
             None => json!({"type": "object", "properties": {}}),
-            Some(p @ Value::Object(_)) => p.clone(),
+            // arguments are an object (OpenAI requires it; calls read them as one)
+            Some(p @ Value::Object(m))
+                if m.get("type").is_none_or(|t| t == "object")
+                    && !m.contains_key("enum")
+                    && !m.contains_key("const") =>
+            {
+                p.clone()
+            }
+            Some(Value::Object(_)) => {
+                return Err(bad(
+                    &at(".function.parameters"),
+                    format!(
+                        "{} must be the schema of an object (\"type\": \"object\"): a call's \
+                         arguments are an object",
+                        at(".function.parameters")
+                    ),
+                ))
+            }
             Some(_) => {
                 return Err(bad(
                     &at(".function.parameters"),
@@ -387,10 +411,19 @@ pub(crate) fn read_calls(
     let ids: Vec<u32> = tokens.iter().copied().filter(|&t| !tok.is_eog(t)).collect();
     let raw = tok.decode(&ids, true);
     let (before, calls) = parse_calls(format, &raw, &asked.tools);
-    if calls.is_empty() {
-        (text.to_string(), calls)
-    } else {
-        (before, calls)
+    if !calls.is_empty() {
+        return (before, calls);
+    }
+    // a call the token limit cut short: its markup is not the answer's text
+    match capy_engine::tools::call_start(format, text) {
+        Some(at)
+            if asked.choice != ToolChoice::Auto
+                || text[at..].starts_with(format.marker())
+                || format.marker().starts_with(&text[at..]) =>
+        {
+            (text[..at].trim_end().to_string(), calls)
+        }
+        _ => (text.to_string(), calls),
     }
 }
 
@@ -431,7 +464,9 @@ impl CallStream {
         if self.frozen {
             return String::new();
         }
+        // (whitespace before a call is not the answer's: it waits for what follows)
         let end = capy_engine::tools::call_start(format, &self.text).unwrap_or(self.text.len());
+        let end = self.text[..end].trim_end().len();
         if end <= self.sent {
             return String::new();
         }
@@ -513,7 +548,11 @@ mod tests {
                 "response_format.json_schema.name",
             ),
             (
-                json!({"type": "json_schema", "json_schema": {"schema": 3}}),
+                json!({"type": "json_schema", "json_schema": {"schema": {}}}),
+                "response_format.json_schema.name",
+            ),
+            (
+                json!({"type": "json_schema", "json_schema": {"name": "x", "schema": 3}}),
                 "response_format.json_schema.schema",
             ),
         ] {
