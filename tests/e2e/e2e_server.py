@@ -38,6 +38,21 @@ def http(url, method, path, body=None, timeout=60):
         return status, raw
 
 
+def wait_ready(url, proc, seconds=120):
+    """Waits until `capy serve` at `url` answers /health with 200; fails if it exits."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if http(url, "GET", "/health")[0] == 200:
+                return
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"capy serve exited with {proc.returncode}")
+        time.sleep(0.2)
+    raise RuntimeError("capy serve did not become ready")
+
+
 class Server:
     """`capy serve` on a free port with `MODELS` warm; `tag` names its SQLite file."""
 
@@ -50,17 +65,7 @@ class Server:
         for m in MODELS:
             args += ["-m", m]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=sys.stderr)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if http(self.url, "GET", "/health")[0] == 200:
-                    return
-            except OSError:
-                pass
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"capy serve exited with {self.proc.returncode}")
-            time.sleep(0.2)
-        raise RuntimeError("capy serve did not become ready")
+        wait_ready(self.url, self.proc)
 
     def stop(self):
         self.proc.terminate()

@@ -25,6 +25,7 @@ import urllib.request
 
 import ollama
 import openai
+from e2e_server import wait_ready
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CAPY = os.environ.get("CAPY_BIN", os.path.join(ROOT, "target", "release", "capy"))
@@ -89,17 +90,7 @@ class Server:
         if replica:
             args += ["--replica", replica]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=sys.stderr)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if http(self.url, "GET", "/health")[0] == 200:
-                    return
-            except OSError:
-                pass
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"capy serve exited with {self.proc.returncode}")
-            time.sleep(0.2)
-        raise RuntimeError("capy serve did not become ready")
+        wait_ready(self.url, self.proc)
 
     def stop(self):
         self.proc.terminate()

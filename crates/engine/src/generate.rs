@@ -478,16 +478,10 @@ pub(crate) fn choose(
     if mask.is_zero() {
         return Err("grammar: no token can continue the output".into());
     }
-    let id = sampler.sample_masked(row, &mask);
+    let mut id = sampler.sample_masked(row, &mask);
     if !mask.is_allowed(id) {
         // every allowed token's logit was -inf or NaN: take the first allowed one
-        let mut first = None;
-        mask.iter_set_entries(|i| {
-            first.get_or_insert(i as u32);
-        });
-        let id = first.unwrap_or(id);
-        g.accept(id)?;
-        return Ok(id);
+        id = mask.first_bit_set().map_or(id, |i| i as u32);
     }
     g.accept(id)?;
     Ok(id)

@@ -249,13 +249,7 @@ impl ChatMessage {
                     .iter()
                     .map(|c| {
                         let f = &c["function"];
-                        let arguments = match &f["arguments"] {
-                            Value::String(a) => {
-                                serde_json::from_str(a).unwrap_or_else(|_| json!(a))
-                            }
-                            Value::Null => json!({}),
-                            other => other.clone(),
-                        };
+                        let arguments = structured::arguments_object(&f["arguments"]);
                         json!({"type": "function",
                                "function": {"name": f["name"], "arguments": arguments}})
                     })

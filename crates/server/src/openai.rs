@@ -224,11 +224,7 @@ fn to_message(i: usize, m: &ChatMessage) -> Result<Message, ApiError> {
                 ));
             };
             // templates print the arguments as an object (`tojson`)
-            let arguments = match &f["arguments"] {
-                Value::String(a) => serde_json::from_str(a).unwrap_or_else(|_| json!(a)),
-                Value::Null => json!({}),
-                other => other.clone(),
-            };
+            let arguments = structured::arguments_object(&f["arguments"]);
             out.push(json!({"id": c["id"], "type": "function",
                             "function": {"name": name, "arguments": arguments}}));
         }

@@ -465,7 +465,28 @@ impl CallStream {
             return String::new();
         }
         // (whitespace before a call is not the answer's: it waits for what follows)
-        let end = capy_engine::tools::call_start(format, &self.text).unwrap_or(self.text.len());
+        // (once text went out the answer did not open with JSON: only the unsent tail, from
+        // where a marker could have begun, is searched, not the whole text at every token)
+        let from = if self.sent == 0 {
+            0
+        } else {
+            let mut f = self.sent.saturating_sub(format.marker().len());
+            while !self.text.is_char_boundary(f) {
+                f -= 1;
+            }
+            f
+        };
+        let end = match capy_engine::tools::call_start(format, &self.text[from..]) {
+            Some(at)
+                if from == 0 || {
+                    let rest = &self.text[from + at..];
+                    rest.starts_with(format.marker()) || format.marker().starts_with(rest)
+                } =>
+            {
+                from + at
+            }
+            _ => self.text.len(),
+        };
         let end = self.text[..end].trim_end().len();
         if end <= self.sent {
             return String::new();
@@ -510,6 +531,16 @@ pub(crate) fn blame(e: ApiError, param: Option<&str>) -> ApiError {
             e.param(p)
         }
         _ => e,
+    }
+}
+
+/// A history call's arguments as templates print them (an object): a JSON string parsed,
+/// text that is not JSON kept as a string, none as `{}`.
+pub(crate) fn arguments_object(a: &Value) -> Value {
+    match a {
+        Value::String(s) => serde_json::from_str(s).unwrap_or_else(|_| json!(s)),
+        Value::Null => json!({}),
+        other => other.clone(),
     }
 }
 
