@@ -22,6 +22,8 @@ fi
 CAPY_BIN=target/release/capy "$venv/bin/python" -W ignore::ResourceWarning tests/e2e/test_server.py 2>&1 | tee -a "$log"
 # structured outputs: JSON schemas, grammars and tools through both clients
 CAPY_BIN=target/release/capy "$venv/bin/python" -W ignore::ResourceWarning tests/e2e/test_structured.py 2>&1 | tee -a "$log"
+# virtual models: routers and ensembles through both clients
+CAPY_BIN=target/release/capy "$venv/bin/python" -W ignore::ResourceWarning tests/e2e/test_virtual.py 2>&1 | tee -a "$log"
 # the gateway: keys, limits, usage records, replicas on PostgreSQL behind nginx
 CAPY_BIN=target/release/capy "$venv/bin/python" -W ignore::ResourceWarning tests/e2e/test_gateway.py 2>&1 | tee -a "$log"
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

@@ -54,15 +54,16 @@ def wait_ready(url, proc, seconds=120):
 
 
 class Server:
-    """`capy serve` on a free port with `MODELS` warm; `tag` names its SQLite file."""
+    """`capy serve` on a free port with `models` warm (none given: the config file's, with
+    `--config` in `extra`); `tag` names its SQLite file."""
 
-    def __init__(self, tag, extra=()):
+    def __init__(self, tag, extra=(), models=MODELS):
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.db = f"/tmp/capy-e2e-{tag}-{os.getpid()}.db"
         args = [CAPY, "serve", "--port", str(port), "-t", "2", "--parallel", "16",
                 "--database-url", "sqlite://" + self.db, *extra]
-        for m in MODELS:
+        for m in models:
             args += ["-m", m]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=sys.stderr)
         wait_ready(self.url, self.proc)
@@ -75,3 +76,41 @@ class Server:
                 os.remove(self.db + suffix)
             except OSError:
                 pass
+
+
+class Clients:
+    """The official `openai` and `ollama` clients of the server at `url` (set once it
+    runs), made on first use and closed together."""
+
+    def __init__(self):
+        self.url = None
+        self.made = {}
+
+    def openai(self):
+        if "openai" not in self.made:
+            import openai
+            self.made["openai"] = openai.OpenAI(base_url=self.url + "/v1", api_key="none",
+                                                max_retries=0, timeout=600)
+        return self.made["openai"]
+
+    def ollama(self):
+        if "ollama" not in self.made:
+            import ollama
+            self.made["ollama"] = ollama.Client(host=self.url)
+        return self.made["ollama"]
+
+    def close(self):
+        for c in self.made.values():
+            c.close() if hasattr(c, "close") else c._client.close()
+        self.made.clear()
+
+
+def run_tests():
+    """Runs the calling module's unittest tests and exits with their status, after a
+    cargo-style `test result:` line (scripts/test.sh adds those up)."""
+    import unittest
+    result = unittest.main(module="__main__", exit=False, verbosity=2).result
+    failed = len(result.failures) + len(result.errors)
+    passed = result.testsRun - failed - len(result.skipped)
+    print(f"test result: {'ok' if failed == 0 else 'FAILED'}. {passed} passed; {failed} failed")
+    sys.exit(1 if failed else 0)

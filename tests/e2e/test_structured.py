@@ -17,22 +17,19 @@ import concurrent.futures
 import json
 import os
 import re
-import sys
 import typing
 import unittest
 
 import jsonschema
-import ollama
-import openai
 import pydantic
 
-from e2e_server import MODELS, ROOT, Server
+from e2e_server import MODELS, ROOT, Clients, Server, run_tests
 from e2e_server import http as http_at
 
 SCHEMAS = json.load(open(os.path.join(ROOT, "tests", "e2e", "structured-schemas.json")))
 SERVER = None
 URL = None
-CLIENTS = {}
+CLIENTS = Clients()
 
 
 def http(method, path, body=None):
@@ -42,27 +39,17 @@ def http(method, path, body=None):
 def setUpModule():
     global SERVER, URL
     SERVER = Server("structured", ["-c", "8192"])
-    URL = SERVER.url
+    URL = CLIENTS.url = SERVER.url
 
 
 def tearDownModule():
-    for c in CLIENTS.values():
-        c.close() if hasattr(c, "close") else c._client.close()
+    CLIENTS.close()
     if SERVER:
         SERVER.stop()
 
 
-def oai():
-    if "openai" not in CLIENTS:
-        CLIENTS["openai"] = openai.OpenAI(base_url=URL + "/v1", api_key="none", max_retries=0,
-                                          timeout=600)
-    return CLIENTS["openai"]
-
-
-def oll():
-    if "ollama" not in CLIENTS:
-        CLIENTS["ollama"] = ollama.Client(host=URL)
-    return CLIENTS["ollama"]
+oai = CLIENTS.openai
+oll = CLIENTS.ollama
 
 
 def validate(text, schema):
@@ -451,8 +438,4 @@ class Tools(unittest.TestCase):
 
 
 if __name__ == "__main__":
-    result = unittest.main(exit=False, verbosity=2).result
-    failed = len(result.failures) + len(result.errors)
-    passed = result.testsRun - failed - len(result.skipped)
-    print(f"test result: {'ok' if failed == 0 else 'FAILED'}. {passed} passed; {failed} failed")
-    sys.exit(1 if failed else 0)
+    run_tests()

@@ -67,6 +67,33 @@ pub fn configured_model(
     Ok((model_path(arg, pull)?, None))
 }
 
+/// The router or ensemble called `name` in the config file (`config`, `CAPY_CONFIG`, or
+/// config.toml in CAPY_HOME), with the file's settings; `None` when there is none.
+///
+/// # Errors
+/// The file cannot be read or has a mistake.
+pub fn virtual_model(
+    name: &str,
+    config: Option<&Path>,
+) -> Result<Option<(Config, capy_server::virtuals::VirtualModel)>> {
+    let Some(file) = config_path(config, &Store::open_default().root) else {
+        return Ok(None);
+    };
+    let cfg = Config::from_file(&file)
+        .map_err(|e| anyhow!(e))
+        .with_context(|| format!("config file {}", file.display()))?;
+    let base = name.trim().strip_suffix(":latest").unwrap_or(name.trim());
+    if !cfg.virtuals.contains_key(base) {
+        return Ok(None);
+    }
+    let checked = cfg
+        .validate()
+        .map_err(|e| anyhow!(e))
+        .with_context(|| format!("config file {}", file.display()))?;
+    let v = checked.virtuals.into_iter().find(|v| v.name == base);
+    Ok(v.map(|v| (cfg, v)))
+}
+
 pub fn default_threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())

@@ -16,6 +16,7 @@ mod remote;
 mod run;
 mod serve;
 mod store_cmds;
+mod virtual_chat;
 
 use clap::{Parser, Subcommand};
 

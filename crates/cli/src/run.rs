@@ -63,7 +63,16 @@ pub struct RunArgs {
 
 /// Set by Ctrl-C while an answer streams (the terminal is not in raw mode then); the
 /// answer stops at its next token.
-static STOP: AtomicBool = AtomicBool::new(false);
+pub(crate) static STOP: AtomicBool = AtomicBool::new(false);
+
+/// A chat the line-reading loops drive: a model's own ([`Chat`]) or a virtual model's
+/// ([`crate::virtual_chat::VirtualChat`]).
+pub(crate) trait Conversation {
+    /// What the chat is with, for the greeting.
+    fn name(&self) -> &str;
+    /// Handles one input: a command or a message. `Ok(false)` means the user asked to quit.
+    fn input(&mut self, text: &str) -> Result<bool>;
+}
 
 /// One conversation.
 struct Chat {
@@ -84,7 +93,17 @@ struct Chat {
 }
 
 /// `-n`: Ollama's `num_predict` range; -1 and -2 run until the context is full.
-fn num_predict(s: &str) -> Result<usize, String> {
+/// The message of `/set system TEXT` (none when TEXT is empty).
+pub(crate) fn set_system_text(command: &str) -> Option<String> {
+    let s = command
+        .splitn(3, char::is_whitespace)
+        .nth(2)
+        .unwrap_or("")
+        .trim();
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+pub(crate) fn num_predict(s: &str) -> Result<usize, String> {
     params::NUM_PREDICT
         .parse(s)
         .map(|v| usize::try_from(v as i64).unwrap_or(usize::MAX))
@@ -104,9 +123,19 @@ const HELP: &str = "Available commands:
 Use \"\"\" to begin and end a multi-line message. Ctrl-C stops an answer; Ctrl-D or Ctrl-C
 at an empty prompt exits.";
 
+impl Conversation for Chat {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn input(&mut self, text: &str) -> Result<bool> {
+        self.handle(text)
+    }
+}
+
 impl Chat {
     /// Handles one input: a command or a message. `Ok(false)` means the user asked to quit.
-    fn input(&mut self, text: &str) -> Result<bool> {
+    fn handle(&mut self, text: &str) -> Result<bool> {
         let text = text.trim();
         if text.is_empty() {
             return Ok(true);
@@ -131,12 +160,7 @@ impl Chat {
             }
             ("/set", ["parameter", name, value]) => self.set_parameter(name, value),
             ("/set", ["system", ..]) => {
-                let s = text
-                    .splitn(3, char::is_whitespace)
-                    .nth(2)
-                    .unwrap_or("")
-                    .trim();
-                self.system = (!s.is_empty()).then(|| s.to_string());
+                self.system = set_system_text(text);
                 self.clear();
                 eprintln!("Set system message.");
             }
@@ -270,6 +294,17 @@ impl Chat {
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
+    if let Some((cfg, v)) = crate::common::virtual_model(&a.model, a.config.as_deref())? {
+        let mut chat = crate::virtual_chat::VirtualChat::start(&a, cfg, v)?;
+        if let Some(prompt) = &a.prompt {
+            return chat.ask(prompt);
+        }
+        return if std::io::stdin().is_terminal() {
+            interactive(&mut chat)
+        } else {
+            piped(&mut chat)
+        };
+    }
     let (path, settings) = configured_model(&a.model, a.config.as_deref(), true)?;
     let engine = Engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
     let settings = settings.as_ref();
@@ -323,7 +358,7 @@ pub fn run(a: RunArgs) -> Result<()> {
 }
 
 /// Reads piped input: a message per line, `"""` blocks, commands.
-fn piped(chat: &mut Chat) -> Result<()> {
+fn piped(chat: &mut dyn Conversation) -> Result<()> {
     // bytes that are not UTF-8 become U+FFFD rather than ending the session
     let mut lines = std::io::stdin().lock().split(b'\n').map(|r| {
         r.map(|b| {
@@ -376,7 +411,7 @@ impl rustyline::ConditionalEventHandler for CtrlC {
     }
 }
 
-fn interactive(chat: &mut Chat) -> Result<()> {
+fn interactive(chat: &mut dyn Conversation) -> Result<()> {
     let mut ed = rustyline::DefaultEditor::new().context("starting the line editor")?;
     // after the editor (which must not take SIGINT): while an answer streams the terminal is
     // in its normal mode and Ctrl-C is a signal; at the prompt it is a key (CtrlC below)
@@ -390,7 +425,7 @@ fn interactive(chat: &mut Chat) -> Result<()> {
     let _ = ed.load_history(&history);
     eprintln!(
         "Chatting with {} (/? for help, /bye or Ctrl-D to quit; \"\"\" for several lines)",
-        chat.name
+        chat.name()
     );
     loop {
         let line = match ed.readline(">>> ") {

@@ -13,8 +13,11 @@ pub struct PullArgs {
 
 #[derive(clap::Args)]
 pub struct ShowArgs {
-    /// A stored model name or a .gguf path.
+    /// A stored model name, a .gguf path, or a router or ensemble of the config file.
     pub name: String,
+    /// TOML file with `[virtual.NAME]` tables [default: config.toml in CAPY_HOME, if there].
+    #[arg(long, env = "CAPY_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -58,6 +61,9 @@ pub fn rm(a: RmArgs) -> Result<()> {
 }
 
 pub fn show(a: ShowArgs) -> Result<()> {
+    if let Some((_, v)) = crate::common::virtual_model(&a.name, a.config.as_deref())? {
+        return show_virtual(&v);
+    }
     let path = crate::common::model_path(&a.name, false)?;
     let g = capy_gguf::Gguf::open(&path).with_context(|| format!("reading {}", path.display()))?;
     let hp = capy_model::Hparams::from_gguf(&g)?;
@@ -90,6 +96,29 @@ pub fn show(a: ShowArgs) -> Result<()> {
     match g.get_str("tokenizer.chat_template") {
         Ok(Some(_)) => println!("  chat template       from the model file"),
         _ => println!("  chat template       none in the file (built-in fallback)"),
+    }
+    Ok(())
+}
+
+/// `capy show` of a router or ensemble: its kind, members and settings.
+fn show_virtual(v: &capy_server::virtuals::VirtualModel) -> Result<()> {
+    let d = v.describe();
+    println!("  virtual model       {} ({})", v.name, v.kind_name());
+    if let Some(s) = d["description"].as_str() {
+        println!("  description         {s}");
+    }
+    println!("  members             {}", v.members().join(", "));
+    if let Some(o) = d.as_object() {
+        for (k, val) in o {
+            if matches!(k.as_str(), "kind" | "members" | "description") {
+                continue;
+            }
+            let text = match val {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            println!("  {:<19} {text}", k.replace('_', " "));
+        }
     }
     Ok(())
 }

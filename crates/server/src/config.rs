@@ -205,6 +205,9 @@ pub struct Config {
     pub replica: String,
     /// Record one usage row per generation request.
     pub usage: bool,
+    /// Virtual models (`[virtual.NAME]`): routers and ensembles over the served models.
+    #[serde(rename = "virtual")]
+    pub virtuals: BTreeMap<String, crate::virtuals::VirtualConfig>,
 }
 
 impl Default for Config {
@@ -245,6 +248,7 @@ impl Default for Config {
             shared_limits: false,
             replica: String::new(),
             usage: true,
+            virtuals: BTreeMap::new(),
         }
     }
 }
@@ -435,7 +439,10 @@ impl Config {
             models.push(m);
         }
         spec.check(&spec, "")?;
+        let virtuals =
+            crate::virtuals::check_all(&self.virtuals, &|n| find_model(&models, n).is_some())?;
         Ok(Checked {
+            virtuals,
             models,
             spec,
             keep_alive,
@@ -474,6 +481,8 @@ impl Config {
 pub struct Checked {
     /// The served models with their checked settings, in the file's (or flags') order.
     pub models: Vec<ServedModel>,
+    /// The virtual models, by name.
+    pub virtuals: Vec<crate::virtuals::VirtualModel>,
     /// The server-wide speculation settings (a model's own take precedence).
     pub spec: SpecSettings,
     pub keep_alive: KeepAlive,
@@ -940,7 +949,9 @@ fn some_size_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Strin
     size_text(d).map(Some)
 }
 
-fn some_duration_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+pub(crate) fn some_duration_text<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<String>, D::Error> {
     duration_text(d).map(Some)
 }
 

@@ -959,13 +959,14 @@ impl Ticket {
         }
     }
 
-    /// Sets what the generation used.
-    pub fn set_tokens(&self, prompt: usize, cached: usize, completion: usize, gone: bool) {
+    /// Adds what one generation used (a request may run several: an ensemble's members,
+    /// a router's classifier and member).
+    pub fn add_tokens(&self, prompt: usize, cached: usize, completion: usize, gone: bool) {
         let mut t = self.tally.lock().unwrap_or_else(|e| e.into_inner());
-        t.prompt_tokens = prompt;
-        t.cached_tokens = cached;
-        t.completion_tokens = completion;
-        t.disconnected = gone;
+        t.prompt_tokens += prompt;
+        t.cached_tokens += cached;
+        t.completion_tokens += completion;
+        t.disconnected |= gone;
     }
 
     fn set_status(&self, status: u16) {

@@ -101,7 +101,7 @@ impl Drop for Gens {
                 prompt += first;
             }
         }
-        t.set_tokens(prompt, cached, completion, cut && !self.failed);
+        t.add_tokens(prompt, cached, completion, cut && !self.failed);
     }
 }
 

@@ -17,6 +17,7 @@ pub mod openai;
 pub mod params;
 pub mod registry;
 pub mod structured;
+pub mod virtuals;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -48,6 +49,8 @@ pub struct AppState {
     pub pull: Option<capy_store::PullPolicy>,
     /// Keys, limits and usage records; `None`: no database (every request is served).
     pub gateway: Option<Arc<gateway::Gateway>>,
+    /// Routers and ensembles (`[virtual.NAME]`).
+    pub virtuals: virtuals::Virtuals,
 }
 
 /// What one request may take of the server.
@@ -81,6 +84,7 @@ impl AppState {
             limits,
             pull: Some(capy_store::PullPolicy::default()),
             gateway: None,
+            virtuals: virtuals::Virtuals::default(),
         })
     }
 
@@ -123,8 +127,34 @@ impl AppState {
                 hosts: cfg.pull_hosts.clone(),
                 ..Default::default()
             });
+            s.virtuals = virtuals::Virtuals::new(checked.virtuals.clone());
         }
         st
+    }
+
+    /// Checks that every virtual model's members are served (configured, or in the store
+    /// when the config lists no models), and a virtual name is not a stored model's.
+    ///
+    /// # Errors
+    /// The first member that is not served, naming its virtual model.
+    pub fn check_virtuals(&self) -> Result<(), String> {
+        for v in &self.virtuals.models {
+            for m in v.members() {
+                self.registry.resolve(&m).map_err(|e| {
+                    format!(
+                        "virtual.{}: member {m:?} is not served: {}",
+                        v.name, e.message
+                    )
+                })?;
+            }
+            if self.registry.resolve(&v.name).is_ok() {
+                return Err(format!(
+                    "virtual.{}: a served model has this name; pick another",
+                    v.name
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Loads the warm set, then marks the server ready.
@@ -453,6 +483,32 @@ pub fn run(cfg: Config, store: capy_store::Store) -> Result<(), String> {
     r
 }
 
+/// Serves `cfg`'s models and virtual models on a free loopback port from the current tokio
+/// runtime, with no database (no keys, no usage records) and models loaded on first use:
+/// `capy run` of a router or ensemble talks to it, so it answers with the server's own code.
+/// Returns the base URL.
+///
+/// # Errors
+/// The configuration's, a member that is not served, no port to listen on.
+pub async fn serve_local(mut cfg: Config, store: capy_store::Store) -> Result<String, String> {
+    cfg.auth = "off".into();
+    cfg.usage = false;
+    let checked = cfg.validate()?;
+    let state = AppState::from_config(&cfg, checked, store);
+    state.check_virtuals()?;
+    state.ready.store(true, Ordering::Release);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| format!("cannot listen on loopback: {e}"))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("cannot listen on loopback: {e}"))?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app(state)).await;
+    });
+    Ok(format!("http://{addr}"))
+}
+
 /// Runs the server until Ctrl-C or SIGTERM: binds, starts answering (503 on `/health`
 /// while the warm set loads), unloads idle models in the background.
 pub async fn serve(cfg: Config, store: capy_store::Store) -> Result<(), String> {
@@ -460,6 +516,11 @@ pub async fn serve(cfg: Config, store: capy_store::Store) -> Result<(), String> 
     let gw_cfg = checked.gateway(&store.root, cfg.port);
     let mut state = AppState::from_config(&cfg, checked.clone(), store);
     state.registry.check_warm_set().map_err(|e| e.message)?;
+    state.check_virtuals()?;
+    for v in &state.virtuals.models {
+        let (kind, members) = (v.kind_name(), v.members().join(", "));
+        eprintln!("capy: virtual model {} ({kind} over {members})", v.name);
+    }
     let gw = match gw_cfg {
         Some(c) => Some(gateway::Gateway::start(c).await?),
         None => None,

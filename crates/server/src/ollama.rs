@@ -20,6 +20,9 @@ use crate::gen::{rfc3339, stream_response, Gens};
 use crate::params;
 use crate::registry::Lease;
 use crate::structured;
+use crate::virtuals::ensemble::{last_user, Input, ParamsFn};
+use crate::virtuals::respond::{self, unsupported, Ask};
+use crate::virtuals::router::{self, Api};
 use crate::{AppState, Knobs};
 use capy_engine::tools::ToolFormat;
 
@@ -50,6 +53,31 @@ impl Options {
             ..Default::default()
         })
     }
+
+    /// Generation settings for an ensemble's candidates (by member defaults and index).
+    fn params_fn(&self) -> ParamsFn {
+        let knobs = self.knobs.clone();
+        let stop = self
+            .stop
+            .as_ref()
+            .map(crate::params::Stop::strings)
+            .unwrap_or_default();
+        let max_tokens = match self.num_predict {
+            Some(n) if n >= 0 => n as usize,
+            _ => usize::MAX,
+        };
+        Arc::new(move |model, i| GenerateParams {
+            max_tokens,
+            sampler: crate::sampler(&knobs, i, model),
+            stop: stop.clone(),
+            ..Default::default()
+        })
+    }
+}
+
+/// Whether a request's `format` asks for structured output (`null` and `""` do not).
+fn has_format(f: &Option<Value>) -> bool {
+    f.as_ref().is_some_and(|f| !f.is_null() && f != "")
 }
 
 fn keep_alive(v: &Option<Value>) -> Result<Option<KeepAlive>, ApiError> {
@@ -108,6 +136,7 @@ struct GenerateRequest {
     images: Vec<Value>,
     format: Option<Value>,
     template: Option<String>,
+    include_candidates: Option<bool>,
 }
 
 /// `format` (JSON mode, a JSON schema) is refused until structured outputs exist, rather
@@ -130,12 +159,25 @@ async fn load_only(
     ka: Option<KeepAlive>,
     chat: bool,
 ) -> Result<Response, ApiError> {
-    let name = st.registry.resolve(model).map_err(ollama)?.name;
+    // a virtual model loads (or unloads) its members
+    let (name, members) = match st.virtuals.get(model) {
+        Some(v) => (v.name.clone(), v.members()),
+        None => {
+            let name = st.registry.resolve(model).map_err(ollama)?.name;
+            (name, vec![model.to_string()])
+        }
+    };
     let reason = if ka == Some(KeepAlive::For(Duration::ZERO)) {
-        st.registry.unload_soon(&name);
+        for m in &members {
+            if let Ok(r) = st.registry.resolve(m) {
+                st.registry.unload_soon(&r.name);
+            }
+        }
         "unload"
     } else {
-        drop(st.registry.acquire(model, ka).await.map_err(ollama)?);
+        for m in &members {
+            drop(st.registry.acquire(m, ka).await.map_err(ollama)?);
+        }
         "load"
     };
     let mut v = json!({"model": name, "created_at": rfc3339(SystemTime::now()),
@@ -153,9 +195,15 @@ pub async fn generate(
     ticket: Option<Extension<Arc<Ticket>>>,
     body: Bytes,
 ) -> Response {
-    generate_inner(st, body, ticket.map(|t| t.0))
-        .await
-        .unwrap_or_else(|e| ollama(e).into_response())
+    let ticket = ticket.map(|t| t.0);
+    match st.virtuals.router_in(&body) {
+        Some((v, r)) => {
+            let api = Api::OllamaGenerate;
+            router::serve(Arc::clone(&st), &v, &r, api, body, ticket, generate_inner).await
+        }
+        None => generate_inner(st, body, ticket).await,
+    }
+    .unwrap_or_else(|e| ollama(e).into_response())
 }
 
 async fn generate_inner(
@@ -185,6 +233,34 @@ async fn generate_inner(
     }
     if req.prompt.is_empty() && req.context.is_none() {
         return load_only(&st, &req.model, ka, false).await;
+    }
+    if let Some(v) = st.virtuals.get(&req.model).cloned() {
+        if has_format(&req.format) {
+            return Err(unsupported("format"));
+        }
+        if req.context.is_some() {
+            return Err(unsupported("context"));
+        }
+        let input = if req.raw {
+            Input::Text(req.prompt.clone())
+        } else {
+            let mut msgs = Vec::new();
+            if let Some(s) = req.system.as_ref().filter(|s| !s.is_empty()) {
+                msgs.push(Message::new("system", s));
+            }
+            msgs.push(Message::new("user", &req.prompt));
+            Input::Chat(msgs)
+        };
+        let ask = Ask {
+            input,
+            question: req.prompt.clone(),
+            params: req.options.params_fn(),
+            n_ctx: req.options.num_ctx,
+            include_candidates: req.include_candidates,
+            stream: req.stream.unwrap_or(true),
+            include_usage: false,
+        };
+        return respond::ensemble(&st, &v, Api::OllamaGenerate, ask, ticket, t0).await;
     }
     let lease = st.registry.acquire(&req.model, ka).await?;
     let mut params = req.options.params(&lease.sampling)?;
@@ -273,6 +349,7 @@ struct ChatRequest {
     #[serde(default)]
     tools: Vec<Value>,
     format: Option<Value>,
+    include_candidates: Option<bool>,
 }
 
 pub async fn chat(
@@ -280,9 +357,15 @@ pub async fn chat(
     ticket: Option<Extension<Arc<Ticket>>>,
     body: Bytes,
 ) -> Response {
-    chat_inner(st, body, ticket.map(|t| t.0))
-        .await
-        .unwrap_or_else(|e| ollama(e).into_response())
+    let ticket = ticket.map(|t| t.0);
+    match st.virtuals.router_in(&body) {
+        Some((v, r)) => {
+            let api = Api::OllamaChat;
+            router::serve(Arc::clone(&st), &v, &r, api, body, ticket, chat_inner).await
+        }
+        None => chat_inner(st, body, ticket).await,
+    }
+    .unwrap_or_else(|e| ollama(e).into_response())
 }
 
 async fn chat_inner(
@@ -318,6 +401,26 @@ async fn chat_inner(
     let tools = structured::tools(Some(&req.tools), None, None)?;
     if tools.is_some() && req.format.as_ref().is_some_and(|f| f != "") {
         return Err(ApiError::bad_request("format cannot be combined with tools").param("format"));
+    }
+    if let Some(v) = st.virtuals.get(&req.model).cloned() {
+        if tools.is_some() {
+            return Err(unsupported("tools"));
+        }
+        if has_format(&req.format) {
+            return Err(unsupported("format"));
+        }
+        let msgs: Vec<Message> = req.messages.iter().map(ChatMessage::to_message).collect();
+        let question = last_user(&msgs);
+        let ask = Ask {
+            input: Input::Chat(msgs),
+            question,
+            params: req.options.params_fn(),
+            n_ctx: req.options.num_ctx,
+            include_candidates: req.include_candidates,
+            stream: req.stream.unwrap_or(true),
+            include_usage: false,
+        };
+        return respond::ensemble(&st, &v, Api::OllamaChat, ask, ticket, t0).await;
     }
     let lease = st.registry.acquire(&req.model, ka).await?;
     let mut params = req.options.params(&lease.sampling)?;
@@ -518,7 +621,25 @@ pub async fn tags(State(st): State<Arc<AppState>>, caller: Option<Extension<Call
             "details": info.map_or_else(|| json!({"format": "gguf"}), |i| i.details.clone()),
         }));
     }
+    for v in &st.virtuals.models {
+        if caller.as_ref().is_some_and(|c| !c.allows(&v.name)) {
+            continue;
+        }
+        models.push(virtual_tag(v));
+    }
     Json(json!({"models": models})).into_response()
+}
+
+/// A router's or ensemble's `/api/tags` entry: `virtual` says what it is and its members.
+fn virtual_tag(v: &crate::virtuals::VirtualModel) -> Value {
+    let name = format!("{}:latest", v.name);
+    json!({
+        "name": name, "model": name,
+        "modified_at": rfc3339(SystemTime::UNIX_EPOCH), "size": 0, "digest": "",
+        "details": {"format": "virtual", "family": v.kind_name(), "families": [v.kind_name()],
+                    "parameter_size": "", "quantization_level": ""},
+        "virtual": v.describe(),
+    })
 }
 
 /// A loaded model's KV cache for `/api/ps`: its pool's blocks, those held by running
@@ -589,6 +710,17 @@ impl NameRequest {
 pub async fn show(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
     let r = async {
         let req: NameRequest = parse_json(&body, Flavor::Ollama)?;
+        if let Some(v) = st.virtuals.get(req.model()?) {
+            let d = v.describe();
+            return Ok(Json(json!({
+                "modelfile": format!("# capy {} {}\n", v.kind_name(), v.name),
+                "parameters": "", "template": "",
+                "details": virtual_tag(v)["details"], "model_info": {},
+                "capabilities": ["completion"],
+                "virtual": d,
+            }))
+            .into_response());
+        }
         let r = st.registry.resolve(req.model()?).map_err(ollama)?;
         let info = st.registry.info.get(&r.path).await.map_err(ollama)?;
         // what a request that sets nothing gets: the config's, the card's, the GGUF's

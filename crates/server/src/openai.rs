@@ -18,6 +18,9 @@ use crate::gateway::{Caller, Ticket};
 use crate::gen::{new_id, stream_response, unix_now, Gens, Outcome};
 use crate::params::{self, Stop};
 use crate::structured::{self, Asked};
+use crate::virtuals::ensemble::{last_user, Input, ParamsFn};
+use crate::virtuals::respond::{self, unsupported, Ask};
+use crate::virtuals::router::{self, Api};
 use crate::{AppState, Knobs};
 
 #[derive(Deserialize, Default)]
@@ -48,6 +51,8 @@ struct Common {
     /// llama-server's structured outputs: a GBNF grammar or a JSON schema
     grammar: Option<String>,
     json_schema: Option<Value>,
+    /// ensembles: put the candidates in the answer's `ensemble` field
+    include_candidates: Option<bool>,
 }
 
 impl Common {
@@ -98,6 +103,34 @@ impl Common {
             ignore_eos: self.ignore_eos,
             grammar: None,
         }
+    }
+
+    /// Generation settings for an ensemble's candidates (by member defaults and index).
+    fn params_fn(&self) -> ParamsFn {
+        let knobs = self.knobs.clone();
+        let stop = self.stop.as_ref().map(Stop::strings).unwrap_or_default();
+        let (max_tokens, ignore_eos) = (self.max_tokens().unwrap_or(usize::MAX), self.ignore_eos);
+        Arc::new(move |model, i| GenerateParams {
+            max_tokens,
+            sampler: crate::sampler(&knobs, i, model),
+            stop: stop.clone(),
+            ignore_eos,
+            ..Default::default()
+        })
+    }
+
+    /// Refuses what ensembles do not take: `n` over 1, llama-server's grammars.
+    fn check_ensemble(&self) -> Result<(), ApiError> {
+        if self.n() != 1 {
+            return Err(ApiError::bad_request("n must be 1 for ensemble models").param("n"));
+        }
+        if self.grammar.is_some() {
+            return Err(unsupported("grammar"));
+        }
+        if self.json_schema.is_some() {
+            return Err(unsupported("json_schema"));
+        }
+        Ok(())
     }
 
     /// The grammar llama-server's `grammar` or `json_schema` asks for.
@@ -295,9 +328,23 @@ pub async fn chat(
     ticket: Option<Extension<Arc<Ticket>>>,
     body: Bytes,
 ) -> Response {
-    chat_inner(st, body, ticket.map(|t| t.0))
-        .await
-        .unwrap_or_else(|e| e.into_response())
+    let ticket = ticket.map(|t| t.0);
+    match st.virtuals.router_in(&body) {
+        Some((v, r)) => {
+            router::serve(
+                Arc::clone(&st),
+                &v,
+                &r,
+                Api::OpenAiChat,
+                body,
+                ticket,
+                chat_inner,
+            )
+            .await
+        }
+        None => chat_inner(st, body, ticket).await,
+    }
+    .unwrap_or_else(|e| e.into_response())
 }
 
 async fn chat_inner(
@@ -345,6 +392,29 @@ async fn chat_inner(
         .map(|(i, m)| to_message(i, m))
         .collect::<Result<Vec<_>, _>>()?;
     let c = &req.common;
+    if let Some(v) = st.virtuals.get(&c.model).cloned() {
+        c.check_ensemble()?;
+        if req.logprobs {
+            return Err(unsupported("logprobs"));
+        }
+        if tools.as_ref().is_some_and(|t| t.choice != ToolChoice::None) {
+            return Err(unsupported("tools"));
+        }
+        if req.response_format.is_some() {
+            return Err(unsupported("response_format"));
+        }
+        let question = last_user(&messages);
+        let ask = Ask {
+            input: Input::Chat(messages),
+            question,
+            params: c.params_fn(),
+            n_ctx: None,
+            include_candidates: c.include_candidates,
+            stream: c.stream,
+            include_usage: c.include_usage(),
+        };
+        return respond::ensemble(&st, &v, Api::OpenAiChat, ask, ticket, t0).await;
+    }
     let n = c.n();
     let want_lp = req.logprobs;
     let top = req.top_logprobs.unwrap_or(0);
@@ -674,9 +744,24 @@ pub async fn completions(
     ticket: Option<Extension<Arc<Ticket>>>,
     body: Bytes,
 ) -> Response {
-    completions_inner(st, body, ticket.map(|t| t.0))
-        .await
-        .unwrap_or_else(|e| e.into_response())
+    let ticket = ticket.map(|t| t.0);
+    match st.virtuals.router_in(&body) {
+        Some((v, r)) => {
+            let api = Api::OpenAiCompletions;
+            router::serve(
+                Arc::clone(&st),
+                &v,
+                &r,
+                api,
+                body,
+                ticket,
+                completions_inner,
+            )
+            .await
+        }
+        None => completions_inner(st, body, ticket).await,
+    }
+    .unwrap_or_else(|e| e.into_response())
 }
 
 async fn completions_inner(
@@ -698,6 +783,33 @@ async fn completions_inner(
             None => None,
         },
     ])?;
+    if let Some(v) = st.virtuals.get(&c.model).cloned() {
+        c.check_ensemble()?;
+        if let Some(a) = &asked {
+            return Err(unsupported(a.param));
+        }
+        if req.logprobs.is_some() {
+            return Err(unsupported("logprobs"));
+        }
+        if req.echo {
+            return Err(unsupported("echo"));
+        }
+        let Value::String(prompt) = &req.prompt else {
+            return Err(
+                ApiError::bad_request("ensemble models take one prompt string").param("prompt"),
+            );
+        };
+        let ask = Ask {
+            input: Input::Text(prompt.clone()),
+            question: prompt.clone(),
+            params: c.params_fn(),
+            n_ctx: None,
+            include_candidates: c.include_candidates,
+            stream: c.stream,
+            include_usage: c.include_usage(),
+        };
+        return respond::ensemble(&st, &v, Api::OpenAiCompletions, ask, ticket, t0).await;
+    }
     let grammar_param = asked.as_ref().map(|a| a.param);
     let n = c.n();
     let want_lp = req.logprobs.is_some();
@@ -905,11 +1017,27 @@ pub async fn models(
         .iter()
         .filter(|r| caller.as_ref().is_none_or(|c| c.allows(&r.name)))
         .map(|r| model_card(&st, &r.name, &r.path))
+        .chain(
+            st.virtuals
+                .models
+                .iter()
+                .filter(|v| caller.as_ref().is_none_or(|c| c.allows(&v.name)))
+                .map(virtual_card),
+        )
         .collect();
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
+/// A router's or ensemble's card: `virtual` says what it is and its members.
+fn virtual_card(v: &crate::virtuals::VirtualModel) -> Value {
+    json!({"id": v.name, "object": "model", "created": 0, "owned_by": "capy",
+           "virtual": v.describe()})
+}
+
 pub async fn model(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    if let Some(v) = st.virtuals.get(&id) {
+        return Json(virtual_card(v)).into_response();
+    }
     match st.registry.resolve(&id) {
         Ok(r) => Json(model_card(&st, &r.name, &r.path)).into_response(),
         Err(e) => e.into_response(),

@@ -113,6 +113,8 @@ pub(crate) const OPENAI_COMMON: &[Field] = &[
     // llama-server's structured outputs
     opt("grammar", Ty::Str),
     opt("json_schema", Ty::Any),
+    // ensembles' candidates in the answer
+    opt("include_candidates", Ty::Bool),
 ];
 
 pub(crate) const OPENAI_CHAT: &[Field] = &[
@@ -149,6 +151,8 @@ pub(crate) const OLLAMA_COMMON: &[Field] = &[
     opt("keep_alive", Ty::Duration),
     opt("format", Ty::Any),
     opt("think", Ty::Any),
+    // ensembles' candidates in the answer
+    opt("include_candidates", Ty::Bool),
 ];
 
 pub(crate) const OLLAMA_GENERATE: &[Field] = &[
