@@ -704,9 +704,10 @@ impl Loop {
 
     /// Whether a running sequence is still computing full blocks of the start of `tokens`
     /// that the cache does not hold yet (it supplies `matched`, at most `max` may come
-    /// from it): then the request waits and finds them there once computed, instead of
-    /// computing them too (the choices of a request with `n` > 1, clients arriving together
-    /// with the same system prompt).
+    /// from it), or the whole of `tokens[..max]` (the same prompt; its partly filled last
+    /// block is published when done): then the request waits and finds them there once
+    /// computed, instead of computing them too (the choices of a request with `n` > 1, an
+    /// ensemble's samples, clients arriving together with the same system prompt).
     fn computing_shared_start(
         &self,
         tokens: &[u32],
@@ -721,7 +722,11 @@ impl Loop {
                 .take_while(|(x, y)| x == y)
                 .count();
             let blocks = common / KV_TILE;
-            a.salt == salt && blocks > matched / KV_TILE && a.next < blocks * KV_TILE
+            // the same prompt (all `max` tokens) as one still being computed: its last,
+            // partly filled block is entered in the index once it is done
+            // ([`capy_model::KvCache::publish_partial`])
+            let same = max > matched && common == max && a.next < a.n_prompt;
+            a.salt == salt && (same || (blocks > matched / KV_TILE && a.next < blocks * KV_TILE))
         })
     }
 
@@ -1044,6 +1049,8 @@ impl Loop {
         };
         let mut ended = Vec::new();
         let mut resized = Vec::new();
+        // sequences whose prompt this step finished
+        let mut prompt_done = Vec::new();
         let row_at = |j: usize| &logits[j * n_vocab..(j + 1) * n_vocab];
         for (j, &r) in self.rows.iter().enumerate() {
             let row = row_at(j);
@@ -1066,6 +1073,7 @@ impl Loop {
                     continue;
                 }
                 a.t_gen = Some(Instant::now());
+                prompt_done.push(si);
                 if let Some(lp) = a.prompt_lp.take() {
                     if !a.sink.send(Event::PromptLogprobs(lp)) {
                         *s = None;
@@ -1106,6 +1114,10 @@ impl Loop {
                 let len = a.tokens.len();
                 a.next = self.ctx.kv.truncate(si, len).unwrap_or(0).min(len);
             }
+        }
+        // requests waiting with the same prompt copy the last, partly filled block
+        for si in prompt_done {
+            self.ctx.kv.publish_partial(si);
         }
         for si in ended {
             let _ = self.ctx.kv.clear(si);

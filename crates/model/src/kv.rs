@@ -939,25 +939,7 @@ impl KvCache {
     /// [`Error::BadSequence`].
     pub fn clear(&mut self, seq: usize) -> Result<()> {
         self.check_seq(seq)?;
-        let len = self.tokens[seq].len();
-        if !len.is_multiple_of(KV_TILE) {
-            let i = len / KV_TILE;
-            let parent = self.parent_hash(seq, i);
-            let tokens = &self.tokens[seq][i * KV_TILE..len];
-            for g in &mut self.groups {
-                if let Some(&b) = g.tables[seq].get(i) {
-                    let m = &g.meta[b as usize];
-                    if b != HOLE && m.refs == 1 && m.key.is_none() {
-                        let key = Key {
-                            parent,
-                            hash: None,
-                            tokens: tokens.to_vec(),
-                        };
-                        g.insert_index(b, key);
-                    }
-                }
-            }
-        }
+        self.publish_partial(seq);
         for g in &mut self.groups {
             g.truncate_table(seq, 0);
             g.start[seq] = 0;
@@ -965,6 +947,38 @@ impl KvCache {
         self.tokens[seq].clear();
         self.chain[seq].clear();
         Ok(())
+    }
+
+    /// Enters a sequence's partly filled last block into the index, so a prompt that
+    /// continues what it holds copies the positions it shares instead of computing them:
+    /// at its end ([`KvCache::clear`]), and once its prompt is computed (requests with the
+    /// same prompt starting next: the choices of `n` > 1, an ensemble's samples). The
+    /// sequence's next write into the block takes it out of the index again
+    /// ([`KvCache::reserve`]), so only the positions entered are ever copied.
+    pub fn publish_partial(&mut self, seq: usize) {
+        let Some(toks) = self.tokens.get(seq) else {
+            return;
+        };
+        let len = toks.len();
+        if len.is_multiple_of(KV_TILE) {
+            return;
+        }
+        let i = len / KV_TILE;
+        let parent = self.parent_hash(seq, i);
+        let tokens = &self.tokens[seq][i * KV_TILE..len];
+        for g in &mut self.groups {
+            if let Some(&b) = g.tables[seq].get(i) {
+                let m = &g.meta[b as usize];
+                if b != HOLE && m.refs == 1 && m.key.is_none() {
+                    let key = Key {
+                        parent,
+                        hash: None,
+                        tokens: tokens.to_vec(),
+                    };
+                    g.insert_index(b, key);
+                }
+            }
+        }
     }
 
     /// The hash block `i` of a sequence continues.
