@@ -67,6 +67,10 @@ kind = "router"
 default = "huge"
 fallback = ["broken"]
 
+[virtual.lonely]
+kind = "router"
+default = "broken"
+
 [virtual.council]
 kind = "ensemble"
 members = ["smollm2-135m"]
@@ -225,6 +229,12 @@ class Router(unittest.TestCase):
         self.assertIn("huge:", msg)
         self.assertIn("memory budget", msg)
         self.assertIn("broken:", msg)
+        # one member, refused: the same
+        s, body = http("POST", "/v1/chat/completions",
+                       {"model": "lonely", "messages": ASK, "max_tokens": 4})
+        self.assertEqual(s, 503, body)
+        self.assertIn("router lonely", body["error"]["message"])
+        self.assertIn("broken:", body["error"]["message"])
 
     def test_ollama_and_completions_routes(self):
         r = oll().chat(model="expert", messages=[{"role": "user", "content": "fn main() {}"}],
@@ -326,9 +336,16 @@ class Ensemble(unittest.TestCase):
                                      "options": {"num_predict": 16}})
         self.assertEqual(lines[-1]["ensemble"]["strategy"], "vote")
         self.assertEqual(len(lines[-1]["ensemble"]["members"]), 1)
-        # an empty chat loads the members
-        s, body = http("POST", "/api/chat", {"model": "panel", "messages": []})
-        self.assertEqual((s, body["done_reason"]), (200, "load"))
+        # an empty chat loads the members; unloading goes by the members' names
+        for name in ("panel", "expert"):
+            s, body = http("POST", "/api/chat", {"model": name, "messages": []})
+            self.assertEqual((s, body["done_reason"], body["model"]), (200, "load", name))
+            s, body = http("POST", "/api/generate", {"model": name, "keep_alive": 0})
+            self.assertEqual(s, 400, body)
+            self.assertIn("unload its members by name", body["error"])
+        s, body = http("DELETE", "/api/delete", {"model": "council:latest"})
+        self.assertEqual(s, 409, body)
+        self.assertIn("[virtual.council]", body["error"])
 
     def test_failed_and_too_large_members_are_left_out(self):
         c = oai().chat.completions.create(model="brave", messages=ASK, max_tokens=16)
@@ -341,7 +358,7 @@ class Ensemble(unittest.TestCase):
         self.assertTrue(c.choices[0].message.content)
         s, body = http("POST", "/v1/chat/completions",
                        {"model": "strict", "messages": ASK, "max_tokens": 4})
-        self.assertNotEqual(s, 200)
+        self.assertEqual(s, 503, body)
         self.assertIn("member broken failed", body["error"]["message"])
 
     def test_the_deadline_is_honoured(self):
@@ -355,7 +372,7 @@ class Ensemble(unittest.TestCase):
         self.assertLess(took, 2 + 3, "answered soon after the 2 s deadline")
         self.assertEqual(c.choices[0].finish_reason, "length")
         self.assertTrue(c.choices[0].message.content)
-        self.assertTrue(all(x["finish_reason"] == "length" for x in e["candidates"]))
+        self.assertTrue(all(x["finish_reason"] == "deadline" for x in e["candidates"]))
         # the cancelled candidates leave the engines idle
         time.sleep(0.5)
         s, text = http("GET", "/metrics")

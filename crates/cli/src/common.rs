@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use capy_engine::grammar::{Grammar, GrammarSpec};
 use capy_engine::{params, Engine, SamplingOptions};
 use capy_server::config::{config_path, Config, ServedModel};
@@ -90,8 +90,34 @@ pub fn virtual_model(
         .validate()
         .map_err(|e| anyhow!(e))
         .with_context(|| format!("config file {}", file.display()))?;
-    let v = checked.virtuals.into_iter().find(|v| v.name == base);
-    Ok(v.map(|v| (cfg, v)))
+    let Some(v) = checked.virtuals.iter().find(|v| v.name == base).cloned() else {
+        return Ok(None);
+    };
+    // as `capy serve` checks them: configured models, or stored ones without tables
+    let store = Store::open_default();
+    for m in v.members() {
+        let served = if checked.models.is_empty() {
+            capy_store::ModelRef::parse(&m)
+                .ok()
+                .and_then(|r| store.get(&r.store_name()).ok().flatten())
+                .is_some()
+        } else {
+            capy_server::config::find_model(&checked.models, &m).is_some()
+        };
+        if !served {
+            let names: Vec<&str> = checked.models.iter().map(|m| m.name.as_str()).collect();
+            bail!(
+                "virtual.{}: member {m:?} is not served; {}",
+                v.name,
+                if names.is_empty() {
+                    "members are stored models (capy list) or built-in names".to_string()
+                } else {
+                    format!("members must be served models, here: {}", names.join(", "))
+                }
+            );
+        }
+    }
+    Ok(Some((cfg, v)))
 }
 
 pub fn default_threads() -> usize {
@@ -200,7 +226,7 @@ fn read_capped(path: &Path) -> Result<String> {
         .take(MAX + 1)
         .read_to_string(&mut text)?;
     if text.len() as u64 > MAX {
-        anyhow::bail!("larger than 16 MiB");
+        bail!("larger than 16 MiB");
     }
     Ok(text)
 }

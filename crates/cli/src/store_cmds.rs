@@ -64,7 +64,8 @@ pub fn show(a: ShowArgs) -> Result<()> {
     if let Some((_, v)) = crate::common::virtual_model(&a.name, a.config.as_deref())? {
         return show_virtual(&v);
     }
-    let path = crate::common::model_path(&a.name, false)?;
+    // a config file's table shows the model it serves
+    let (path, _) = crate::common::configured_model(&a.name, a.config.as_deref(), false)?;
     let g = capy_gguf::Gguf::open(&path).with_context(|| format!("reading {}", path.display()))?;
     let hp = capy_model::Hparams::from_gguf(&g)?;
     println!("  path                {}", path.display());

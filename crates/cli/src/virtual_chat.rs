@@ -173,6 +173,18 @@ impl VirtualChat {
             eprintln!("(stopped)");
         }
         if self.verbose {
+            let ns = |k: &str| last[k].as_f64().unwrap_or(0.0) / 1e9;
+            if last["done"] == true {
+                let (p, c, t) = (
+                    &last["prompt_eval_count"],
+                    &last["eval_count"],
+                    ns("total_duration"),
+                );
+                eprintln!(
+                    "prompt: {p} tokens | generation: {c} tokens | total: {t:.2} s ({:.1} generated tokens/s)",
+                    c.as_f64().unwrap_or(0.0) / t.max(1e-9)
+                );
+            }
             if let Some(m) = &routed {
                 eprintln!("routed to {m} ({})", why.as_deref().unwrap_or(""));
             }

@@ -138,11 +138,20 @@ impl AppState {
     /// # Errors
     /// The first member that is not served, naming its virtual model.
     pub fn check_virtuals(&self) -> Result<(), String> {
+        let served = self.registry.configured_names();
+        let hint = if served.is_empty() {
+            "members are stored models (capy list) or built-in names".to_string()
+        } else {
+            format!(
+                "members must be served models, here: {} (the [models.NAME] tables or -m names)",
+                served.join(", ")
+            )
+        };
         for v in &self.virtuals.models {
             for m in v.members() {
                 self.registry.resolve(&m).map_err(|e| {
                     format!(
-                        "virtual.{}: member {m:?} is not served: {}",
+                        "virtual.{}: member {m:?} is not served ({}); {hint}",
                         v.name, e.message
                     )
                 })?;

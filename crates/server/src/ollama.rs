@@ -159,8 +159,15 @@ async fn load_only(
     ka: Option<KeepAlive>,
     chat: bool,
 ) -> Result<Response, ApiError> {
-    // a virtual model loads (or unloads) its members
+    // a virtual model loads its members
     let (name, members) = match st.virtuals.get(model) {
+        Some(v) if ka == Some(KeepAlive::For(Duration::ZERO)) => {
+            return Err(ollama(ApiError::bad_request(format!(
+                "{} is a virtual model; unload its members by name ({})",
+                v.name,
+                v.members().join(", ")
+            ))))
+        }
         Some(v) => (v.name.clone(), v.members()),
         None => {
             let name = st.registry.resolve(model).map_err(ollama)?.name;
@@ -625,17 +632,18 @@ pub async fn tags(State(st): State<Arc<AppState>>, caller: Option<Extension<Call
         if caller.as_ref().is_some_and(|c| !c.allows(&v.name)) {
             continue;
         }
-        models.push(virtual_tag(v));
+        models.push(virtual_tag(&st, v));
     }
     Json(json!({"models": models})).into_response()
 }
 
 /// A router's or ensemble's `/api/tags` entry: `virtual` says what it is and its members.
-fn virtual_tag(v: &crate::virtuals::VirtualModel) -> Value {
+fn virtual_tag(st: &AppState, v: &crate::virtuals::VirtualModel) -> Value {
     let name = format!("{}:latest", v.name);
     json!({
         "name": name, "model": name,
-        "modified_at": rfc3339(SystemTime::UNIX_EPOCH), "size": 0, "digest": "",
+        "modified_at": rfc3339(st.virtuals.since.unwrap_or(SystemTime::UNIX_EPOCH)),
+        "size": 0, "digest": "",
         "details": {"format": "virtual", "family": v.kind_name(), "families": [v.kind_name()],
                     "parameter_size": "", "quantization_level": ""},
         "virtual": v.describe(),
@@ -715,7 +723,7 @@ pub async fn show(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
             return Ok(Json(json!({
                 "modelfile": format!("# capy {} {}\n", v.kind_name(), v.name),
                 "parameters": "", "template": "",
-                "details": virtual_tag(v)["details"], "model_info": {},
+                "details": virtual_tag(&st, v)["details"], "model_info": {},
                 "capabilities": ["completion"],
                 "virtual": d,
             }))
@@ -857,6 +865,16 @@ pub async fn delete(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
         let req: NameRequest = parse_json(&body, Flavor::Ollama)?;
         let name = req.model()?;
         let name = name.strip_suffix(":latest").unwrap_or(name);
+        if let Some(v) = st.virtuals.get(name) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "'{}' is a virtual model of the config file ([virtual.{}]); remove its table \
+                     to remove it",
+                    v.name, v.name
+                ),
+            ));
+        }
         if let Some(m) = st.registry.configured(name) {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,

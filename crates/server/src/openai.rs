@@ -1022,21 +1022,26 @@ pub async fn models(
                 .models
                 .iter()
                 .filter(|v| caller.as_ref().is_none_or(|c| c.allows(&v.name)))
-                .map(virtual_card),
+                .map(|v| virtual_card(&st, v)),
         )
         .collect();
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
 /// A router's or ensemble's card: `virtual` says what it is and its members.
-fn virtual_card(v: &crate::virtuals::VirtualModel) -> Value {
-    json!({"id": v.name, "object": "model", "created": 0, "owned_by": "capy",
+fn virtual_card(st: &AppState, v: &crate::virtuals::VirtualModel) -> Value {
+    let created = st
+        .virtuals
+        .since
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    json!({"id": v.name, "object": "model", "created": created, "owned_by": "capy",
            "virtual": v.describe()})
 }
 
 pub async fn model(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
     if let Some(v) = st.virtuals.get(&id) {
-        return Json(virtual_card(v)).into_response();
+        return Json(virtual_card(&st, v)).into_response();
     }
     match st.registry.resolve(&id) {
         Ok(r) => Json(model_card(&st, &r.name, &r.path)).into_response(),

@@ -303,12 +303,16 @@ pub async fn start(
                                "member left out: {}", e.message);
                 members[i].error = Some(member_error(&e));
                 if !spec.skip_failed {
-                    return Err(ApiError {
-                        message: format!(
-                            "ensemble {}: member {} failed: {}",
-                            v.name, members[i].name, e.message
-                        ),
-                        ..e
+                    let message = format!(
+                        "ensemble {}: member {} failed: {}",
+                        v.name, members[i].name, e.message
+                    );
+                    // the member's refusal is the server's state, not the request's fault
+                    return Err(if super::router::refused(&e) {
+                        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
+                            .code("member_failed")
+                    } else {
+                        ApiError { message, ..e }
                     });
                 }
                 first_error.get_or_insert(e);
@@ -504,7 +508,7 @@ async fn answer(
             }
         }
     }
-    let mut judge_used: Option<(String, f64)> = None;
+    let mut judge_used: Option<Value> = None;
     let mut stop = cands[chosen].stop.unwrap_or(StopReason::Length);
     let (mut prompt_tokens, mut completion_tokens) = (
         members.iter().map(|m| m.prompt_tokens).sum::<usize>(),
@@ -519,7 +523,10 @@ async fn answer(
                 stop = s;
                 prompt_tokens += p;
                 completion_tokens += c;
-                judge_used = Some((judge, tj.elapsed().as_secs_f64()));
+                judge_used = Some(
+                    json!({"model": judge, "seconds": tj.elapsed().as_secs_f64(),
+                                         "prompt_tokens": p, "completion_tokens": c}),
+                );
                 sent = true;
             }
             Ok(None) => return Ok(()), // the client left
@@ -538,8 +545,8 @@ async fn answer(
     {
         return Ok(());
     }
-    if let Some((j, s)) = &judge_used {
-        ext["judge"] = json!({"model": j, "seconds": s});
+    if let Some(j) = judge_used {
+        ext["judge"] = j;
     } else {
         ext["chosen"] = json!({
             "model": members[cands[chosen].member].name,
@@ -590,7 +597,8 @@ async fn answer(
                     "completion_tokens": c.tokens,
                     "finish_reason": match (c.stop, &c.failed) {
                         (_, Some(_)) => "error",
-                        (Some(StopReason::Length | StopReason::Context), _) | (None, _) => "length",
+                        (None, _) => "deadline",
+                        (Some(StopReason::Length | StopReason::Context), _) => "length",
                         (Some(_), _) => "stop",
                     },
                     "answer": answers[i],

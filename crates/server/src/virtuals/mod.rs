@@ -342,7 +342,7 @@ impl VirtualConfig {
                 }
                 let strategy = match self.strategy.as_deref().unwrap_or("vote") {
                     "vote" => Strategy::Vote,
-                    "best-of" | "best_of" => Strategy::BestOf,
+                    "best-of" => Strategy::BestOf,
                     "synthesize" => Strategy::Synthesize,
                     o => {
                         return Err(format!(
@@ -358,6 +358,20 @@ impl VirtualConfig {
                     .as_deref()
                     .map(|j| member("judge", j))
                     .transpose()?;
+                if strategy != Strategy::Synthesize && judge.is_some() {
+                    return Err(format!(
+                        "{}: only the synthesize strategy has a judge (strategy is {})",
+                        at("judge"),
+                        strategy.name()
+                    ));
+                }
+                if strategy != Strategy::Vote && self.extract.is_some() {
+                    return Err(format!(
+                        "{}: only the vote strategy extracts answers (strategy is {})",
+                        at("extract"),
+                        strategy.name()
+                    ));
+                }
                 if strategy == Strategy::Synthesize && judge.is_none() {
                     return Err(format!(
                         "{}: the synthesize strategy needs a judge member",
@@ -450,9 +464,15 @@ impl VirtualModel {
         }
     }
 
-    /// What listings say of it (`/v1/models`' and `/api/tags`' `virtual` field, `capy show`).
+    /// What listings say of it (`/v1/models`' and `/api/tags`' `virtual` field, `capy show`):
+    /// a router's members are every model it may send to; an ensemble's as configured (a
+    /// name twice runs twice the samples), its judge apart.
     pub fn describe(&self) -> Value {
-        let mut v = json!({"kind": self.kind_name(), "members": self.members()});
+        let members = match &self.kind {
+            VirtualKind::Router(_) => self.members(),
+            VirtualKind::Ensemble(e) => e.members.clone(),
+        };
+        let mut v = json!({"kind": self.kind_name(), "members": members});
         if let Some(d) = &self.description {
             v["description"] = json!(d);
         }
@@ -492,6 +512,7 @@ impl VirtualModel {
             }
             VirtualKind::Ensemble(e) => {
                 v["samples"] = json!(e.samples);
+                v["candidates"] = json!(e.samples * e.members.len());
                 v["strategy"] = json!(e.strategy.name());
                 if e.strategy == Strategy::Vote {
                     v["extract"] = json!(e.extract.to_string());
@@ -540,6 +561,8 @@ pub fn check_all(
 #[derive(Default)]
 pub struct Virtuals {
     pub models: Vec<VirtualModel>,
+    /// When the server read them (their `created` / `modified_at` in listings).
+    pub since: Option<std::time::SystemTime>,
     /// Tokenizers by model file, for counting prompt tokens without loading a model.
     pub(crate) tokenizers: std::sync::Mutex<
         std::collections::HashMap<std::path::PathBuf, std::sync::Arc<capy_engine::Tokenizer>>,
@@ -550,6 +573,7 @@ impl Virtuals {
     pub fn new(models: Vec<VirtualModel>) -> Virtuals {
         Virtuals {
             models,
+            since: Some(std::time::SystemTime::now()),
             ..Default::default()
         }
     }
@@ -665,6 +689,18 @@ deadline = "60s"
                 "virtual.a.deadline",
             ),
             ("[virtual.taken]\nkind = \"ensemble\"\nmembers = [\"m\"]", "already a served"),
+            (
+                "[virtual.a]\nkind = \"ensemble\"\nmembers = [\"m\"]\njudge = \"m\"",
+                "only the synthesize strategy has a judge",
+            ),
+            (
+                "[virtual.a]\nkind = \"ensemble\"\nmembers = [\"m\"]\nstrategy = \"best-of\"\nextract = \"exact\"",
+                "only the vote strategy extracts",
+            ),
+            (
+                "[virtual.a]\nkind = \"ensemble\"\nmembers = [\"m\"]\nstrategy = \"best_of\"",
+                "virtual.a.strategy",
+            ),
             (
                 "[virtual.a]\nkind = \"ensemble\"\nmembers = [\"b\"]\n[virtual.b]\nkind = \"ensemble\"\nmembers = [\"m\"]",
                 "itself virtual",

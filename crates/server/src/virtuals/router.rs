@@ -105,7 +105,7 @@ pub fn facts(api: Api, v: &Value) -> Facts {
 /// Whether a member's refusal should pass the request on to the next member: not found,
 /// too big for the budget or no room now, a file it cannot load, a full queue, a server
 /// error; a request the member finds bad (400) goes back to the client.
-fn refused(e: &ApiError) -> bool {
+pub(crate) fn refused(e: &ApiError) -> bool {
     e.status == StatusCode::NOT_FOUND
         || e.status == StatusCode::TOO_MANY_REQUESTS
         || e.status.is_server_error()
@@ -340,6 +340,18 @@ where
         // not JSON: the handler says so in its own words
         return inner(st, body, ticket).await;
     };
+    // Ollama's empty request loads the model: the handler loads every member (and refuses
+    // to unload them by the virtual name)
+    let empty = match api {
+        Api::OllamaChat => json["messages"].as_array().is_none_or(|m| m.is_empty()),
+        Api::OllamaGenerate => {
+            json["prompt"].as_str().is_none_or(str::is_empty) && json["context"].is_null()
+        }
+        _ => false,
+    };
+    if empty {
+        return inner(st, body, ticket).await;
+    }
     let f = facts(api, &json);
     let (chosen, why) = choose(&st, r, &f).await?;
     let mut order = vec![chosen];
@@ -370,7 +382,7 @@ where
                 tried.push(format!("{member}: {}", e.message));
                 reason = format!("fallback after {member}");
             }
-            Err(e) if refused(&e) && !tried.is_empty() => {
+            Err(e) if refused(&e) => {
                 tried.push(format!("{member}: {}", e.message));
                 return Err(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
