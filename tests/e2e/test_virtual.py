@@ -24,6 +24,7 @@ import os
 import tempfile
 import time
 import unittest
+import urllib.error
 import urllib.request
 
 
@@ -70,6 +71,17 @@ fallback = ["broken"]
 [virtual.lonely]
 kind = "router"
 default = "broken"
+
+[virtual.counted]
+kind = "router"
+default = "broken"
+fallback = ["smollm2-135m"]
+rules = [ {{ min_prompt_tokens = 1000, model = "gemma3-270m" }} ]
+
+[virtual.instant]
+kind = "ensemble"
+members = ["smollm2-135m"]
+deadline = "1ms"
 
 [virtual.council]
 kind = "ensemble"
@@ -149,6 +161,17 @@ def routed(model, content, **kw):
         model=model, messages=[{"role": "user", "content": content}], max_tokens=4, **kw)
     c = raw.parse()
     return raw.headers.get("x-capy-routed-to"), raw.headers.get("x-capy-route"), c
+
+
+def http_raw(path, data):
+    """(status, parsed JSON) of a POST of raw bytes."""
+    req = urllib.request.Request(URL + path, data=data, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
 
 
 def ndjson(path, body):
@@ -235,6 +258,25 @@ class Router(unittest.TestCase):
         self.assertEqual(s, 503, body)
         self.assertIn("router lonely", body["error"]["message"])
         self.assertIn("broken:", body["error"]["message"])
+
+    def test_token_rules_count_with_a_fallback_and_stop_early(self):
+        # the default's file is unreadable: tokens are counted with the fallback's tokenizer
+        member, why, _ = routed("counted", "Hi!")
+        self.assertEqual((member, why), ("smollm2-135m", "fallback after broken"))
+        member, why, _ = routed("counted", "Summarise: " + "the cat sat on the mat. " * 300)
+        self.assertEqual((member, why), ("gemma3-270m", "rule 0"))
+        # a huge prompt is counted only as far as the rules need, then refused by the member
+        t = time.time()
+        s, body = http("POST", "/v1/chat/completions",
+                       {"model": "expert", "max_tokens": 4,
+                        "messages": [{"role": "user", "content": "word " * 1_000_000}]})
+        self.assertEqual(s, 400, body)
+        self.assertLess(time.time() - t, 10)
+        # a repeated model key: the last wins, as for any model
+        s, body = http_raw("/v1/chat/completions",
+                           b'{"model": "x", "model": "expert", "max_tokens": 2, '
+                           b'"messages": [{"role": "user", "content": "Hi"}]}')
+        self.assertEqual((s, body["model"]), (200, "smollm2-135m"))
 
     def test_ollama_and_completions_routes(self):
         r = oll().chat(model="expert", messages=[{"role": "user", "content": "fn main() {}"}],
@@ -379,6 +421,12 @@ class Ensemble(unittest.TestCase):
         running = [line for line in text.splitlines()
                    if line.startswith("capy_running_sequences")]
         self.assertEqual([float(line.split()[-1]) for line in running], [0.0], running)
+
+    def test_nothing_written_by_the_deadline_is_a_504(self):
+        s, body = http("POST", "/v1/chat/completions",
+                       {"model": "instant", "messages": ASK, "max_tokens": 64})
+        self.assertEqual(s, 504, body)
+        self.assertEqual(body["error"]["code"], "deadline_exceeded")
 
     def test_what_ensembles_do_not_take_is_a_400(self):
         for extra, param in [({"n": 2}, "n"), ({"logprobs": True}, "logprobs"),

@@ -439,8 +439,11 @@ impl Config {
             models.push(m);
         }
         spec.check(&spec, "")?;
-        let virtuals =
-            crate::virtuals::check_all(&self.virtuals, &|n| find_model(&models, n).is_some())?;
+        let virtuals = crate::virtuals::check_all(
+            &self.virtuals,
+            &|n| find_model(&models, n).is_some(),
+            self.max_queue,
+        )?;
         Ok(Checked {
             virtuals,
             models,

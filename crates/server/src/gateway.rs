@@ -1243,6 +1243,10 @@ fn model_allowed(st: &AppState, e: &Entry, model: &str) -> bool {
             .registry
             .served_name(model)
             .is_some_and(|n| e.key.allows(&n))
+        || st
+            .virtuals
+            .get(model)
+            .is_some_and(|v| e.key.allows(&v.name))
 }
 
 fn not_allowed(model: &str, flavor: Flavor) -> Response {
@@ -1298,7 +1302,12 @@ pub async fn limit(State(st): State<Arc<AppState>>, req: Request, next: Next) ->
     // not JSON is the handler's to refuse
     let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
     let named = v.get("model").and_then(|m| m.as_str()).map(str::to_string);
-    let reserve = estimate_tokens(&v, bytes.len());
+    // an ensemble runs every candidate (and its judge) on the request
+    let generations = named
+        .as_deref()
+        .and_then(|m| st.virtuals.get(m))
+        .map_or(1, |v| v.generations());
+    let reserve = estimate_tokens(&v, bytes.len()).saturating_mul(generations as i64);
     let mut req = Request::from_parts(parts, axum::body::Body::from(bytes));
     // the record names the served model (an alias or NAME:latest as its name)
     let model = named

@@ -172,6 +172,8 @@ pub struct Final {
     pub prompt_tokens: usize,
     /// Every candidate's tokens and the judge's.
     pub completion_tokens: usize,
+    /// Prompt tokens the prefix cache supplied (each member's first candidate's).
+    pub cached_tokens: usize,
     /// The `ensemble` extension field: strategy, the chosen candidate, votes, per-member
     /// timing, failures, and the candidates when asked for.
     pub ensemble: Value,
@@ -185,6 +187,8 @@ struct Cand {
     lp_sum: f64,
     n_lp: usize,
     tokens: usize,
+    /// Prompt tokens the prefix cache supplied.
+    cached: usize,
     stop: Option<StopReason>,
     failed: Option<String>,
     seconds: f64,
@@ -216,8 +220,10 @@ fn member_error(e: &ApiError) -> String {
 }
 
 /// Starts the ensemble `v` on `job`: acquires every member and queues its samples (a
-/// member refused is skipped unless `on_failure = "fail"`), then answers on a task; the
-/// returned receiver hears the answer. Dropping it cancels every candidate.
+/// member refused, or not started by the deadline, is skipped unless `on_failure =
+/// "fail"`), then answers on a task; the returned receiver hears the answer. Dropping it
+/// cancels every candidate. A member's candidates report as they run, and its model is let
+/// go once they have all ended (another member may need the room).
 ///
 /// # Errors
 /// Every member refused (the first refusal's status), or one refused under
@@ -230,6 +236,7 @@ pub async fn start(
     ticket: Option<Arc<Ticket>>,
 ) -> Result<mpsc::Receiver<Out>, ApiError> {
     let t0 = Instant::now();
+    let deadline = tokio::time::Instant::from_std(t0) + spec.deadline;
     // a name listed twice is one batched request with twice the samples
     let mut members: Vec<Member> = Vec::new();
     for m in &spec.members {
@@ -250,59 +257,102 @@ pub async fn start(
         first += m.count;
     }
     let job = Arc::new(job);
+    // every candidate's events, tagged with its index
+    let (etx, erx) = mpsc::unbounded_channel::<(usize, Event)>();
     let starts = members.iter().map(|m| {
         let (st, job, ticket) = (Arc::clone(st), Arc::clone(&job), ticket.clone());
         let (name, count, first) = (m.name.clone(), m.count, m.first);
+        let etx = etx.clone();
+        let limit = spec.deadline.as_secs_f64();
         async move {
-            let lease = st.registry.acquire(&name, None).await?;
-            let prompt = match &job.input {
-                Input::Chat(msgs) => {
-                    lease
-                        .model
-                        .chat_tokens_tools(msgs.clone(), Vec::new(), false)
-                        .await?
+            let go = async {
+                let lease = st.registry.acquire(&name, None).await?;
+                let prompt = match &job.input {
+                    Input::Chat(msgs) => {
+                        lease
+                            .model
+                            .chat_tokens_tools(msgs.clone(), Vec::new(), false)
+                            .await?
+                    }
+                    Input::Text(t) => {
+                        lease.model.check_text(t.len(), "prompt")?;
+                        let (t, tok) = (t.clone(), Arc::clone(&lease.engine.tokenizer));
+                        crate::gen::blocking(move || Ok(tok.encode(&t, true, true)?)).await?
+                    }
+                };
+                let n_ctx = job
+                    .n_ctx
+                    .unwrap_or(lease.batch.params.n_ctx)
+                    .min(lease.batch.params.n_ctx);
+                let max_tokens = (job.params)(&lease.sampling, first).max_tokens;
+                let asked = if max_tokens == usize::MAX {
+                    1
+                } else {
+                    max_tokens
+                };
+                if prompt.len().saturating_add(asked) > n_ctx {
+                    return Err(ApiError::bad_request(format!(
+                        "{name}'s context is {n_ctx} tokens, but {} tokens of prompt and {asked} \
+                         to generate were asked for",
+                        prompt.len()
+                    ))
+                    .code("context_length_exceeded"));
                 }
-                Input::Text(t) => {
-                    lease.model.check_text(t.len(), "prompt")?;
-                    let (t, tok) = (t.clone(), Arc::clone(&lease.engine.tokenizer));
-                    crate::gen::blocking(move || Ok(tok.encode(&t, true, true)?)).await?
-                }
+                let choices = (0..count)
+                    .map(|i| {
+                        let mut p = (job.params)(&lease.sampling, first + i);
+                        p.logprobs = true;
+                        (prompt.clone(), p)
+                    })
+                    .collect();
+                let n_prompt = prompt.len();
+                let mut gens = Gens::start(&st, lease, choices, count, job.n_ctx, t0, ticket)?;
+                // forward the candidates' events until each has ended, then let the model go
+                let task = tokio::spawn(async move {
+                    let mut left = count;
+                    while left > 0 {
+                        let Some((i, ev)) = gens.next().await else {
+                            return;
+                        };
+                        if matches!(ev, Event::Done(_) | Event::Failed(_)) {
+                            left -= 1;
+                        }
+                        if etx.send((first + i, ev)).is_err() {
+                            return;
+                        }
+                    }
+                });
+                Ok::<_, ApiError>((n_prompt, task))
             };
-            let n_ctx = job.n_ctx.unwrap_or(lease.batch.params.n_ctx);
-            if prompt.len() >= n_ctx.min(lease.batch.params.n_ctx) {
-                return Err(ApiError::bad_request(format!(
-                    "the prompt's {} tokens do not fit {name}'s context of {} tokens",
-                    prompt.len(),
-                    n_ctx.min(lease.batch.params.n_ctx)
-                ))
-                .code("context_length_exceeded"));
+            match tokio::time::timeout_at(deadline, go).await {
+                Ok(r) => r,
+                Err(_) => Err(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "{name} did not start within the ensemble's deadline of {limit} s \
+                         (loading, or waiting for room)"
+                    ),
+                )
+                .code("deadline_exceeded")),
             }
-            let choices = (0..count)
-                .map(|i| {
-                    let mut p = (job.params)(&lease.sampling, first + i);
-                    p.logprobs = true;
-                    (prompt.clone(), p)
-                })
-                .collect();
-            let n_prompt = prompt.len();
-            let gens = Gens::start(&st, lease, choices, count, job.n_ctx, t0, ticket)?;
-            Ok::<_, ApiError>((gens, n_prompt))
         }
     });
     let started = futures_util::future::join_all(starts).await;
-    let mut gens = Vec::new();
+    drop(etx);
+    let mut tasks = Vec::new();
     let mut first_error: Option<ApiError> = None;
     for (i, r) in started.into_iter().enumerate() {
         match r {
-            Ok((g, n_prompt)) => {
+            Ok((n_prompt, task)) => {
                 members[i].prompt_tokens = n_prompt;
-                gens.push((i, g));
+                tasks.push(task);
             }
             Err(e) => {
                 tracing::warn!(ensemble = %v.name, member = %members[i].name,
                                "member left out: {}", e.message);
                 members[i].error = Some(member_error(&e));
                 if !spec.skip_failed {
+                    tasks.iter().for_each(|t| t.abort());
                     let message = format!(
                         "ensemble {}: member {} failed: {}",
                         v.name, members[i].name, e.message
@@ -319,7 +369,7 @@ pub async fn start(
             }
         }
     }
-    if gens.is_empty() {
+    if tasks.is_empty() {
         let e = first_error.unwrap_or_else(|| ApiError::internal("no members"));
         let why: Vec<String> = members
             .iter()
@@ -339,7 +389,14 @@ pub async fn start(
     let spec = spec.clone();
     let st = Arc::clone(st);
     tokio::spawn(async move {
-        let r = answer(st, &name, &spec, &job, members, gens, &tx, t0, ticket).await;
+        let ctx = Answer {
+            st,
+            name,
+            t0,
+            deadline,
+            ticket,
+        };
+        let r = answer(&ctx, &spec, &job, members, erx, tasks, &tx).await;
         if let Err(e) = r {
             let _ = tx.send(Out::Failed(e)).await;
         }
@@ -347,23 +404,63 @@ pub async fn start(
     Ok(rx)
 }
 
-/// Collects the candidates until all end or the deadline, picks or writes the answer and
-/// sends it.
-#[allow(clippy::too_many_arguments)]
-async fn answer(
+/// What [`answer`] works for.
+struct Answer {
     st: Arc<AppState>,
-    name: &str,
+    name: String,
+    t0: Instant,
+    deadline: tokio::time::Instant,
+    ticket: Option<Arc<Ticket>>,
+}
+
+/// Takes one candidate event; `true` when the candidate ended.
+fn apply(c: &mut Cand, ev: Event, t0: Instant) -> bool {
+    match ev {
+        Event::Token { token, text } => {
+            c.text.push_str(&text);
+            c.tokens += 1;
+            if let Some(lp) = token.logprob {
+                c.lp_sum += lp as f64;
+                c.n_lp += 1;
+            }
+            false
+        }
+        Event::Done(s) => {
+            c.text.push_str(&s.tail);
+            c.stop = Some(s.stop_reason);
+            c.tokens = s.completion_tokens;
+            c.cached = s.cached_tokens;
+            c.seconds = t0.elapsed().as_secs_f64();
+            true
+        }
+        Event::Failed(m) => {
+            c.failed = Some(crate::gen::failure(m).message);
+            c.seconds = t0.elapsed().as_secs_f64();
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Collects the candidates until all end or the deadline (what they had sent by then
+/// counts), picks or writes the answer and sends it.
+async fn answer(
+    ctx: &Answer,
     spec: &EnsembleSpec,
     job: &Job,
     mut members: Vec<Member>,
-    gens: Vec<(usize, Gens)>,
+    mut erx: mpsc::UnboundedReceiver<(usize, Event)>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
     tx: &mpsc::Sender<Out>,
-    t0: Instant,
-    ticket: Option<Arc<Ticket>>,
 ) -> Result<(), ApiError> {
+    let (st, name, t0, ticket) = (&ctx.st, ctx.name.as_str(), ctx.t0, ctx.ticket.clone());
     let n: usize = members.iter().map(|m| m.count).sum();
     let mut cands: Vec<Cand> = Vec::with_capacity(n);
+    let mut left = 0;
     for (mi, m) in members.iter().enumerate() {
+        if m.error.is_none() {
+            left += m.count;
+        }
         for _ in 0..m.count {
             cands.push(Cand {
                 member: mi,
@@ -372,25 +469,7 @@ async fn answer(
             });
         }
     }
-    // each member's events, tagged with the candidate's index
-    let (etx, mut erx) = mpsc::unbounded_channel::<(usize, Event)>();
-    let mut tasks = Vec::new();
-    let mut left = 0;
-    for (mi, mut g) in gens {
-        let first = members[mi].first;
-        left += members[mi].count;
-        let etx = etx.clone();
-        tasks.push(tokio::spawn(async move {
-            while let Some((i, ev)) = g.next().await {
-                if etx.send((first + i, ev)).is_err() {
-                    return;
-                }
-            }
-        }));
-    }
-    drop(etx);
     let abort = |tasks: &[tokio::task::JoinHandle<()>]| tasks.iter().for_each(|t| t.abort());
-    let deadline = tokio::time::Instant::from_std(t0) + spec.deadline;
     let mut deadline_hit = false;
     while left > 0 {
         let ev = tokio::select! {
@@ -399,39 +478,25 @@ async fn answer(
                 abort(&tasks);
                 return Ok(());
             }
-            r = tokio::time::timeout_at(deadline, erx.recv()) => r,
+            r = tokio::time::timeout_at(ctx.deadline, erx.recv()) => r,
         };
-        let (i, ev) = match ev {
+        match ev {
             Err(_) => {
                 deadline_hit = true;
+                // what the candidates sent before the deadline still counts
+                while let Ok((i, ev)) = erx.try_recv() {
+                    if let Some(c) = cands.get_mut(i) {
+                        apply(c, ev, t0);
+                    }
+                }
                 break;
             }
             Ok(None) => break,
-            Ok(Some(x)) => x,
-        };
-        let c = &mut cands[i];
-        match ev {
-            Event::Token { token, text } => {
-                c.text.push_str(&text);
-                c.tokens += 1;
-                if let Some(lp) = token.logprob {
-                    c.lp_sum += lp as f64;
-                    c.n_lp += 1;
+            Ok(Some((i, ev))) => {
+                if cands.get_mut(i).is_some_and(|c| apply(c, ev, t0)) {
+                    left -= 1;
                 }
             }
-            Event::Done(s) => {
-                c.text.push_str(&s.tail);
-                c.stop = Some(s.stop_reason);
-                c.tokens = s.completion_tokens;
-                c.seconds = t0.elapsed().as_secs_f64();
-                left -= 1;
-            }
-            Event::Failed(m) => {
-                c.failed = Some(crate::gen::failure(m).message);
-                c.seconds = t0.elapsed().as_secs_f64();
-                left -= 1;
-            }
-            _ => {}
         }
     }
     abort(&tasks);
@@ -477,6 +542,16 @@ async fn answer(
                 why.join("; ")
             ),
         ));
+    }
+    if finished.is_empty() && pool.iter().all(|&i| cands[i].text.trim().is_empty()) {
+        return Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "ensemble {name}: no candidate wrote anything within the deadline of {} s",
+                spec.deadline.as_secs_f64()
+            ),
+        )
+        .code("deadline_exceeded"));
     }
     let mut ext = json!({"strategy": spec.strategy.name(), "deadline_hit": deadline_hit});
     // the candidate whose text answers (vote, best-of, a judge's fallback)
@@ -613,6 +688,10 @@ async fn answer(
             stop,
             prompt_tokens,
             completion_tokens,
+            cached_tokens: members
+                .iter()
+                .filter_map(|m| cands.get(m.first).map(|c| c.cached))
+                .sum(),
             ensemble: ext,
         })))
         .await;
@@ -677,13 +756,14 @@ answer to the question, correcting mistakes. Do not mention the candidates.";
 /// Most bytes of one candidate shown to the judge.
 const JUDGE_CANDIDATE_BYTES: usize = 2000;
 
-/// The judge's prompt: the question and the candidates in the pool.
-pub fn judge_messages(question: &str, texts: &[&str]) -> Vec<Message> {
+/// The judge's prompt: the question and the candidates in the pool, each cut to `cap`
+/// bytes.
+pub fn judge_messages(question: &str, texts: &[&str], cap: usize) -> Vec<Message> {
     let mut u = format!("Question:\n{}\n\nCandidate answers:\n", question.trim());
     for (k, t) in texts.iter().enumerate() {
         let mut t = t.trim();
-        if t.len() > JUDGE_CANDIDATE_BYTES {
-            let mut cut = JUDGE_CANDIDATE_BYTES;
+        if t.len() > cap {
+            let mut cut = cap;
             while !t.is_char_boundary(cut) {
                 cut -= 1;
             }
@@ -715,10 +795,27 @@ async fn synthesize(
 ) -> Result<Option<(StopReason, usize, usize)>, ApiError> {
     let lease = st.registry.acquire(judge, None).await?;
     let texts: Vec<&str> = pool.iter().map(|&i| cands[i].text.as_str()).collect();
-    let prompt = lease
-        .model
-        .chat_tokens_tools(judge_messages(&job.question, &texts), Vec::new(), false)
-        .await?;
+    // the candidates are cut shorter until the prompt leaves the judge a quarter of its
+    // context to write in
+    let n_ctx = job
+        .n_ctx
+        .unwrap_or(lease.batch.params.n_ctx)
+        .min(lease.batch.params.n_ctx);
+    let mut cap = JUDGE_CANDIDATE_BYTES;
+    let prompt = loop {
+        let p = lease
+            .model
+            .chat_tokens_tools(
+                judge_messages(&job.question, &texts, cap),
+                Vec::new(),
+                false,
+            )
+            .await?;
+        if p.len() <= n_ctx * 3 / 4 || cap <= 64 {
+            break p;
+        }
+        cap /= 2;
+    };
     let n_prompt = prompt.len();
     let mut params = (job.params)(&lease.sampling, 0);
     params.logprobs = false;
@@ -817,7 +914,7 @@ mod tests {
     #[test]
     fn the_judge_sees_the_question_and_every_candidate() {
         let long = "x".repeat(5000);
-        let m = judge_messages("What is 2+2?", &["4", "5", &long]);
+        let m = judge_messages("What is 2+2?", &["4", "5", &long], JUDGE_CANDIDATE_BYTES);
         assert_eq!(m[0].role, "system");
         let u = &m[1].content;
         assert!(u.contains("What is 2+2?") && u.contains("[1] 4") && u.contains("[2] 5"));

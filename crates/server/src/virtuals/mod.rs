@@ -182,8 +182,13 @@ impl VirtualConfig {
     /// extractor, a count out of range.
     pub fn check(&self, name: &str) -> Result<VirtualModel, String> {
         let at = |k: &str| format!("virtual.{name}.{k}");
-        if name.trim().is_empty() || name.chars().any(char::is_whitespace) {
-            return Err(format!("virtual: {name:?} is not a model name"));
+        if name.trim().is_empty()
+            || name.chars().any(char::is_whitespace)
+            || name.ends_with(":latest")
+        {
+            return Err(format!(
+                "virtual: {name:?} is not a model name (not empty, no spaces, no :latest tag)"
+            ));
         }
         let member = |k: &str, m: &str| -> Result<String, String> {
             let m = m.trim();
@@ -248,6 +253,14 @@ impl VirtualConfig {
                             ))
                         }
                     };
+                    if let (Some(lo), Some(hi)) = (r.min_prompt_tokens, r.max_prompt_tokens) {
+                        if lo > hi {
+                            return Err(format!(
+                                "{}: min_prompt_tokens {lo} is more than max_prompt_tokens {hi}",
+                                at(&k)
+                            ));
+                        }
+                    }
                     if regex.is_none()
                         && r.min_prompt_tokens.is_none()
                         && r.max_prompt_tokens.is_none()
@@ -282,6 +295,13 @@ impl VirtualConfig {
                                 return Err(format!(
                                     "{}: a label must be 1 to 64 bytes, got {l:?}",
                                     at("classifier.labels")
+                                ));
+                            }
+                            if labels.iter().any(|(x, _): &(String, String)| x == l.trim()) {
+                                return Err(format!(
+                                    "{}: the label {:?} is given twice",
+                                    at("classifier.labels"),
+                                    l.trim()
                                 ));
                             }
                             labels.push((l.trim().to_string(), member("classifier.labels", m)?));
@@ -457,6 +477,16 @@ impl VirtualModel {
         out
     }
 
+    /// Generations one request runs: an ensemble's candidates and judge; a router's one.
+    pub fn generations(&self) -> usize {
+        match &self.kind {
+            VirtualKind::Router(_) => 1,
+            VirtualKind::Ensemble(e) => {
+                e.members.len() * e.samples + usize::from(e.judge.is_some())
+            }
+        }
+    }
+
     pub fn kind_name(&self) -> &'static str {
         match self.kind {
             VirtualKind::Router(_) => "router",
@@ -529,13 +559,15 @@ impl VirtualModel {
 }
 
 /// Checks every `[virtual.NAME]` table against the served models' names (`is_model`): no
-/// virtual name may be a model's, and no member may be virtual.
+/// virtual name may be a model's, no member may be virtual, and no member's candidates
+/// may outnumber a model's queue (`max_queue`).
 ///
 /// # Errors
 /// The first table's error.
 pub fn check_all(
     tables: &BTreeMap<String, VirtualConfig>,
     is_model: &dyn Fn(&str) -> bool,
+    max_queue: usize,
 ) -> Result<Vec<VirtualModel>, String> {
     let mut out = Vec::new();
     for (name, t) in tables {
@@ -550,6 +582,17 @@ pub fn check_all(
                 return Err(format!(
                     "virtual.{name}: member {m:?} is itself virtual (members must be models)"
                 ));
+            }
+        }
+        if let VirtualKind::Ensemble(e) = &v.kind {
+            for m in &e.members {
+                let n = e.members.iter().filter(|x| *x == m).count() * e.samples;
+                if n > max_queue {
+                    return Err(format!(
+                        "virtual.{name}: member {m:?} runs {n} candidates, more than a model's \
+                         queue (max_queue = {max_queue}) takes at once"
+                    ));
+                }
             }
         }
         out.push(v);
@@ -599,12 +642,9 @@ impl Virtuals {
         if self.models.is_empty() {
             return None;
         }
-        #[derive(Deserialize)]
-        struct M {
-            model: Option<String>,
-        }
-        let m: M = serde_json::from_slice(body).ok()?;
-        self.get(m.model.as_deref()?)
+        // read as the handlers read it: a repeated key's last value wins
+        let v: Value = serde_json::from_slice(body).ok()?;
+        self.get(v.get("model")?.as_str()?)
     }
 }
 
@@ -614,7 +654,7 @@ mod tests {
 
     fn parse(t: &str) -> Result<Vec<VirtualModel>, String> {
         let c = crate::config::Config::from_toml(t)?;
-        check_all(&c.virtuals, &|n| n == "taken")
+        check_all(&c.virtuals, &|n| n == "taken", c.max_queue)
     }
 
     #[test]
@@ -689,6 +729,19 @@ deadline = "60s"
                 "virtual.a.deadline",
             ),
             ("[virtual.taken]\nkind = \"ensemble\"\nmembers = [\"m\"]", "already a served"),
+            ("[virtual.\"a:latest\"]\nkind = \"ensemble\"\nmembers = [\"m\"]", "no :latest"),
+            (
+                "[virtual.a]\nkind = \"router\"\ndefault = \"m\"\nrules = [{ min_prompt_tokens = 9, max_prompt_tokens = 3, model = \"m\" }]",
+                "more than max_prompt_tokens",
+            ),
+            (
+                "[virtual.a]\nkind = \"router\"\ndefault = \"m\"\nclassifier = { model = \"m\", labels = { \"x \" = \"m\", x = \"n\" } }",
+                "given twice",
+            ),
+            (
+                "max_queue = 4\n[virtual.a]\nkind = \"ensemble\"\nmembers = [\"m\", \"m\"]\nsamples = 3",
+                "more than a model's queue",
+            ),
             (
                 "[virtual.a]\nkind = \"ensemble\"\nmembers = [\"m\"]\njudge = \"m\"",
                 "only the synthesize strategy has a judge",

@@ -115,8 +115,15 @@ pub(crate) fn refused(e: &ApiError) -> bool {
         )
 }
 
-/// Tokens of `text` by the tokenizer of the model file at `path` (read once, cached).
-async fn count_tokens(st: &Arc<AppState>, path: PathBuf, text: String) -> Result<usize, ApiError> {
+/// Tokens of `text` by the tokenizer of the model file at `path` (read once, cached), or
+/// some number over `limit` when there are more: only the bytes that many tokens can span
+/// are counted (a huge prompt costs no more than one just over the rules' thresholds).
+async fn count_tokens(
+    st: &Arc<AppState>,
+    path: PathBuf,
+    text: &str,
+    limit: usize,
+) -> Result<usize, ApiError> {
     let cached = st
         .virtuals
         .tokenizers
@@ -144,55 +151,78 @@ async fn count_tokens(st: &Arc<AppState>, path: PathBuf, text: String) -> Result
             t
         }
     };
+    // each token spans at most max_token_bytes bytes: this many bytes hold over `limit`
+    let mut cut = limit
+        .saturating_add(2)
+        .saturating_mul(tok.max_token_bytes().max(1))
+        .min(text.len());
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let text = text[..cut].to_string();
     crate::gen::blocking(move || Ok(tok.encode(&text, false, false)?.len())).await
 }
 
-/// The member the rules or the classifier pick, and why.
-///
-/// # Errors
-/// The default member's file cannot be read (to count tokens).
+/// The member the rules or the classifier pick, and why. Prompt tokens are counted with
+/// the default member's tokenizer (a fallback's when its file cannot be read; none can:
+/// the token rules do not match). The classifier's tokens count toward `ticket`.
 pub async fn choose(
     st: &Arc<AppState>,
     r: &RouterSpec,
     f: &Facts,
-) -> Result<(String, String), ApiError> {
-    let counts = r
+    ticket: Option<Arc<Ticket>>,
+) -> (String, String) {
+    let limit = r
         .rules
         .iter()
-        .any(|x| x.min_prompt_tokens.is_some() || x.max_prompt_tokens.is_some());
-    let n_tokens = if counts {
-        let path = st.registry.resolve(&r.default)?.path;
-        Some(count_tokens(st, path, f.all_text.clone()).await?)
-    } else {
-        None
-    };
+        .flat_map(|x| [x.min_prompt_tokens, x.max_prompt_tokens])
+        .flatten()
+        .max();
+    let mut n_tokens = None;
+    if let Some(limit) = limit {
+        for m in std::iter::once(&r.default).chain(&r.fallback) {
+            let Ok(res) = st.registry.resolve(m) else {
+                continue;
+            };
+            match count_tokens(st, res.path, &f.all_text, limit).await {
+                Ok(n) => {
+                    n_tokens = Some(n);
+                    break;
+                }
+                Err(e) => tracing::warn!("router: cannot count tokens with {m}: {}", e.message),
+            }
+        }
+    }
     for (i, rule) in r.rules.iter().enumerate() {
-        let n = n_tokens.unwrap_or(0);
         let ok = rule
             .regex
             .as_ref()
             .is_none_or(|re| re.is_match(&f.last_user))
-            && rule.min_prompt_tokens.is_none_or(|m| n >= m)
-            && rule.max_prompt_tokens.is_none_or(|m| n <= m)
+            && rule
+                .min_prompt_tokens
+                .is_none_or(|m| n_tokens.is_some_and(|n| n >= m))
+            && rule
+                .max_prompt_tokens
+                .is_none_or(|m| n_tokens.is_some_and(|n| n <= m))
             && match rule.needs {
                 None => true,
                 Some(Need::Tools) => f.tools,
                 Some(Need::ResponseFormat) => f.response_format,
             };
         if ok {
-            return Ok((rule.model.clone(), format!("rule {i}")));
+            return (rule.model.clone(), format!("rule {i}"));
         }
     }
     if let Some(c) = &r.classifier {
-        match classify(st, c, &f.last_user).await {
+        match classify(st, c, &f.last_user, ticket).await {
             Ok(Some((label, member, lp))) => {
-                return Ok((member, format!("classifier {label} (logprob {lp:.3})")))
+                return (member, format!("classifier {label} (logprob {lp:.3})"))
             }
             Ok(None) => {}
             Err(e) => tracing::warn!("router classifier {} failed: {}", c.model, e.message),
         }
     }
-    Ok((r.default.clone(), "default".into()))
+    (r.default.clone(), "default".into())
 }
 
 /// Most bytes of the user's message the classifier reads (its head and tail).
@@ -273,6 +303,7 @@ pub async fn classify(
     st: &Arc<AppState>,
     c: &Classifier,
     text: &str,
+    ticket: Option<Arc<Ticket>>,
 ) -> Result<Option<(String, String, f32)>, ApiError> {
     let lease = st.registry.acquire(&c.model, None).await?;
     let names: Vec<&str> = c.labels.iter().map(|l| l.0.as_str()).collect();
@@ -308,6 +339,10 @@ pub async fn classify(
         None,
     )?;
     let outs = gens.collect().await?;
+    // what the classifier used counts toward the request's usage (not its first token)
+    if let (Some(t), Some(s)) = (&ticket, outs.first().and_then(|o| o.summary.as_ref())) {
+        t.add_tokens(s.prompt_tokens, s.cached_tokens, s.completion_tokens, false);
+    }
     let top = outs
         .first()
         .and_then(|o| o.tokens.first())
@@ -353,7 +388,7 @@ where
         return inner(st, body, ticket).await;
     }
     let f = facts(api, &json);
-    let (chosen, why) = choose(&st, r, &f).await?;
+    let (chosen, why) = choose(&st, r, &f, ticket.clone()).await;
     let mut order = vec![chosen];
     for m in &r.fallback {
         if !order.contains(m) {
