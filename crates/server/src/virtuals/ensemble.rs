@@ -593,7 +593,7 @@ async fn answer(
     if spec.strategy == Strategy::Synthesize {
         let judge = spec.judge.clone().unwrap_or_default();
         let tj = Instant::now();
-        match synthesize(&st, &judge, job, &pool, &cands, t0, ticket, tx).await {
+        match synthesize(st, &judge, job, &pool, &cands, t0, ticket, tx).await {
             Ok(Some((s, p, c))) => {
                 stop = s;
                 prompt_tokens += p;
