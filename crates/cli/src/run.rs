@@ -20,8 +20,9 @@ use crate::common::{
 
 #[derive(clap::Args)]
 pub struct RunArgs {
-    /// Model: built-in name (pulled on first use), stored name, .gguf path, or a name or
-    /// alias from the config file's `[models.NAME]` tables.
+    /// Model: built-in name (pulled on first use), stored name, .gguf path, a name or alias
+    /// from the config file's `[models.NAME]` tables, or a router or ensemble of its
+    /// `[virtual.NAME]` tables.
     pub model: String,
     /// Prompt for a single answer; without it, an interactive chat starts.
     pub prompt: Option<String>,
