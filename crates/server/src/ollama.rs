@@ -20,7 +20,7 @@ use crate::gen::{rfc3339, stream_response, Gens};
 use crate::params;
 use crate::registry::Lease;
 use crate::structured;
-use crate::virtuals::ensemble::{last_user, Input, ParamsFn};
+use crate::virtuals::ensemble::{last_user, Input, Job, ParamsFn};
 use crate::virtuals::respond::{self, unsupported, Ask};
 use crate::virtuals::router::{self, Api};
 use crate::{AppState, Knobs};
@@ -259,11 +259,13 @@ async fn generate_inner(
             Input::Chat(msgs)
         };
         let ask = Ask {
-            input,
-            question: req.prompt.clone(),
-            params: req.options.params_fn(),
-            n_ctx: req.options.num_ctx,
-            include_candidates: req.include_candidates,
+            job: Job {
+                input,
+                question: req.prompt.clone(),
+                params: req.options.params_fn(),
+                n_ctx: req.options.num_ctx,
+                include_candidates: req.include_candidates,
+            },
             stream: req.stream.unwrap_or(true),
             include_usage: false,
         };
@@ -419,11 +421,13 @@ async fn chat_inner(
         let msgs: Vec<Message> = req.messages.iter().map(ChatMessage::to_message).collect();
         let question = last_user(&msgs);
         let ask = Ask {
-            input: Input::Chat(msgs),
-            question,
-            params: req.options.params_fn(),
-            n_ctx: req.options.num_ctx,
-            include_candidates: req.include_candidates,
+            job: Job {
+                input: Input::Chat(msgs),
+                question,
+                params: req.options.params_fn(),
+                n_ctx: req.options.num_ctx,
+                include_candidates: req.include_candidates,
+            },
             stream: req.stream.unwrap_or(true),
             include_usage: false,
         };

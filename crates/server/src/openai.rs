@@ -18,7 +18,7 @@ use crate::gateway::{Caller, Ticket};
 use crate::gen::{new_id, stream_response, unix_now, Gens, Outcome};
 use crate::params::{self, Stop};
 use crate::structured::{self, Asked};
-use crate::virtuals::ensemble::{last_user, Input, ParamsFn};
+use crate::virtuals::ensemble::{last_user, Input, Job, ParamsFn};
 use crate::virtuals::respond::{self, unsupported, Ask};
 use crate::virtuals::router::{self, Api};
 use crate::{AppState, Knobs};
@@ -405,11 +405,13 @@ async fn chat_inner(
         }
         let question = last_user(&messages);
         let ask = Ask {
-            input: Input::Chat(messages),
-            question,
-            params: c.params_fn(),
-            n_ctx: None,
-            include_candidates: c.include_candidates,
+            job: Job {
+                input: Input::Chat(messages),
+                question,
+                params: c.params_fn(),
+                n_ctx: None,
+                include_candidates: c.include_candidates,
+            },
             stream: c.stream,
             include_usage: c.include_usage(),
         };
@@ -800,11 +802,13 @@ async fn completions_inner(
             );
         };
         let ask = Ask {
-            input: Input::Text(prompt.clone()),
-            question: prompt.clone(),
-            params: c.params_fn(),
-            n_ctx: None,
-            include_candidates: c.include_candidates,
+            job: Job {
+                input: Input::Text(prompt.clone()),
+                question: prompt.clone(),
+                params: c.params_fn(),
+                n_ctx: None,
+                include_candidates: c.include_candidates,
+            },
             stream: c.stream,
             include_usage: c.include_usage(),
         };

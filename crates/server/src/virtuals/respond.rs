@@ -11,7 +11,7 @@ use capy_engine::StopReason;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::ensemble::{self, Final, Input, Job, Out, ParamsFn};
+use super::ensemble::{self, Final, Job, Out};
 use super::router::Api;
 use super::{VirtualKind, VirtualModel};
 use crate::error::ApiError;
@@ -19,14 +19,9 @@ use crate::gateway::Ticket;
 use crate::gen::{new_id, rfc3339, stream_response, unix_now};
 use crate::AppState;
 
-/// An ensemble request as a handler parsed it.
+/// An ensemble request as a handler parsed it: what to ask, and how to answer.
 pub struct Ask {
-    pub input: Input,
-    /// The question the judge is shown.
-    pub question: String,
-    pub params: ParamsFn,
-    pub n_ctx: Option<usize>,
-    pub include_candidates: Option<bool>,
+    pub job: Job,
     pub stream: bool,
     /// OpenAI's `stream_options.include_usage`.
     pub include_usage: bool,
@@ -53,14 +48,7 @@ pub async fn ensemble(
     let VirtualKind::Ensemble(spec) = &v.kind else {
         return Err(ApiError::internal(format!("{} is not an ensemble", v.name)));
     };
-    let job = Job {
-        input: ask.input,
-        question: ask.question,
-        params: ask.params,
-        n_ctx: ask.n_ctx,
-        include_candidates: ask.include_candidates,
-    };
-    let rx = ensemble::start(st, v, spec, job, ticket).await?;
+    let rx = ensemble::start(st, v, spec, ask.job, ticket).await?;
     let name = match api {
         Api::OllamaChat | Api::OllamaGenerate => format!("{}:latest", v.name),
         _ => v.name.clone(),
