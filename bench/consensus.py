@@ -17,6 +17,7 @@ city counts). Requests run one at a time, the modes interleaved per question.
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -130,6 +131,7 @@ def main():
             }
     finally:
         srv.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     if a.json:
         print(json.dumps(results))
         return

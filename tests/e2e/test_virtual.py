@@ -21,6 +21,7 @@ Run by scripts/test.sh; alone: `target/e2e-venv/bin/python tests/e2e/test_virtua
 import collections
 import json
 import os
+import shutil
 import tempfile
 import time
 import unittest
@@ -149,6 +150,8 @@ def tearDownModule():
     CLIENTS.close()
     if SERVER:
         SERVER.stop()
+    if TMP:
+        shutil.rmtree(TMP, ignore_errors=True)
 
 
 oai = CLIENTS.openai
