@@ -109,11 +109,7 @@ pub fn virtual_model(
             bail!(
                 "virtual.{}: member {m:?} is not served; {}",
                 v.name,
-                if names.is_empty() {
-                    "members are stored models (capy list) or built-in names".to_string()
-                } else {
-                    format!("members must be served models, here: {}", names.join(", "))
-                }
+                capy_server::virtuals::member_hint(&names)
             );
         }
     }

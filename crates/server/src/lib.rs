@@ -139,14 +139,7 @@ impl AppState {
     /// The first member that is not served, naming its virtual model.
     pub fn check_virtuals(&self) -> Result<(), String> {
         let served = self.registry.configured_names();
-        let hint = if served.is_empty() {
-            "members are stored models (capy list) or built-in names".to_string()
-        } else {
-            format!(
-                "members must be served models, here: {} (the [models.NAME] tables or -m names)",
-                served.join(", ")
-            )
-        };
+        let hint = virtuals::member_hint(&served.iter().map(String::as_str).collect::<Vec<_>>());
         for v in &self.virtuals.models {
             for m in v.members() {
                 self.registry.resolve(&m).map_err(|e| {

@@ -38,23 +38,11 @@ struct Options {
 
 impl Options {
     fn params(&self, model: &capy_engine::SamplingOptions) -> Result<GenerateParams, ApiError> {
-        Ok(GenerateParams {
-            // -1 (and -2, "fill the context") run until the context ends
-            max_tokens: match self.num_predict {
-                Some(n) if n >= 0 => n as usize,
-                _ => usize::MAX,
-            },
-            sampler: crate::sampler(&self.knobs, 0, model),
-            stop: self
-                .stop
-                .as_ref()
-                .map(crate::params::Stop::strings)
-                .unwrap_or_default(),
-            ..Default::default()
-        })
+        Ok((self.params_fn())(model, 0))
     }
 
-    /// Generation settings for an ensemble's candidates (by member defaults and index).
+    /// Generation settings by the model's defaults and a choice's index (an ensemble's
+    /// candidates take the function).
     fn params_fn(&self) -> ParamsFn {
         let knobs = self.knobs.clone();
         let stop = self
@@ -62,6 +50,7 @@ impl Options {
             .as_ref()
             .map(crate::params::Stop::strings)
             .unwrap_or_default();
+        // -1 (and -2, "fill the context") run until the context ends
         let max_tokens = match self.num_predict {
             Some(n) if n >= 0 => n as usize,
             _ => usize::MAX,

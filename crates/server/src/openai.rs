@@ -92,20 +92,15 @@ impl Common {
         choice: usize,
         model: &capy_engine::SamplingOptions,
     ) -> GenerateParams {
-        let stop = self.stop.as_ref().map(Stop::strings).unwrap_or_default();
         GenerateParams {
-            max_tokens: self.max_tokens().unwrap_or(usize::MAX),
-            sampler: crate::sampler(&self.knobs, choice, model),
-            stop,
             logprobs,
             top_logprobs: top,
-            echo: false,
-            ignore_eos: self.ignore_eos,
-            grammar: None,
+            ..(self.params_fn())(model, choice)
         }
     }
 
-    /// Generation settings for an ensemble's candidates (by member defaults and index).
+    /// Generation settings without logprobs, by the model's defaults and the choice's
+    /// index (an ensemble's candidates take the function).
     fn params_fn(&self) -> ParamsFn {
         let knobs = self.knobs.clone();
         let stop = self.stop.as_ref().map(Stop::strings).unwrap_or_default();
@@ -287,7 +282,7 @@ fn finish_reason_calls(r: StopReason, calls: bool) -> &'static str {
     }
 }
 
-fn finish_reason(r: StopReason) -> &'static str {
+pub(crate) fn finish_reason(r: StopReason) -> &'static str {
     match r {
         StopReason::Length | StopReason::Context => "length",
         _ => "stop",
@@ -314,7 +309,7 @@ fn chat_logprob(tok: &Tokenizer, t: &TokenOut) -> Value {
     })
 }
 
-fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
+pub(crate) fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
     json!({
         "prompt_tokens": prompt,
         "completion_tokens": completion,

@@ -213,12 +213,6 @@ struct Member {
     first: usize,
 }
 
-/// A member that could not take part: too big for the budget, a load failure, a prompt
-/// that does not fit, a full queue.
-fn member_error(e: &ApiError) -> String {
-    e.message.clone()
-}
-
 /// Starts the ensemble `v` on `job`: acquires every member and queues its samples (a
 /// member refused, or not started by the deadline, is skipped unless `on_failure =
 /// "fail"`), then answers on a task; the returned receiver hears the answer. Dropping it
@@ -350,7 +344,7 @@ pub async fn start(
             Err(e) => {
                 tracing::warn!(ensemble = %v.name, member = %members[i].name,
                                "member left out: {}", e.message);
-                members[i].error = Some(member_error(&e));
+                members[i].error = Some(e.message.clone());
                 if !spec.skip_failed {
                     tasks.iter().for_each(|t| t.abort());
                     let message = format!(

@@ -600,6 +600,19 @@ pub fn check_all(
     Ok(out)
 }
 
+/// What a member must be, for the error naming one that is not served: the served models'
+/// names (`served`), or stored models when the server serves the store.
+pub fn member_hint(served: &[&str]) -> String {
+    if served.is_empty() {
+        "members are stored models (capy list) or built-in names".to_string()
+    } else {
+        format!(
+            "members must be served models, here: {} (the [models.NAME] tables or -m names)",
+            served.join(", ")
+        )
+    }
+}
+
 /// The virtual models a server offers.
 #[derive(Default)]
 pub struct Virtuals {

@@ -7,7 +7,6 @@ use std::time::{Instant, SystemTime};
 
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use capy_engine::StopReason;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -17,6 +16,7 @@ use super::{VirtualKind, VirtualModel};
 use crate::error::ApiError;
 use crate::gateway::Ticket;
 use crate::gen::{new_id, rfc3339, stream_response, unix_now};
+use crate::openai::finish_reason;
 use crate::AppState;
 
 /// An ensemble request as a handler parsed it: what to ask, and how to answer.
@@ -66,20 +66,8 @@ pub async fn ensemble(
     }))
 }
 
-fn finish_reason(r: StopReason) -> &'static str {
-    match r {
-        StopReason::Length | StopReason::Context => "length",
-        _ => "stop",
-    }
-}
-
 fn usage(f: &Final) -> Value {
-    json!({
-        "prompt_tokens": f.prompt_tokens,
-        "completion_tokens": f.completion_tokens,
-        "total_tokens": f.prompt_tokens + f.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": f.cached_tokens},
-    })
+    crate::openai::usage(f.prompt_tokens, f.completion_tokens, f.cached_tokens)
 }
 
 fn fingerprint() -> String {
