@@ -80,12 +80,12 @@ src=$(fetch llama-cpp-python==0.3.36)
 tree=$(find "$src" -maxdepth 3 -type d -path '*vendor/llama.cpp' | head -1)
 LLAMA_UI="-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_OPENSSL=OFF"
 # shellcheck disable=SC2086
-build "$tree" llama.cpp-avx2 "llama-bench llama-perplexity" $LLAMA_UI $AVX2_FLAGS
+build "$tree" llama.cpp-avx2 "llama-bench llama-perplexity llama-quantize" $LLAMA_UI $AVX2_FLAGS
 if same_set "$NATIVE_FLAGS" "$AVX2_FLAGS"; then
   [ -x "$PEERS/llama.cpp/bin/llama-bench" ] || cp -r "$PEERS/llama.cpp-avx2" "$PEERS/llama.cpp"
 else
   # shellcheck disable=SC2086
-  build "$tree" llama.cpp "llama-bench llama-perplexity" $LLAMA_UI $NATIVE_FLAGS
+  build "$tree" llama.cpp "llama-bench llama-perplexity llama-quantize" $LLAMA_UI $NATIVE_FLAGS
 fi
 if [ ! -x "$PEERS/llama.cpp/bin/llama-server" ]; then
   dir="$tree/build-llama.cpp"
@@ -108,7 +108,7 @@ set(BUILD_TARGET "${CMAKE_SYSTEM_PROCESSOR}")
 configure_file("${CMAKE_CURRENT_LIST_DIR}/../build-info.cpp.in" "${CMAKE_CURRENT_LIST_DIR}/../build-info.cpp")
 CMAKE
 # shellcheck disable=SC2086
-build "$tree" ik_llama.cpp "llama-bench llama-perplexity" -DGGML_NATIVE=ON
+build "$tree" ik_llama.cpp "llama-bench llama-perplexity llama-quantize" -DGGML_NATIVE=ON
 
 echo "$PEERS/llama.cpp/bin/llama-bench"
 echo "$PEERS/llama.cpp-avx2/bin/llama-bench"

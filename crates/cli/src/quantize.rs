@@ -16,7 +16,7 @@ pub struct QuantizeArgs {
     /// Output .gguf path.
     pub output: PathBuf,
     /// F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K_S, Q3_K_M (Q3_K), Q3_K_L,
-    /// Q4_K_S, Q4_K_M (Q4_K), Q5_K_S, Q5_K_M (Q5_K), Q6_K.
+    /// Q4_K_S, Q4_K_M (Q4_K), Q5_K_S, Q5_K_M (Q5_K), Q6_K, TQ1_0, TQ2_0 (ternary).
     #[arg(value_parser = file_type)]
     pub r#type: FileType,
     /// Threads [default: all cores].

@@ -86,3 +86,84 @@ fn perplexity_within_1_percent_at_every_lower_simd_level() {
         check("gemma3-270m", 13.9062, Some(isa));
     }
 }
+
+/// `--kl-divergence-base` written from a text, then read back with `--kl-divergence`: the
+/// same model against its own saved distributions agrees to the file's precision, and a
+/// truncated or foreign file is refused with a message.
+#[test]
+fn kl_divergence_against_a_saved_base() {
+    let path = model_path("smollm2-135m");
+    let m = path.to_str().unwrap();
+    let dir = std::env::temp_dir().join(format!("capy-kld-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = dir.join("base.kld");
+    let b = base.to_str().unwrap();
+    let common = ["-c", "128", "--chunks", "2", "-t", "2"];
+    let f = "/usr/share/common-licenses/GPL-3";
+    let (ok, _, err) = run(
+        &[
+            &["perplexity", "-m", m, "-f", f, "--kl-divergence-base", b],
+            &common[..],
+        ]
+        .concat(),
+        &[],
+    );
+    assert!(ok, "{err}");
+    // header, 256 tokens, 2 x 63 records of 49152 + 4 u16
+    let n_vocab = 49152u64;
+    let want = 20 + 256 * 4 + 2 * 63 * (n_vocab + 4) * 2;
+    assert_eq!(std::fs::metadata(&base).unwrap().len(), want);
+    let (ok, out, err) = run(
+        &[
+            "perplexity",
+            "-m",
+            m,
+            "--kl-divergence-base",
+            b,
+            "--kl-divergence",
+            "-t",
+            "2",
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    let field = |name: &str| -> f64 {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{out}"));
+        line[name.len()..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .trim_end_matches('%')
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(field("positions:"), 126.0, "{out}");
+    assert!(field("mean KLD:") < 1e-4, "{out}");
+    assert!(field("mean |dlogprob|:") < 2e-3, "{out}");
+    assert_eq!(field("same top token:"), 100.0, "{out}");
+    let compare = || {
+        run(
+            &[
+                "perplexity",
+                "-m",
+                m,
+                "--kl-divergence-base",
+                b,
+                "--kl-divergence",
+            ],
+            &[],
+        )
+    };
+    // a file cut short
+    let bytes = std::fs::read(&base).unwrap();
+    std::fs::write(&base, &bytes[..bytes.len() - 7]).unwrap();
+    let (ok, _, err) = compare();
+    assert!(!ok && err.contains("needs"), "{err}");
+    std::fs::write(&base, b"not a logits file").unwrap();
+    let (ok, _, err) = compare();
+    assert!(!ok && err.contains("not a llama-perplexity"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

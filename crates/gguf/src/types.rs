@@ -21,11 +21,16 @@ pub enum GgmlType {
     Q6_K,
     Q8_K,
     BF16,
+    /// Ternary (BitNet b1.58, TriLM): values in {-1, 0, +1} times one f16 scale per 256;
+    /// five values per byte in base 3 (1.6875 bits per weight).
+    TQ1_0,
+    /// Ternary, four 2-bit values per byte (2.0625 bits per weight).
+    TQ2_0,
 }
 
 impl GgmlType {
     /// All types this crate knows.
-    pub const ALL: [GgmlType; 15] = [
+    pub const ALL: [GgmlType; 17] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::Q4_0,
@@ -41,6 +46,8 @@ impl GgmlType {
         GgmlType::Q6_K,
         GgmlType::Q8_K,
         GgmlType::BF16,
+        GgmlType::TQ1_0,
+        GgmlType::TQ2_0,
     ];
 
     /// The type for a GGUF type id, if known.
@@ -61,6 +68,8 @@ impl GgmlType {
             14 => GgmlType::Q6_K,
             15 => GgmlType::Q8_K,
             30 => GgmlType::BF16,
+            34 => GgmlType::TQ1_0,
+            35 => GgmlType::TQ2_0,
             _ => return None,
         })
     }
@@ -83,6 +92,8 @@ impl GgmlType {
             GgmlType::Q6_K => 14,
             GgmlType::Q8_K => 15,
             GgmlType::BF16 => 30,
+            GgmlType::TQ1_0 => 34,
+            GgmlType::TQ2_0 => 35,
         }
     }
 
@@ -117,6 +128,8 @@ impl GgmlType {
             GgmlType::Q5_K => 176,
             GgmlType::Q6_K => 210,
             GgmlType::Q8_K => 292,
+            GgmlType::TQ1_0 => 54,
+            GgmlType::TQ2_0 => 66,
         }
     }
 
@@ -148,6 +161,8 @@ impl GgmlType {
             GgmlType::Q6_K => "Q6_K",
             GgmlType::Q8_K => "Q8_K",
             GgmlType::BF16 => "BF16",
+            GgmlType::TQ1_0 => "TQ1_0",
+            GgmlType::TQ2_0 => "TQ2_0",
         }
     }
 }

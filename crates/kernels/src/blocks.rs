@@ -130,7 +130,33 @@ pub struct BlockQ8K {
     pub bsums: [i16; QK_K / 16],
 }
 
+/// Ternary block, 1.6875 bits per weight (llama.cpp's `block_tq1_0`): values `q - 1` for
+/// trits `q` in 0..=2, times `d`. `qs[0..32]` hold values `0..160` five to a byte (value
+/// `32n + m` is trit `n` of byte `m`, most significant first), `qs[32..48]` values
+/// `160..240` (value `160 + 16n + m` is trit `n` of byte `32 + m`), `qh` the last sixteen
+/// (value `240 + 4n + j` is trit `n` of `qh[j]`). A byte holding trits `t0..t4` (t0 most
+/// significant) stores `ceil(256 * sum(t_i 3^(4-i)) / 243)`, so trit `n` is
+/// `((byte * 3^n) mod 256) * 3 >> 8`.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub struct BlockTQ1_0 {
+    pub qs: [u8; (QK_K - 4 * QK_K / 64) / 5],
+    pub qh: [u8; QK_K / 64],
+    pub d: f16,
+}
+
+/// Ternary block, 2.0625 bits per weight (llama.cpp's `block_tq2_0`): value `128c + 32l + m`
+/// is `((qs[32c + m] >> 2l) & 3) - 1`, times `d`.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub struct BlockTQ2_0 {
+    pub qs: [u8; QK_K / 4],
+    pub d: f16,
+}
+
 const _: () = {
+    assert!(std::mem::size_of::<BlockTQ1_0>() == 54);
+    assert!(std::mem::size_of::<BlockTQ2_0>() == 66);
     assert!(std::mem::size_of::<BlockQ4_0>() == 18);
     assert!(std::mem::size_of::<BlockQ4_1>() == 20);
     assert!(std::mem::size_of::<BlockQ5_0>() == 22);
@@ -158,6 +184,8 @@ pod!(
     BlockQ5K,
     BlockQ6K,
     BlockQ8K,
+    BlockTQ1_0,
+    BlockTQ2_0,
     f16,
     half::bf16,
     f32,

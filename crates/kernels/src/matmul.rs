@@ -48,9 +48,13 @@ impl ActType {
         Some(match ty {
             GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => ActType::Q8_0,
             GgmlType::Q4_1 | GgmlType::Q5_1 => ActType::Q8_1,
-            GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
-                ActType::Q8K
-            }
+            GgmlType::Q2_K
+            | GgmlType::Q3_K
+            | GgmlType::Q4_K
+            | GgmlType::Q5_K
+            | GgmlType::Q6_K
+            | GgmlType::TQ1_0
+            | GgmlType::TQ2_0 => ActType::Q8K,
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => ActType::F32,
             GgmlType::Q8_1 | GgmlType::Q8_K => return None,
         })
@@ -242,6 +246,8 @@ pub fn matmul(
         GgmlType::Q4_K => go!(k.dot_q4k, k.dot4_q4k),
         GgmlType::Q5_K => go!(k.dot_q5k),
         GgmlType::Q6_K => go!(k.dot_q6k, k.dot4_q6k),
+        GgmlType::TQ1_0 => go!(k.dot_tq1_0),
+        GgmlType::TQ2_0 => go!(k.dot_tq2_0),
         GgmlType::F32 => go!(k.dot_f32, k.dot4_f32),
         GgmlType::F16 => go!(k.dot_f16, k.dot4_f16),
         GgmlType::BF16 => go!(k.dot_bf16),
@@ -339,6 +345,8 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
         GgmlType::Q5_K => dequant::dequantize_q5k(cast_blocks(bytes).ok_or(mis)?, out),
         GgmlType::Q6_K => dequant::dequantize_q6k(cast_blocks(bytes).ok_or(mis)?, out),
         GgmlType::Q8_K => dequant::dequantize_q8k(cast_blocks(bytes).ok_or(mis)?, out),
+        GgmlType::TQ1_0 => dequant::dequantize_tq1_0(cast_blocks(bytes).ok_or(mis)?, out),
+        GgmlType::TQ2_0 => dequant::dequantize_tq2_0(cast_blocks(bytes).ok_or(mis)?, out),
     }
     Ok(())
 }

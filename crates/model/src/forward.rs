@@ -436,7 +436,10 @@ impl Context {
                 &mut s.attn_work,
                 window,
             );
-            let attn = &s.attn[..n_tok * hp.n_head * hp.head_dim_v];
+            let attn = &mut s.attn[..n_tok * hp.n_head * hp.head_dim_v];
+            if let Some(w) = &layer.attn_sub_norm {
+                rms_norm_rows_inplace(k, attn, w, hp.rms_eps, w.len());
+            }
             mm(k, &self.pool, &model, &layer.wo, attn, xn, &mut s.qbuf)?;
             if let Some(w) = &layer.post_attn_norm {
                 rms_norm_rows_inplace(k, xn, w, hp.rms_eps, n_embd);
@@ -456,6 +459,9 @@ impl Context {
                 &mut s.qbuf,
             )?;
             gated_activation(k, &self.pool, hp.activation, gate, up);
+            if let Some(w) = &layer.ffn_sub_norm {
+                rms_norm_rows_inplace(k, gate, w, hp.rms_eps, hp.n_ff);
+            }
             mm(
                 k,
                 &self.pool,
@@ -523,7 +529,15 @@ fn mm(
         Some(rp) => capy_kernels::matmul::matmul_repacked(k, pool, rp, x, out, qbuf)?,
         None => matmul(k, pool, model.weight(w), x, out, qbuf)?,
     }
+    apply_scale(w, out);
     Ok(())
+}
+
+/// Multiplies a product by its matrix's per-tensor scale, if it has one.
+fn apply_scale(w: &Tensor, out: &mut [f32]) {
+    if let Some(s) = w.scale {
+        ops::scale_inplace(out, s);
+    }
 }
 
 /// [`mm`] of several matrices with the same input: one activation quantization and one pass
@@ -543,13 +557,17 @@ fn mm_same_input(
         [(a, oa), (b, ob)] => {
             if let (Some(a), Some(b)) = (rp(a), rp(b)) {
                 let mut m = [(a, &mut **oa), (b, &mut **ob)];
-                return Ok(matmul_repacked_many(k, pool, &mut m, x, qbuf)?);
+                matmul_repacked_many(k, pool, &mut m, x, qbuf)?;
+                mats.iter_mut().for_each(|(w, o)| apply_scale(w, o));
+                return Ok(());
             }
         }
         [(a, oa), (b, ob), (c, oc)] => {
             if let (Some(a), Some(b), Some(c)) = (rp(a), rp(b), rp(c)) {
                 let mut m = [(a, &mut **oa), (b, &mut **ob), (c, &mut **oc)];
-                return Ok(matmul_repacked_many(k, pool, &mut m, x, qbuf)?);
+                matmul_repacked_many(k, pool, &mut m, x, qbuf)?;
+                mats.iter_mut().for_each(|(w, o)| apply_scale(w, o));
+                return Ok(());
             }
         }
         _ => {}

@@ -12,6 +12,11 @@ pub enum Arch {
     Qwen2,
     Qwen3,
     Gemma3,
+    /// BitNet b1.58 as llama.cpp's `bitnet`: llama-shaped with NeoX RoPE, an RMSNorm before
+    /// the attention output projection (`attn_sub_norm`) and before the FFN down projection
+    /// (`ffn_sub_norm`), optional per-tensor scales (`blk.N.*.scale`) multiplying the
+    /// projections' outputs, and the token embeddings as the output matrix.
+    Bitnet,
 }
 
 impl Arch {
@@ -21,6 +26,7 @@ impl Arch {
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
             "gemma3" => Arch::Gemma3,
+            "bitnet" => Arch::Bitnet,
             other => return Err(Error::UnknownArch(other.to_string())),
         })
     }
@@ -31,6 +37,7 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Gemma3 => "gemma3",
+            Arch::Bitnet => "bitnet",
         }
     }
 }
@@ -80,6 +87,9 @@ pub struct Hparams {
     pub post_norms: bool,
     /// RMSNorm on each q and k head.
     pub qk_norm: bool,
+    /// RMSNorms on the inputs of the attention output and FFN down projections (BitNet's
+    /// `attn_sub_norm`, `ffn_sub_norm`).
+    pub sub_norms: bool,
     /// Biases on q, k, v projections.
     pub qkv_bias: bool,
     /// `tanh` soft-cap on final logits (0 = none).
@@ -169,6 +179,7 @@ impl Hparams {
             activation: Activation::Silu,
             post_norms: false,
             qk_norm: false,
+            sub_norms: false,
             qkv_bias: false,
             final_logit_softcap: 0.0,
             attn_logit_softcap: 0.0,
@@ -182,6 +193,10 @@ impl Hparams {
             Arch::Qwen3 => {
                 hp.rope_neox = true;
                 hp.qk_norm = true;
+            }
+            Arch::Bitnet => {
+                hp.rope_neox = true;
+                hp.sub_norms = true;
             }
             Arch::Gemma3 => {
                 hp.rope_neox = true;

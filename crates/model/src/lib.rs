@@ -11,6 +11,7 @@ mod forward;
 mod hparams;
 mod kv;
 pub mod quantize;
+pub mod synthetic;
 mod weights;
 
 pub use capy_kernels::attn::KV_TILE;
@@ -30,7 +31,7 @@ pub enum Error {
     #[error(transparent)]
     Kernel(#[from] capy_kernels::Error),
     #[error(
-        "unsupported model architecture {0:?} (supported: llama, mistral, qwen2, qwen3, gemma3)"
+        "unsupported model architecture {0:?} (supported: llama, mistral, qwen2, qwen3, gemma3, bitnet)"
     )]
     UnknownArch(String),
     #[error("model metadata lacks {0}")]

@@ -38,10 +38,12 @@ pub enum FileType {
     Q5_K_S,
     Q5_K_M,
     Q6_K,
+    TQ1_0,
+    TQ2_0,
 }
 
 impl FileType {
-    pub const ALL: [FileType; 17] = [
+    pub const ALL: [FileType; 19] = [
         FileType::F32,
         FileType::F16,
         FileType::BF16,
@@ -59,6 +61,8 @@ impl FileType {
         FileType::Q5_K_S,
         FileType::Q5_K_M,
         FileType::Q6_K,
+        FileType::TQ1_0,
+        FileType::TQ2_0,
     ];
 
     /// llama-quantize's name (`Q4_K_M`).
@@ -81,6 +85,8 @@ impl FileType {
             FileType::Q5_K_S => "Q5_K_S",
             FileType::Q5_K_M => "Q5_K_M",
             FileType::Q6_K => "Q6_K",
+            FileType::TQ1_0 => "TQ1_0",
+            FileType::TQ2_0 => "TQ2_0",
         }
     }
 
@@ -117,6 +123,8 @@ impl FileType {
             FileType::Q5_K_M => 17,
             FileType::Q6_K => 18,
             FileType::BF16 => 32,
+            FileType::TQ1_0 => 36,
+            FileType::TQ2_0 => 37,
         }
     }
 
@@ -136,6 +144,8 @@ impl FileType {
             FileType::Q4_K_S | FileType::Q4_K_M => GgmlType::Q4_K,
             FileType::Q5_K_S | FileType::Q5_K_M => GgmlType::Q5_K,
             FileType::Q6_K => GgmlType::Q6_K,
+            FileType::TQ1_0 => GgmlType::TQ1_0,
+            FileType::TQ2_0 => GgmlType::TQ2_0,
         }
     }
 
@@ -273,7 +283,7 @@ impl Mix {
         }
         self.n_fallback += 1;
         let fallback = match ty {
-            GgmlType::Q2_K | GgmlType::Q3_K => GgmlType::Q4_0,
+            GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::TQ1_0 | GgmlType::TQ2_0 => GgmlType::Q4_0,
             GgmlType::Q4_K => GgmlType::Q5_0,
             GgmlType::Q5_K => GgmlType::Q5_1,
             GgmlType::Q6_K => GgmlType::Q8_0,
@@ -300,7 +310,10 @@ impl Mix {
                 ty = G::Q6_K;
             }
         } else if cat == Category::TokenEmbd {
-            // the file type's default
+            // an untied embedding: the file type's default, Q4_K for the ternary types
+            if matches!(ft, F::TQ1_0 | F::TQ2_0) {
+                ty = G::Q4_K;
+            }
         } else if cat.is_attn_v() {
             let i = self.i_attention_wv;
             match ft {
@@ -382,6 +395,8 @@ pub fn quantize_to(ty: GgmlType, x: &[f32]) -> Result<Vec<u8>> {
         GgmlType::Q4_K => blocks::<BlockQ4K>(x, 256, q::quantize_q4k),
         GgmlType::Q5_K => blocks::<BlockQ5K>(x, 256, q::quantize_q5k),
         GgmlType::Q6_K => blocks::<BlockQ6K>(x, 256, q::quantize_q6k),
+        GgmlType::TQ1_0 => blocks::<BlockTQ1_0>(x, 256, q::quantize_tq1_0),
+        GgmlType::TQ2_0 => blocks::<BlockTQ2_0>(x, 256, q::quantize_tq2_0),
         other => {
             return Err(Error::Kernel(capy_kernels::Error::Unsupported {
                 op: "quantize",

@@ -22,6 +22,8 @@ pub struct Tensor {
     len: usize,
     /// The same matrix in row-interleaved blocks, when the CPU has kernels for them.
     pub repacked: Option<Arc<Repacked>>,
+    /// A per-tensor factor on the product's output (BitNet's `blk.N.*.scale`), if any.
+    pub scale: Option<f32>,
 }
 
 pub struct Layer {
@@ -49,6 +51,10 @@ pub struct Layer {
     /// `[n_embd, n_ff]`
     pub ffn_down: Tensor,
     pub post_ffn_norm: Option<Vec<f32>>,
+    /// `[n_head*head_dim_v]`: RMSNorm on the attention output projection's input (BitNet)
+    pub attn_sub_norm: Option<Vec<f32>>,
+    /// `[n_ff]`: RMSNorm on the FFN down projection's input (BitNet)
+    pub ffn_sub_norm: Option<Vec<f32>>,
 }
 
 /// A loaded model: hyper-parameters plus weights borrowed from the mapped file.
@@ -91,13 +97,15 @@ impl Model {
                 got: vec![tok_embd.n_cols as u64, tok_embd.n_rows as u64],
             });
         }
+        // llama.cpp's bitnet always multiplies by the token embeddings
+        let tied = hp.arch == crate::Arch::Bitnet;
         let output = match gguf.tensor_info("output.weight") {
-            Some(_) => tensor(
+            Some(_) if !tied => tensor(
                 &gguf,
                 "output.weight",
                 &[hp.n_embd as u64, hp.n_vocab as u64],
             )?,
-            None => tok_embd.clone(),
+            _ => tok_embd.clone(),
         };
         let output_norm = vector(&gguf, "output_norm.weight", hp.n_embd)?;
         let (e, q, k, v, ff) = (
@@ -119,12 +127,21 @@ impl Model {
                     Ok(None)
                 }
             };
+            // a matrix with its optional per-tensor scale (`blk.N.NAME.scale`, one value)
+            let mat = |s: &str, dims: &[u64]| -> Result<Tensor> {
+                let mut t = tensor(&gguf, &n(s), dims)?;
+                let scale = format!("blk.{il}.{s}.scale");
+                if gguf.tensor_info(&scale).is_some() {
+                    t.scale = Some(vector(&gguf, &scale, 1)?[0]);
+                }
+                Ok(t)
+            };
             layers.push(Layer {
                 attn_norm: vector(&gguf, &n("attn_norm"), hp.n_embd)?,
-                wq: tensor(&gguf, &n("attn_q"), &[e, q])?,
-                wk: tensor(&gguf, &n("attn_k"), &[e, k])?,
-                wv: tensor(&gguf, &n("attn_v"), &[e, v])?,
-                wo: tensor(&gguf, &n("attn_output"), &[o_in, e])?,
+                wq: mat("attn_q", &[e, q])?,
+                wk: mat("attn_k", &[e, k])?,
+                wv: mat("attn_v", &[e, v])?,
+                wo: mat("attn_output", &[o_in, e])?,
                 bq: opt_vec(b("attn_q"), q as usize, hp.qkv_bias)?,
                 bk: opt_vec(b("attn_k"), k as usize, hp.qkv_bias)?,
                 bv: opt_vec(b("attn_v"), v as usize, hp.qkv_bias)?,
@@ -132,10 +149,12 @@ impl Model {
                 k_norm: opt_vec(n("attn_k_norm"), hp.head_dim, hp.qk_norm)?,
                 post_attn_norm: opt_vec(n("post_attention_norm"), hp.n_embd, hp.post_norms)?,
                 ffn_norm: vector(&gguf, &n("ffn_norm"), hp.n_embd)?,
-                ffn_gate: tensor(&gguf, &n("ffn_gate"), &[e, ff])?,
-                ffn_up: tensor(&gguf, &n("ffn_up"), &[e, ff])?,
-                ffn_down: tensor(&gguf, &n("ffn_down"), &[ff, e])?,
+                ffn_gate: mat("ffn_gate", &[e, ff])?,
+                ffn_up: mat("ffn_up", &[e, ff])?,
+                ffn_down: mat("ffn_down", &[ff, e])?,
                 post_ffn_norm: opt_vec(n("post_ffw_norm"), hp.n_embd, hp.post_norms)?,
+                attn_sub_norm: opt_vec(n("attn_sub_norm"), o_in as usize, hp.sub_norms)?,
+                ffn_sub_norm: opt_vec(n("ffn_sub_norm"), hp.n_ff, hp.sub_norms)?,
             });
         }
         let mut model = Model {
@@ -258,6 +277,7 @@ fn tensor(g: &Gguf, name: &str, dims: &[u64]) -> Result<Tensor> {
         start: (g.data_offset() + info.offset) as usize,
         len: data.len(),
         repacked: None,
+        scale: None,
     })
 }
 

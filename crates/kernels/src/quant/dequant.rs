@@ -212,6 +212,63 @@ pub fn dequantize_q6k(x: &[BlockQ6K], y: &mut [f32]) {
     }
 }
 
+/// Trit `n` (0 = most significant) of a TQ1_0 byte, as ggml reads it.
+#[inline]
+pub(crate) fn tq1_trit(byte: u8, n: usize) -> u8 {
+    const POW3: [u8; 5] = [1, 3, 9, 27, 81];
+    ((byte.wrapping_mul(POW3[n]) as u16 * 3) >> 8) as u8
+}
+
+/// The trits (0..=2; the weight is `d * (q - 1)`) of one TQ1_0 block, in value order.
+pub(crate) fn unpack_tq1_0(b: &BlockTQ1_0) -> [u8; QK_K] {
+    let mut q = [0u8; QK_K];
+    for n in 0..5 {
+        for m in 0..32 {
+            q[32 * n + m] = tq1_trit(b.qs[m], n);
+        }
+        for m in 0..16 {
+            q[160 + 16 * n + m] = tq1_trit(b.qs[32 + m], n);
+        }
+    }
+    for n in 0..4 {
+        for j in 0..4 {
+            q[240 + 4 * n + j] = tq1_trit(b.qh[j], n);
+        }
+    }
+    q
+}
+
+/// The 2-bit values (0..=2; the weight is `d * (q - 1)`) of one TQ2_0 block, in value order.
+pub(crate) fn unpack_tq2_0(b: &BlockTQ2_0) -> [u8; QK_K] {
+    let mut q = [0u8; QK_K];
+    for c in 0..2 {
+        for l in 0..4 {
+            for m in 0..32 {
+                q[128 * c + 32 * l + m] = (b.qs[32 * c + m] >> (2 * l)) & 3;
+            }
+        }
+    }
+    q
+}
+
+pub fn dequantize_tq1_0(x: &[BlockTQ1_0], y: &mut [f32]) {
+    for (b, y) in x.iter().zip(y.chunks_exact_mut(QK_K)) {
+        let d = b.d.to_f32();
+        for (y, q) in y.iter_mut().zip(unpack_tq1_0(b)) {
+            *y = (q as f32 - 1.0) * d;
+        }
+    }
+}
+
+pub fn dequantize_tq2_0(x: &[BlockTQ2_0], y: &mut [f32]) {
+    for (b, y) in x.iter().zip(y.chunks_exact_mut(QK_K)) {
+        let d = b.d.to_f32();
+        for (y, q) in y.iter_mut().zip(unpack_tq2_0(b)) {
+            *y = (q as f32 - 1.0) * d;
+        }
+    }
+}
+
 pub fn dequantize_q8k(x: &[BlockQ8K], y: &mut [f32]) {
     for (b, y) in x.iter().zip(y.chunks_exact_mut(QK_K)) {
         for i in 0..QK_K {

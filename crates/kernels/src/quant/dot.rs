@@ -6,7 +6,9 @@
 
 use half::f16;
 
-use super::dequant::{unpack_q2k, unpack_q3k, unpack_q4k, unpack_q5k, unpack_q6k};
+use super::dequant::{
+    unpack_q2k, unpack_q3k, unpack_q4k, unpack_q5k, unpack_q6k, unpack_tq1_0, unpack_tq2_0,
+};
 use crate::blocks::*;
 
 fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
@@ -163,6 +165,31 @@ pub fn vec_dot_q6k_q8k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
         sum += b.d * a.d.to_f32() * isum as f32;
     }
     sum
+}
+
+/// `sum((q - 1) * a)` over a ternary block's trits `q` and a Q8_K block, scaled by both
+/// scales (ggml's `ggml_vec_dot_tq*_q8_K`).
+fn dot_ternary(q: &[u8; QK_K], d: f16, y: &BlockQ8K) -> f32 {
+    let isum: i32 = q
+        .iter()
+        .zip(&y.qs)
+        .map(|(&q, &a)| (q as i32 - 1) * a as i32)
+        .sum();
+    isum as f32 * (d.to_f32() * y.d)
+}
+
+pub fn vec_dot_tq1_0_q8k(x: &[BlockTQ1_0], y: &[BlockQ8K]) -> f32 {
+    x.iter()
+        .zip(y)
+        .map(|(a, b)| dot_ternary(&unpack_tq1_0(a), a.d, b))
+        .sum()
+}
+
+pub fn vec_dot_tq2_0_q8k(x: &[BlockTQ2_0], y: &[BlockQ8K]) -> f32 {
+    x.iter()
+        .zip(y)
+        .map(|(a, b)| dot_ternary(&unpack_tq2_0(a), a.d, b))
+        .sum()
 }
 
 pub fn vec_dot_f32(x: &[f32], y: &[f32]) -> f32 {

@@ -674,3 +674,57 @@ pub fn quantize_q6k(x: &[f32], y: &mut [BlockQ6K]) {
         }
     }
 }
+
+/// A weight as a trit for the ternary formats: `round(x / amax) + 1` (0..=2), rounding half
+/// away from zero as llama.cpp's `lroundf`.
+#[inline]
+fn trit(x: f32, id: f32) -> u8 {
+    ((x * id).round() as i32 + 1).clamp(0, 2) as u8
+}
+
+/// Base-3 trits (most significant first) to a TQ1_0 byte: `ceil(256 * value / 243)`.
+#[inline]
+fn tq1_byte(trits: impl Iterator<Item = u8>) -> u8 {
+    let v = trits.fold(0u16, |q, t| q * 3 + t as u16);
+    (v * 256).div_ceil(243) as u8
+}
+
+/// Weights to TQ1_0 as llama.cpp's `quantize_row_tq1_0_ref`: `d` = the block's absolute
+/// maximum, each value rounded to -1, 0 or +1 times `d` (lossless for weights that already
+/// are ternary times one scale, as BitNet b1.58's).
+pub fn quantize_tq1_0(x: &[f32], y: &mut [BlockTQ1_0]) {
+    debug_assert_eq!(x.len(), y.len() * QK_K);
+    for (x, b) in x.chunks_exact(QK_K).zip(y.iter_mut()) {
+        let d = amax(x);
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        b.d = f16::from_f32(d);
+        for m in 0..32 {
+            b.qs[m] = tq1_byte((0..5).map(|n| trit(x[m + 32 * n], id)));
+        }
+        for m in 0..16 {
+            b.qs[32 + m] = tq1_byte((0..5).map(|n| trit(x[160 + m + 16 * n], id)));
+        }
+        for j in 0..4 {
+            // four trits and a zero in the least significant place
+            b.qh[j] = tq1_byte((0..4).map(|n| trit(x[240 + j + 4 * n], id)).chain([0]));
+        }
+    }
+}
+
+/// Weights to TQ2_0 as llama.cpp's `quantize_row_tq2_0_ref` (the values of
+/// [`quantize_tq1_0`], two bits each).
+pub fn quantize_tq2_0(x: &[f32], y: &mut [BlockTQ2_0]) {
+    debug_assert_eq!(x.len(), y.len() * QK_K);
+    for (x, b) in x.chunks_exact(QK_K).zip(y.iter_mut()) {
+        let d = amax(x);
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        b.d = f16::from_f32(d);
+        for c in 0..2 {
+            for m in 0..32 {
+                b.qs[32 * c + m] = (0..4)
+                    .map(|l| trit(x[128 * c + 32 * l + m], id) << (2 * l))
+                    .fold(0, |a, v| a | v);
+            }
+        }
+    }
+}

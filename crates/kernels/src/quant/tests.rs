@@ -229,6 +229,66 @@ parity_test!(
     |b: &mut BlockQ6K, r: &mut Rng| b.d = r.small_f16()
 );
 
+parity_test!(
+    tq1_0_q8k,
+    BlockTQ1_0,
+    BlockQ8K,
+    256,
+    dot_tq1_0,
+    quantize::quantize_q8k,
+    dequant::dequantize_tq1_0,
+    dequant::dequantize_q8k,
+    |b: &mut BlockTQ1_0, r: &mut Rng| b.d = r.small_f16()
+);
+parity_test!(
+    tq2_0_q8k,
+    BlockTQ2_0,
+    BlockQ8K,
+    256,
+    dot_tq2_0,
+    quantize::quantize_q8k,
+    dequant::dequantize_tq2_0,
+    dequant::dequantize_q8k,
+    |b: &mut BlockTQ2_0, r: &mut Rng| {
+        b.d = r.small_f16();
+        // 2-bit fields hold 0..=2 (3 is no trit)
+        for q in b.qs.iter_mut() {
+            for l in 0..4 {
+                if (*q >> (2 * l)) & 3 == 3 {
+                    *q &= !(1 << (2 * l));
+                }
+            }
+        }
+    }
+);
+
+/// Ternary weights (a scale times -1, 0 or +1) survive both ternary formats exactly, and the
+/// two formats hold the same values for any input.
+#[test]
+fn ternary_formats_are_lossless_on_ternary_weights() {
+    let mut rng = Rng::new(7);
+    for scale in [1.0f32, 0.0123, 3.5e-3] {
+        let x: Vec<f32> = (0..8 * QK_K)
+            .map(|_| ((rng.next_u64() % 3) as f32 - 1.0) * scale)
+            .collect();
+        let d = f16::from_f32(scale).to_f32();
+        for y in [TQ1.round_trip(&x), TQ2.round_trip(&x)] {
+            for (a, b) in x.iter().zip(&y) {
+                assert_eq!(*b, (a / scale).round() * d, "scale {scale}");
+            }
+        }
+        let x = random_acts(&mut rng, 8 * QK_K);
+        assert_eq!(TQ1.round_trip(&x), TQ2.round_trip(&x));
+    }
+    // every trit pattern of a TQ1_0 byte reads back
+    for v in 0..243u16 {
+        let trits: Vec<u8> = (0..5).rev().map(|n| (v / 3u16.pow(n)) as u8 % 3).collect();
+        let byte = (v * 256).div_ceil(243) as u8;
+        let got: Vec<u8> = (0..5).map(|n| dequant::tq1_trit(byte, n)).collect();
+        assert_eq!(got, trits, "{v}");
+    }
+}
+
 /// The four-token float dots give each token exactly what the table's one-token dot gives
 /// (batch size never changes a logit), and agree with the scalar reference.
 #[test]
@@ -627,6 +687,19 @@ const Q6K: WeightFormat<BlockQ6K> = WeightFormat {
     block: QK_K,
     quantize: quantize::quantize_q6k,
     dequantize: dequant::dequantize_q6k,
+};
+
+const TQ1: WeightFormat<BlockTQ1_0> = WeightFormat {
+    name: "tq1_0",
+    block: QK_K,
+    quantize: quantize::quantize_tq1_0,
+    dequantize: dequant::dequantize_tq1_0,
+};
+const TQ2: WeightFormat<BlockTQ2_0> = WeightFormat {
+    name: "tq2_0",
+    block: QK_K,
+    quantize: quantize::quantize_tq2_0,
+    dequantize: dequant::dequantize_tq2_0,
 };
 
 /// Test weights: `n` values of a named distribution, from integer arithmetic only so every
