@@ -9,7 +9,7 @@
 //!
 //! ROWS (a multiple of 16, default 2048) and COLS (a multiple of 256, default 2048) give the
 //! weight matrix's shape. `R16_TYPE=Q4_0` times one type (any case; one of Q4_0, Q4_1, Q5_0,
-//! Q5_1, Q8_0, Q4_K, Q6_K), `R16_TOKENS=1,8` those token counts (default 1,8,64),
+//! Q5_1, Q8_0, Q4_K, Q6_K, TQ1_0, TQ2_0), `R16_TOKENS=1,8` those token counts (default 1,8,64),
 //! `R16_THREADS=2` runs on a pool of that many threads.
 
 use std::time::Instant;
@@ -44,6 +44,8 @@ fn matrix(ty: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> AlignedBuf {
         GgmlType::Q5_0 => quantize::quantize_q5_0(&x, cast_blocks_mut(out).unwrap()),
         GgmlType::Q5_1 => quantize::quantize_q5_1(&x, cast_blocks_mut(out).unwrap()),
         GgmlType::Q8_0 => quantize::quantize_q8_0(&x, cast_blocks_mut(out).unwrap()),
+        GgmlType::TQ1_0 => quantize::quantize_tq1_0(&x, cast_blocks_mut(out).unwrap()),
+        GgmlType::TQ2_0 => quantize::quantize_tq2_0(&x, cast_blocks_mut(out).unwrap()),
         _ => {
             for (b, v) in out.iter_mut().zip(&x) {
                 *b = (v.to_bits() >> 7) as u8;

@@ -180,6 +180,8 @@ pub struct Kernels {
     pub rms_norm: RmsNormFn,
     pub rope: RopeFn,
     pub quantize_q8x: QuantizeFn<crate::repack::BlockQ8x>,
+    /// [`crate::repack::quantize_q8x_k`]: activations for the ternary kind.
+    pub quantize_q8x_k: QuantizeFn<crate::repack::BlockQ8x>,
     pub r16_gemm: R16GemmFn,
     /// The unpack-once form for many activation rows, where a level has one.
     pub r16_unpacked: Option<R16Unpacked>,
@@ -235,6 +237,7 @@ impl Kernels {
         rms_norm: crate::ops::rms_norm_inplace,
         rope: crate::ops::rope,
         quantize_q8x: crate::repack::quantize_q8x,
+        quantize_q8x_k: crate::repack::quantize_q8x_k,
         r16_gemm: crate::repack::gemm_r16_scalar,
         r16_unpacked: None,
         r16_preferred: false,

@@ -11,7 +11,7 @@ use crate::blocks::*;
 use crate::dispatch::{Dot4Fn, DotFn, Kernels};
 use crate::pool::{split_range, SharedMut, ThreadPool};
 use crate::quant::dequant;
-use crate::repack::{BlockQ8x, Repacked, R16_ROWS, R16_TOKENS};
+use crate::repack::{BlockQ8x, R16Kind, Repacked, R16_ROWS, R16_TOKENS};
 use crate::{Error, GgmlType, Result};
 
 /// A weight matrix in ggml layout: `n_rows` rows of `n_cols` elements each.
@@ -401,9 +401,15 @@ pub fn matmul_repacked_many(
     }
     let nb = n_cols / 32;
     let arb = nb * std::mem::size_of::<BlockQ8x>();
+    // the ternary kind's kernels take Q8_K's values and scales (`quantize_q8x_k`, as
+    // llama.cpp's TQ dot products); every other kind computes right with them too
+    let q8k = mats.iter().any(|(w, _)| w.kind == R16Kind::T2);
     quantize_rows(pool, x, n_tok, arb, scratch, GgmlType::Q8_0, &|src, dst| {
         cast_blocks_mut::<BlockQ8x>(dst)
-            .map(|blocks| (k.quantize_q8x)(src, blocks))
+            .map(|blocks| match q8k {
+                true => (k.quantize_q8x_k)(src, blocks),
+                false => (k.quantize_q8x)(src, blocks),
+            })
             .is_some()
     })?;
     let mis = || Error::Misaligned {

@@ -15,6 +15,7 @@
 //! | Q8_0 | value + 128 | d | -128 d |
 //! | Q4_K | nibble | d * sc\[j\] | -dmin * m\[j\] |
 //! | Q6_K | value + 32 (0..63) | d * sc per 16 values | -32 d sc (in integers) |
+//! | TQ1_0, TQ2_0 | trit (0..2) | d | -d |
 //!
 //! The 32-element formats keep `d` and `c` as f16 (all the `c` above are exact in f16) in a
 //! 64-byte header per block (Q8_0 only `d`, 32 bytes); the K-quants keep their super-block header (`d`, `dmin`, the
@@ -58,10 +59,17 @@ pub enum R16Kind {
     /// 128 bytes of the high two bits (byte `j` holds those of value bytes `j`, `j + 128`,
     /// `j + 256`, `j + 384`, from the low bits up).
     Q6K,
+    /// Ternary (TQ1_0, TQ2_0): units of eight blocks with a header of the sixteen rows' `d`
+    /// (f16; the offset is `-d`), values 0..=2 in two bits: body byte `64p + m` holds value
+    /// bytes `64(p + 2l) + m` at bits `2l` (l = 0..4), so one 32-byte load and a shift give
+    /// the values of chunks `p`, `p + 2`, `p + 4`, `p + 6` of an oct. 2.0625 bits per
+    /// weight, as TQ2_0; TQ1_0 is unpacked from base 3 into it at load. The SIMD kernels
+    /// take activations with one scale per unit ([`quantize_q8x_k`]).
+    T2,
 }
 
 /// The weight types repacked into R16 blocks (those [`R16Kind::for_type`] maps).
-pub const R16_TYPES: [GgmlType; 7] = [
+pub const R16_TYPES: [GgmlType; 9] = [
     GgmlType::Q4_0,
     GgmlType::Q4_1,
     GgmlType::Q5_0,
@@ -69,6 +77,8 @@ pub const R16_TYPES: [GgmlType; 7] = [
     GgmlType::Q8_0,
     GgmlType::Q4_K,
     GgmlType::Q6_K,
+    GgmlType::TQ1_0,
+    GgmlType::TQ2_0,
 ];
 
 impl R16Kind {
@@ -79,6 +89,7 @@ impl R16Kind {
             GgmlType::Q8_0 => Some(R16Kind::Q8),
             GgmlType::Q4_K => Some(R16Kind::Q4K),
             GgmlType::Q6_K => Some(R16Kind::Q6K),
+            GgmlType::TQ1_0 | GgmlType::TQ2_0 => Some(R16Kind::T2),
             _ => None,
         }
     }
@@ -86,7 +97,7 @@ impl R16Kind {
     /// 32-value blocks per unit (a unit is one header and its blocks).
     pub fn blocks_per_unit(self) -> usize {
         match self {
-            R16Kind::Q4K | R16Kind::Q6K => QK_K / 32,
+            R16Kind::Q4K | R16Kind::Q6K | R16Kind::T2 => QK_K / 32,
             _ => 1,
         }
     }
@@ -99,6 +110,7 @@ impl R16Kind {
             R16Kind::Q8 => 32,
             R16Kind::Q4K => 32 + 32 + 128 + 128,
             R16Kind::Q6K => 32 + 256,
+            R16Kind::T2 => 32,
         }
     }
 
@@ -109,6 +121,7 @@ impl R16Kind {
             R16Kind::Q5 => 256 + 64,
             R16Kind::Q6K => 256 + 128,
             R16Kind::Q8 => 512,
+            R16Kind::T2 => 128,
         }
     }
 
@@ -135,6 +148,7 @@ pub(crate) const KIND_Q5: u8 = 1;
 pub(crate) const KIND_Q8: u8 = 2;
 pub(crate) const KIND_Q4K: u8 = 3;
 pub(crate) const KIND_Q6K: u8 = 4;
+pub(crate) const KIND_T2: u8 = 5;
 
 /// The kind numbered `k` (see [`KIND_Q4`]).
 pub(crate) const fn kind_of(k: u8) -> R16Kind {
@@ -143,6 +157,7 @@ pub(crate) const fn kind_of(k: u8) -> R16Kind {
         KIND_Q5 => R16Kind::Q5,
         KIND_Q8 => R16Kind::Q8,
         KIND_Q4K => R16Kind::Q4K,
+        KIND_T2 => R16Kind::T2,
         _ => R16Kind::Q6K,
     }
 }
@@ -195,6 +210,31 @@ pub fn quantize_q8x(x: &[f32], y: &mut [BlockQ8x]) {
         b.d = d;
         b.s = d * (sums[0] + sums[1]) as f32;
         b.sums = sums.map(|v| v as i16);
+    }
+}
+
+/// Activations to [`BlockQ8x`] with Q8_K's values and scale: one f32 scale per 256 values,
+/// set by the signed value of largest magnitude, which maps to -127
+/// ([`crate::quant::quantize::quantize_q8k`], llama.cpp's `quantize_row_q8_K`); each of the
+/// eight 32-value blocks carries that scale. The ternary kind takes its activations so, as
+/// llama.cpp's TQ1_0/TQ2_0 dot products take Q8_K, so that its results follow llama.cpp's
+/// rounding rather than adding another. `x.len()` is a multiple of 256.
+pub fn quantize_q8x_k(x: &[f32], y: &mut [BlockQ8x]) {
+    for (x, y) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(QK_K / 32)) {
+        let max = crate::quant::quantize::signed_max(x);
+        let iscale = if max == 0.0 { 0.0 } else { -127.0 / max };
+        let d = if max == 0.0 { 0.0 } else { 1.0 / iscale };
+        for (x, b) in x.chunks_exact(32).zip(y.iter_mut()) {
+            let mut sums = [0i32; 2];
+            for (i, (q, &v)) in b.qs.iter_mut().zip(x).enumerate() {
+                let r = crate::quant::quantize::nearest_int(iscale * v).min(127);
+                *q = r as i8;
+                sums[i / 16] += r;
+            }
+            b.d = d;
+            b.s = b.d * (sums[0] + sums[1]) as f32;
+            b.sums = sums.map(|v| v as i16);
+        }
     }
 }
 
@@ -271,6 +311,13 @@ fn unify(ty: GgmlType, row_block: &[u8]) -> ([u8; 32], f16, f16) {
 fn pack_body(kind: R16Kind, vals: &[u8; 512], body: &mut [u8]) {
     match kind {
         R16Kind::Q8 => body.copy_from_slice(vals),
+        R16Kind::T2 => {
+            body.fill(0);
+            for (j, &v) in vals.iter().enumerate() {
+                let (k, m) = (j / 64, j % 64);
+                body[64 * (k % 2) + m] |= (v & 3) << (2 * (k / 2));
+            }
+        }
         _ => {
             for j in 0..256 {
                 body[j] = (vals[j] & 0xF) | ((vals[j + 256] & 0xF) << 4);
@@ -338,6 +385,20 @@ fn pack_unit(w: &WeightRef<'_>, kind: R16Kind, g: usize, u: usize, dst: &mut [u8
                 for j in 0..8 {
                     let v: [u8; 32] = std::array::from_fn(|i| (q[32 * j + i] + 32) as u8);
                     put(j, r, &v);
+                }
+            }
+            R16Kind::T2 => {
+                use crate::quant::dequant::{unpack_tq1_0, unpack_tq2_0};
+                let (q, d) = if w.ty == GgmlType::TQ1_0 {
+                    let b: &BlockTQ1_0 = cast_blocks(src).and_then(|b| b.first()).ok_or(mis())?;
+                    (unpack_tq1_0(b), b.d)
+                } else {
+                    let b: &BlockTQ2_0 = cast_blocks(src).and_then(|b| b.first()).ok_or(mis())?;
+                    (unpack_tq2_0(b), b.d)
+                };
+                dst[2 * r..2 * r + 2].copy_from_slice(&d.to_le_bytes());
+                for j in 0..8 {
+                    put(j, r, &q[32 * j..32 * j + 32]);
                 }
             }
             _ => {
@@ -477,6 +538,7 @@ fn row_scales(kind: R16Kind, unit: &[u8], j: usize, r: usize) -> ([f32; 2], [f32
             ([da, db], [-32.0 * da, -32.0 * db])
         }
         R16Kind::Q8 => ([d; 2], [-128.0 * d; 2]),
+        R16Kind::T2 => ([d; 2], [-d; 2]),
         _ => ([d; 2], [f16_at(32 + 2 * r); 2]),
     }
 }
@@ -489,6 +551,7 @@ fn value(kind: R16Kind, body: &[u8], j: usize) -> u8 {
         R16Kind::Q4 | R16Kind::Q4K => low(j),
         R16Kind::Q5 => low(j) | (((body[256 + j / 8] >> (j % 8)) & 1) << 4),
         R16Kind::Q6K => low(j) | (((body[256 + j % 128] >> (2 * (j / 128))) & 3) << 4),
+        R16Kind::T2 => (body[64 * (j / 64 % 2) + j % 64] >> (2 * (j / 128))) & 3,
     }
 }
 
@@ -585,6 +648,8 @@ mod tests {
             GgmlType::Q4_1 => quantize::quantize_q4_1(&x, cast_blocks_mut(out).unwrap()),
             GgmlType::Q5_0 => quantize::quantize_q5_0(&x, cast_blocks_mut(out).unwrap()),
             GgmlType::Q5_1 => quantize::quantize_q5_1(&x, cast_blocks_mut(out).unwrap()),
+            GgmlType::TQ1_0 => quantize::quantize_tq1_0(&x, cast_blocks_mut(out).unwrap()),
+            GgmlType::TQ2_0 => quantize::quantize_tq2_0(&x, cast_blocks_mut(out).unwrap()),
             _ => quantize::quantize_q8_0(&x, cast_blocks_mut(out).unwrap()),
         }
         out.to_vec()
@@ -592,6 +657,11 @@ mod tests {
 
     /// Random activations of `cols` values (scaled by `scale`) quantized to `BlockQ8x`.
     fn acts(rng: &mut Rng, cols: usize, scale: f32) -> Vec<BlockQ8x> {
+        acts_for(R16Kind::Q4, rng, cols, scale)
+    }
+
+    /// [`acts`] as `kind`'s kernels take them (the ternary kind: one scale per 256 values).
+    fn acts_for(kind: R16Kind, rng: &mut Rng, cols: usize, scale: f32) -> Vec<BlockQ8x> {
         let x: Vec<f32> = (0..cols).map(|_| rng.f32() * scale).collect();
         let mut a = vec![
             BlockQ8x {
@@ -602,7 +672,10 @@ mod tests {
             };
             cols / 32
         ];
-        quantize_q8x(&x, &mut a);
+        match kind {
+            R16Kind::T2 => quantize_q8x_k(&x, &mut a),
+            _ => quantize_q8x(&x, &mut a),
+        }
         a
     }
 
@@ -702,8 +775,9 @@ mod tests {
                 let nb = cols / 32;
                 let bytes = matrix(ty, rows, cols, &mut rng);
                 let (_, rp) = weight_and_repacked(ty, &bytes, rows, cols);
-                let rows_of_acts: Vec<Vec<BlockQ8x>> =
-                    (0..R16_TOKENS).map(|_| acts(&mut rng, cols, 3.0)).collect();
+                let rows_of_acts: Vec<Vec<BlockQ8x>> = (0..R16_TOKENS)
+                    .map(|_| acts_for(rp.kind, &mut rng, cols, 3.0))
+                    .collect();
                 let refs: [&[BlockQ8x]; R16_TOKENS] =
                     std::array::from_fn(|i| rows_of_acts[i].as_slice());
                 for n_act in 1..=R16_TOKENS {
@@ -732,12 +806,16 @@ mod tests {
 
     /// A matrix whose every byte is `fill`, with small finite scales: the extremes of each
     /// format's value range (all 15 for 4-bit, 31 for 5-bit, 63 for Q6_K, -128 or 127 for
-    /// Q8_0).
+    /// Q8_0, +1 for the ternary types: TQ2_0 takes `fill & 0xAA`, as 3 is no trit).
     fn filled_matrix(ty: GgmlType, rows: usize, cols: usize, fill: u8) -> Vec<u8> {
         let mut buf = AlignedBuf::new();
         buf.resize(rows * cols / ty.block_size() * ty.type_size());
         let out = buf.as_mut_slice();
-        out.fill(fill);
+        out.fill(if ty == GgmlType::TQ2_0 {
+            fill & 0xAA
+        } else {
+            fill
+        });
         let (d, m) = (f16::from_f32(0.01), f16::from_f32(-0.05));
         match ty {
             GgmlType::Q4_0 => cast_blocks_mut::<BlockQ4_0>(out)
@@ -764,6 +842,14 @@ mod tests {
                 .unwrap()
                 .iter_mut()
                 .for_each(|b| (b.d, b.dmin) = (d, d)),
+            GgmlType::TQ1_0 => cast_blocks_mut::<BlockTQ1_0>(out)
+                .unwrap()
+                .iter_mut()
+                .for_each(|b| b.d = d),
+            GgmlType::TQ2_0 => cast_blocks_mut::<BlockTQ2_0>(out)
+                .unwrap()
+                .iter_mut()
+                .for_each(|b| b.d = d),
             _ => cast_blocks_mut::<BlockQ6K>(out)
                 .unwrap()
                 .iter_mut()
@@ -784,17 +870,22 @@ mod tests {
             |i| if i % 2 == 0 { 1.0 } else { -1.0 },
             |i| if (i / 4) % 3 == 0 { -1.0 } else { 1.0 },
         ];
-        let rows_of_acts: Vec<Vec<BlockQ8x>> = (0..R16_TOKENS)
-            .map(|t| {
-                let x: Vec<f32> = (0..cols).map(|i| signs[t % 4](i)).collect();
-                let mut a = acts(&mut Rng::new(1), cols, 1.0);
-                quantize_q8x(&x, &mut a);
-                assert!(a[0].qs.iter().all(|q| q.abs() == 127));
-                a
-            })
-            .collect();
-        let refs: [&[BlockQ8x]; R16_TOKENS] = std::array::from_fn(|i| rows_of_acts[i].as_slice());
         for ty in R16_TYPES {
+            let kind = R16Kind::for_type(ty).unwrap();
+            let rows_of_acts: Vec<Vec<BlockQ8x>> = (0..R16_TOKENS)
+                .map(|t| {
+                    let x: Vec<f32> = (0..cols).map(|i| signs[t % 4](i)).collect();
+                    let mut a = acts(&mut Rng::new(1), cols, 1.0);
+                    match kind {
+                        R16Kind::T2 => quantize_q8x_k(&x, &mut a),
+                        _ => quantize_q8x(&x, &mut a),
+                    }
+                    assert!(a[0].qs.iter().all(|q| q.abs() == 127));
+                    a
+                })
+                .collect();
+            let refs: [&[BlockQ8x]; R16_TOKENS] =
+                std::array::from_fn(|i| rows_of_acts[i].as_slice());
             for fill in [0xFF, 0x80, 0x7F, 0x00] {
                 let bytes = filled_matrix(ty, 16, cols, fill);
                 let (_, rp) = weight_and_repacked(ty, &bytes, 16, cols);
@@ -876,6 +967,56 @@ mod tests {
                         kern.name
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_quantize_q8x_k_matches_the_reference_exactly() {
+        let mut rng = Rng::new(29);
+        for kern in crate::Kernels::all_variants() {
+            for (nb, scale) in [(8, 1.0f32), (16, 40.0), (24, 1e-3), (8, 0.0)] {
+                let mut x: Vec<f32> = (0..nb * 32).map(|_| rng.f32() * scale).collect();
+                if nb > 8 {
+                    // two values of the largest magnitude, the positive one first
+                    x[300] = 2.0 * scale;
+                    x[301] = -2.0 * scale;
+                }
+                let (mut want, mut got) =
+                    (acts(&mut rng, nb * 32, 1.0), acts(&mut rng, nb * 32, 1.0));
+                quantize_q8x_k(&x, &mut want);
+                (kern.quantize_q8x_k)(&x, &mut got);
+                for (g, w) in got.iter().zip(&want) {
+                    assert_eq!(
+                        (g.d, g.s, g.sums, g.qs),
+                        (w.d, w.s, w.sums, w.qs),
+                        "{}",
+                        kern.name
+                    );
+                }
+                if nb > 8 {
+                    assert_eq!(want[9].qs[300 - 288], -127);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q8x_k_holds_q8k_values_and_scale() {
+        let mut rng = Rng::new(23);
+        for scale in [1.0f32, 50.0, 0.0] {
+            let x: Vec<f32> = (0..3 * QK_K).map(|_| rng.f32() * scale).collect();
+            let mut k = vec![crate::blocks::zeroed::<BlockQ8K>(); 3];
+            quantize::quantize_q8k(&x, &mut k);
+            let mut a = acts(&mut rng, 3 * QK_K, 1.0);
+            quantize_q8x_k(&x, &mut a);
+            for (i, b) in a.iter().enumerate() {
+                let kb = &k[i / 8];
+                assert_eq!(b.d, kb.d);
+                assert_eq!(b.qs[..], kb.qs[32 * (i % 8)..32 * (i % 8) + 32]);
+                let sums = [0, 1].map(|h| kb.bsums[2 * (i % 8) + h]);
+                assert_eq!(b.sums, sums);
+                assert_eq!(b.s, b.d * (sums[0] + sums[1]) as f32);
             }
         }
     }

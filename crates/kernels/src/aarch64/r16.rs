@@ -20,7 +20,7 @@ use std::arch::aarch64::*;
 use super::{bits16, f16x4, sdot_lane, usmmla};
 use crate::repack::{
     kind_of, usable_blocks, BlockQ8x, R16Kind, KIND_Q4, KIND_Q4K, KIND_Q5, KIND_Q6K, KIND_Q8,
-    R16_ROWS, R16_TOKENS,
+    KIND_T2, R16_ROWS, R16_TOKENS,
 };
 
 /// The eight value registers of rows `4m..4m+4` of one block (`body`: its packed values).
@@ -34,6 +34,14 @@ unsafe fn quad_values<const KIND: u8>(body: *const u8, m: usize) -> [uint8x16_t;
         let ld = |o: usize| vld1q_u8(body.add(o));
         if KIND == KIND_Q8 {
             return std::array::from_fn(|k| ld(64 * k + 16 * m));
+        }
+        if KIND == KIND_T2 {
+            // chunk k = p + 2l sits in run p at bits 2l
+            let p = [ld(16 * m), ld(64 + 16 * m)];
+            return std::array::from_fn(|k| {
+                let sh = vdupq_n_s8(-2 * (k / 2) as i8);
+                vandq_u8(vshlq_u8(p[k % 2], sh), vdupq_n_u8(3))
+            });
         }
         let p = [
             ld(16 * m),
@@ -107,6 +115,8 @@ unsafe fn unit_scales<const KIND: u8>(hp: *const u8, m: usize) -> (float32x4_t, 
         let d = f16x4_at(hp.add(8 * m));
         let d2 = if KIND == KIND_Q8 {
             vmulq_n_f32(d, -128.0)
+        } else if KIND == KIND_T2 {
+            vnegq_f32(d)
         } else if KIND == KIND_Q6K {
             vdupq_n_f32(0.0)
         } else {
@@ -425,6 +435,7 @@ macro_rules! r16_entry {
                     R16Kind::Q8 => $kind_fn::<KIND_Q8>(group, nb, &acts, n_act, &mut out),
                     R16Kind::Q4K => $kind_fn::<KIND_Q4K>(group, nb, &acts, n_act, &mut out),
                     R16Kind::Q6K => $kind_fn::<KIND_Q6K>(group, nb, &acts, n_act, &mut out),
+                    R16Kind::T2 => $kind_fn::<KIND_T2>(group, nb, &acts, n_act, &mut out),
                 }
             }
             out

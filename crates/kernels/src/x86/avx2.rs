@@ -732,6 +732,66 @@ fn quantize_q8x_impl(x: &[f32], y: &mut [crate::repack::BlockQ8x]) {
     }
 }
 
+/// [`crate::repack::quantize_q8x_k`]: the same values, bit for bit.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn quantize_q8x_k_impl(x: &[f32], y: &mut [crate::repack::BlockQ8x]) {
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
+    for (x, y) in x.chunks_exact(256).zip(y.chunks_exact_mut(8)) {
+        // SAFETY: a chunk is 256 floats, read in 32 loads of eight; each block's `qs` is 32
+        // bytes.
+        unsafe {
+            let ld = |i: usize| _mm256_loadu_ps(x.as_ptr().add(8 * i));
+            let mut m = _mm256_setzero_ps();
+            for i in 0..32 {
+                m = _mm256_max_ps(m, _mm256_and_ps(ld(i), abs_mask));
+            }
+            let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+            // the first value of that magnitude sets the sign, as the reference's scan
+            let am = _mm256_set1_ps(amax);
+            let mut max = 0.0f32;
+            for i in 0..32 {
+                let eq = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(
+                    _mm256_and_ps(ld(i), abs_mask),
+                    am,
+                ));
+                if eq != 0 && amax > 0.0 {
+                    max = x[8 * i + eq.trailing_zeros() as usize];
+                    break;
+                }
+            }
+            let iscale = if max == 0.0 { 0.0 } else { -127.0 / max };
+            let d = if max == 0.0 { 0.0 } else { 1.0 / iscale };
+            let is = _mm256_set1_ps(iscale);
+            for (c, b) in y.iter_mut().enumerate() {
+                let q: [__m256i; 4] = std::array::from_fn(|i| {
+                    let r = _mm256_cvtps_epi32(_mm256_mul_ps(ld(4 * c + i), is));
+                    _mm256_max_epi32(_mm256_min_epi32(r, hi), lo)
+                });
+                let w0 = _mm256_packs_epi32(q[0], q[1]);
+                let w1 = _mm256_packs_epi32(q[2], q[3]);
+                let bytes = _mm256_packs_epi16(w0, w1);
+                let bytes =
+                    _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                _mm256_storeu_si256(b.qs.as_mut_ptr() as *mut __m256i, bytes);
+                let s0 = hsum_epi32(_mm256_add_epi32(q[0], q[1]));
+                let s1 = hsum_epi32(_mm256_add_epi32(q[2], q[3]));
+                b.d = d;
+                b.s = d * (s0 + s1) as f32;
+                b.sums = [s0 as i16, s1 as i16];
+            }
+        }
+    }
+}
+
+pub(super) fn quantize_q8x_k(x: &[f32], y: &mut [crate::repack::BlockQ8x]) {
+    // SAFETY: only placed in a kernel table after `Isa::Avx2.available()` confirmed AVX2, FMA
+    // and F16C.
+    unsafe { quantize_q8x_k_impl(x, y) }
+}
+
 pub(super) fn quantize_q8x(x: &[f32], y: &mut [crate::repack::BlockQ8x]) {
     // SAFETY: only placed in a kernel table after `Isa::Avx2.available()` confirmed AVX2, FMA
     // and F16C.

@@ -730,6 +730,8 @@ fn gemm_r16_impl(
         R16Kind::Q8 => gemm_r16_kind::<KIND_Q8>(group, nb, &acts, n_act, &mut out),
         R16Kind::Q4K => gemm_r16_kind::<KIND_Q4K>(group, nb, &acts, n_act, &mut out),
         R16Kind::Q6K => gemm_r16_kind::<KIND_Q6K>(group, nb, &acts, n_act, &mut out),
+        // no 512-bit ternary kernel yet: the AVX2 one (this CPU has AVX2)
+        R16Kind::T2 => return super::r16::gemm_r16_avx2(kind, group, nb, acts, n_act),
     }
     out
 }

@@ -55,6 +55,7 @@ pub(crate) fn avx2_kernels() -> Kernels {
         r16_unpacked: Some(r16::UNPACKED_AVX2),
         r16_preferred: true,
         quantize_q8x: avx2::quantize_q8x,
+        quantize_q8x_k: avx2::quantize_q8x_k,
         rms_norm: float::rms_norm_avx2,
         rope: float::rope_avx2,
         ..Kernels::SCALAR

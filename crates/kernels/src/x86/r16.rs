@@ -27,7 +27,7 @@ use crate::blocks::AlignedBuf;
 
 use crate::repack::{
     kind_of, usable_blocks, BlockQ8x, R16Kind, KIND_Q4, KIND_Q4K, KIND_Q5, KIND_Q6K, KIND_Q8,
-    R16_ROWS, R16_TOKENS,
+    KIND_T2, R16_ROWS, R16_TOKENS,
 };
 
 /// Evaluates `$e` with `$K` the const kind number of `$kind` (so each kind gets its own
@@ -55,6 +55,10 @@ macro_rules! by_kind {
                 const $K: u8 = KIND_Q6K;
                 $e
             }
+            R16Kind::T2 => {
+                const $K: u8 = KIND_T2;
+                $e
+            }
         }
     };
 }
@@ -75,6 +79,20 @@ trait Mac {
         s: &[__m256i; 8],
         a: &[__m256i; 8],
     ) -> (__m256i, __m256i);
+
+    /// The ternary kind's running sum over a unit: `acc` plus, per row, `v[k] · a[4k..4k+4]`
+    /// over all `k` (values 0..=2), in the level's accumulator form ([`Mac::finish`] makes
+    /// it 32-bit sums).
+    ///
+    /// # Safety
+    /// The CPU has the level's features.
+    unsafe fn acc_unit(acc: __m256i, v: &[__m256i; 8], a: &[__m256i; 8]) -> __m256i;
+
+    /// [`Mac::acc_unit`]'s accumulator as eight 32-bit sums.
+    ///
+    /// # Safety
+    /// The CPU has the level's features.
+    unsafe fn finish(acc: __m256i) -> __m256i;
 }
 
 /// AVX2: `vpmaddubsw`, 16-bit sums while they cannot overflow, `vpmaddwd` by ones.
@@ -94,6 +112,25 @@ unsafe fn widen(x: __m256i) -> __m256i {
 
 impl Mac for Avx2 {
     const SIGNED_Q8: bool = true;
+
+    #[inline(always)]
+    unsafe fn acc_unit(acc: __m256i, v: &[__m256i; 8], a: &[__m256i; 8]) -> __m256i {
+        // 16-bit sums for a whole unit: 8 blocks x 8 registers x 2 x 2 x 127 = 32512 < 2^15
+        // SAFETY: AVX2 by the caller's contract.
+        unsafe {
+            let m = |k: usize| _mm256_maddubs_epi16(v[k], a[k]);
+            let add = _mm256_add_epi16;
+            let lo = add(add(m(0), m(1)), add(m(2), m(3)));
+            let hi = add(add(m(4), m(5)), add(m(6), m(7)));
+            add(acc, add(lo, hi))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn finish(acc: __m256i) -> __m256i {
+        // SAFETY: AVX2 by the caller's contract.
+        unsafe { widen(acc) }
+    }
 
     #[inline(always)]
     unsafe fn dot<const KIND: u8>(
@@ -136,7 +173,8 @@ impl Mac for Avx2 {
                     )
                 }
                 _ => {
-                    // 4-bit values: all eight in one 16-bit sum (16 x 15 x 127 < 2^15)
+                    // 4-bit values: all eight in one 16-bit sum (16 x 15 x 127 < 2^15); the
+                    // ternary kind's 0..=2 likewise
                     let lo = add(add(m(0), m(1)), add(m(2), m(3)));
                     let hi = add(add(m(4), m(5)), add(m(6), m(7)));
                     (widen(add(lo, hi)), _mm256_setzero_si256())
@@ -148,6 +186,25 @@ impl Mac for Avx2 {
 
 impl Mac for AvxVnni {
     const SIGNED_Q8: bool = false;
+
+    #[inline(always)]
+    unsafe fn acc_unit(acc: __m256i, v: &[__m256i; 8], a: &[__m256i; 8]) -> __m256i {
+        // SAFETY: AVX-VNNI by the caller's contract.
+        unsafe {
+            let mut x = _mm256_dpbusd_avx_epi32(acc, v[0], a[0]);
+            let mut y = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), v[4], a[4]);
+            for k in 1..4 {
+                x = _mm256_dpbusd_avx_epi32(x, v[k], a[k]);
+                y = _mm256_dpbusd_avx_epi32(y, v[k + 4], a[k + 4]);
+            }
+            _mm256_add_epi32(x, y)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn finish(acc: __m256i) -> __m256i {
+        acc
+    }
 
     #[inline(always)]
     unsafe fn dot<const KIND: u8>(
@@ -181,6 +238,18 @@ unsafe fn oct_values<const KIND: u8>(body: *const u8, h: usize) -> [__m256i; 8] 
         let ld = |o: usize| _mm256_loadu_si256(body.add(o) as *const __m256i);
         if KIND == KIND_Q8 {
             return std::array::from_fn(|k| ld(64 * k + 32 * h));
+        }
+        if KIND == KIND_T2 {
+            // chunk k = p + 2l sits in run p at bits 2l
+            let three = _mm256_set1_epi8(3);
+            let p = [ld(32 * h), ld(64 + 32 * h)];
+            let sh = |x: __m256i, l: usize| match l {
+                0 => x,
+                1 => _mm256_srli_epi16::<2>(x),
+                2 => _mm256_srli_epi16::<4>(x),
+                _ => _mm256_srli_epi16::<6>(x),
+            };
+            return std::array::from_fn(|k| _mm256_and_si256(sh(p[k % 2], k / 2), three));
         }
         let low4 = _mm256_set1_epi8(0x0F);
         let p = [
@@ -282,6 +351,9 @@ unsafe fn block_scales<const KIND: u8>(
     }
 }
 
+/// Tokens per pass of the ternary kind's prompt kernel ([`gemm_t2_oct`]).
+const T2_PASS: usize = 4;
+
 /// Bytes ahead of the block in use that the kernel asks the cache for.
 const PF_DIST: usize = 2048;
 
@@ -366,6 +438,7 @@ unsafe fn unit_scales<const KIND: u8>(hp: *const u8, h: usize) -> (__m256, __m25
         let d = f16x8(hp.add(16 * h));
         let d2 = match KIND {
             KIND_Q8 => _mm256_mul_ps(d, _mm256_set1_ps(-128.0)),
+            KIND_T2 => _mm256_sub_ps(_mm256_setzero_ps(), d),
             KIND_Q6K => _mm256_setzero_ps(),
             _ => f16x8(hp.add(32 + 16 * h)),
         };
@@ -435,6 +508,107 @@ unsafe fn gemm_blocks<M: Mac, const N: usize, const KIND: u8>(
     facc
 }
 
+/// The ternary kind: `N` activation rows against both octs of a group, unit by unit. The
+/// activations carry one scale per unit ([`crate::repack::quantize_q8x_k`], Q8_K's), so a
+/// unit's integer products are summed whole ([`Mac::acc_unit`]) and scaled once: per row
+/// `d * da * sum(q * a) - d * sa`, with `sa` the unit's `da * sum(a)`.
+///
+/// # Safety
+/// As [`gemm_blocks`] with `KIND_T2`; every activation row's blocks share `d` per unit.
+#[inline(always)]
+unsafe fn gemm_t2<M: Mac, const N: usize>(
+    group: &[u8],
+    nb: usize,
+    acts: &[&[BlockQ8x]],
+) -> [[__m256; N]; 2] {
+    let (ub, hb, bb, bpu) = R16Kind::T2.layout();
+    // SAFETY: AVX is enabled on this function (the caller's contract).
+    let mut facc = [[unsafe { _mm256_setzero_ps() }; N]; 2];
+    // SAFETY: unit reads inside the group and activation blocks below `nb` (the caller's
+    // contract); features by the caller's contract.
+    unsafe {
+        for u in 0..nb / bpu {
+            let hp = group.as_ptr().add(u * ub);
+            let mut iacc = [[_mm256_setzero_si256(); N]; 2];
+            for j in 0..bpu {
+                let body = hp.add(hb + j * bb);
+                _mm_prefetch::<_MM_HINT_T0>(body.wrapping_add(PF_DIST) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(body.wrapping_add(PF_DIST + 64) as *const i8);
+                let v = [
+                    oct_values::<KIND_T2>(body, 0),
+                    oct_values::<KIND_T2>(body, 1),
+                ];
+                for t in 0..N {
+                    let q =
+                        acts.get_unchecked(t).get_unchecked(u * bpu + j).qs.as_ptr() as *const i32;
+                    let ab: [__m256i; 8] =
+                        std::array::from_fn(|k| _mm256_set1_epi32(q.add(k).read_unaligned()));
+                    for h in 0..2 {
+                        iacc[h][t] = M::acc_unit(iacc[h][t], &v[h], &ab);
+                    }
+                }
+            }
+            for h in 0..2 {
+                let d = f16x8(hp.add(16 * h));
+                for t in 0..N {
+                    let a = acts.get_unchecked(t);
+                    let first = a.get_unchecked(u * bpu);
+                    let sa: f32 = (0..bpu).map(|j| a.get_unchecked(u * bpu + j).s).sum();
+                    let i = _mm256_cvtepi32_ps(M::finish(iacc[h][t]));
+                    let f =
+                        _mm256_fmadd_ps(i, _mm256_mul_ps(d, _mm256_set1_ps(first.d)), facc[h][t]);
+                    facc[h][t] = _mm256_fnmadd_ps(d, _mm256_set1_ps(sa), f);
+                }
+            }
+        }
+    }
+    facc
+}
+
+/// [`gemm_t2`] for oct `h` alone (prompt processing): each block's values are unpacked once
+/// for `N` tokens and the accumulators stay in registers.
+///
+/// # Safety
+/// As [`gemm_t2`]; `h < 2`.
+#[inline(always)]
+unsafe fn gemm_t2_oct<M: Mac, const N: usize>(
+    group: &[u8],
+    nb: usize,
+    h: usize,
+    acts: &[&[BlockQ8x]],
+) -> [__m256; N] {
+    let (ub, hb, bb, bpu) = R16Kind::T2.layout();
+    // SAFETY: AVX is enabled on this function (the caller's contract).
+    let mut facc = [unsafe { _mm256_setzero_ps() }; N];
+    // SAFETY: as `gemm_t2`'s.
+    unsafe {
+        for u in 0..nb / bpu {
+            let hp = group.as_ptr().add(u * ub);
+            let mut iacc = [_mm256_setzero_si256(); N];
+            for j in 0..bpu {
+                let v = oct_values::<KIND_T2>(hp.add(hb + j * bb), h);
+                for (t, acc) in iacc.iter_mut().enumerate() {
+                    let q =
+                        acts.get_unchecked(t).get_unchecked(u * bpu + j).qs.as_ptr() as *const i32;
+                    let ab: [__m256i; 8] =
+                        std::array::from_fn(|k| _mm256_set1_epi32(q.add(k).read_unaligned()));
+                    *acc = M::acc_unit(*acc, &v, &ab);
+                }
+            }
+            let d = f16x8(hp.add(16 * h));
+            for (t, acc) in facc.iter_mut().enumerate() {
+                let a = acts.get_unchecked(t);
+                let sa: f32 = (0..bpu).map(|j| a.get_unchecked(u * bpu + j).s).sum();
+                let i = _mm256_cvtepi32_ps(M::finish(iacc[t]));
+                let da = _mm256_set1_ps(a.get_unchecked(u * bpu).d);
+                let f = _mm256_fmadd_ps(i, _mm256_mul_ps(d, da), *acc);
+                *acc = _mm256_fnmadd_ps(d, _mm256_set1_ps(sa), f);
+            }
+        }
+    }
+    facc
+}
+
 /// `N` (at most four) activation rows against oct `h` of a group (prompt processing): the
 /// accumulators stay in registers beside the eight value registers, and each block's values
 /// are unpacked once for the `N` tokens.
@@ -499,6 +673,48 @@ unsafe fn gemm_kind<M: Mac, const KIND: u8>(
     }
     // SAFETY: as this function's.
     unsafe {
+        if KIND == KIND_T2 && n_act > 2 {
+            // per oct, passes of at most T2_PASS tokens, as even as possible
+            let passes = n_act.div_ceil(T2_PASS);
+            let mut t0 = 0;
+            for p in 0..passes {
+                let n = (n_act - t0).div_ceil(passes - p);
+                let a = &acts[t0..];
+                for h in 0..2 {
+                    match n {
+                        4 => put(t0, h, &gemm_t2_oct::<M, 4>(group, nb, h, a)),
+                        3 => put(t0, h, &gemm_t2_oct::<M, 3>(group, nb, h, a)),
+                        2 => put(t0, h, &gemm_t2_oct::<M, 2>(group, nb, h, a)),
+                        1 => put(t0, h, &gemm_t2_oct::<M, 1>(group, nb, h, a)),
+                        _ => {}
+                    }
+                }
+                t0 += n;
+            }
+            return;
+        }
+        if KIND == KIND_T2 {
+            // one or two tokens (decoding): both octs in one pass
+            let mut t0 = 0;
+            while t0 < n_act {
+                let a = &acts[t0..];
+                let mut put_t = |accs: &[[__m256; 2]; 2], n: usize| {
+                    for (h, acc) in accs.iter().enumerate() {
+                        put(t0, h, &acc[..n]);
+                    }
+                };
+                if n_act - t0 >= 2 {
+                    put_t(&gemm_t2::<M, 2>(group, nb, a), 2);
+                    t0 += 2;
+                } else {
+                    let r = gemm_t2::<M, 1>(group, nb, a);
+                    put(t0, 0, &r[0]);
+                    put(t0, 1, &r[1]);
+                    t0 += 1;
+                }
+            }
+            return;
+        }
         if n_act == 1 || !matches!(KIND, KIND_Q4 | KIND_Q4K) {
             let a = &acts[..];
             match n_act {
