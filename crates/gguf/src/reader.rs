@@ -424,6 +424,8 @@ impl Gguf {
             Some(17) => "Q5_K - Medium",
             Some(18) => "Q6_K",
             Some(32) => "BF16",
+            Some(36) => "TQ1_0 - 1.69 bpw ternary",
+            Some(37) => "TQ2_0 - 2.06 bpw ternary",
             _ => "",
         };
         if !named.is_empty() {

@@ -129,6 +129,10 @@ pub struct R16Unpacked {
     pub gemm: R16GemmFn,
 }
 
+/// [`crate::lut`]'s kernel: `(group, n_units, tables, da)`, the sixteen rows of a group
+/// against one token's tables.
+pub type LutGemvFn = fn(&[u8], usize, &[u8], &[f32]) -> [f32; crate::lut::LUT_ROWS];
+
 /// One weight row against four activation rows at once (the weight is unpacked once).
 /// Its definition is four calls of the matching [`DotFn`].
 pub type Dot4Fn<W, A> = fn(&[W], [&[A]; 4]) -> [f32; 4];
@@ -182,6 +186,8 @@ pub struct Kernels {
     pub quantize_q8x: QuantizeFn<crate::repack::BlockQ8x>,
     /// [`crate::repack::quantize_q8x_k`]: activations for the ternary kind.
     pub quantize_q8x_k: QuantizeFn<crate::repack::BlockQ8x>,
+    /// The ternary lookup-table kernel ([`crate::lut`]).
+    pub lut_gemv: LutGemvFn,
     pub r16_gemm: R16GemmFn,
     /// The unpack-once form for many activation rows, where a level has one.
     pub r16_unpacked: Option<R16Unpacked>,
@@ -238,6 +244,7 @@ impl Kernels {
         rope: crate::ops::rope,
         quantize_q8x: crate::repack::quantize_q8x,
         quantize_q8x_k: crate::repack::quantize_q8x_k,
+        lut_gemv: crate::lut::gemv_lut_scalar,
         r16_gemm: crate::repack::gemm_r16_scalar,
         r16_unpacked: None,
         r16_preferred: false,

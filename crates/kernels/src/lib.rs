@@ -23,6 +23,7 @@ pub mod attn;
 pub mod blocks;
 pub mod dispatch;
 pub mod kvquant;
+pub mod lut;
 pub mod matmul;
 pub mod ops;
 pub mod pool;

@@ -388,14 +388,7 @@ fn pack_unit(w: &WeightRef<'_>, kind: R16Kind, g: usize, u: usize, dst: &mut [u8
                 }
             }
             R16Kind::T2 => {
-                use crate::quant::dequant::{unpack_tq1_0, unpack_tq2_0};
-                let (q, d) = if w.ty == GgmlType::TQ1_0 {
-                    let b: &BlockTQ1_0 = cast_blocks(src).and_then(|b| b.first()).ok_or(mis())?;
-                    (unpack_tq1_0(b), b.d)
-                } else {
-                    let b: &BlockTQ2_0 = cast_blocks(src).and_then(|b| b.first()).ok_or(mis())?;
-                    (unpack_tq2_0(b), b.d)
-                };
+                let (q, d) = crate::quant::dequant::ternary_block(w.ty, src).ok_or(mis())?;
                 dst[2 * r..2 * r + 2].copy_from_slice(&d.to_le_bytes());
                 for j in 0..8 {
                     put(j, r, &q[32 * j..32 * j + 32]);

@@ -251,6 +251,22 @@ pub(crate) fn unpack_tq2_0(b: &BlockTQ2_0) -> [u8; QK_K] {
     q
 }
 
+/// The trits and scale of one TQ1_0 or TQ2_0 block's bytes; `None` for another type or a
+/// slice that is not one aligned block.
+pub(crate) fn ternary_block(ty: crate::GgmlType, src: &[u8]) -> Option<([u8; QK_K], f16)> {
+    match ty {
+        crate::GgmlType::TQ1_0 => {
+            let b: &BlockTQ1_0 = cast_blocks(src)?.first()?;
+            Some((unpack_tq1_0(b), b.d))
+        }
+        crate::GgmlType::TQ2_0 => {
+            let b: &BlockTQ2_0 = cast_blocks(src)?.first()?;
+            Some((unpack_tq2_0(b), b.d))
+        }
+        _ => None,
+    }
+}
+
 pub fn dequantize_tq1_0(x: &[BlockTQ1_0], y: &mut [f32]) {
     for (b, y) in x.iter().zip(y.chunks_exact_mut(QK_K)) {
         let d = b.d.to_f32();

@@ -4,6 +4,7 @@ mod avx2;
 mod avx512;
 mod float;
 mod kvq;
+mod lut;
 mod r16;
 
 use std::arch::x86_64::{_mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtss_f32};
@@ -56,6 +57,7 @@ pub(crate) fn avx2_kernels() -> Kernels {
         r16_preferred: true,
         quantize_q8x: avx2::quantize_q8x,
         quantize_q8x_k: avx2::quantize_q8x_k,
+        lut_gemv: lut::gemv_lut_avx2,
         rms_norm: float::rms_norm_avx2,
         rope: float::rope_avx2,
         ..Kernels::SCALAR
