@@ -32,16 +32,19 @@ vocab="${CAPY_HOME:-$HOME/.capy}/models/smollm2-135m.gguf"
 mkdir -p "$dir"
 name=$([ "$arch" = bitnet ] && echo bitnet2b || echo trilm2b)
 f16="$dir/$name-f16.gguf"
-if [ ! -f "$f16" ]; then
-  extra=()
+need_f16() { # the F16 model, made when a quantized file is missing
+  [ -f "$f16" ] && return
+  local extra=()
   [ "$arch" = llama ] && extra=(--arch llama --no-scale-tensors)
   ./target/release/examples/synthetic "${extra[@]}" --vocab-from "$vocab" --out "$f16"
-fi
+}
 for t in TQ2_0 TQ1_0 Q4_0; do
-  [ -f "$dir/$name-$t.gguf" ] || $capy quantize "$f16" "$dir/$name-$t.gguf" "$t"
+  [ -f "$dir/$name-$t.gguf" ] || { need_f16; $capy quantize "$f16" "$dir/$name-$t.gguf" "$t"; }
 done
-[ -f "$dir/$name-IQ2_BN.gguf" ] ||
+if [ ! -f "$dir/$name-IQ2_BN.gguf" ]; then
+  need_f16
   "$PEERS/ik_llama.cpp/bin/llama-quantize" "$f16" "$dir/$name-IQ2_BN.gguf" IQ2_BN 2 >/dev/null 2>&1
+fi
 
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT

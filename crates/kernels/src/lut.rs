@@ -195,19 +195,10 @@ mod tests {
                 let da: Vec<f32> = a.chunks(8).map(|b| b[0].d).collect();
                 let mut tables = vec![0u8; nu * LUT_TABLE_UNIT];
                 build_tables(&a, &mut tables);
-                let mut deq = vec![0.0f32; cols];
                 for g in 0..rows / LUT_ROWS {
                     let want = gemv_lut_scalar(m.group(g), nu, &tables, &da);
                     for (r, &got) in want.iter().enumerate() {
-                        crate::matmul::dequantize_row(w, g * LUT_ROWS + r, &mut deq).unwrap();
-                        let exact: f32 = deq
-                            .iter()
-                            .zip(
-                                a.iter()
-                                    .flat_map(|b| b.qs.iter().map(move |&q| q as f32 * b.d)),
-                            )
-                            .map(|(w, a)| w * a)
-                            .sum();
+                        let exact = crate::repack::dequantized_dot(w, g * LUT_ROWS + r, &a);
                         assert!(
                             (got - exact).abs() <= 1e-3 * exact.abs().max(1.0),
                             "{ty} {got} vs {exact}"

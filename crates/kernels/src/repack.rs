@@ -611,6 +611,17 @@ fn block_row_dot(
     scale[0] * ab.d * (lo + hi) as f32 + offset[0] * ab.s
 }
 
+/// Row `r` of `w` dequantized, dotted with the dequantized activations `a` (test reference).
+#[cfg(test)]
+pub(crate) fn dequantized_dot(w: WeightRef<'_>, r: usize, a: &[BlockQ8x]) -> f32 {
+    let mut deq = vec![0.0f32; w.n_cols];
+    crate::matmul::dequantize_row(w, r, &mut deq).unwrap();
+    let acts = a
+        .iter()
+        .flat_map(|b| b.qs.iter().map(move |&q| q as f32 * b.d));
+    deq.iter().zip(acts).map(|(w, a)| w * a).sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -696,19 +707,10 @@ mod tests {
             let bytes = matrix(ty, rows, cols, &mut rng);
             let (w, rp) = weight_and_repacked(ty, &bytes, rows, cols);
             let a = acts(&mut rng, cols, 2.0);
-            let mut deq = vec![0.0f32; cols];
             for g in 0..rows / R16_ROWS {
                 let got = gemv_r16_scalar(&rp, g, &a);
                 for (r, &gr) in got.iter().enumerate() {
-                    crate::matmul::dequantize_row(w, g * R16_ROWS + r, &mut deq).unwrap();
-                    let want: f32 = deq
-                        .iter()
-                        .zip(
-                            a.iter()
-                                .flat_map(|b| b.qs.iter().map(move |&q| q as f32 * b.d)),
-                        )
-                        .map(|(w, a)| w * a)
-                        .sum();
+                    let want = dequantized_dot(w, g * R16_ROWS + r, &a);
                     assert!(
                         (gr - want).abs() < 1e-3 * want.abs().max(1.0),
                         "{ty} row {}: {gr} vs {want}",

@@ -690,6 +690,25 @@ fn hsum_epi32(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(s)
 }
 
+/// One [`crate::repack::BlockQ8x`] from its 32 values (four registers of eight i32 within
+/// -127..=127) and scale `d`: the bytes in order, `s = d * sum` and the halves' sums.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn store_q8x(q: &[__m256i; 4], d: f32, b: &mut crate::repack::BlockQ8x) {
+    // i32 -> i16 -> i8 packs work per 128-bit lane: restore the order after
+    let w0 = _mm256_packs_epi32(q[0], q[1]);
+    let w1 = _mm256_packs_epi32(q[2], q[3]);
+    let bytes = _mm256_packs_epi16(w0, w1);
+    let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    // SAFETY: the block's `qs` is 32 bytes.
+    unsafe { _mm256_storeu_si256(b.qs.as_mut_ptr() as *mut __m256i, bytes) };
+    let s0 = hsum_epi32(_mm256_add_epi32(q[0], q[1]));
+    let s1 = hsum_epi32(_mm256_add_epi32(q[2], q[3]));
+    b.d = d;
+    b.s = d * (s0 + s1) as f32;
+    b.sums = [s0 as i16, s1 as i16];
+}
+
 /// [`crate::repack::quantize_q8x`]: per block, the absolute maximum, the scale rounded to
 /// f16, values rounded to nearest-even (the default MXCSR mode, as `nearest_int`) and kept
 /// within -127..=127.
@@ -716,18 +735,7 @@ fn quantize_q8x_impl(x: &[f32], y: &mut [crate::repack::BlockQ8x]) {
                 let r = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id));
                 _mm256_max_epi32(_mm256_min_epi32(r, hi), lo)
             });
-            // i32 -> i16 -> i8 packs work per 128-bit lane: restore the order after
-            let w0 = _mm256_packs_epi32(q[0], q[1]);
-            let w1 = _mm256_packs_epi32(q[2], q[3]);
-            let bytes = _mm256_packs_epi16(w0, w1);
-            let bytes =
-                _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-            _mm256_storeu_si256(b.qs.as_mut_ptr() as *mut __m256i, bytes);
-            let s0 = hsum_epi32(_mm256_add_epi32(q[0], q[1]));
-            let s1 = hsum_epi32(_mm256_add_epi32(q[2], q[3]));
-            b.d = d;
-            b.s = d * (s0 + s1) as f32;
-            b.sums = [s0 as i16, s1 as i16];
+            store_q8x(&q, d, b);
         }
     }
 }
@@ -770,17 +778,7 @@ fn quantize_q8x_k_impl(x: &[f32], y: &mut [crate::repack::BlockQ8x]) {
                     let r = _mm256_cvtps_epi32(_mm256_mul_ps(ld(4 * c + i), is));
                     _mm256_max_epi32(_mm256_min_epi32(r, hi), lo)
                 });
-                let w0 = _mm256_packs_epi32(q[0], q[1]);
-                let w1 = _mm256_packs_epi32(q[2], q[3]);
-                let bytes = _mm256_packs_epi16(w0, w1);
-                let bytes =
-                    _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-                _mm256_storeu_si256(b.qs.as_mut_ptr() as *mut __m256i, bytes);
-                let s0 = hsum_epi32(_mm256_add_epi32(q[0], q[1]));
-                let s1 = hsum_epi32(_mm256_add_epi32(q[2], q[3]));
-                b.d = d;
-                b.s = d * (s0 + s1) as f32;
-                b.sums = [s0 as i16, s1 as i16];
+                store_q8x(&q, d, b);
             }
         }
     }
