@@ -451,6 +451,8 @@ fn a_waiting_pull_whose_caller_left_gives_up() {
         t.elapsed()
     );
     first.join().unwrap().expect("the first pull completes");
+    // the pulled model (~100 MB) goes with the test's store
+    std::fs::remove_dir_all(&home).ok();
 }
 
 /// A pull from an upstream that accepts and never answers (or stops sending) never ended:
