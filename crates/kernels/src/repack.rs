@@ -220,20 +220,14 @@ pub fn quantize_q8x(x: &[f32], y: &mut [BlockQ8x]) {
 /// llama.cpp's TQ1_0/TQ2_0 dot products take Q8_K, so that its results follow llama.cpp's
 /// rounding rather than adding another. `x.len()` is a multiple of 256.
 pub fn quantize_q8x_k(x: &[f32], y: &mut [BlockQ8x]) {
+    let mut k = [zeroed::<BlockQ8K>()];
     for (x, y) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(QK_K / 32)) {
-        let max = crate::quant::quantize::signed_max(x);
-        let iscale = if max == 0.0 { 0.0 } else { -127.0 / max };
-        let d = if max == 0.0 { 0.0 } else { 1.0 / iscale };
-        for (x, b) in x.chunks_exact(32).zip(y.iter_mut()) {
-            let mut sums = [0i32; 2];
-            for (i, (q, &v)) in b.qs.iter_mut().zip(x).enumerate() {
-                let r = crate::quant::quantize::nearest_int(iscale * v).min(127);
-                *q = r as i8;
-                sums[i / 16] += r;
-            }
-            b.d = d;
-            b.s = b.d * (sums[0] + sums[1]) as f32;
-            b.sums = sums.map(|v| v as i16);
+        crate::quant::quantize::quantize_q8k(x, &mut k);
+        for (j, b) in y.iter_mut().enumerate() {
+            b.qs.copy_from_slice(&k[0].qs[32 * j..32 * j + 32]);
+            b.sums = [k[0].bsums[2 * j], k[0].bsums[2 * j + 1]];
+            b.d = k[0].d;
+            b.s = b.d * (b.sums[0] as i32 + b.sums[1] as i32) as f32;
         }
     }
 }

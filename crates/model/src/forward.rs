@@ -516,6 +516,7 @@ impl Context {
     }
 }
 
+/// One matrix product, with its per-tensor scale ([`mm_same_input`] of one matrix).
 fn mm(
     k: &Kernels,
     pool: &ThreadPool,
@@ -525,23 +526,12 @@ fn mm(
     out: &mut [f32],
     qbuf: &mut AlignedBuf,
 ) -> Result<()> {
-    match &w.repacked {
-        Some(rp) => capy_kernels::matmul::matmul_repacked(k, pool, rp, x, out, qbuf)?,
-        None => matmul(k, pool, model.weight(w), x, out, qbuf)?,
-    }
-    apply_scale(w, out);
-    Ok(())
-}
-
-/// Multiplies a product by its matrix's per-tensor scale, if it has one.
-fn apply_scale(w: &Tensor, out: &mut [f32]) {
-    if let Some(s) = w.scale {
-        ops::scale_inplace(out, s);
-    }
+    mm_same_input(k, pool, model, &mut [(w, out)], x, qbuf)
 }
 
 /// [`mm`] of several matrices with the same input: one activation quantization and one pass
-/// over the pool for all of them when they are all repacked, else one [`mm`] each.
+/// over the pool for all of them when they are all repacked, else one product each; then
+/// each matrix's per-tensor scale, if any.
 fn mm_same_input(
     k: &Kernels,
     pool: &ThreadPool,
@@ -553,27 +543,36 @@ fn mm_same_input(
     fn rp(w: &Tensor) -> Option<&capy_kernels::repack::Repacked> {
         w.repacked.as_deref()
     }
-    match mats {
-        [(a, oa), (b, ob)] => {
-            if let (Some(a), Some(b)) = (rp(a), rp(b)) {
+    let together = match mats {
+        [(a, oa), (b, ob)] => match (rp(a), rp(b)) {
+            (Some(a), Some(b)) => {
                 let mut m = [(a, &mut **oa), (b, &mut **ob)];
                 matmul_repacked_many(k, pool, &mut m, x, qbuf)?;
-                mats.iter_mut().for_each(|(w, o)| apply_scale(w, o));
-                return Ok(());
+                true
             }
-        }
-        [(a, oa), (b, ob), (c, oc)] => {
-            if let (Some(a), Some(b), Some(c)) = (rp(a), rp(b), rp(c)) {
+            _ => false,
+        },
+        [(a, oa), (b, ob), (c, oc)] => match (rp(a), rp(b), rp(c)) {
+            (Some(a), Some(b), Some(c)) => {
                 let mut m = [(a, &mut **oa), (b, &mut **ob), (c, &mut **oc)];
                 matmul_repacked_many(k, pool, &mut m, x, qbuf)?;
-                mats.iter_mut().for_each(|(w, o)| apply_scale(w, o));
-                return Ok(());
+                true
+            }
+            _ => false,
+        },
+        _ => false,
+    };
+    for (w, out) in mats.iter_mut() {
+        if !together {
+            match &w.repacked {
+                Some(rp) => capy_kernels::matmul::matmul_repacked(k, pool, rp, x, out, qbuf)?,
+                None => matmul(k, pool, model.weight(w), x, out, qbuf)?,
             }
         }
-        _ => {}
-    }
-    for (w, out) in mats.iter_mut() {
-        mm(k, pool, model, w, x, out, qbuf)?;
+        // a per-tensor factor on the product's output (BitNet's `blk.N.*.scale`)
+        if let Some(s) = w.scale {
+            ops::scale_inplace(out, s);
+        }
     }
     Ok(())
 }

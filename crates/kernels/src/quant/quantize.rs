@@ -80,7 +80,7 @@ pub fn quantize_q8k(x: &[f32], y: &mut [BlockQ8K]) {
 }
 
 /// The signed value of largest magnitude (the first one, if several tie).
-pub(crate) fn signed_max(x: &[f32]) -> f32 {
+fn signed_max(x: &[f32]) -> f32 {
     let mut max = 0.0f32;
     let mut amax = 0.0f32;
     for &v in x {

@@ -373,11 +373,7 @@ unsafe fn block_token<M: Mac, const KIND: u8>(
     // SAFETY: features by the caller's contract; the activation's 32 bytes are read as eight
     // unaligned i32.
     unsafe {
-        // activation bytes 4k..4k+4 in every lane
-        let q = a.qs.as_ptr() as *const i32;
-        let ab: [__m256i; 8] =
-            std::array::from_fn(|k| _mm256_set1_epi32(q.add(k).read_unaligned()));
-        let (i0, i1) = M::dot::<KIND>(v, s, &ab);
+        let (i0, i1) = M::dot::<KIND>(v, s, &act_bytes(a));
         let ad = _mm256_set1_ps(a.d);
         if KIND == KIND_Q6K {
             // values are q + 32: take 32 * sum(a) off each half, exactly
@@ -508,6 +504,42 @@ unsafe fn gemm_blocks<M: Mac, const N: usize, const KIND: u8>(
     facc
 }
 
+/// An activation block's bytes `4k..4k+4` in every 32-bit lane of register `k`.
+///
+/// # Safety
+/// The CPU has AVX.
+#[inline(always)]
+unsafe fn act_bytes(a: &BlockQ8x) -> [__m256i; 8] {
+    let q = a.qs.as_ptr() as *const i32;
+    // SAFETY: the block's 32 bytes are read as eight unaligned i32; AVX by the caller.
+    std::array::from_fn(|k| unsafe { _mm256_set1_epi32(q.add(k).read_unaligned()) })
+}
+
+/// A ternary unit's contribution for one token: the integer sums `iacc` ([`Mac::acc_unit`])
+/// scaled once, `d * da * sum(q * a) - d * sa`, with `sa` the unit's `da * sum(a)`, added
+/// to `acc`.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and `M`'s features; `a` holds the unit's `bpu` blocks from `b0`.
+#[inline(always)]
+unsafe fn t2_unit_result<M: Mac>(
+    iacc: __m256i,
+    d: __m256,
+    a: &[BlockQ8x],
+    b0: usize,
+    acc: __m256,
+) -> __m256 {
+    let bpu = R16Kind::T2.blocks_per_unit();
+    // SAFETY: the unit's blocks exist (the caller's contract); features likewise.
+    unsafe {
+        let sa: f32 = (0..bpu).map(|j| a.get_unchecked(b0 + j).s).sum();
+        let i = _mm256_cvtepi32_ps(M::finish(iacc));
+        let da = _mm256_set1_ps(a.get_unchecked(b0).d);
+        let f = _mm256_fmadd_ps(i, _mm256_mul_ps(d, da), acc);
+        _mm256_fnmadd_ps(d, _mm256_set1_ps(sa), f)
+    }
+}
+
 /// The ternary kind: `N` activation rows against both octs of a group, unit by unit. The
 /// activations carry one scale per unit ([`crate::repack::quantize_q8x_k`], Q8_K's), so a
 /// unit's integer products are summed whole ([`Mac::acc_unit`]) and scaled once: per row
@@ -539,10 +571,7 @@ unsafe fn gemm_t2<M: Mac, const N: usize>(
                     oct_values::<KIND_T2>(body, 1),
                 ];
                 for t in 0..N {
-                    let q =
-                        acts.get_unchecked(t).get_unchecked(u * bpu + j).qs.as_ptr() as *const i32;
-                    let ab: [__m256i; 8] =
-                        std::array::from_fn(|k| _mm256_set1_epi32(q.add(k).read_unaligned()));
+                    let ab = act_bytes(acts.get_unchecked(t).get_unchecked(u * bpu + j));
                     for h in 0..2 {
                         iacc[h][t] = M::acc_unit(iacc[h][t], &v[h], &ab);
                     }
@@ -552,12 +581,7 @@ unsafe fn gemm_t2<M: Mac, const N: usize>(
                 let d = f16x8(hp.add(16 * h));
                 for t in 0..N {
                     let a = acts.get_unchecked(t);
-                    let first = a.get_unchecked(u * bpu);
-                    let sa: f32 = (0..bpu).map(|j| a.get_unchecked(u * bpu + j).s).sum();
-                    let i = _mm256_cvtepi32_ps(M::finish(iacc[h][t]));
-                    let f =
-                        _mm256_fmadd_ps(i, _mm256_mul_ps(d, _mm256_set1_ps(first.d)), facc[h][t]);
-                    facc[h][t] = _mm256_fnmadd_ps(d, _mm256_set1_ps(sa), f);
+                    facc[h][t] = t2_unit_result::<M>(iacc[h][t], d, a, u * bpu, facc[h][t]);
                 }
             }
         }
@@ -588,21 +612,13 @@ unsafe fn gemm_t2_oct<M: Mac, const N: usize>(
             for j in 0..bpu {
                 let v = oct_values::<KIND_T2>(hp.add(hb + j * bb), h);
                 for (t, acc) in iacc.iter_mut().enumerate() {
-                    let q =
-                        acts.get_unchecked(t).get_unchecked(u * bpu + j).qs.as_ptr() as *const i32;
-                    let ab: [__m256i; 8] =
-                        std::array::from_fn(|k| _mm256_set1_epi32(q.add(k).read_unaligned()));
+                    let ab = act_bytes(acts.get_unchecked(t).get_unchecked(u * bpu + j));
                     *acc = M::acc_unit(*acc, &v, &ab);
                 }
             }
             let d = f16x8(hp.add(16 * h));
             for (t, acc) in facc.iter_mut().enumerate() {
-                let a = acts.get_unchecked(t);
-                let sa: f32 = (0..bpu).map(|j| a.get_unchecked(u * bpu + j).s).sum();
-                let i = _mm256_cvtepi32_ps(M::finish(iacc[t]));
-                let da = _mm256_set1_ps(a.get_unchecked(u * bpu).d);
-                let f = _mm256_fmadd_ps(i, _mm256_mul_ps(d, da), *acc);
-                *acc = _mm256_fnmadd_ps(d, _mm256_set1_ps(sa), f);
+                *acc = t2_unit_result::<M>(iacc[t], d, acts.get_unchecked(t), u * bpu, *acc);
             }
         }
     }
@@ -695,23 +711,11 @@ unsafe fn gemm_kind<M: Mac, const KIND: u8>(
         }
         if KIND == KIND_T2 {
             // one or two tokens (decoding): both octs in one pass
-            let mut t0 = 0;
-            while t0 < n_act {
-                let a = &acts[t0..];
-                let mut put_t = |accs: &[[__m256; 2]; 2], n: usize| {
-                    for (h, acc) in accs.iter().enumerate() {
-                        put(t0, h, &acc[..n]);
-                    }
-                };
-                if n_act - t0 >= 2 {
-                    put_t(&gemm_t2::<M, 2>(group, nb, a), 2);
-                    t0 += 2;
-                } else {
-                    let r = gemm_t2::<M, 1>(group, nb, a);
-                    put(t0, 0, &r[0]);
-                    put(t0, 1, &r[1]);
-                    t0 += 1;
-                }
+            let a = &acts[..];
+            match n_act {
+                2 => put2(&pad(gemm_t2::<M, 2>(group, nb, a)), 2),
+                1 => put2(&pad(gemm_t2::<M, 1>(group, nb, a)), 1),
+                _ => {}
             }
             return;
         }
