@@ -219,8 +219,17 @@ impl BaseFile {
         }
         let (n_ctx, n_vocab, n_chunk) = (n_ctx as usize, n_vocab as usize, n_chunk as usize);
         let nv = 2 * n_vocab.div_ceil(2) + 4;
-        let tok_end = 20 + n_chunk * n_ctx * 4;
-        let need = tok_end + n_chunk * (n_ctx - 1 - n_ctx / 2) * nv * 2;
+        // sizes from the header, checked: a corrupt header must not overflow them
+        let sizes = n_chunk
+            .checked_mul(n_ctx)
+            .and_then(|n| n.checked_mul(4))
+            .and_then(|t| {
+                let records = n_chunk
+                    .checked_mul(n_ctx - 1 - n_ctx / 2)?
+                    .checked_mul(nv * 2)?;
+                Some((20 + t, (20 + t).checked_add(records)?))
+            });
+        let (tok_end, need) = sizes.unwrap_or((usize::MAX, usize::MAX));
         if bytes.len() != need {
             bail!(
                 "{}: {} bytes, its header ({n_chunk} chunks of {n_ctx}, vocabulary {n_vocab}) needs {need}",

@@ -162,6 +162,14 @@ fn kl_divergence_against_a_saved_base() {
     std::fs::write(&base, &bytes[..bytes.len() - 7]).unwrap();
     let (ok, _, err) = compare();
     assert!(!ok && err.contains("needs"), "{err}");
+    // a header whose sizes overflow
+    let mut huge = b"_logits_".to_vec();
+    for v in [i32::MAX, 49152, i32::MAX] {
+        huge.extend_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(&base, &huge).unwrap();
+    let (ok, _, err) = compare();
+    assert!(!ok && err.contains("needs"), "{err}");
     std::fs::write(&base, b"not a logits file").unwrap();
     let (ok, _, err) = compare();
     assert!(!ok && err.contains("not a llama-perplexity"), "{err}");
