@@ -101,6 +101,15 @@ pub fn repack_lut(w: WeightRef<'_>) -> Result<Option<LutMatrix>> {
     }))
 }
 
+/// The units a kernel may read: at most `n_units`, and no more than `group`, `tables` and
+/// `da` hold.
+pub(crate) fn usable_units(group: &[u8], n_units: usize, tables: &[u8], da: &[f32]) -> usize {
+    n_units
+        .min(da.len())
+        .min(group.len() / LUT_UNIT)
+        .min(tables.len() / LUT_TABLE_UNIT)
+}
+
 /// The nine pair sums of `(a0, a1)` (index `3 q0 + q1`), zero beyond.
 fn pair_table(a0: i8, a1: i8) -> [i16; 16] {
     std::array::from_fn(|i| {

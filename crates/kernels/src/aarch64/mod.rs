@@ -10,6 +10,7 @@
 
 mod float;
 mod kvq;
+mod lut;
 mod quant;
 mod r16;
 
@@ -97,6 +98,7 @@ pub(crate) fn neon_kernels(level: Level) -> Kernels {
         quantize_q8_0: quant::quantize_q8_0,
         quantize_q8_1: quant::quantize_q8_1,
         quantize_q8k: quant::quantize_q8k,
+        lut_gemv: lut::gemv_lut_neon,
         ..Kernels::SCALAR
     };
     match level {

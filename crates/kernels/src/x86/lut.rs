@@ -8,10 +8,7 @@ use crate::lut::{LUT_HEADER, LUT_ROWS, LUT_TABLE_UNIT, LUT_UNIT};
 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn gemv_lut_impl(group: &[u8], n_units: usize, tables: &[u8], da: &[f32]) -> [f32; LUT_ROWS] {
-    let n_units = n_units
-        .min(da.len())
-        .min(group.len() / LUT_UNIT)
-        .min(tables.len() / LUT_TABLE_UNIT);
+    let n_units = crate::lut::usable_units(group, n_units, tables, da);
     let mut out = [0.0f32; LUT_ROWS];
     // SAFETY: unit `u < n_units` lies inside `group` and its tables inside `tables` (checked
     // above); every load below is within them.
