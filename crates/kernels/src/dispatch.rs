@@ -113,6 +113,12 @@ pub type R16GemmFn = fn(
     [&[crate::repack::BlockQ8x]; crate::repack::R16_TOKENS],
     usize,
 ) -> [[f32; crate::repack::R16_ROWS]; crate::repack::R16_TOKENS];
+/// Consecutive groups of sixteen repacked rows (`nb` blocks each) against one activation row
+/// (decoding): `out[16 g + r]` for group `g` of the groups' bytes and row `r`, for the
+/// `out.len() / 16` groups (at most as many as the bytes hold). What [`R16GemmFn`] computes
+/// for one token, without a call and a result array per group.
+pub type R16GemvFn =
+    fn(crate::repack::R16Kind, &[u8], usize, &[crate::repack::BlockQ8x], &mut [f32]);
 /// A level's prompt-processing form of the repacked-weight kernel: `unpack` expands one
 /// group (`nb` blocks) into `dst` once (values one byte each, per-block scales as f32, in a
 /// layout of the level's own) and returns the blocks unpacked; `gemm` then runs up to
@@ -189,6 +195,9 @@ pub struct Kernels {
     /// The ternary lookup-table kernel ([`crate::lut`]).
     pub lut_gemv: LutGemvFn,
     pub r16_gemm: R16GemmFn,
+    /// The one-token form of `r16_gemm` over many groups, where a level has one (else
+    /// `r16_gemm` is called per group).
+    pub r16_gemv: Option<R16GemvFn>,
     /// The unpack-once form for many activation rows, where a level has one.
     pub r16_unpacked: Option<R16Unpacked>,
     /// Whether this level has a fast `r16_gemm` (models repack their weights only then).
@@ -246,6 +255,7 @@ impl Kernels {
         quantize_q8x_k: crate::repack::quantize_q8x_k,
         lut_gemv: crate::lut::gemv_lut_scalar,
         r16_gemm: crate::repack::gemm_r16_scalar,
+        r16_gemv: None,
         r16_unpacked: None,
         r16_preferred: false,
         quantize_q8_0: quantize::quantize_q8_0,

@@ -441,6 +441,19 @@ pub fn matmul_repacked_many(
         for &(start, w, ref out) in jobs.iter().flatten() {
             let end = start + w.n_rows / R16_ROWS;
             let n_rows = w.n_rows;
+            let (lo, hi) = (
+                mine.start.max(start) - start,
+                mine.end.min(end).max(start) - start,
+            );
+            if let (1, Some(gemv)) = (n_tok, k.r16_gemv) {
+                // one token (decoding): the level's kernel runs over this chunk's groups
+                if lo < hi {
+                    // SAFETY: as below: each group goes to one thread only.
+                    let o = unsafe { out.slice(lo * R16_ROWS..hi * R16_ROWS) };
+                    gemv(w.kind, w.groups(lo..hi), nb, &a[..nb], o);
+                }
+                continue;
+            }
             for g in mine.start.max(start)..mine.end.min(end) {
                 let g = g - start;
                 let group = w.groups(g..g + 1);

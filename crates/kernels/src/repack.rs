@@ -785,6 +785,29 @@ mod tests {
                         }
                     }
                 }
+                // the one-token form over both groups at once
+                for k in crate::Kernels::all_variants() {
+                    let Some(gemv) = k.r16_gemv else { continue };
+                    let mut out = vec![f32::NAN; rows];
+                    gemv(
+                        rp.kind,
+                        rp.groups(0..rows / R16_ROWS),
+                        nb,
+                        refs[0],
+                        &mut out,
+                    );
+                    for (g, got) in out.chunks_exact(R16_ROWS).enumerate() {
+                        let group = rp.groups(g..g + 1);
+                        let want = gemm_r16_scalar(rp.kind, group, nb, refs, 1)[0];
+                        let mut got_rows = [[0.0f32; R16_ROWS]; R16_TOKENS];
+                        got_rows[0].copy_from_slice(got);
+                        let mut want_rows = [[0.0f32; R16_ROWS]; R16_TOKENS];
+                        want_rows[0] = want;
+                        assert_outputs_close(&got_rows, &want_rows, 1, || {
+                            format!("{ty} {} gemv group {g} nb={nb}", k.name)
+                        });
+                    }
+                }
             }
         }
         let any_fast = crate::Kernels::all_variants()

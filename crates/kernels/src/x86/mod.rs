@@ -53,6 +53,7 @@ pub(crate) fn avx2_kernels() -> Kernels {
         dot4_f32: Some(avx2::dot4_f32),
         dot4_f16: Some(avx2::dot4_f16),
         r16_gemm: r16::gemm_r16_avx2,
+        r16_gemv: Some(r16::gemv_r16_avx2),
         r16_unpacked: Some(r16::UNPACKED_AVX2),
         r16_preferred: true,
         quantize_q8x: avx2::quantize_q8x,
@@ -71,6 +72,7 @@ pub(crate) fn avxvnni_kernels() -> Kernels {
         isa: Isa::AvxVnni,
         name: "avx2+vnni",
         r16_gemm: r16::gemm_r16_avxvnni,
+        r16_gemv: Some(r16::gemv_r16_avxvnni),
         r16_unpacked: Some(r16::UNPACKED_AVXVNNI),
         ..avx2_kernels()
     }
@@ -92,6 +94,7 @@ pub(crate) fn avx512_kernels() -> Kernels {
         } else {
             below.r16_gemm
         },
+        r16_gemv: if vnni { None } else { below.r16_gemv },
         r16_unpacked: if vnni { None } else { below.r16_unpacked },
         r16_preferred: true,
         isa: Isa::Avx512,

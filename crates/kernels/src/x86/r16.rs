@@ -923,11 +923,67 @@ unsafe fn gemm<M: Mac>(
     out
 }
 
+/// [`crate::dispatch::R16GemvFn`] of the ternary kind: [`gemm_t2`] for one token, group
+/// after group in one loop (no call through the table and no result array per group).
+/// Other kinds go to the level's [`crate::dispatch::R16GemmFn`] per group: their kernels
+/// are only inlined well one call at a time.
+///
+/// # Safety
+/// The CPU has AVX2, FMA, F16C and `M`'s features.
+#[inline(always)]
+unsafe fn gemv_t2<M: Mac>(groups: &[u8], nb: usize, act: &[BlockQ8x], out: &mut [f32]) {
+    let kind = R16Kind::T2;
+    let gb = nb / kind.blocks_per_unit() * kind.unit_bytes();
+    if gb == 0 {
+        out.fill(0.0);
+        return;
+    }
+    for (group, o) in groups.chunks_exact(gb).zip(out.chunks_exact_mut(R16_ROWS)) {
+        let acts = [act; R16_TOKENS];
+        let nb = usable_blocks(kind, group, nb, &acts[..1]);
+        // SAFETY: `nb` from `usable_blocks`; features by the caller's contract.
+        let [lo, hi] = unsafe { gemm_t2::<M, 1>(group, nb, &acts) };
+        // SAFETY: storing eight f32 at 0 and 8 of a chunk of sixteen.
+        unsafe {
+            _mm256_storeu_ps(o.as_mut_ptr(), lo[0]);
+            _mm256_storeu_ps(o.as_mut_ptr().add(8), hi[0]);
+        }
+    }
+}
+
 /// The entry points of one level `$M` (its features `$features`, checked by
 /// `Isa::$isa.available()` before the table that holds them is made): the packed kernel
 /// `$gemm` ([`crate::dispatch::R16GemmFn`]) and the unpack-once pair `$unpacked`.
 macro_rules! level {
-    ($M:ty, $features:literal, $isa:literal, $gemm:ident, $unpacked:ident) => {
+    ($M:ty, $features:literal, $isa:literal, $gemm:ident, $gemv:ident, $unpacked:ident) => {
+        /// [`crate::dispatch::R16GemvFn`] of this level.
+        pub(super) fn $gemv(
+            kind: R16Kind,
+            groups: &[u8],
+            nb: usize,
+            act: &[BlockQ8x],
+            out: &mut [f32],
+        ) {
+            #[target_feature(enable = $features)]
+            fn inner(groups: &[u8], nb: usize, act: &[BlockQ8x], out: &mut [f32]) {
+                // SAFETY: this function's features are the level's.
+                unsafe { gemv_t2::<$M>(groups, nb, act, out) }
+            }
+            if kind == R16Kind::T2 {
+                // SAFETY: only placed in a kernel table after `Isa::$isa.available()`
+                // (which covers `$features`) returned true.
+                return unsafe { inner(groups, nb, act, out) };
+            }
+            let gb = nb / kind.blocks_per_unit() * kind.unit_bytes();
+            if gb == 0 {
+                out.fill(0.0);
+                return;
+            }
+            for (group, o) in groups.chunks_exact(gb).zip(out.chunks_exact_mut(R16_ROWS)) {
+                o.copy_from_slice(&$gemm(kind, group, nb, [act; R16_TOKENS], 1)[0]);
+            }
+        }
+
         /// [`crate::dispatch::R16GemmFn`] of this level.
         pub(super) fn $gemm(
             kind: R16Kind,
@@ -992,11 +1048,19 @@ macro_rules! level {
     };
 }
 
-level!(Avx2, "avx2,fma,f16c", "Avx2", gemm_r16_avx2, UNPACKED_AVX2);
+level!(
+    Avx2,
+    "avx2,fma,f16c",
+    "Avx2",
+    gemm_r16_avx2,
+    gemv_r16_avx2,
+    UNPACKED_AVX2
+);
 level!(
     AvxVnni,
     "avx2,fma,f16c,avxvnni",
     "AvxVnni",
     gemm_r16_avxvnni,
+    gemv_r16_avxvnni,
     UNPACKED_AVXVNNI
 );
