@@ -421,11 +421,20 @@ fn print_row(r: &Row, types: bool) {
     } else {
         String::new()
     };
+    // llama-bench's units: GiB from 1 GiB, B(illion) parameters from 1e9
+    let size = match r.size as f64 / (1024.0 * 1024.0) {
+        mib if mib >= 1024.0 => format!("{:.2} GiB", mib / 1024.0),
+        mib => format!("{mib:.2} MiB"),
+    };
+    let params = match r.params as f64 {
+        p if p >= 1e9 => format!("{:.2} B", p / 1e9),
+        p => format!("{:.2} M", p / 1e6),
+    };
     println!(
-        "| {:<30} | {:>6.2} MiB | {:>8.2} M | {:<10} | {:>7} {ty}| {:>15} | {:>20} |",
+        "| {:<30} | {:>10} | {:>10} | {:<10} | {:>7} {ty}| {:>15} | {:>20} |",
         r.model,
-        r.size as f64 / (1024.0 * 1024.0),
-        r.params as f64 / 1e6,
+        size,
+        params,
         "CPU",
         r.threads,
         test,

@@ -457,3 +457,11 @@ impl SpecArgs {
         )?))
     }
 }
+
+/// Whether two paths name the same existing file (after links and `..` are resolved).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}

@@ -38,7 +38,7 @@ pub struct GenerateArgs {
     /// Context size in tokens, 16 or more (grown to fit the prompt and -n).
     #[arg(short = 'c', long, default_value_t = 4096, value_parser = ctx_size)]
     pub ctx_size: usize,
-    /// Threads, at most the machine's cores [default: all cores].
+    /// Threads, at most the machine's cores (by default, all of them).
     #[arg(short = 't', long, default_value_t = default_threads(), value_parser = threads)]
     pub threads: usize,
     /// Element type of the cached keys: f16, q8_0, fp8 (also `-ctk`) [default: the config

@@ -19,7 +19,7 @@ pub struct QuantizeArgs {
     /// Q4_K_S, Q4_K_M (Q4_K), Q5_K_S, Q5_K_M (Q5_K), Q6_K, TQ1_0, TQ2_0 (ternary).
     #[arg(value_parser = file_type)]
     pub r#type: FileType,
-    /// Threads [default: all cores].
+    /// Threads (by default, all cores).
     #[arg(short = 't', long, default_value_t = default_threads(), value_parser = threads)]
     pub threads: usize,
     /// Overwrite OUT if it exists.
@@ -61,7 +61,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             a.output.display()
         );
     }
-    if same_file(&input, &a.output) {
+    if crate::common::same_file(&input, &a.output) {
         bail!("the output would overwrite the input {}", input.display());
     }
     if a.output.is_dir() {
@@ -118,11 +118,4 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         }
     );
     Ok(())
-}
-
-fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    }
 }

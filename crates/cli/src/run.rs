@@ -37,7 +37,7 @@ pub struct RunArgs {
     /// [default: the config file's `ctx_size` for the model, else 4096].
     #[arg(short = 'c', long, value_parser = ctx_size)]
     pub ctx_size: Option<usize>,
-    /// Threads, at most the machine's cores [default: all cores].
+    /// Threads, at most the machine's cores (by default, all of them).
     #[arg(short = 't', long, default_value_t = default_threads(), value_parser = threads)]
     pub threads: usize,
     /// Element type of the cached keys: f16, q8_0, fp8 (also `-ctk`) [default: the config

@@ -25,7 +25,7 @@ pub struct ServeArgs {
     /// Port to listen on [default: 11434].
     #[arg(long, env = "CAPY_PORT")]
     pub port: Option<u16>,
-    /// Threads of each model's engine [default: all cores].
+    /// Threads of each model's engine (by default, all cores).
     #[arg(short = 't', long, env = "CAPY_THREADS")]
     pub threads: Option<usize>,
     /// TOML file with any of these settings (snake_case keys, e.g. memory_budget = "4GiB")
