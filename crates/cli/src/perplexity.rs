@@ -82,6 +82,23 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     if n_chunk == 0 {
         bail!("{} tokens is less than one chunk of {n_ctx}", tokens.len());
     }
+    // checked before the context (and its KV cache, sized by the base's n_ctx) is made
+    let n_vocab = engine.model.hp.n_vocab;
+    if let Some(b) = &base {
+        if b.n_vocab != n_vocab {
+            bail!(
+                "the base file has a vocabulary of {}, the model {n_vocab}",
+                b.n_vocab
+            );
+        }
+    }
+    if let (Some(p), None) = (&a.kl_divergence_base, &base) {
+        for (input, what) in [(Some(&path), "model"), (a.file.as_ref(), "text")] {
+            if input.is_some_and(|i| crate::common::same_file(i, p)) {
+                bail!("the base file would overwrite the {what} {}", p.display());
+            }
+        }
+    }
     let add_bos = tok.add_bos && tok.bos.is_some();
     let mut ctx = capy_engine::Context::new(
         Arc::clone(&engine.model),
@@ -98,15 +115,6 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
             isa: None,
         },
     );
-    let n_vocab = ctx.n_vocab();
-    if let Some(b) = &base {
-        if b.n_vocab != n_vocab {
-            bail!(
-                "the base file has a vocabulary of {}, the model {n_vocab}",
-                b.n_vocab
-            );
-        }
-    }
     let mut out = match (&a.kl_divergence_base, &base) {
         (Some(p), None) => Some(BaseWriter::create(p, n_ctx, n_vocab, n_chunk, &tokens)?),
         _ => None,
@@ -153,7 +161,13 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
                 nll2 += v * v;
                 count += 1;
                 if let Some(b) = &base {
-                    kld.add(row, lse, b.record(c * per_chunk + q - first), target);
+                    let i = c * per_chunk + q - first;
+                    if !kld.add(row, lse, b.record(i), target) {
+                        bail!(
+                            "{}: record {i} is not a probability distribution",
+                            a.kl_divergence_base.as_deref().unwrap_or(&path).display()
+                        );
+                    }
                 }
                 if let Some(w) = out.as_mut() {
                     w.push(row)?;
@@ -359,15 +373,20 @@ struct KlStats {
 
 impl KlStats {
     /// One position: the model's logits `row` (with log-sum-exp `lse`), the base's record.
+    /// False, with nothing counted, when the record is no probability distribution (a scale
+    /// that is not finite or negative, or probabilities that do not sum to one).
     fn add(
         &mut self,
         row: &[f32],
         lse: f64,
         (scale, min_lp, codes): (f32, f32, &[u16]),
         target: usize,
-    ) {
+    ) -> bool {
         let base_lp = |i: usize| (scale * codes[i] as f32 + min_lp) as f64;
-        let mut kld = 0.0;
+        if !(scale.is_finite() && min_lp.is_finite() && scale >= 0.0) {
+            return false;
+        }
+        let (mut kld, mut mass) = (0.0, 0.0);
         let (mut b1, mut b2, mut ib) = (f64::NEG_INFINITY, f64::NEG_INFINITY, 0);
         let mut im = 0;
         for (i, &v) in row.iter().enumerate() {
@@ -382,7 +401,13 @@ impl KlStats {
             }
             if lb > -16.0 {
                 kld += lb.exp() * (lb - (v as f64 - lse));
+                mass += lb.exp();
             }
+        }
+        // the base's probabilities above its floor sum to one, up to its 16-bit codes and the
+        // tail below e^-16 (at most n_vocab * e^-16)
+        if (mass - 1.0).abs() > 0.01 + row.len() as f64 * (-16.0f64).exp() {
+            return false;
         }
         // the base's five likeliest tokens
         let mut top: Vec<usize> = (0..row.len()).collect();
@@ -408,6 +433,7 @@ impl KlStats {
             self.confident += 1;
             self.confident_same_top += usize::from(im == ib);
         }
+        true
     }
 
     fn print(&self) {

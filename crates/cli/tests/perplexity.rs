@@ -157,6 +157,40 @@ fn kl_divergence_against_a_saved_base() {
             &[],
         )
     };
+    // a record that is no distribution (its scale NaN) is refused, not averaged in
+    let mut bytes = std::fs::read(&base).unwrap();
+    let rec0 = 20 + 256 * 4;
+    bytes[rec0..rec0 + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&base, &bytes).unwrap();
+    let (ok, _, err) = compare();
+    assert!(
+        !ok && err.contains("not a probability distribution"),
+        "{err}"
+    );
+    // another vocabulary with a huge context: refused before a cache is sized for it
+    let n_ctx = 1_000_000usize;
+    let mut other = b"_logits_".to_vec();
+    for v in [n_ctx as i32, 1, 1] {
+        other.extend_from_slice(&v.to_le_bytes());
+    }
+    other.resize(20 + n_ctx * 4 + (n_ctx - 1 - n_ctx / 2) * 6 * 2, 0);
+    std::fs::write(&base, &other).unwrap();
+    let (ok, _, err) = compare();
+    assert!(!ok && err.contains("vocabulary of 1"), "{err}");
+    // a base file is never written over the text it is computed from
+    let text = dir.join("text.txt");
+    std::fs::copy(f, &text).unwrap();
+    let t = text.to_str().unwrap();
+    let (ok, _, err) = run(
+        &[
+            &["perplexity", "-m", m, "-f", t, "--kl-divergence-base", t],
+            &common[..],
+        ]
+        .concat(),
+        &[],
+    );
+    assert!(!ok && err.contains("would overwrite the text"), "{err}");
+    assert_eq!(std::fs::read(&text).unwrap(), std::fs::read(f).unwrap());
     // a file cut short
     let bytes = std::fs::read(&base).unwrap();
     std::fs::write(&base, &bytes[..bytes.len() - 7]).unwrap();

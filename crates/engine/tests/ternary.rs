@@ -169,3 +169,33 @@ fn ternary_models_match_llama_cpp() {
     std::fs::remove_dir_all(&dir).ok();
     println!("{}", report.join("\n"));
 }
+
+/// A BitNet per-tensor scale that is not finite (NaN, infinity) is refused at load with the
+/// tensor's name, rather than turning every logit into NaN.
+#[test]
+fn a_non_finite_tensor_scale_is_refused() {
+    let vocab = Gguf::open(model_path("smollm2-135m")).unwrap();
+    let dir = std::env::temp_dir().join(format!("capy-ternary-nan-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bitnet-f16.gguf");
+    write_synthetic(&spec(Arch::Bitnet), &vocab, &path).unwrap();
+    assert!(Model::load(&path).is_ok());
+    let name = "blk.0.ffn_down.scale";
+    let at = {
+        let g = Gguf::open(&path).unwrap();
+        let info = g.tensor_info(name).unwrap();
+        assert_eq!(info.ty, GgmlType::F32);
+        (g.data_offset() + info.offset) as usize
+    };
+    for value in [f32::NAN, f32::INFINITY] {
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let Err(err) = Model::load(&path).map(|_| ()) else {
+            panic!("a scale of {value} loaded");
+        };
+        let err = err.to_string();
+        assert!(err.contains(name) && err.contains("not finite"), "{err}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -40,6 +40,8 @@ pub enum Error {
     BadHparams(String),
     #[error("model is missing tensor {0}")]
     MissingTensor(String),
+    #[error("tensor {tensor}: value {value} is not finite")]
+    NonFinite { tensor: String, value: f32 },
     #[error("tensor {tensor}: expected shape {expected:?}, got {got:?}")]
     BadShape {
         tensor: String,

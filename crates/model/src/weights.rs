@@ -132,7 +132,14 @@ impl Model {
                 let mut t = tensor(&gguf, &n(s), dims)?;
                 let scale = format!("blk.{il}.{s}.scale");
                 if gguf.tensor_info(&scale).is_some() {
-                    t.scale = Some(vector(&gguf, &scale, 1)?[0]);
+                    let value = vector(&gguf, &scale, 1)?[0];
+                    if !value.is_finite() {
+                        return Err(Error::NonFinite {
+                            tensor: scale,
+                            value,
+                        });
+                    }
+                    t.scale = Some(value);
                 }
                 Ok(t)
             };
