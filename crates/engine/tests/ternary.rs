@@ -171,7 +171,8 @@ fn ternary_models_match_llama_cpp() {
 }
 
 /// A BitNet per-tensor scale that is not finite (NaN, infinity) is refused at load with the
-/// tensor's name, rather than turning every logit into NaN.
+/// tensor's name, rather than turning every logit into NaN; a NaN weight is refused by
+/// `capy quantize`.
 #[test]
 fn a_non_finite_tensor_scale_is_refused() {
     let vocab = Gguf::open(model_path("smollm2-135m")).unwrap();
@@ -197,5 +198,22 @@ fn a_non_finite_tensor_scale_is_refused() {
         let err = err.to_string();
         assert!(err.contains(name) && err.contains("not finite"), "{err}");
     }
+    // a NaN weight: `capy quantize` refuses the tensor instead of writing NaN scales
+    let name = "blk.0.attn_q.weight";
+    let at = {
+        let g = Gguf::open(&path).unwrap();
+        let info = g.tensor_info(name).unwrap();
+        assert_eq!(info.ty, GgmlType::F16);
+        (g.data_offset() + info.offset) as usize + 2 * 300
+    };
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[at..at + 2].copy_from_slice(&0x7E00u16.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let out = dir.join("bitnet-tq2_0.gguf");
+    let err = quantize_file(&path, &out, FileType::TQ2_0, 2, &mut |_, _, _| {})
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(name) && err.contains("not finite"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }

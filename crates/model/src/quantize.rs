@@ -356,9 +356,19 @@ impl Mix {
 }
 
 /// One tensor's rows in f32: `[n_rows, n_cols]`.
+///
+/// # Errors
+/// A value that is not finite (a corrupt input: its quantized blocks would carry it on, as
+/// llama-quantize's validation of the data refuses).
 fn to_f32(t: &TensorInfo, data: &[u8]) -> Result<Vec<f32>> {
     let mut out = vec![0.0f32; t.n_elements() as usize];
     capy_kernels::matmul::dequantize(t.ty, data, &mut out)?;
+    if let Some(&value) = out.iter().find(|v| !v.is_finite()) {
+        return Err(crate::Error::NonFinite {
+            tensor: t.name.clone(),
+            value,
+        });
+    }
     Ok(out)
 }
 
