@@ -130,6 +130,11 @@ impl R16Kind {
         self.header_bytes() + self.blocks_per_unit() * self.body_bytes()
     }
 
+    /// Bytes of one group of sixteen rows of `nb` 32-value blocks (whole units).
+    pub fn group_bytes(self, nb: usize) -> usize {
+        nb / self.blocks_per_unit() * self.unit_bytes()
+    }
+
     /// `(unit_bytes, header_bytes, body_bytes, blocks_per_unit)`: what a kernel walking a
     /// group unit by unit needs.
     pub fn layout(self) -> (usize, usize, usize, usize) {
@@ -470,7 +475,7 @@ impl Repacked {
     /// The raw units of row groups `groups`.
     pub(crate) fn groups(&self, groups: std::ops::Range<usize>) -> &[u8] {
         let k = self.kind;
-        let gb = self.n_cols / 32 / k.blocks_per_unit() * k.unit_bytes();
+        let gb = k.group_bytes(self.n_cols / 32);
         &self.data.as_slice()[groups.start * gb..groups.end * gb]
     }
 }

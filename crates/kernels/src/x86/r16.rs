@@ -933,7 +933,7 @@ unsafe fn gemm<M: Mac>(
 #[inline(always)]
 unsafe fn gemv_t2<M: Mac>(groups: &[u8], nb: usize, act: &[BlockQ8x], out: &mut [f32]) {
     let kind = R16Kind::T2;
-    let gb = nb / kind.blocks_per_unit() * kind.unit_bytes();
+    let gb = kind.group_bytes(nb);
     if gb == 0 {
         out.fill(0.0);
         return;
@@ -974,7 +974,7 @@ macro_rules! level {
                 // (which covers `$features`) returned true.
                 return unsafe { inner(groups, nb, act, out) };
             }
-            let gb = nb / kind.blocks_per_unit() * kind.unit_bytes();
+            let gb = kind.group_bytes(nb);
             if gb == 0 {
                 out.fill(0.0);
                 return;
