@@ -119,6 +119,12 @@ pub type R16GemmFn = fn(
 /// for one token, without a call and a result array per group.
 pub type R16GemvFn =
     fn(crate::repack::R16Kind, &[u8], usize, &[crate::repack::BlockQ8x], &mut [f32]);
+/// The ternary kind's prompt kernel: one group of sixteen repacked rows (`nb` blocks)
+/// against tiles of eight tokens' activations ([`crate::repack::t2_tile`], tile after tile
+/// in the third argument): `out[8 i + t][r]` for tile `i`, its token `t` and row `r`, for
+/// `out.len() / 8` tiles (rows past the tiles given, or past a multiple of eight, are left
+/// as they are). What [`R16GemmFn`] computes for the tiles' tokens.
+pub type R16T2TilesFn = fn(&[u8], usize, &[u8], &mut [[f32; crate::repack::R16_ROWS]]);
 /// A level's prompt-processing form of the repacked-weight kernel: `unpack` expands one
 /// group (`nb` blocks) into `dst` once (values one byte each, per-block scales as f32, in a
 /// layout of the level's own) and returns the blocks unpacked; `gemm` then runs up to
@@ -200,6 +206,8 @@ pub struct Kernels {
     pub r16_gemv: Option<R16GemvFn>,
     /// The unpack-once form for many activation rows, where a level has one.
     pub r16_unpacked: Option<R16Unpacked>,
+    /// The ternary kind's prompt kernel over eight-token tiles, where a level has one.
+    pub r16_t2_tiles: Option<R16T2TilesFn>,
     /// Whether this level has a fast `r16_gemm` (models repack their weights only then).
     pub r16_preferred: bool,
     pub quantize_q8_0: QuantizeFn<BlockQ8_0>,
@@ -257,6 +265,7 @@ impl Kernels {
         r16_gemm: crate::repack::gemm_r16_scalar,
         r16_gemv: None,
         r16_unpacked: None,
+        r16_t2_tiles: None,
         r16_preferred: false,
         quantize_q8_0: quantize::quantize_q8_0,
         quantize_q8_1: quantize::quantize_q8_1,

@@ -11,7 +11,9 @@ use crate::blocks::*;
 use crate::dispatch::{Dot4Fn, DotFn, Kernels};
 use crate::pool::{split_range, SharedMut, ThreadPool};
 use crate::quant::dequant;
-use crate::repack::{BlockQ8x, R16Kind, Repacked, R16_ROWS, R16_TOKENS};
+use crate::repack::{
+    BlockQ8x, R16Kind, Repacked, R16_ROWS, R16_TOKENS, T2_TILE_TOKENS, T2_TILE_UNIT_BYTES,
+};
 use crate::{Error, GgmlType, Result};
 
 /// A weight matrix in ggml layout: `n_rows` rows of `n_cols` elements each.
@@ -357,10 +359,14 @@ const R16_UNPACK_MIN_TOKENS: usize = 16;
 thread_local! {
     /// The group unpacked by this thread (grown to the largest group, then reused).
     static UNPACKED: std::cell::RefCell<AlignedBuf> = const { std::cell::RefCell::new(AlignedBuf::new()) };
+    /// One group's rows for a prompt's tiled tokens ([`crate::dispatch::R16T2TilesFn`]).
+    static T2_OUT: std::cell::RefCell<Vec<[f32; R16_ROWS]>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// [`matmul`] for a repacked matrix: activations go to [`BlockQ8x`] once, then each thread
-/// takes whole groups of sixteen rows and runs every token through them, `R16_TOKENS` at a time.
+/// takes whole groups of sixteen rows and runs every token through them, `R16_TOKENS` at a
+/// time (a prompt against ternary matrices: whole tiles of eight tokens in one call of the
+/// level's [`crate::dispatch::R16T2TilesFn`], where it has one).
 pub fn matmul_repacked(
     k: &Kernels,
     pool: &ThreadPool,
@@ -416,7 +422,43 @@ pub fn matmul_repacked_many(
         op: "matmul",
         ty: GgmlType::Q8_0,
     };
-    let a: &[BlockQ8x] = cast_blocks(scratch.as_slice()).ok_or_else(mis)?;
+    // a prompt against ternary matrices only: the level's tile kernel takes the tokens
+    // eight at a time, their activations rearranged into tiles after the quantized rows
+    let bpu = R16Kind::T2.blocks_per_unit();
+    let tiles_fn = k.r16_t2_tiles.filter(|_| {
+        n_tok >= T2_TILE_TOKENS
+            && nb.is_multiple_of(bpu)
+            && mats.iter().all(|(w, _)| w.kind == R16Kind::T2)
+    });
+    let n_tiles = if tiles_fn.is_some() {
+        n_tok / T2_TILE_TOKENS
+    } else {
+        0
+    };
+    let tile_bytes = nb / bpu * T2_TILE_UNIT_BYTES;
+    let q_bytes = (n_tok * arb).next_multiple_of(64);
+    scratch.resize(q_bytes + n_tiles * tile_bytes);
+    let (qs, tiles) = scratch.as_mut_slice().split_at_mut(q_bytes);
+    let a: &[BlockQ8x] = cast_blocks(&qs[..n_tok * arb]).ok_or_else(mis)?;
+    if n_tiles > 0 {
+        let dst = SharedMut::new(tiles);
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        pool.run(&|ith, nth| {
+            for i in (ith..n_tiles).step_by(nth) {
+                // SAFETY: tile `i` goes to one thread only.
+                let tile = unsafe { dst.slice(i * tile_bytes..(i + 1) * tile_bytes) };
+                let rows = &a[i * T2_TILE_TOKENS * nb..(i + 1) * T2_TILE_TOKENS * nb];
+                if crate::repack::t2_tile(rows, nb, tile).is_err() {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+        if failed.into_inner() {
+            return Err(shape_err("matmul", "whole ternary units", nb));
+        }
+    }
+    let tiles: &[u8] = tiles;
+    let n_tiled = n_tiles * T2_TILE_TOKENS;
     // every matrix's row groups numbered one after the other
     // (first global group, matrix, output); a fixed array: no allocation per call
     let mut jobs: [Option<(usize, &Repacked, SharedMut<f32>)>; 4] = [const { None }; 4];
@@ -457,6 +499,19 @@ pub fn matmul_repacked_many(
             for g in mine.start.max(start)..mine.end.min(end) {
                 let g = g - start;
                 let group = w.groups(g..g + 1);
+                if let Some(tiles_fn) = tiles_fn {
+                    // the tiled tokens in one call, into this thread's rows, then to `out`
+                    T2_OUT.with_borrow_mut(|res| {
+                        res.resize(n_tiled, [0.0; R16_ROWS]);
+                        tiles_fn(group, nb, tiles, res);
+                        for (t, rr) in res.iter().enumerate() {
+                            let base = t * n_rows + g * R16_ROWS;
+                            // SAFETY: as below.
+                            let o = unsafe { out.slice(base..base + R16_ROWS) };
+                            o.copy_from_slice(rr);
+                        }
+                    });
+                }
                 // many tokens: unpack the group once for all of them where the level can
                 let unpacked = k
                     .r16_unpacked
@@ -464,7 +519,7 @@ pub fn matmul_repacked_many(
                 if let Some(u) = unpacked {
                     UNPACKED.with_borrow_mut(|buf| (u.unpack)(w.kind, group, nb, buf));
                 }
-                let mut t = 0;
+                let mut t = n_tiled;
                 while t < n_tok {
                     let n = (n_tok - t).min(R16_TOKENS);
                     let acts: [&[BlockQ8x]; R16_TOKENS] = std::array::from_fn(|i| {

@@ -237,6 +237,110 @@ pub fn quantize_q8x_k(x: &[f32], y: &mut [BlockQ8x]) {
     }
 }
 
+/// Tokens in a ternary activation tile ([`t2_tile`]).
+pub const T2_TILE_TOKENS: usize = 8;
+const _: () = assert!(T2_TILE_TOKENS == R16_TOKENS);
+
+/// Bytes of one 256-column unit of a ternary activation tile: the eight tokens' values
+/// block by block (`[block][token][32]`, i8), then per token the unit's scale `d` and its
+/// `d * sum(qs)` (`[f32; 8]` each).
+pub const T2_TILE_UNIT_BYTES: usize = QK_K / 32 * T2_TILE_TOKENS * 32 + 2 * 4 * T2_TILE_TOKENS;
+
+/// Writes eight activation rows of `nb` blocks each (`acts`, token after token, from
+/// [`quantize_q8x_k`]) as one tile for [`crate::dispatch::R16T2TilesFn`]: `nb / 8` units
+/// of [`T2_TILE_UNIT_BYTES`] into `tile`. The ternary prompt kernel reads the eight
+/// tokens' values from one pointer and each unit's scale and offset sum ready-made.
+///
+/// # Errors
+/// [`Error::Shape`] when `nb` is not whole units or the slices are too short.
+pub fn t2_tile(acts: &[BlockQ8x], nb: usize, tile: &mut [u8]) -> Result<()> {
+    let bpu = R16Kind::T2.blocks_per_unit();
+    let n_units = nb / bpu;
+    if !nb.is_multiple_of(bpu)
+        || acts.len() < T2_TILE_TOKENS * nb
+        || tile.len() < n_units * T2_TILE_UNIT_BYTES
+    {
+        return Err(Error::Shape {
+            op: "t2_tile",
+            expected: format!("{T2_TILE_TOKENS} rows of {nb} blocks (whole units of {bpu})"),
+            got: format!("{} blocks, {} tile bytes", acts.len(), tile.len()),
+        });
+    }
+    let values = bpu * T2_TILE_TOKENS * 32;
+    for (u, unit) in tile
+        .chunks_exact_mut(T2_TILE_UNIT_BYTES)
+        .take(n_units)
+        .enumerate()
+    {
+        let (qs, scales) = unit.split_at_mut(values);
+        for t in 0..T2_TILE_TOKENS {
+            let row = &acts[t * nb + u * bpu..t * nb + (u + 1) * bpu];
+            for (j, b) in row.iter().enumerate() {
+                let o = (j * T2_TILE_TOKENS + t) * 32;
+                for (d, &q) in qs[o..o + 32].iter_mut().zip(&b.qs) {
+                    *d = q as u8;
+                }
+            }
+            let sa: f32 = row.iter().map(|b| b.s).sum();
+            scales[4 * t..4 * t + 4].copy_from_slice(&row[0].d.to_le_bytes());
+            let o = 4 * (T2_TILE_TOKENS + t);
+            scales[o..o + 4].copy_from_slice(&sa.to_le_bytes());
+        }
+    }
+    Ok(())
+}
+
+/// For a [`crate::dispatch::R16T2TilesFn`] given `group` (`nb` blocks), `tiles` and an
+/// output of `n_out` rows: the whole units' blocks the group holds, and the output rows
+/// (eight per tile) that `tiles` and `n_out` both hold.
+pub fn t2_tiles_checked(group: &[u8], nb: usize, tiles: &[u8], n_out: usize) -> (usize, usize) {
+    let kind = R16Kind::T2;
+    let bpu = kind.blocks_per_unit();
+    let n_units = (nb / bpu).min(group.len() / kind.unit_bytes());
+    let n_tiles = match n_units {
+        0 => n_out / T2_TILE_TOKENS,
+        n => (tiles.len() / (n * T2_TILE_UNIT_BYTES)).min(n_out / T2_TILE_TOKENS),
+    };
+    (n_units * bpu, n_tiles * T2_TILE_TOKENS)
+}
+
+/// Scalar [`crate::dispatch::R16T2TilesFn`]: the reference of the tile kernels, per unit
+/// as they compute (`d * da * sum(q * a) - d * sa` per row, token and unit, `q` the stored
+/// 0..=2). Output rows past what `t2_tiles_checked` allows are left as they are.
+pub fn gemm_t2_tiles_scalar(group: &[u8], nb: usize, tiles: &[u8], out: &mut [[f32; R16_ROWS]]) {
+    let kind = R16Kind::T2;
+    let (nb, n) = t2_tiles_checked(group, nb, tiles, out.len());
+    let (ub, hb, bb, bpu) = kind.layout();
+    let n_units = nb / bpu;
+    let values = bpu * T2_TILE_TOKENS * 32;
+    let f32_at = |b: &[u8], o: usize| f32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+    for (i, o) in out[..n].chunks_exact_mut(T2_TILE_TOKENS).enumerate() {
+        let tile = &tiles[i * n_units * T2_TILE_UNIT_BYTES..];
+        o.iter_mut().for_each(|r| r.fill(0.0));
+        for u in 0..n_units {
+            let unit = &group[u * ub..(u + 1) * ub];
+            let at = &tile[u * T2_TILE_UNIT_BYTES..(u + 1) * T2_TILE_UNIT_BYTES];
+            for r in 0..R16_ROWS {
+                let d = f16::from_le_bytes([unit[2 * r], unit[2 * r + 1]]).to_f32();
+                for (t, o) in o.iter_mut().enumerate() {
+                    let mut isum = 0i32;
+                    for j in 0..bpu {
+                        let body = &unit[hb + j * bb..hb + (j + 1) * bb];
+                        let a = &at[(j * T2_TILE_TOKENS + t) * 32..][..32];
+                        for (i, &a) in a.iter().enumerate() {
+                            let q = value(kind, body, 64 * (i / 4) + 4 * r + i % 4);
+                            isum += q as i32 * a as i8 as i32;
+                        }
+                    }
+                    let da = f32_at(at, values + 4 * t);
+                    let sa = f32_at(at, values + 4 * (T2_TILE_TOKENS + t));
+                    o[r] += d * da * isum as f32 - d * sa;
+                }
+            }
+        }
+    }
+}
+
 /// A weight matrix repacked into R16 units: `n_rows / 16` groups of `n_cols / 32` blocks.
 pub struct Repacked {
     pub kind: R16Kind,
@@ -736,6 +840,23 @@ mod tests {
             assert_eq!((u.unpack)(kind, group, nb, &mut buf), nb);
             out.push(("unpacked", (u.gemm)(kind, buf.as_slice(), nb, acts, n_act)));
         }
+        // the ternary tile kernels take exactly eight tokens, in whole units
+        let bpu = R16Kind::T2.blocks_per_unit();
+        if kind == R16Kind::T2 && n_act == T2_TILE_TOKENS && nb.is_multiple_of(bpu) {
+            let rows: Vec<BlockQ8x> = acts.iter().flat_map(|a| a[..nb].to_vec()).collect();
+            let mut tile = vec![0u8; nb / bpu * T2_TILE_UNIT_BYTES];
+            t2_tile(&rows, nb, &mut tile).unwrap();
+            let tiles_fns: [(&'static str, Option<crate::dispatch::R16T2TilesFn>); 2] = [
+                ("tiles (scalar)", Some(gemm_t2_tiles_scalar)),
+                ("tiles", k.r16_t2_tiles),
+            ];
+            for (form, f) in tiles_fns {
+                let Some(f) = f else { continue };
+                let mut res = [[f32::NAN; R16_ROWS]; R16_TOKENS];
+                f(group, nb, &tile, &mut res);
+                out.push((form, res));
+            }
+        }
         out
     }
 
@@ -819,6 +940,45 @@ mod tests {
             .iter()
             .any(|k| k.r16_preferred);
         assert_eq!(fast > 0, any_fast);
+    }
+
+    /// A prompt's product against ternary matrices (the tile kernel for whole tiles of
+    /// eight tokens, the packed kernel for the rest) matches the scalar level's, two
+    /// matrices at once, for token counts around the tile size.
+    #[test]
+    fn ternary_prompt_products_match_the_scalar_level() {
+        let mut rng = Rng::new(12);
+        let pool = crate::ThreadPool::new(2);
+        let cols = 2 * QK_K;
+        for ty in [GgmlType::TQ1_0, GgmlType::TQ2_0] {
+            let (b1, b2) = (
+                matrix(ty, 32, cols, &mut rng),
+                matrix(ty, 48, cols, &mut rng),
+            );
+            let (_, r1) = weight_and_repacked(ty, &b1, 32, cols);
+            let (_, r2) = weight_and_repacked(ty, &b2, 48, cols);
+            for n_tok in [1, 7, 8, 13, 19, 32] {
+                let x: Vec<f32> = (0..n_tok * cols).map(|_| rng.f32() * 2.0).collect();
+                let run = |k: &crate::Kernels| {
+                    let (mut o1, mut o2) = (vec![f32::NAN; n_tok * 32], vec![f32::NAN; n_tok * 48]);
+                    let mut scratch = AlignedBuf::new();
+                    let mut mats = [(&r1, &mut o1[..]), (&r2, &mut o2[..])];
+                    crate::matmul::matmul_repacked_many(k, &pool, &mut mats, &x, &mut scratch)
+                        .unwrap();
+                    [o1, o2].concat()
+                };
+                let want = run(&crate::Kernels::SCALAR);
+                for k in crate::Kernels::all_variants() {
+                    for (i, (g, w)) in run(&k).iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                            "{ty} {} n_tok={n_tok} output {i}: {g} vs {w}",
+                            k.name
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// A matrix whose every byte is `fill`, with small finite scales: the extremes of each

@@ -55,6 +55,7 @@ pub(crate) fn avx2_kernels() -> Kernels {
         r16_gemm: r16::gemm_r16_avx2,
         r16_gemv: Some(r16::gemv_r16_avx2),
         r16_unpacked: Some(r16::UNPACKED_AVX2),
+        r16_t2_tiles: Some(r16::gemm_t2_tiles_avx2),
         r16_preferred: true,
         quantize_q8x: avx2::quantize_q8x,
         quantize_q8x_k: avx2::quantize_q8x_k,
@@ -74,6 +75,7 @@ pub(crate) fn avxvnni_kernels() -> Kernels {
         r16_gemm: r16::gemm_r16_avxvnni,
         r16_gemv: Some(r16::gemv_r16_avxvnni),
         r16_unpacked: Some(r16::UNPACKED_AVXVNNI),
+        r16_t2_tiles: Some(r16::gemm_t2_tiles_avxvnni),
         ..avx2_kernels()
     }
 }
@@ -96,6 +98,7 @@ pub(crate) fn avx512_kernels() -> Kernels {
         },
         r16_gemv: if vnni { None } else { below.r16_gemv },
         r16_unpacked: if vnni { None } else { below.r16_unpacked },
+        r16_t2_tiles: if vnni { None } else { below.r16_t2_tiles },
         r16_preferred: true,
         isa: Isa::Avx512,
         name: if vnni { "avx512+vnni" } else { "avx512" },

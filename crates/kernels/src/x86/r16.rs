@@ -27,7 +27,7 @@ use crate::blocks::AlignedBuf;
 
 use crate::repack::{
     kind_of, usable_blocks, BlockQ8x, R16Kind, KIND_Q4, KIND_Q4K, KIND_Q5, KIND_Q6K, KIND_Q8,
-    KIND_T2, R16_ROWS, R16_TOKENS,
+    KIND_T2, R16_ROWS, R16_TOKENS, T2_TILE_TOKENS, T2_TILE_UNIT_BYTES,
 };
 
 /// Evaluates `$e` with `$K` the const kind number of `$kind` (so each kind gets its own
@@ -88,6 +88,14 @@ trait Mac {
     /// The CPU has the level's features.
     unsafe fn acc_unit(acc: __m256i, v: &[__m256i; 8], a: &[__m256i; 8]) -> __m256i;
 
+    /// [`Mac::acc_unit`] for half a block: `acc` plus, per row, `v[k] · a[k]` over `k` in
+    /// 0..4, in the same accumulator form (a unit's sixteen halves fit it as its eight
+    /// blocks do).
+    ///
+    /// # Safety
+    /// The CPU has the level's features.
+    unsafe fn acc_half(acc: __m256i, v: &[__m256i; 4], a: &[__m256i; 4]) -> __m256i;
+
     /// [`Mac::acc_unit`]'s accumulator as eight 32-bit sums.
     ///
     /// # Safety
@@ -123,6 +131,19 @@ impl Mac for Avx2 {
             let lo = add(add(m(0), m(1)), add(m(2), m(3)));
             let hi = add(add(m(4), m(5)), add(m(6), m(7)));
             add(acc, add(lo, hi))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn acc_half(acc: __m256i, v: &[__m256i; 4], a: &[__m256i; 4]) -> __m256i {
+        // each product pair straight into the 16-bit sums (the bound of `acc_unit` holds)
+        // SAFETY: AVX2 by the caller's contract.
+        unsafe {
+            let mut acc = acc;
+            for k in 0..4 {
+                acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(v[k], a[k]));
+            }
+            acc
         }
     }
 
@@ -198,6 +219,18 @@ impl Mac for AvxVnni {
                 y = _mm256_dpbusd_avx_epi32(y, v[k + 4], a[k + 4]);
             }
             _mm256_add_epi32(x, y)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn acc_half(acc: __m256i, v: &[__m256i; 4], a: &[__m256i; 4]) -> __m256i {
+        // SAFETY: AVX-VNNI by the caller's contract.
+        unsafe {
+            let mut acc = acc;
+            for k in 0..4 {
+                acc = _mm256_dpbusd_avx_epi32(acc, v[k], a[k]);
+            }
+            acc
         }
     }
 
@@ -923,6 +956,118 @@ unsafe fn gemm<M: Mac>(
     out
 }
 
+/// Values `4 HALF..4 HALF + 4` of oct `h` of a ternary block (half of what [`oct_values`]
+/// gives: shifts by `4 HALF` and `4 HALF + 2` of the two runs).
+///
+/// # Safety
+/// As [`oct_values`]; `HALF < 2`.
+#[inline(always)]
+unsafe fn t2_half_values<const HALF: usize>(body: *const u8, h: usize) -> [__m256i; 4] {
+    // SAFETY: as `oct_values`'.
+    unsafe {
+        let ld = |o: usize| _mm256_loadu_si256(body.add(o) as *const __m256i);
+        let (p0, p1) = (ld(32 * h), ld(64 + 32 * h));
+        let three = _mm256_set1_epi8(3);
+        let (a0, a1, b0, b1) = if HALF == 0 {
+            (
+                p0,
+                p1,
+                _mm256_srli_epi16::<2>(p0),
+                _mm256_srli_epi16::<2>(p1),
+            )
+        } else {
+            (
+                _mm256_srli_epi16::<4>(p0),
+                _mm256_srli_epi16::<4>(p1),
+                _mm256_srli_epi16::<6>(p0),
+                _mm256_srli_epi16::<6>(p1),
+            )
+        };
+        [a0, a1, b0, b1].map(|x| _mm256_and_si256(x, three))
+    }
+}
+
+/// Half `HALF` of one ternary block of oct `h` against the eight tokens of a tile block
+/// (`ap`: `[token][32]` values), into their integer accumulators.
+///
+/// # Safety
+/// As [`t2_half_values`]; `ap` points to 256 readable bytes; the CPU has `M`'s features.
+#[inline(always)]
+unsafe fn t2_tile_half<M: Mac, const HALF: usize>(
+    body: *const u8,
+    h: usize,
+    ap: *const u8,
+    iacc: &mut [__m256i; T2_TILE_TOKENS],
+) {
+    // SAFETY: as this function's.
+    unsafe {
+        let v = t2_half_values::<HALF>(body, h);
+        for (t, acc) in iacc.iter_mut().enumerate() {
+            let q = ap.add(32 * t + 16 * HALF) as *const i32;
+            let a: [__m256i; 4] =
+                std::array::from_fn(|k| _mm256_set1_epi32(q.add(k).read_unaligned()));
+            *acc = M::acc_half(*acc, &v, &a);
+        }
+    }
+}
+
+/// [`crate::dispatch::R16T2TilesFn`]: the ternary kind's prompt kernel. Per tile and oct,
+/// each block's values are unpacked once for the tile's eight tokens, half a block (four
+/// value registers) at a time so that the eight integer accumulators, the values and an
+/// activation operand fit the sixteen registers; the eight tokens' values sit at fixed
+/// offsets from one pointer (separate rows would take a register each), and their unit
+/// scales come with them, summed already. Per unit and token, as [`t2_unit_result`]:
+/// `d * da * sum(q * a) - d * sa`.
+///
+/// # Safety
+/// The CPU has AVX2, FMA, F16C and `M`'s features; `group` holds `nb` blocks (whole units);
+/// `tiles` holds `out.len() / 8` tiles of `nb / 8` units.
+#[inline(always)]
+unsafe fn gemm_t2_tiles<M: Mac>(
+    group: &[u8],
+    nb: usize,
+    tiles: &[u8],
+    out: &mut [[f32; R16_ROWS]],
+) {
+    let (ub, hb, bb, bpu) = R16Kind::T2.layout();
+    let n_units = nb / bpu;
+    let tile_bytes = n_units * T2_TILE_UNIT_BYTES;
+    let values = bpu * T2_TILE_TOKENS * 32;
+    for (i, o) in out.chunks_exact_mut(T2_TILE_TOKENS).enumerate() {
+        // SAFETY: tile `i` and the group's units lie inside the slices (the caller's
+        // contract); features likewise.
+        unsafe {
+            let tp = tiles.as_ptr().add(i * tile_bytes);
+            for h in 0..2 {
+                let mut facc = [_mm256_setzero_ps(); T2_TILE_TOKENS];
+                for u in 0..n_units {
+                    let hp = group.as_ptr().add(u * ub);
+                    let up = tp.add(u * T2_TILE_UNIT_BYTES);
+                    let mut iacc = [_mm256_setzero_si256(); T2_TILE_TOKENS];
+                    for j in 0..bpu {
+                        let body = hp.add(hb + j * bb);
+                        let ap = up.add(j * T2_TILE_TOKENS * 32);
+                        t2_tile_half::<M, 0>(body, h, ap, &mut iacc);
+                        t2_tile_half::<M, 1>(body, h, ap, &mut iacc);
+                    }
+                    let d = f16x8(hp.add(16 * h));
+                    let sp = up.add(values) as *const f32;
+                    for (t, acc) in facc.iter_mut().enumerate() {
+                        let isum = _mm256_cvtepi32_ps(M::finish(iacc[t]));
+                        let da = _mm256_set1_ps(sp.add(t).read_unaligned());
+                        let sa = _mm256_set1_ps(sp.add(T2_TILE_TOKENS + t).read_unaligned());
+                        let f = _mm256_fmadd_ps(isum, _mm256_mul_ps(d, da), *acc);
+                        *acc = _mm256_fnmadd_ps(d, sa, f);
+                    }
+                }
+                for (o, a) in o.iter_mut().zip(&facc) {
+                    _mm256_storeu_ps(o.as_mut_ptr().add(8 * h), *a);
+                }
+            }
+        }
+    }
+}
+
 /// [`crate::dispatch::R16GemvFn`] of the ternary kind: [`gemm_t2`] for one token, group
 /// after group in one loop (no call through the table and no result array per group).
 /// Other kinds go to the level's [`crate::dispatch::R16GemmFn`] per group: their kernels
@@ -955,7 +1100,21 @@ unsafe fn gemv_t2<M: Mac>(groups: &[u8], nb: usize, act: &[BlockQ8x], out: &mut 
 /// `Isa::$isa.available()` before the table that holds them is made): the packed kernel
 /// `$gemm` ([`crate::dispatch::R16GemmFn`]) and the unpack-once pair `$unpacked`.
 macro_rules! level {
-    ($M:ty, $features:literal, $isa:literal, $gemm:ident, $gemv:ident, $unpacked:ident) => {
+    ($M:ty, $features:literal, $isa:literal, $gemm:ident, $gemv:ident, $tiles:ident, $unpacked:ident) => {
+        /// [`crate::dispatch::R16T2TilesFn`] of this level.
+        pub(super) fn $tiles(group: &[u8], nb: usize, tiles: &[u8], out: &mut [[f32; R16_ROWS]]) {
+            #[target_feature(enable = $features)]
+            fn inner(group: &[u8], nb: usize, tiles: &[u8], out: &mut [[f32; R16_ROWS]]) {
+                // SAFETY: this function's features are the level's; `checked` gives the
+                // whole units the group holds and the tiles `tiles` holds.
+                unsafe { gemm_t2_tiles::<$M>(group, nb, tiles, out) }
+            }
+            let (nb, n) = crate::repack::t2_tiles_checked(group, nb, tiles, out.len());
+            // SAFETY: only placed in a kernel table after `Isa::$isa.available()` (which
+            // covers `$features`) returned true.
+            unsafe { inner(group, nb, tiles, &mut out[..n]) }
+        }
+
         /// [`crate::dispatch::R16GemvFn`] of this level.
         pub(super) fn $gemv(
             kind: R16Kind,
@@ -1054,6 +1213,7 @@ level!(
     "Avx2",
     gemm_r16_avx2,
     gemv_r16_avx2,
+    gemm_t2_tiles_avx2,
     UNPACKED_AVX2
 );
 level!(
@@ -1062,5 +1222,6 @@ level!(
     "AvxVnni",
     gemm_r16_avxvnni,
     gemv_r16_avxvnni,
+    gemm_t2_tiles_avxvnni,
     UNPACKED_AVXVNNI
 );
