@@ -29,6 +29,15 @@ pub fn model_path(arg: &str, pull: bool) -> Result<PathBuf> {
                 .with_context(|| format!("pulling {arg}"))?;
             Ok(store.resolve(arg)?)
         }
+        // a path to a .gguf that is not there: say so, not that no such name is stored
+        Err(capy_store::Error::NotFound(_) | capy_store::Error::BadName(_))
+            if names_a_file(arg) =>
+        {
+            anyhow::bail!(
+                "{arg}: no such file (a model is a .gguf file or a name in the store; \
+                 `capy list` shows the store)"
+            )
+        }
         // the store's message says what a name may be
         Err(e @ (capy_store::Error::NotFound(_) | capy_store::Error::AlreadyStored { .. })) => {
             Err(e.into())
@@ -37,6 +46,15 @@ pub fn model_path(arg: &str, pull: bool) -> Result<PathBuf> {
             Err(e).with_context(|| format!("model {arg:?} is neither a file nor in the store"))
         }
     }
+}
+
+/// Whether a model argument can only mean a local file: a `.gguf` name that is no URL and
+/// no `hf.co/` path.
+fn names_a_file(arg: &str) -> bool {
+    arg.to_ascii_lowercase().ends_with(".gguf")
+        && !arg.contains("://")
+        && !arg.starts_with("hf.co/")
+        && !arg.starts_with("huggingface.co/")
 }
 
 /// A model argument as a file path with its settings from the config file (`--config`,

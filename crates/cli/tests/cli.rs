@@ -123,6 +123,14 @@ fn bad_inputs_give_errors_not_panics() {
             "not in the store",
         ),
         (
+            vec!["generate", "-m", "no-such-file.gguf", "--prompt", "hi"],
+            "no-such-file.gguf: no such file",
+        ),
+        (
+            vec!["generate", "-m", "/no/such/dir/m.gguf", "--prompt", "hi"],
+            "/no/such/dir/m.gguf: no such file",
+        ),
+        (
             vec!["generate", "-m", p, "--prompt-tokens", "99999999"],
             "out of range",
         ),
