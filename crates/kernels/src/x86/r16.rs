@@ -273,16 +273,8 @@ unsafe fn oct_values<const KIND: u8>(body: *const u8, h: usize) -> [__m256i; 8] 
             return std::array::from_fn(|k| ld(64 * k + 32 * h));
         }
         if KIND == KIND_T2 {
-            // chunk k = p + 2l sits in run p at bits 2l
-            let three = _mm256_set1_epi8(3);
-            let p = [ld(32 * h), ld(64 + 32 * h)];
-            let sh = |x: __m256i, l: usize| match l {
-                0 => x,
-                1 => _mm256_srli_epi16::<2>(x),
-                2 => _mm256_srli_epi16::<4>(x),
-                _ => _mm256_srli_epi16::<6>(x),
-            };
-            return std::array::from_fn(|k| _mm256_and_si256(sh(p[k % 2], k / 2), three));
+            let (lo, hi) = (t2_half_values::<0>(body, h), t2_half_values::<1>(body, h));
+            return std::array::from_fn(|k| if k < 4 { lo[k] } else { hi[k - 4] });
         }
         let low4 = _mm256_set1_epi8(0x0F);
         let p = [
@@ -566,9 +558,28 @@ unsafe fn t2_unit_result<M: Mac>(
     // SAFETY: the unit's blocks exist (the caller's contract); features likewise.
     unsafe {
         let sa: f32 = (0..bpu).map(|j| a.get_unchecked(b0 + j).s).sum();
+        t2_unit_scaled::<M>(iacc, d, a.get_unchecked(b0).d, sa, acc)
+    }
+}
+
+/// `acc + d * da * sum - d * sa` per row: a ternary unit's integer sums `iacc`
+/// ([`Mac::acc_unit`] form) scaled by the rows' `d` and the token's `da`, less `d` times the
+/// token's `sa` (`da * sum(a)` over the unit).
+///
+/// # Safety
+/// The CPU has AVX2, FMA and `M`'s features.
+#[inline(always)]
+unsafe fn t2_unit_scaled<M: Mac>(
+    iacc: __m256i,
+    d: __m256,
+    da: f32,
+    sa: f32,
+    acc: __m256,
+) -> __m256 {
+    // SAFETY: features by the caller's contract.
+    unsafe {
         let i = _mm256_cvtepi32_ps(M::finish(iacc));
-        let da = _mm256_set1_ps(a.get_unchecked(b0).d);
-        let f = _mm256_fmadd_ps(i, _mm256_mul_ps(d, da), acc);
+        let f = _mm256_fmadd_ps(i, _mm256_mul_ps(d, _mm256_set1_ps(da)), acc);
         _mm256_fnmadd_ps(d, _mm256_set1_ps(sa), f)
     }
 }
@@ -957,7 +968,8 @@ unsafe fn gemm<M: Mac>(
 }
 
 /// Values `4 HALF..4 HALF + 4` of oct `h` of a ternary block (half of what [`oct_values`]
-/// gives: shifts by `4 HALF` and `4 HALF + 2` of the two runs).
+/// gives): chunk `k = p + 2l` sits in run `p` at bits `2l`, so these are runs 0 and 1 shifted
+/// by `4 HALF` and `4 HALF + 2`.
 ///
 /// # Safety
 /// As [`oct_values`]; `HALF < 2`.
@@ -1053,11 +1065,9 @@ unsafe fn gemm_t2_tiles<M: Mac>(
                     let d = f16x8(hp.add(16 * h));
                     let sp = up.add(values) as *const f32;
                     for (t, acc) in facc.iter_mut().enumerate() {
-                        let isum = _mm256_cvtepi32_ps(M::finish(iacc[t]));
-                        let da = _mm256_set1_ps(sp.add(t).read_unaligned());
-                        let sa = _mm256_set1_ps(sp.add(T2_TILE_TOKENS + t).read_unaligned());
-                        let f = _mm256_fmadd_ps(isum, _mm256_mul_ps(d, da), *acc);
-                        *acc = _mm256_fnmadd_ps(d, sa, f);
+                        let da = sp.add(t).read_unaligned();
+                        let sa = sp.add(T2_TILE_TOKENS + t).read_unaligned();
+                        *acc = t2_unit_scaled::<M>(iacc[t], d, da, sa, *acc);
                     }
                 }
                 for (o, a) in o.iter_mut().zip(&facc) {
@@ -1098,7 +1108,8 @@ unsafe fn gemv_t2<M: Mac>(groups: &[u8], nb: usize, act: &[BlockQ8x], out: &mut 
 
 /// The entry points of one level `$M` (its features `$features`, checked by
 /// `Isa::$isa.available()` before the table that holds them is made): the packed kernel
-/// `$gemm` ([`crate::dispatch::R16GemmFn`]) and the unpack-once pair `$unpacked`.
+/// `$gemm` ([`crate::dispatch::R16GemmFn`]), its one-token form `$gemv`, the ternary tile
+/// kernel `$tiles` and the unpack-once pair `$unpacked`.
 macro_rules! level {
     ($M:ty, $features:literal, $isa:literal, $gemm:ident, $gemv:ident, $tiles:ident, $unpacked:ident) => {
         /// [`crate::dispatch::R16T2TilesFn`] of this level.
